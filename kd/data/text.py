@@ -1,0 +1,217 @@
+"""Text corpora as random-access sources of documents (one `str` per record).
+
+Local text (found through `KD_DATA_DIR` or a `data_dir` argument) is turned into
+a TFDS dataset written as ArrayRecord by `TinyShakespeareSpeeches`, a
+`tfds.core.GeneratorBasedBuilder`, and read back with `builder.as_data_source`
+(random access, usable as a grain source). Writing and reading ArrayRecord
+through TFDS needs no TensorFlow; this module never imports it.
+
+Without a local folder the corpus comes from TFDS's own `tiny_shakespeare`
+(`tfds.data_source`), whose records are one string per split; those strings are
+cut into speeches exactly like the local file, so everything downstream is the
+same. Note that *preparing* TFDS's `tiny_shakespeare` runs its builder, which
+uses `tf.io.gfile` and so needs TensorFlow, and on Python >= 3.9 also the
+`importlib_resources` package (tensorflow/datasets#11212); reading an already
+prepared ArrayRecord copy needs neither.
+
+Tiny Shakespeare is split like TFDS's `tiny_shakespeare`: the first 90% of the
+characters are train, the next 5% validation, the last 5% test. Each record is
+one speech (a blank-line-separated paragraph) of its split, so that packed
+sequences carry meaningful segments. A speech cut by a split boundary gives its
+two halves to the two splits.
+
+Building is idempotent and safe to race: TFDS writes into an `incomplete.*`
+directory and renames it into place; a process that loses the rename finds the
+winner's copy and reads that. The cache is keyed by the SHA-256 of the input
+file, so a changed file is rebuilt rather than silently reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from etils import epath
+import tensorflow_datasets as tfds
+
+DATA_DIR_ENV = "KD_DATA_DIR"
+DEFAULT_CACHE_DIR = "~/.cache/kd/tfds"
+SPLITS = ("train", "validation", "test")
+
+# One or more blank lines (possibly holding spaces) separate speeches.
+_PARAGRAPH_BREAK = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
+
+
+def split_speeches(text: str) -> list[str]:
+  """Cuts text at blank lines; drops empty pieces and surrounding newlines."""
+  pieces = (p.strip("\r\n") for p in _PARAGRAPH_BREAK.split(text))
+  return [p for p in pieces if p.strip()]
+
+
+def split_text(text: str) -> dict[str, str]:
+  """The 90/5/5 character split of TFDS's `tiny_shakespeare`."""
+  i = int(len(text) * 0.9)
+  train, rest = text[:i], text[i:]
+  j = int(len(rest) * 0.5)
+  return {"train": train, "validation": rest[:j], "test": rest[j:]}
+
+
+class TinyShakespeareSpeeches(
+    tfds.core.GeneratorBasedBuilder, skip_registration=True
+):
+  """Tiny Shakespeare from a local `input.txt`, one speech per record."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Pass the folder holding `input.txt` (Tiny Shakespeare) as"
+      " `tfds.download.DownloadConfig(manual_dir=...)`."
+  )
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS computes this through `importlib_resources`, which it declares only
+    # for Python < 3.9 (tensorflow/datasets#11212); this is the same answer.
+    return epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Tiny Shakespeare, one speech per record.",
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+        # Keep the speeches in reading order; shuffling is the pipeline's job.
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    text = (dl_manager.manual_dir / "input.txt").read_text(encoding="utf-8")
+    return {
+        name: self._generate_examples(part)
+        for name, part in split_text(text).items()
+    }
+
+  def _generate_examples(self, text: str):
+    for i, speech in enumerate(split_speeches(text)):
+      yield i, {"text": speech}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Corpus:
+  builder_cls: type[tfds.core.GeneratorBasedBuilder]
+  local_file: str  # relative to the data dir
+  tfds_name: str  # what a user with internet gets through TFDS
+
+
+CORPORA = {
+    "tiny_shakespeare": _Corpus(
+        builder_cls=TinyShakespeareSpeeches,
+        local_file=os.path.join("tinyshakespeare", "input.txt"),
+        tfds_name="tiny_shakespeare",
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSource:
+  """Random access to documents as `str`; grain's RandomAccessDataSource."""
+
+  records: Sequence[Any]  # a TFDS data source ({'text': bytes}) or strs
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int) -> str:
+    record = self.records[index]
+    if isinstance(record, dict):
+      record = record["text"]
+    if isinstance(record, bytes):
+      record = record.decode("utf-8")
+    return record
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+
+def _file_digest(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def build_local(
+    corpus: str, data_dir: str, cache_dir: str | None = None
+) -> tfds.core.DatasetBuilder:
+  """Prepares (once) and returns the ArrayRecord builder of a local corpus."""
+  spec = _corpus(corpus)
+  path = os.path.join(os.path.expanduser(data_dir), spec.local_file)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"{corpus}: no file at {path!r}. Set {DATA_DIR_ENV} (or data_dir=) to"
+        f" the folder holding {spec.local_file!r}, or unset it to load"
+        f" {spec.tfds_name!r} through TFDS."
+    )
+  cache_dir = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
+  builder_dir = os.path.join(cache_dir, f"{corpus}-{_file_digest(path)}")
+
+  def make():
+    return spec.builder_cls(data_dir=builder_dir, file_format="array_record")
+
+  builder = make()
+  if builder.is_prepared():
+    return builder
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=os.path.dirname(path)
+        )
+    )
+  except OSError:
+    # Another process renamed its finished copy into place first.
+    if not make().is_prepared():
+      raise
+  # A fresh builder reads the split metadata of whichever copy won.
+  return make()
+
+
+def load_text_split(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+) -> TextSource:
+  """Documents of one split of a corpus, as a random-access source of `str`.
+
+  Args:
+    name: corpus name, a key of `CORPORA`.
+    split: 'train', 'validation' or 'test' (TFDS slicing such as
+      'train[:10%]' works for local data).
+    data_dir: folder holding the raw files; defaults to `$KD_DATA_DIR`. When
+      neither is set, the corpus comes from TFDS.
+    cache_dir: where the local ArrayRecord copy is written; defaults to
+      `~/.cache/kd/tfds`.
+  """
+  spec = _corpus(name)
+  base_split = split.split("[", 1)[0]
+  if base_split not in SPLITS:
+    raise ValueError(f"Unknown split {split!r}; valid splits: {SPLITS}.")
+  data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
+  if data_dir:
+    builder = build_local(name, data_dir, cache_dir)
+    return TextSource(builder.as_data_source(split=split))
+  if split != base_split:
+    raise ValueError(
+        f"{split!r}: TFDS's {spec.tfds_name!r} holds one record per split, so"
+        " slicing it is meaningless; use a plain split name."
+    )
+  whole = TextSource(tfds.data_source(spec.tfds_name, split=split))
+  return TextSource(split_speeches("".join(whole)))
+
+
+def _corpus(name: str) -> _Corpus:
+  if name not in CORPORA:
+    raise ValueError(f"Unknown corpus {name!r}; valid names: {sorted(CORPORA)}.")
+  return CORPORA[name]

@@ -1,0 +1,31 @@
+"""Runs one experiment config.
+
+  python -m kd.main --config=configs/shakespeare_kd.py[:variant] --workdir=DIR [--config.k=v ...]
+
+A run resumes from its workdir; results land in DIR/results.md and DIR/results.json.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import jax  # pylint: disable=g-import-not-at-top
+  from kd.train import run  # pylint: disable=g-import-not-at-top
+  if _CONFIG.value.get('distributed', False):
+    jax.distributed.initialize()
+  logging.info('devices: %s', jax.devices())
+  run.main(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

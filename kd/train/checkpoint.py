@@ -1,0 +1,42 @@
+"""Orbax checkpoints of the student's train state and the data iterator's position.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a run killed
+at any moment leaves either the old or the new checkpoint, never half of one. The teacher is
+never saved here: it is an input of the run, not its state.
+"""
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+def manager(directory: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           cleanup_tmp_directories=True),
+      item_handlers={'state': ocp.StandardCheckpointHandler(),
+                     'data': grain.checkpoint.CheckpointHandler()})
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iter=None) -> None:
+  items = {'state': ocp.args.StandardSave(state)}
+  if data_iter is not None:
+    items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+  mngr.save(step, args=ocp.args.Composite(**items))
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state, data_iter=None):
+  """Restores the newest checkpoint into the structure of `state` (and `data_iter` in place).
+
+  Returns the restored state, or `state` unchanged when the directory holds no checkpoint.
+  """
+  step = mngr.latest_step()
+  if step is None:
+    return state
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  items = {'state': ocp.args.StandardRestore(abstract)}
+  if data_iter is not None:
+    items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+  restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  return restored['state']

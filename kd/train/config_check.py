@@ -1,0 +1,73 @@
+"""Checks a config before anything is compiled or written; every error says what to do."""
+
+import jax
+from absl import logging
+
+from kd import losses
+from kd.train import schedules
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def check(config) -> None:
+  """Checks that need no model: loss names, weights, temperature, batch split."""
+  terms = dict(config.losses)
+  if not terms:
+    raise ConfigError("config.losses is empty; name at least one loss, e.g. {'ce': 0.5, 'kl': 0.5}")
+  for name, weight in terms.items():
+    try:
+      losses.get(name)
+    except ValueError as e:
+      raise ConfigError(f'config.losses: {e}') from None
+    schedules.make(weight, f'losses.{name}')
+  for name in dict(config.get('loss_kwargs', {}) or {}):
+    if name not in terms:
+      raise ConfigError(f"config.loss_kwargs names '{name}', which is not in config.losses "
+                        f'{sorted(terms)}; add it to config.losses or remove its kwargs')
+  low, _ = schedules.bounds(config.temperature)
+  if low <= 0:
+    raise ConfigError(f'config.temperature must stay > 0, got {config.temperature!r}')
+  devices = jax.device_count()
+  accum = int(config.train.get('accum_steps', 1))
+  batch = int(config.data.batch_size)
+  if batch % (devices * accum):
+    raise ConfigError(
+        f'config.data.batch_size={batch} is not divisible by devices ({devices}) x '
+        f'train.accum_steps ({accum}); use a multiple of {devices * accum}')
+  if int(config.get('chunk_size', 0)) < 0:
+    raise ConfigError('config.chunk_size must be >= 0 (0 = no chunking)')
+
+
+def check_models(config, student, teacher) -> None:
+  """Checks that need the model configs: layer maps and vocabularies."""
+  feats = config.get('features', {}) or {}
+  pairs = tuple(tuple(p) for p in feats.get('pairs', ())) or None
+  try:
+    losses.layer_map(feats.get('layer_map', 'uniform'), student.config.num_layers,
+                     teacher.config.num_layers, pairs=pairs)
+  except ValueError as e:
+    raise ConfigError(f'config.features: {e}') from None
+  vocab_slice(student.config.vocab_size, teacher.config.vocab_size,
+              same_tokenizer=config.get('same_tokenizer', True))
+
+
+def vocab_slice(student_vocab: int, teacher_vocab: int, *, same_tokenizer: bool) -> int:
+  """The number of vocabulary rows the logit losses compare.
+
+  Models of one tokenizer often pad the embedding to a multiple of 64 or 128 (Qwen: 151936 vs
+  152064): the extra rows are never real tokens, so both sides are sliced to the smaller size.
+  Different tokenizers cannot be compared token by token.
+  """
+  if student_vocab == teacher_vocab:
+    return student_vocab
+  if not same_tokenizer:
+    raise ConfigError(
+        f'teacher vocab {teacher_vocab} != student vocab {student_vocab} and the tokenizers '
+        'differ: logit distillation needs one tokenizer. Use the teacher\'s tokenizer for the '
+        'student, or use feature losses only.')
+  n = min(student_vocab, teacher_vocab)
+  logging.warning('teacher vocab %d != student vocab %d with the same tokenizer: comparing the '
+                  'first %d rows (padding rows dropped)', teacher_vocab, student_vocab, n)
+  return n

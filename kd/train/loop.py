@@ -1,0 +1,94 @@
+"""The host loop: feed batches, dispatch steps, log, evaluate, checkpoint, resume."""
+
+import functools
+import math
+import time
+
+import jax
+import numpy as np
+import tqdm
+
+from kd.train import checkpoint
+from kd.train import metrics as metrics_lib
+from kd.train import step as step_lib
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss term or the gradient became NaN/Inf."""
+
+
+def check_finite(step: int, m: dict) -> None:
+  bad = [f"loss term '{k}' = {v[0] / max(v[1], 1.0)}" for k, v in m['terms'].items()
+         if not math.isfinite(v[0])]
+  bad += [f'{k} = {m[k]}' for k in ('loss', 'grad_norm') if not math.isfinite(m[k])]
+  if bad:
+    raise NonFiniteError(
+        f'step {step}: {", ".join(bad)}. The last good checkpoint is kept; lower '
+        'optimizer.lr, set optimizer.grad_clip_norm, or check the inputs of that term.')
+
+
+def evaluate(eval_fn, params, teacher_params, batches) -> dict:
+  totals = {}
+  for batch in batches:
+    for k, (s, c) in jax.device_get(eval_fn(params, teacher_params, batch)).items():
+      ts, tc = totals.get(k, (0.0, 0.0))
+      totals[k] = (ts + float(s), tc + float(c))
+  return metrics_lib.summarize_eval(totals)
+
+
+def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, workdir: str,
+        total_steps: int, log_every: int = 50, eval_every: int = 0, checkpoint_every: int = 0,
+        keep: int = 2, progress: bool = True, name: str = 'train'):
+  """Trains until `total_steps`, resuming from `workdir` if it holds a checkpoint.
+
+  Returns (final state, final eval metrics). `data_iter` is a grain iterator whose position is
+  checkpointed with the state, so a resumed run sees exactly the batches it would have seen.
+  """
+  mngr = checkpoint.manager(f'{workdir}/checkpoints', max_to_keep=keep)
+  state = checkpoint.restore_latest(mngr, state, data_iter)
+  start = int(state.step)
+  writer = metrics_lib.Writer(workdir, enabled=jax.process_index() == 0)
+  train_fn = jax.jit(functools.partial(step_lib.train_step, spec=spec), donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, spec=spec))
+
+  acc, pending, t0, tokens = metrics_lib.Accumulator(), None, time.perf_counter(), 0
+  bar = tqdm.tqdm(total=total_steps, initial=start, desc=name, disable=not progress,
+                  dynamic_ncols=True)
+
+  def pull(step, m):  # host side of step `step`: runs after step+1 was dispatched
+    m = jax.device_get(m)
+    check_finite(step, m)
+    acc.add(m)
+
+  for i in range(start, total_steps):
+    batch = next(data_iter)
+    tokens += int(np.sum(batch['segment_ids'] > 0)) if 'segment_ids' in batch else batch[
+        'input_ids'].size
+    state, m = train_fn(state, teacher_params, batch)
+    if pending is not None:
+      pull(*pending)
+    pending = (i, m)
+    done = i + 1
+    if done % log_every == 0 or done == total_steps:
+      pull(*pending)
+      pending = None
+      row = acc.result()
+      dt = time.perf_counter() - t0
+      row['tokens_per_s'] = tokens / max(dt, 1e-9)
+      writer.write(done, row)
+      bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+      acc, t0, tokens = metrics_lib.Accumulator(), time.perf_counter(), 0
+    bar.update(1)
+    if eval_every and done % eval_every == 0 and done != total_steps:
+      writer.write(done, evaluate(eval_fn, state.params, teacher_params, eval_batches), 'eval')
+    if (checkpoint_every and done % checkpoint_every == 0) or done == total_steps:
+      if pending is not None:  # never save a state whose metrics were not checked
+        pull(*pending)
+        pending = None
+      checkpoint.save(mngr, done, state, data_iter)
+  bar.close()
+  mngr.wait_until_finished()
+  final = evaluate(eval_fn, state.params, teacher_params, eval_batches)
+  writer.write(total_steps, final, 'eval')
+  writer.close()
+  return state, final

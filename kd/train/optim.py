@@ -1,0 +1,44 @@
+"""The optimizer and learning-rate schedule from `config.optimizer`."""
+
+import optax
+
+from kd.train import schedules
+
+OPTIMIZERS = {
+    'adamw': lambda lr, c: optax.adamw(lr, b1=c.get('b1', 0.9), b2=c.get('b2', 0.999),
+                                       eps=c.get('eps', 1e-8),
+                                       weight_decay=c.get('weight_decay', 0.0)),
+    'adam': lambda lr, c: optax.adam(lr, b1=c.get('b1', 0.9), b2=c.get('b2', 0.999),
+                                     eps=c.get('eps', 1e-8)),
+    'sgd': lambda lr, c: optax.sgd(lr, momentum=c.get('momentum', None)),
+    'lion': lambda lr, c: optax.lion(lr, weight_decay=c.get('weight_decay', 0.0)),
+}
+
+
+def learning_rate(opt_cfg, total_steps: int) -> schedules.Schedule:
+  """Linear warmup then cosine / linear decay / constant, as `opt_cfg.schedule` says."""
+  lr = float(opt_cfg['lr'])
+  warmup = int(opt_cfg.get('warmup_steps', 0))
+  kind = opt_cfg.get('schedule', 'cosine')
+  end = lr * float(opt_cfg.get('end_lr_factor', 0.0))
+  decay = {'cosine': optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1), end / lr if lr else 0.0),
+           'linear': optax.linear_schedule(lr, end, max(total_steps - warmup, 1)),
+           'constant': optax.constant_schedule(lr)}
+  if kind not in decay:
+    raise ValueError(f'optimizer.schedule {kind!r} unknown; valid: {sorted(decay)}')
+  if warmup == 0:
+    return decay[kind]
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay[kind]], [warmup])
+
+
+def make(opt_cfg, total_steps: int):
+  """Returns (optax transformation, learning-rate schedule)."""
+  name = opt_cfg.get('name', 'adamw')
+  if name not in OPTIMIZERS:
+    raise ValueError(f'optimizer.name {name!r} unknown; valid: {sorted(OPTIMIZERS)}')
+  lr_fn = learning_rate(opt_cfg, total_steps)
+  chain = []
+  if opt_cfg.get('grad_clip_norm'):
+    chain.append(optax.clip_by_global_norm(float(opt_cfg['grad_clip_norm'])))
+  chain.append(OPTIMIZERS[name](lr_fn, opt_cfg))
+  return optax.chain(*chain), lr_fn

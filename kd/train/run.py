@@ -1,0 +1,149 @@
+"""From a config to results: the teacher stage, the distillation run, the no-KD baseline, the report.
+
+Layout of a workdir:
+  tokenizer.json       shared by every stage
+  teacher/             the teacher's own training run (when config.teacher.source == 'train')
+  student_kd/          the student distilled with config.losses
+  student_ce/          the same student with hard labels only (when config.baseline)
+  results.json, results.md
+Each stage resumes from its checkpoints; a finished stage is restored, not retrained.
+"""
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from kd import data as data_lib
+from kd import losses
+from kd import models
+from kd.train import config_check
+from kd.train import loop
+from kd.train import optim
+from kd.train import schedules
+from kd.train import step as step_lib
+
+
+def build_model(model_cfg, vocab_size: int):
+  cfg = models.DecoderConfig(vocab_size=vocab_size, **dict(model_cfg))
+  cfg.validate()
+  return models.Decoder(cfg)
+
+
+def make_spec(config, student, teacher, terms, total_steps):
+  tx, lr_fn = optim.make(config.optimizer, total_steps)
+  kwargs = dict(config.get('loss_kwargs', {}) or {})
+  feats = config.get('features', {}) or {}
+  n_s = student.config.num_layers
+  n_t = teacher.config.num_layers if teacher is not None else n_s
+  pairs = ()
+  if teacher is not None:
+    pairs = losses.layer_map(feats.get('layer_map', 'uniform'), n_s, n_t,
+                             pairs=tuple(tuple(p) for p in feats.get('pairs', ())) or None)
+  return step_lib.Spec(
+      student=student, teacher=teacher, tx=tx,
+      terms={n: dict(kwargs.get(n, {})) for n in terms},
+      weights={n: schedules.make(w, f'losses.{n}') for n, w in terms.items()},
+      temperature=schedules.make(config.temperature, 'temperature'), lr=lr_fn,
+      feature_pairs=pairs, attention_pairs=tuple(p for p in pairs if p[0] > 0 and p[1] > 0),
+      chunk_size=int(config.get('chunk_size', 0)),
+      accum_steps=int(config.train.get('accum_steps', 1)))
+
+
+def init_student(spec: step_lib.Spec, seed: int):
+  key_model, key_proj = jax.random.split(jax.random.key(seed))
+  params = {'student': models.init_params(spec.student.config, key_model), 'proj': {}}
+  uses_hidden = any(losses.get(n).kind == 'hidden' for n in spec.terms)
+  d_s = spec.student.config.hidden_size
+  if uses_hidden and spec.teacher is not None and spec.teacher.config.hidden_size != d_s:
+    keys = jax.random.split(key_proj, len(spec.feature_pairs))
+    params['proj'] = {str(i): losses.init_projection(k, d_s, spec.teacher.config.hidden_size)
+                      for i, k in enumerate(keys)}
+  return params
+
+
+class Data:
+  """The tokenizer, train split and eval batches shared by every stage of one workdir."""
+
+  def __init__(self, config, workdir: str):
+    dc = config.data
+    self.train_source = data_lib.load_text_split(dc.name, 'train')
+    self.tokenizer = data_lib.get_or_train(
+        workdir, lambda: (self.train_source[i] for i in range(len(self.train_source))),
+        dc.vocab_size)
+    self.vocab_size = self.tokenizer.get_vocab_size()
+    eval_source = data_lib.load_text_split(dc.name, dc.get('eval_split', 'validation'))
+    self.eval_batches = data_lib.make_eval_batches(
+        eval_source, self.tokenizer, seq_len=dc.seq_len, batch_size=dc.eval_batch_size)
+    if dc.get('max_eval_batches'):
+      self.eval_batches = self.eval_batches[:dc.max_eval_batches]
+    self.config = dc
+
+  def iterator(self, seed: int):
+    return data_lib.make_iterator(
+        self.train_source, self.tokenizer, seq_len=self.config.seq_len,
+        batch_size=self.config.batch_size, seed=seed, shard_index=jax.process_index(),
+        shard_count=jax.process_count())
+
+
+def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params, terms,
+              *, steps: int, seed: int, name: str):
+  """One training run (teacher training is a run with no teacher and `ce` only)."""
+  spec = make_spec(config, student, teacher, terms, steps)
+  state = step_lib.create_state(init_student(spec, seed), spec.tx, seed)
+  tc = config.train
+  t0 = time.perf_counter()
+  state, final = loop.fit(
+      spec, state, teacher_params, data.iterator(seed), data.eval_batches, workdir=workdir,
+      total_steps=steps, log_every=tc.log_every, eval_every=tc.get('eval_every', 0),
+      checkpoint_every=tc.checkpoint_every, keep=tc.get('keep', 2),
+      progress=tc.get('progress', True), name=name)
+  final['wall_s'] = time.perf_counter() - t0
+  final['params'] = models.count_params(state.params['student'])
+  return state.params['student'], final
+
+
+def main(config, workdir: str) -> dict:
+  """Runs every stage the config asks for and writes `results.json` and `results.md`."""
+  config_check.check(config)
+  os.makedirs(workdir, exist_ok=True)
+  data = Data(config, workdir)
+  teacher = build_model(config.teacher.model, data.vocab_size)
+  student = build_model(config.student, data.vocab_size)
+  config_check.check_models(config, student, teacher)
+  results = {}
+  tcfg = config.teacher
+  teacher_cfg = config.copy_and_resolve_references()
+  with teacher_cfg.unlocked():
+    teacher_cfg.optimizer = tcfg.get('optimizer', config.optimizer)
+  teacher_params, results['teacher'] = run_stage(
+      teacher_cfg, data, f'{workdir}/teacher', teacher, None, None, {'ce': 1.0},
+      steps=tcfg.steps, seed=config.seed + 1000, name='teacher')
+  _, results['student_kd'] = run_stage(
+      config, data, f'{workdir}/student_kd', student, teacher, teacher_params,
+      dict(config.losses), steps=config.train.steps, seed=config.seed, name='student_kd')
+  if config.get('baseline', True):
+    _, results['student_ce'] = run_stage(
+        config, data, f'{workdir}/student_ce', student, teacher, teacher_params, {'ce': 1.0},
+        steps=config.train.steps, seed=config.seed, name='student_ce')
+  with open(f'{workdir}/results.json', 'w') as f:
+    json.dump(results, f, indent=1)
+  table = report(results)
+  with open(f'{workdir}/results.md', 'w') as f:
+    f.write(table + '\n')
+  print(table)
+  logging.info('wrote %s/results.md', workdir)
+  return results
+
+
+def report(results: dict) -> str:
+  rows = ['| model | params | held-out ppl | top-1 agreement with teacher | train wall s |',
+          '|---|---:|---:|---:|---:|']
+  for name, r in results.items():
+    agree = f"{100 * r['agreement']:.1f}%" if 'agreement' in r else '-'
+    rows.append(f"| {name} | {r['params']:,} | {r['perplexity']:.2f} | {agree} | "
+                f"{r['wall_s']:.0f} |")
+  return '\n'.join(rows)

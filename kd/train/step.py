@@ -1,0 +1,198 @@
+"""The pure train and eval steps: functions of pytrees, jitted once by the caller.
+
+`train_step(state, teacher_params, batch, spec)`:
+  - the teacher forward runs inside the same compiled step under `stop_gradient` (skipped when
+    the batch carries `teacher_logits`, an offline teacher);
+  - every loss term reduces to (sum, count); the objective is sum_i w_i(step) * sum_i / count_i
+    with counts over the whole batch, so gradient accumulation gives the same update as one big
+    batch (a mean of micro-batch means would not);
+  - the RNG is folded by step, never threaded out.
+"""
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from kd import losses
+from kd.models import head_fn
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any  # {'student': model variables, 'proj': feature projections (may be empty)}
+  opt_state: Any
+  rng: jax.Array
+
+
+def create_state(params, tx, seed: int) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(jax.random.key(seed)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """Everything static about a step: models, optimizer, loss terms and their schedules."""
+  student: Any  # a flax module
+  teacher: Any | None
+  tx: optax.GradientTransformation
+  terms: Mapping[str, Mapping[str, Any]]  # loss name -> kwargs
+  weights: Mapping[str, Callable]  # loss name -> schedule(step)
+  temperature: Callable
+  lr: Callable
+  feature_pairs: tuple = ()
+  attention_pairs: tuple = ()
+  chunk_size: int = 0
+  accum_steps: int = 1
+
+  def kinds(self) -> set:
+    return {losses.get(n).kind for n in self.terms}
+
+  def needs(self, teacher: bool) -> dict:
+    kinds = self.kinds()
+    return dict(output_hidden_states='hidden' in kinds,
+                output_attentions='attention' in kinds,
+                output_qkv='relation' in kinds,
+                return_hidden_only=bool(self.chunk_size))
+
+
+def forward(model, variables, batch, **needs):
+  return model.apply(variables, batch['input_ids'], segment_ids=batch.get('segment_ids'),
+                     positions=batch.get('positions'), **needs)
+
+
+def teacher_forward(spec: Spec, teacher_params, batch):
+  """Teacher outputs for the loss terms; None when no term needs the teacher."""
+  if not (spec.kinds() - {'ce'}):
+    return None
+  if 'teacher_logits' in batch:
+    return {'logits': batch['teacher_logits']}
+  out = forward(spec.teacher, teacher_params, batch, **spec.needs(teacher=True))
+  return jax.lax.stop_gradient(out)
+
+
+def loss_terms(params, teacher_params, t_out, batch, spec: Spec, step) -> dict:
+  """Every configured loss term as a (sum, count) pair of float32 scalars."""
+  s_out = forward(spec.student, params['student'], batch, **spec.needs(teacher=False))
+  mask = batch['loss_mask']
+  token_mask = batch['segment_ids'] > 0 if 'segment_ids' in batch else None
+  temperature = spec.temperature(step)
+  by_kind = {}
+  for name, kw in spec.terms.items():
+    by_kind.setdefault(losses.get(name).kind, {})[name] = dict(kw)
+  logit_terms = {**by_kind.get('ce', {}), **by_kind.get('logits', {})}
+  out = {}
+  if logit_terms and spec.chunk_size:
+    t_hidden = None if t_out is None else t_out['hidden']
+    t_project = None if t_out is None else head_fn(spec.teacher, teacher_params)
+    out.update(losses.chunked_logit_losses(
+        logit_terms, s_out['hidden'], head_fn(spec.student, params['student']), t_hidden,
+        t_project, labels=batch['labels'], mask=mask, temperature=temperature,
+        chunk_size=spec.chunk_size))
+  else:
+    for name, kw in logit_terms.items():
+      fn = losses.get(name).fn_sum
+      if name in by_kind.get('ce', {}):
+        out[name] = fn(s_out['logits'], batch['labels'], mask=mask, **kw)
+      else:
+        out[name] = fn(s_out['logits'], t_out['logits'], mask=mask, temperature=temperature, **kw)
+  for name, kw in by_kind.get('hidden', {}).items():
+    out[name] = losses.feature_loss_sum(name, s_out['hidden_states'], t_out['hidden_states'],
+                                        spec.feature_pairs, mask=mask,
+                                        projections=params.get('proj') or None, **kw)
+  for name, kw in by_kind.get('attention', {}).items():
+    out[name] = losses.attention_loss_sum(name, s_out['attentions'], t_out['attentions'],
+                                          spec.attention_pairs, mask=token_mask, **kw)
+  for name, kw in by_kind.get('relation', {}).items():
+    total = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    for s_i, t_i in spec.attention_pairs:
+      s, c = losses.get(name).fn_sum(s_out['qkv'][s_i - 1], t_out['qkv'][t_i - 1],
+                                     mask=token_mask, **kw)
+      total = (total[0] + s, total[1] + c)
+    out[name] = total
+  return out
+
+
+def _objective(params, teacher_params, t_out, batch, spec, step, counts):
+  terms = loss_terms(params, teacher_params, t_out, batch, spec, step)
+  counts = counts if counts is not None else {n: c for n, (_, c) in terms.items()}
+  total = sum(spec.weights[n](step) * s / jnp.maximum(counts[n], 1.0)
+              for n, (s, _) in terms.items())
+  return total, terms
+
+
+def _split(batch, n):
+  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+
+
+def _grads(params, teacher_params, batch, spec: Spec, step):
+  """(grads of the objective, per-term (sum, count)) over the batch, micro-batched if asked."""
+  grad_fn = jax.grad(_objective, has_aux=True)
+  if spec.accum_steps == 1:
+    t_out = teacher_forward(spec, teacher_params, batch)
+    return grad_fn(params, teacher_params, t_out, batch, spec, step, None)
+  micro = _split(batch, spec.accum_steps)
+
+  # Pass 1, forward only: the global count of every term, so each micro-batch's contribution is
+  # normalised by the whole batch's count (exact, for any registered loss).
+  def count_body(acc, mb):
+    t_out = teacher_forward(spec, teacher_params, mb)
+    terms = loss_terms(params, teacher_params, t_out, mb, spec, step)
+    return jax.tree.map(jnp.add, acc, {n: c for n, (_, c) in terms.items()}), None
+  zero_counts = {n: jnp.zeros((), jnp.float32) for n in spec.terms}
+  counts, _ = jax.lax.scan(count_body, zero_counts, micro)
+
+  def grad_body(acc, mb):
+    t_out = teacher_forward(spec, teacher_params, mb)
+    g, terms = grad_fn(params, teacher_params, t_out, mb, spec, step, counts)
+    return jax.tree.map(jnp.add, acc, (g, terms)), None
+  zero_terms = {n: (jnp.zeros((), jnp.float32),) * 2 for n in spec.terms}
+  zero = (jax.tree.map(jnp.zeros_like, params), zero_terms)
+  (grads, terms), _ = jax.lax.scan(grad_body, zero, micro)
+  return grads, terms
+
+
+def train_step(state: TrainState, teacher_params, batch, spec: Spec):
+  """One optimizer update. Returns (new state, metrics); term metrics are (sum, count) pairs."""
+  step = state.step
+  grads, terms = _grads(state.params, teacher_params, batch, spec, step)
+  updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  loss = sum(spec.weights[n](step) * s / jnp.maximum(c, 1.0) for n, (s, c) in terms.items())
+  metrics = {
+      'loss': loss,
+      'terms': terms,
+      'grad_norm': optax.tree.norm(grads),
+      'update_norm': optax.tree.norm(updates),
+      'param_norm': optax.tree.norm(params),
+      'lr': spec.lr(step),
+      'temperature': spec.temperature(step),
+      **{f'weight/{n}': spec.weights[n](step) for n in spec.terms},
+  }
+  new_state = state.replace(step=step + 1, params=params, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(params, teacher_params, batch, spec: Spec):
+  """Held-out metrics as (sum, count): student CE (-> perplexity), the loss terms, and, with a
+  teacher, teacher CE and teacher-student top-1 agreement on the masked tokens."""
+  mask = batch['loss_mask']
+  student_logits = forward(spec.student, params['student'], batch)['logits']
+  out = {'ce': losses.ce_sum(student_logits, batch['labels'], mask=mask)}
+  count = jnp.sum(mask.astype(jnp.float32))
+  out['accuracy'] = (jnp.sum((jnp.argmax(student_logits, -1) == batch['labels']) * mask), count)
+  if spec.teacher is not None and teacher_params is not None:
+    teacher_logits = forward(spec.teacher, teacher_params, batch)['logits']
+    out['teacher_ce'] = losses.ce_sum(teacher_logits, batch['labels'], mask=mask)
+    agree = jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)
+    out['agreement'] = (jnp.sum(agree * mask), count)
+    # Divergences at T=1: the distance between the models' actual distributions.
+    for name, kw in spec.terms.items():
+      if losses.get(name).kind == 'logits':
+        out[name] = losses.get(name).fn_sum(student_logits, teacher_logits, mask=mask,
+                                            temperature=1.0, **kw)
+  return out

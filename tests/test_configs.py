@@ -1,0 +1,75 @@
+"""Every config in configs/ builds; bad configs fail early with a message that says what to do."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from kd.train import config_check
+from kd.train import run
+
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / 'configs').glob('*.py'))
+
+
+def load(path, arg=None):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.__doc__ and 'python -m kd.main' in module.__doc__, f'{path}: docstring needs the command'
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize('arg', [None, 'tiny'])
+def test_config_builds(path, arg):
+  config = load(path, arg)
+  config_check.check(config)
+  teacher = run.build_model(config.teacher.model, config.data.vocab_size)
+  student = run.build_model(config.student, config.data.vocab_size)
+  config_check.check_models(config, student, teacher)
+  run.make_spec(config, student, teacher, dict(config.losses), config.train.steps)
+
+
+def _set_ignoring_type(config, key, value):
+  with config.ignore_type():
+    setattr(config, key, value)
+
+
+def _tiny():
+  return load(pathlib.Path(CONFIGS[0]).parent / 'shakespeare_kd.py', 'tiny')
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda c: c.losses.update({'klx': 0.5}), "unknown loss 'klx'; valid: .*, kl, "),
+    (lambda c: setattr(c, 'temperature', 0.0), 'temperature must stay > 0'),
+    (lambda c: _set_ignoring_type(c, 'temperature',
+                                  {'kind': 'linear', 'start': 2.0, 'end': -1.0}),
+     'temperature must stay > 0'),
+    (lambda c: c.loss_kwargs.update({'jsd': {'beta': 0.2}}), "names 'jsd', which is not in"),
+    (lambda c: c.update({'data': {'batch_size': 6}, 'train': {'accum_steps': 4}}),
+     'not divisible by devices'),
+    (lambda c: c.train.update(accum_steps=3), 'use a multiple of 3'),
+])
+def test_bad_config_is_refused_before_anything_runs(edit, message, tmp_path):
+  config = _tiny()
+  with config.unlocked():
+    edit(config)
+  with pytest.raises(ValueError, match=message):
+    run.main(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists(), 'nothing may be written for a bad config'
+
+
+def test_layer_map_out_of_range_is_refused():
+  config = _tiny()
+  config.features.pairs = ((1, 9),)
+  config.features.layer_map = 'explicit'
+  teacher = run.build_model(config.teacher.model, 300)
+  student = run.build_model(config.student, 300)
+  with pytest.raises(ValueError, match='config.features'):
+    config_check.check_models(config, student, teacher)
+
+
+def test_vocab_mismatch():
+  assert config_check.vocab_slice(151936, 152064, same_tokenizer=True) == 151936
+  with pytest.raises(ValueError, match='needs one tokenizer'):
+    config_check.vocab_slice(32000, 50257, same_tokenizer=False)

@@ -1,0 +1,153 @@
+"""The pure train step: it learns, accumulation is exact, schedules and NaN checks behave."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from kd import models
+from kd.train import loop
+from kd.train import run
+from kd.train import schedules
+from kd.train import step as step_lib
+
+V, B, T = 61, 8, 16
+
+
+def _config(**losses):
+  c = ml_collections.ConfigDict()
+  c.losses = losses or {'ce': 0.5, 'kl': 0.5}
+  c.loss_kwargs = {}
+  c.temperature = 2.0
+  c.chunk_size = 0
+  c.features = {'layer_map': 'uniform', 'pairs': ()}
+  c.optimizer = {'name': 'adamw', 'lr': 1e-2, 'warmup_steps': 0, 'schedule': 'constant'}
+  c.train = {'accum_steps': 1}
+  return c
+
+
+def _models():
+  teacher = run.build_model(dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                 intermediate_size=64), V)
+  student = run.build_model(dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                 intermediate_size=32), V)
+  return teacher, student
+
+
+def _batch(seed=0, ragged=True):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, V, size=(B, T + 1)).astype(np.int32)
+  lengths = rng.integers(2, T + 1, size=B) if ragged else np.full(B, T)
+  seg = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+  mask = (np.arange(T)[None] < lengths[:, None] - 1).astype(np.float32)
+  return {'input_ids': ids[:, :-1], 'labels': ids[:, 1:], 'loss_mask': mask,
+          'segment_ids': seg, 'positions': np.broadcast_to(np.arange(T), (B, T)).astype(np.int32)}
+
+
+def _setup(config, steps=10):
+  teacher, student = _models()
+  teacher_params = models.init_params(teacher.config, jax.random.key(1))
+  spec = run.make_spec(config, student, teacher, dict(config.losses), steps)
+  state = step_lib.create_state(run.init_student(spec, 0), spec.tx, 0)
+  return spec, state, teacher_params
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch():
+  spec, state, tp = _setup(_config())
+  batch = _batch()
+  fn = jax.jit(functools.partial(step_lib.train_step, spec=spec))
+  losses = []
+  for _ in range(25):
+    state, m = fn(state, tp, batch)
+    losses.append(float(m['loss']))
+  assert losses[-1] < 0.6 * losses[0], losses
+  assert int(state.step) == 25
+
+
+def test_jit_and_plain_step_agree():
+  spec, state, tp = _setup(_config())
+  batch = _batch()
+  s1, m1 = step_lib.train_step(state, tp, batch, spec)
+  s2, m2 = jax.jit(functools.partial(step_lib.train_step, spec=spec))(state, tp, batch)
+  np.testing.assert_allclose(m1['loss'], m2['loss'], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s1.params, s2.params)
+
+
+@pytest.mark.parametrize('losses', [{'ce': 0.5, 'kl': 0.5}, {'ce': 0.3, 'jsd': 0.7},
+                                    {'kl': 1.0, 'hidden_mse': 0.5}])
+def test_gradient_accumulation_equals_one_big_batch(losses):
+  # Micro-batches have different token counts: a mean of means would differ from the truth.
+  config = _config(**losses)
+  spec, state, tp = _setup(config)
+  batch = _batch(ragged=True)
+  s1, m1 = step_lib.train_step(state, tp, batch, spec)
+  config.train.accum_steps = 4
+  spec4 = run.make_spec(config, spec.student, spec.teacher, dict(config.losses), 10)
+  s4, m4 = step_lib.train_step(state, tp, batch, spec4)
+  np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               s1.params, s4.params)
+  for name in losses:
+    np.testing.assert_allclose(m1['terms'][name], m4['terms'][name], rtol=1e-4)
+
+
+def test_objective_is_weighted_sum_of_term_means():
+  config = _config(ce=0.25, kl=0.75)
+  spec, state, tp = _setup(config)
+  _, m = step_lib.train_step(state, tp, _batch(), spec)
+  terms = {k: float(s) / float(c) for k, (s, c) in m['terms'].items()}
+  np.testing.assert_allclose(float(m['loss']), 0.25 * terms['ce'] + 0.75 * terms['kl'], rtol=1e-6)
+  # CE term against a hand computation from the student logits.
+  out = step_lib.forward(spec.student, state.params['student'], _batch())
+  logp = jax.nn.log_softmax(np.asarray(out['logits'], np.float64), -1)
+  b = _batch()
+  nll = -np.take_along_axis(np.asarray(logp), b['labels'][..., None], -1)[..., 0]
+  np.testing.assert_allclose(terms['ce'], (nll * b['loss_mask']).sum() / b['loss_mask'].sum(),
+                             rtol=1e-5)
+
+
+def test_weight_and_temperature_schedules_follow_the_step():
+  config = _config(ce={'kind': 'linear', 'start': 1.0, 'end': 0.0, 'steps': 4},
+                   kl={'kind': 'linear', 'start': 0.0, 'end': 1.0, 'steps': 4})
+  with config.ignore_type():
+    config.temperature = {'kind': 'cosine', 'start': 4.0, 'end': 1.0, 'steps': 4}
+  spec, state, tp = _setup(config)
+  fn = jax.jit(functools.partial(step_lib.train_step, spec=spec))
+  seen = []
+  for _ in range(5):
+    state, m = fn(state, tp, _batch())
+    seen.append((float(m['weight/ce']), float(m['weight/kl']), float(m['temperature'])))
+  np.testing.assert_allclose([s[0] for s in seen], [1, 0.75, 0.5, 0.25, 0], atol=1e-6)
+  np.testing.assert_allclose([s[1] for s in seen], [0, 0.25, 0.5, 0.75, 1], atol=1e-6)
+  expected_t = [4 - 3 * 0.5 * (1 - np.cos(np.pi * i / 4)) for i in range(5)]
+  np.testing.assert_allclose([s[2] for s in seen], expected_t, atol=1e-5)
+
+
+def test_schedules_by_hand():
+  assert float(schedules.make(3.0)(100)) == 3.0
+  lin = schedules.make({'kind': 'linear', 'start': 2.0, 'end': 4.0, 'steps': 10, 'warmup': 5})
+  assert [float(lin(s)) for s in (0, 5, 10, 15, 30)] == [2.0, 2.0, 3.0, 4.0, 4.0]
+  with pytest.raises(ValueError, match="valid: \\['constant', 'cosine', 'linear'\\]"):
+    schedules.make({'kind': 'exp', 'start': 1.0})
+  with pytest.raises(ValueError, match='unknown schedule keys'):
+    schedules.make({'kind': 'linear', 'start': 1.0, 'stop': 2})
+
+
+def test_teacher_outputs_in_the_batch_skip_the_teacher():
+  spec, state, tp = _setup(_config(ce=0.5, kl=0.5))
+  batch = _batch()
+  t_logits = step_lib.forward(spec.teacher, tp, batch)['logits']
+  _, m_online = step_lib.train_step(state, tp, batch, spec)
+  # With teacher logits in the batch, the teacher params are never read.
+  _, m_offline = step_lib.train_step(state, None, {**batch, 'teacher_logits': t_logits}, spec)
+  np.testing.assert_allclose(m_online['loss'], m_offline['loss'], rtol=1e-6)
+
+
+def test_non_finite_loss_names_the_step_and_term():
+  m = {'loss': float('nan'), 'grad_norm': 1.0, 'terms': {'ce': (1.0, 2.0), 'kl': (float('nan'), 2.0)}}
+  with pytest.raises(loop.NonFiniteError, match="step 7: loss term 'kl'"):
+    loop.check_finite(7, m)
+  loop.check_finite(7, {'loss': 1.0, 'grad_norm': 1.0, 'terms': {'ce': (1.0, 0.0)}})
