@@ -20,19 +20,19 @@ def get_config(arg=None):
   c.distributed = False
 
   c.data = ml_collections.ConfigDict(dict(
-      name='tiny_shakespeare', vocab_size=512, seq_len=128, batch_size=32, eval_batch_size=32,
+      name='tiny_shakespeare', vocab_size=512, seq_len=128, batch_size=16, eval_batch_size=32,
       eval_split='validation', max_eval_batches=0))
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.model = ml_collections.ConfigDict(dict(
-      hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=704))
-  c.teacher.steps = 1000
+      hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2, intermediate_size=512))
+  c.teacher.steps = 800
   c.teacher.optimizer = ml_collections.ConfigDict(dict(
       name='adamw', lr=3e-3, warmup_steps=50, schedule='cosine', weight_decay=0.05,
       grad_clip_norm=1.0))
 
   c.student = ml_collections.ConfigDict(dict(
-      hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=352))
+      hidden_size=96, num_layers=2, num_heads=3, num_kv_heads=1, intermediate_size=256))
 
   # alpha * CE + (1 - alpha) * T^2 * KL: 'kl' already carries T^2.
   c.alpha = 0.5
@@ -47,7 +47,7 @@ def get_config(arg=None):
       name='adamw', lr=3e-3, warmup_steps=50, schedule='cosine', weight_decay=0.05,
       grad_clip_norm=1.0))
   c.train = ml_collections.ConfigDict(dict(
-      steps=600, accum_steps=1, log_every=50, eval_every=0, checkpoint_every=200, keep=2,
+      steps=800, accum_steps=1, log_every=50, eval_every=200, checkpoint_every=200, keep=2,
       progress=True))
 
   if 'tiny' in variants:

@@ -73,3 +73,17 @@ def test_cli_end_to_end_then_killed_run_resumes_bitwise(tmp_path):
 def _leaves(tree):
   import jax  # pylint: disable=g-import-not-at-top
   return jax.tree.leaves(tree)
+
+
+def test_a_diverging_run_stops_naming_the_step_and_term(tmp_path):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  from kd.train import loop  # pylint: disable=g-import-not-at-top
+  from kd.train import run  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('c', ROOT / 'configs' / 'shakespeare_kd.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('tiny')
+  config.teacher.optimizer.update(lr=1e12, grad_clip_norm=0.0, name='sgd')
+  with pytest.raises(loop.NonFiniteError, match=r"step \d+: (loss term 'ce'|the gradient norm = nan \(terms: ce=)"):
+    run.main(config, str(tmp_path / 'w'))

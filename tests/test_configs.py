@@ -69,6 +69,15 @@ def test_layer_map_out_of_range_is_refused():
     config_check.check_models(config, student, teacher)
 
 
+def test_attention_maps_need_equal_head_counts():
+  config = _tiny()
+  config.losses.update({'attention_kl': 0.1})
+  teacher = run.build_model(config.teacher.model, 300)
+  student = run.build_model(config.student, 300)
+  with pytest.raises(ValueError, match="use 'minilm_relations'"):
+    config_check.check_models(config, student, teacher)
+
+
 def test_vocab_mismatch():
   assert config_check.vocab_slice(151936, 152064, same_tokenizer=True) == 151936
   with pytest.raises(ValueError, match='needs one tokenizer'):

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -58,7 +59,12 @@ def _setup(config, steps=10):
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
   spec, state, tp = _setup(_config())
   batch = _batch()
-  fn = jax.jit(functools.partial(step_lib.train_step, spec=spec))
+  # One compilation for the whole run: a retrace would raise.
+  @chex.assert_max_traces(n=1)
+  def one_step(state, teacher_params, batch):
+    return step_lib.train_step(state, teacher_params, batch, spec)
+
+  fn = jax.jit(one_step)
   losses = []
   for _ in range(25):
     state, m = fn(state, tp, batch)
@@ -150,4 +156,66 @@ def test_non_finite_loss_names_the_step_and_term():
   m = {'loss': float('nan'), 'grad_norm': 1.0, 'terms': {'ce': (1.0, 2.0), 'kl': (float('nan'), 2.0)}}
   with pytest.raises(loop.NonFiniteError, match="step 7: loss term 'kl'"):
     loop.check_finite(7, m)
+  with pytest.raises(loop.NonFiniteError, match=r'step 3: the gradient norm = inf \(terms: ce=0.5'):
+    loop.check_finite(3, {'loss': 0.5, 'grad_norm': float('inf'), 'terms': {'ce': (1.0, 2.0)}})
   loop.check_finite(7, {'loss': 1.0, 'grad_norm': 1.0, 'terms': {'ce': (1.0, 0.0)}})
+
+
+@pytest.mark.parametrize('terms', [{'ce': 0.5, 'kl': 0.5}, {'ce': 0.2, 'skew_kl': 0.5, 'tvd': 0.3}])
+def test_chunked_step_equals_plain_step(terms):
+  config = _config(**terms)
+  spec, state, tp = _setup(config)
+  config.chunk_size = 5  # T=16 is not a multiple: the last chunk is padded and masked
+  chunked = run.make_spec(config, spec.student, spec.teacher, dict(config.losses), 10)
+  batch = _batch()
+  s1, m1 = step_lib.train_step(state, tp, batch, spec)
+  s2, m2 = step_lib.train_step(state, tp, batch, chunked)
+  np.testing.assert_allclose(m1['loss'], m2['loss'], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               s1.params, s2.params)
+
+
+def test_feature_attention_and_relation_terms_train():
+  config = _config(hidden_mse=1.0, attention_kl=1.0, minilm_relations=1.0)
+  config.loss_kwargs = {'minilm_relations': {'num_relation_heads': 4}}
+  teacher, _ = _models()
+  student = run.build_model(dict(hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2,
+                                 intermediate_size=32), V)  # attention maps need equal heads
+  tp = models.init_params(teacher.config, jax.random.key(1))
+  # Sharpen the teacher's attention (random init is near uniform, leaving nothing to learn).
+  tp = jax.tree_util.tree_map_with_path(
+      lambda path, x: x * 8.0 if any(getattr(k, 'key', '') in ('q_proj', 'k_proj') for k in path)
+      else x, tp)
+  spec = run.make_spec(config, student, teacher, dict(config.losses), 10)
+  state = step_lib.create_state(run.init_student(spec, 0), spec.tx, 0)
+  assert set(state.params['proj']) == {'0', '1'}  # widths 16 -> 32: one projection per pair
+  assert spec.feature_pairs == ((0, 0), (1, 2)) and spec.attention_pairs == ((1, 2),)
+  fn = jax.jit(functools.partial(step_lib.train_step, spec=spec))
+  first = None
+  for _ in range(15):
+    state, m = fn(state, tp, _batch())
+    first = first or {k: float(s) / float(c) for k, (s, c) in m['terms'].items()}
+  last = {k: float(s) / float(c) for k, (s, c) in m['terms'].items()}
+  for k in ('hidden_mse', 'attention_kl', 'minilm_relations'):
+    assert np.isfinite(last[k]) and last[k] < first[k], (k, first[k], last[k])
+
+
+def test_padded_teacher_vocab_compares_shared_rows():
+  config = _config(ce=0.5, kl=0.5)
+  _, student = _models()
+  teacher = run.build_model(dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                 intermediate_size=64), V + 3)  # 3 padding rows
+  tp = models.init_params(teacher.config, jax.random.key(1))
+  spec = run.make_spec(config, student, teacher, dict(config.losses), 10)
+  assert spec.vocab == V
+  state = step_lib.create_state(run.init_student(spec, 0), spec.tx, 0)
+  batch = _batch()
+  _, m = step_lib.train_step(state, tp, batch, spec)
+  s_logits = step_lib.forward(student, state.params['student'], batch)['logits']
+  t_logits = step_lib.forward(teacher, tp, batch)['logits'][..., :V]
+  p_t = jax.nn.softmax(np.asarray(t_logits) / 2.0, -1)
+  kl = (p_t * (jax.nn.log_softmax(np.asarray(t_logits) / 2.0, -1)
+               - jax.nn.log_softmax(np.asarray(s_logits) / 2.0, -1))).sum(-1) * 4.0
+  mask = batch['loss_mask']
+  np.testing.assert_allclose(float(m['terms']['kl'][0]) / float(m['terms']['kl'][1]),
+                             (kl * mask).sum() / mask.sum(), rtol=1e-4)

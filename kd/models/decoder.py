@@ -266,7 +266,7 @@ class Decoder(nn.Module):
       positions: [B,T] rotary positions; default arange(T). Restart them per packed segment.
       attention_mask: [B,T], 1 = real token, 0 = padding (padded keys are masked).
       output_hidden_states: add 'hidden_states', num_layers + 1 arrays [B,T,D]: the embeddings,
-        then each layer's output (the last one before the final norm).
+        then each layer's output (the last one after the final norm, as in transformers).
       output_attentions: add 'attentions', num_layers float32 arrays [B,H,T,T] of probabilities.
         Uses an explicit softmax instead of the fused kernel.
       output_qkv: add 'qkv', num_layers dicts {'q','k','v'} of [B,T,H*head_dim] pre-RoPE
@@ -303,8 +303,8 @@ class Decoder(nn.Module):
     out = {'hidden': self.final_norm(h_BxTxD)}
     if not return_hidden_only:
       out['logits'] = self.project(out['hidden'])
-    if output_hidden_states:
-      out['hidden_states'] = tuple(hidden_states)
+    if output_hidden_states:  # as in transformers, the last entry is after the final norm
+      out['hidden_states'] = tuple(hidden_states[:-1]) + (out['hidden'],)
     if output_attentions:
       out['attentions'] = tuple(attentions)
     if output_qkv:

@@ -49,6 +49,12 @@ def check_models(config, student, teacher) -> None:
                      teacher.config.num_layers, pairs=pairs)
   except ValueError as e:
     raise ConfigError(f'config.features: {e}') from None
+  attention_maps = [n for n in config.losses if losses.get(n).kind == 'attention']
+  if attention_maps and student.config.num_heads != teacher.config.num_heads:
+    raise ConfigError(
+        f'{attention_maps} compare attention maps head by head, but the student has '
+        f'{student.config.num_heads} heads and the teacher {teacher.config.num_heads}; use '
+        "'minilm_relations' (any head counts) or give the student the teacher's head count")
   vocab_slice(student.config.vocab_size, teacher.config.vocab_size,
               same_tokenizer=config.get('same_tokenizer', True))
 

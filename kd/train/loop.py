@@ -18,12 +18,14 @@ class NonFiniteError(FloatingPointError):
 
 
 def check_finite(step: int, m: dict) -> None:
-  bad = [f"loss term '{k}' = {v[0] / max(v[1], 1.0)}" for k, v in m['terms'].items()
-         if not math.isfinite(v[0])]
-  bad += [f'{k} = {m[k]}' for k in ('loss', 'grad_norm') if not math.isfinite(m[k])]
+  means = {k: v[0] / max(v[1], 1.0) for k, v in m['terms'].items()}
+  bad = [f"loss term '{k}' = {v}" for k, v in means.items() if not math.isfinite(v)]
+  if not math.isfinite(m['grad_norm']):
+    bad.append(f"the gradient norm = {m['grad_norm']} (terms: "
+               + ', '.join(f'{k}={v:.4g}' for k, v in means.items()) + ')')
   if bad:
     raise NonFiniteError(
-        f'step {step}: {", ".join(bad)}. The last good checkpoint is kept; lower '
+        f'step {step}: {"; ".join(bad)}. Stopped; the last good checkpoint is kept. Lower '
         'optimizer.lr, set optimizer.grad_clip_norm, or check the inputs of that term.')
 
 
@@ -60,35 +62,38 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
     check_finite(step, m)
     acc.add(m)
 
-  for i in range(start, total_steps):
-    batch = next(data_iter)
-    tokens += int(np.sum(batch['segment_ids'] > 0)) if 'segment_ids' in batch else batch[
-        'input_ids'].size
-    state, m = train_fn(state, teacher_params, batch)
-    if pending is not None:
-      pull(*pending)
-    pending = (i, m)
-    done = i + 1
-    if done % log_every == 0 or done == total_steps:
-      pull(*pending)
-      pending = None
-      row = acc.result()
-      dt = time.perf_counter() - t0
-      row['tokens_per_s'] = tokens / max(dt, 1e-9)
-      writer.write(done, row)
-      bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-      acc, t0, tokens = metrics_lib.Accumulator(), time.perf_counter(), 0
-    bar.update(1)
-    if eval_every and done % eval_every == 0 and done != total_steps:
-      writer.write(done, evaluate(eval_fn, state.params, teacher_params, eval_batches), 'eval')
-    if (checkpoint_every and done % checkpoint_every == 0) or done == total_steps:
-      if pending is not None:  # never save a state whose metrics were not checked
+  try:
+    for i in range(start, total_steps):
+      batch = next(data_iter)
+      tokens += int(np.sum(batch['segment_ids'] > 0)) if 'segment_ids' in batch else batch[
+          'input_ids'].size
+      state, m = train_fn(state, teacher_params, batch)
+      if pending is not None:
+        pull(*pending)
+      pending = (i, m)
+      done = i + 1
+      if done % log_every == 0 or done == total_steps:
         pull(*pending)
         pending = None
-      checkpoint.save(mngr, done, state, data_iter)
-  bar.close()
-  mngr.wait_until_finished()
-  final = evaluate(eval_fn, state.params, teacher_params, eval_batches)
-  writer.write(total_steps, final, 'eval')
-  writer.close()
+        row = acc.result()
+        dt = time.perf_counter() - t0
+        row['tokens_per_s'] = tokens / max(dt, 1e-9)
+        writer.write(done, row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        acc, t0, tokens = metrics_lib.Accumulator(), time.perf_counter(), 0
+      bar.update(1)
+      if eval_every and done % eval_every == 0 and done != total_steps:
+        writer.write(done, evaluate(eval_fn, state.params, teacher_params, eval_batches), 'eval')
+      if (checkpoint_every and done % checkpoint_every == 0) or done == total_steps:
+        if pending is not None:  # never save a state whose metrics were not checked
+          pull(*pending)
+          pending = None
+        checkpoint.save(mngr, done, state, data_iter)
+    mngr.wait_until_finished()
+    final = evaluate(eval_fn, state.params, teacher_params, eval_batches)
+    writer.write(total_steps, final, 'eval')
+  finally:  # also on errors, so that pending writes end before the interpreter does
+    bar.close()
+    writer.close()
+    mngr.close()
   return state, final

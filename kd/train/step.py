@@ -48,6 +48,7 @@ class Spec:
   attention_pairs: tuple = ()
   chunk_size: int = 0
   accum_steps: int = 1
+  vocab: int = 0  # > 0: logit losses use only the first `vocab` rows (padded vocabs)
 
   def kinds(self) -> set:
     return {losses.get(n).kind for n in self.terms}
@@ -86,20 +87,25 @@ def loss_terms(params, teacher_params, t_out, batch, spec: Spec, step) -> dict:
     by_kind.setdefault(losses.get(name).kind, {})[name] = dict(kw)
   logit_terms = {**by_kind.get('ce', {}), **by_kind.get('logits', {})}
   out = {}
+  # With padded vocabularies every logit loss sees the shared rows only (labels never fall in
+  # the padding, so CE is unchanged but for the padded rows' mass).
+  cut = (lambda x: x[..., :spec.vocab]) if spec.vocab else (lambda x: x)
   if logit_terms and spec.chunk_size:
-    t_hidden = None if t_out is None else t_out['hidden']
-    t_project = None if t_out is None else head_fn(spec.teacher, teacher_params)
+    student_head = head_fn(spec.student, params['student'])
+    teacher_head = None if t_out is None else head_fn(spec.teacher, teacher_params)
     out.update(losses.chunked_logit_losses(
-        logit_terms, s_out['hidden'], head_fn(spec.student, params['student']), t_hidden,
-        t_project, labels=batch['labels'], mask=mask, temperature=temperature,
-        chunk_size=spec.chunk_size))
+        logit_terms, s_out['hidden'], lambda h: cut(student_head(h)),
+        None if t_out is None else t_out['hidden'],
+        None if t_out is None else (lambda h: cut(teacher_head(h))),
+        labels=batch['labels'], mask=mask, temperature=temperature, chunk_size=spec.chunk_size))
   else:
     for name, kw in logit_terms.items():
       fn = losses.get(name).fn_sum
       if name in by_kind.get('ce', {}):
-        out[name] = fn(s_out['logits'], batch['labels'], mask=mask, **kw)
+        out[name] = fn(cut(s_out['logits']), batch['labels'], mask=mask, **kw)
       else:
-        out[name] = fn(s_out['logits'], t_out['logits'], mask=mask, temperature=temperature, **kw)
+        out[name] = fn(cut(s_out['logits']), cut(t_out['logits']), mask=mask,
+                       temperature=temperature, **kw)
   for name, kw in by_kind.get('hidden', {}).items():
     out[name] = losses.feature_loss_sum(name, s_out['hidden_states'], t_out['hidden_states'],
                                         spec.feature_pairs, mask=mask,
