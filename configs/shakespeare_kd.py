@@ -8,6 +8,23 @@ student). Variants (`:variant`, comma separated):
   long   4x the steps, for a GPU
 Prints a table: teacher perplexity, student perplexity with KD and without, teacher-student
 top-1 agreement on the held-out split. KD: L = a*CE + (1-a)*T^2*KL(p_T || p_S) with a=0.5, T=2.
+
+Parallelism (`config.parallel`, see kd/parallel/); `data.batch_size` is the global batch:
+  mode          'single' (default: jit on one device), 'pmap' (data parallel over this host's
+                devices, params replicated) or 'mesh' (jit over a ('data', 'fsdp', 'tensor') mesh)
+  data, fsdp, tensor   mesh sizes (mesh mode); one may be -1 = the devices left. The batch splits
+                over data*fsdp; student params and optimizer state split over 'fsdp' (largest
+                divisible axis) and 'tensor' (heads / MLP hidden / vocab)
+  teacher_fsdp  mesh axes the teacher's params split over, comma separated: 'fsdp' (default),
+                'data,fsdp' for a teacher that fits no single device, '' for replicated
+  coordinator_address, num_processes, process_id   multi-host (with `distributed=True`); leave
+                unset on a managed cluster, where JAX finds them
+E.g. 8 devices, FSDP over 4 and tensor over 2:
+  --config.parallel.mode=mesh --config.parallel.fsdp=4 --config.parallel.tensor=2
+Two hosts (run on each, with its own process_id):
+  --config.distributed=True --config.parallel.mode=mesh \
+  --config.parallel.coordinator_address=HOST0:1234 --config.parallel.num_processes=2 \
+  --config.parallel.process_id=0
 """
 
 import ml_collections
@@ -17,7 +34,10 @@ def get_config(arg=None):
   variants = set(arg.split(',')) if arg else set()
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.distributed = False
+  c.distributed = False  # jax.distributed.initialize() first (multi-host)
+  c.parallel = ml_collections.ConfigDict(dict(
+      mode='single', data=-1, fsdp=1, tensor=1, teacher_fsdp='fsdp',
+      coordinator_address='', num_processes=0, process_id=-1))
 
   c.data = ml_collections.ConfigDict(dict(
       name='tiny_shakespeare', vocab_size=512, seq_len=128, batch_size=16, eval_batch_size=32,

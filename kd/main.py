@@ -30,9 +30,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
+  from kd import parallel  # pylint: disable=g-import-not-at-top
   from kd.train import run  # pylint: disable=g-import-not-at-top
-  if _CONFIG.value.get('distributed', False):
-    jax.distributed.initialize()
+  parallel.initialize(_CONFIG.value)  # before anything touches a device
   logging.info('devices: %s', jax.devices())
   run.main(_CONFIG.value, _WORKDIR.value)
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -300,6 +301,16 @@ def test_bfloat16_compute_close_to_float32(explicit):
     (dict(rms_norm_eps=0.0), 'rms_norm_eps'),
     (dict(rope_theta=-1.0), 'rope_theta'),
     (dict(scan_layers=True), 'scan_layers=True is not implemented'),
+    (dict(norm='batch'), "norm='batch' is not supported"),
+    (dict(mlp_activation='gelu_new'), 'mlp_activation'),
+    (dict(positions='alibi'), 'positions'),
+    (dict(sliding_window=0), 'sliding_window must be a positive int'),
+    (dict(layer_types=('full_attention',)), 'layer_types has 1 entries'),
+    (dict(layer_types=('sliding_attention',) * 2), 'sliding_window=None'),
+    (dict(rope_scaling={'rope_type': 'longrope', 'factor': 2.0}), 'longrope'),
+    (dict(rope_scaling={'rope_type': 'llama3', 'factor': 8.0}), 'low_freq_factor'),
+    (dict(rope_scaling={'rope_type': 'linear', 'factor': 2.0}, positions='learned'),
+     "rope_scaling needs positions='rope'"),
 ])
 def test_validate_errors(overrides, message):
   with pytest.raises(ValueError, match=message):
@@ -309,6 +320,11 @@ def test_validate_errors(overrides, message):
 def test_config_dict_round_trip():
   config = _config(head_dim=32, tie_embeddings=True)
   assert DecoderConfig.from_dict(config.to_dict()) == config
+  scaled = _config(rope_scaling={'rope_type': 'linear', 'factor': 2.0}, sliding_window=4,
+                   layer_types=['full_attention', 'sliding_attention'])
+  assert hash(scaled) == hash(DecoderConfig.from_dict(scaled.to_dict()))
+  assert scaled.to_dict()['rope_scaling'] == {'rope_type': 'linear', 'factor': 2.0}
+  assert DecoderConfig.from_dict(json.loads(json.dumps(scaled.to_dict()))) == scaled
   assert _config().head_dim == 16
   with pytest.raises(ValueError, match='Unknown DecoderConfig keys'):
     DecoderConfig.from_dict({**config.to_dict(), 'num_hidden_layers': 2})

@@ -1,28 +1,54 @@
-"""A small Llama-style decoder-only transformer in Flax linen.
+"""A decoder-only transformer in Flax linen: Llama by default, and by config switches Mistral,
+Qwen2, Qwen3, Gemma and GPT-2.
 
-RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query attention, no biases, optionally
-tied input/output embeddings. Pure functional: parameters live outside the module, so
+The defaults are Llama: RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query attention,
+no biases, optionally tied input/output embeddings. The other families change only config fields
+(`norm`, `norm_offset`, `qkv_bias`, `qk_norm`, `mlp_activation`, `mlp_gated`, `positions`,
+`embed_scale`, `sliding_window`, `rope_scaling`, ...); `kd.hf.decoders` fills them from a
+transformers config.json. Pure functional: parameters live outside the module, so
 
   variables = init_params(config, jax.random.key(0))
   out = Decoder(config).apply(variables, input_ids_BxT)
   logits_BxTxV = out['logits']
 
 Parameter names follow the layer roles (`layers_{i}/attn/q_proj/kernel`, ...) so a Hugging Face
-checkpoint maps onto them by renaming and transposing linear weights. Softmax, RMSNorm and RoPE are
-always computed in float32 whatever the compute dtype.
+checkpoint maps onto them by renaming and transposing linear weights. Softmax, norms and RoPE are
+always computed in float32 whatever the compute dtype. Pass `cache=` (kd.models.cache) to decode
+incrementally.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from kd.models import cache as kv_cache
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+ACTIVATIONS = {
+    'silu': nn.silu,
+    'gelu_tanh': functools.partial(nn.gelu, approximate=True),  # HF gelu_new, gelu_pytorch_tanh
+    'gelu': functools.partial(nn.gelu, approximate=False),  # erf
+    'relu': nn.relu,
+}
+NORMS = ('rms', 'layer')
+POSITIONS = ('rope', 'learned')
+LAYER_TYPES = ('full_attention', 'sliding_attention')
+# rope_scaling['rope_type'] -> the keys it needs (transformers' names).
+ROPE_TYPES = {
+    'linear': ('factor',),
+    'dynamic': ('factor', 'original_max_position_embeddings'),
+    'llama3': ('factor', 'low_freq_factor', 'high_freq_factor',
+               'original_max_position_embeddings'),
+    'yarn': ('factor', 'original_max_position_embeddings'),
+}
 
 _INIT = nn.initializers.normal(stddev=0.02)
 
@@ -39,15 +65,40 @@ class DecoderConfig:
   intermediate_size: int
   head_dim: int | None = None  # None: hidden_size // num_heads (filled in on construction).
   rope_theta: float = 10000.0
-  rms_norm_eps: float = 1e-6
+  rms_norm_eps: float = 1e-6  # RMSNorm eps (also the q/k norms).
   tie_embeddings: bool = False
-  max_seq_len: int = 2048
+  max_seq_len: int = 2048  # Longest input (and cache); the position table size when learned.
   dtype: str = 'float32'  # Compute dtype of activations and logits.
   param_dtype: str = 'float32'
   remat: bool = False  # jax.checkpoint each block.
   scan_layers: bool = False  # Reserved; not implemented yet.
+  # Family switches; the defaults are Llama.
+  model_type: str = 'llama'  # The transformers family kd.hf.save exports to.
+  norm: str = 'rms'  # 'rms' or 'layer' (LayerNorm with bias, GPT-2).
+  norm_offset: float = 0.0  # Norms multiply by (norm_offset + scale): Gemma stores w for 1 + w.
+  layer_norm_eps: float = 1e-5  # eps of norm='layer'.
+  qkv_bias: bool = False  # Biases on q/k/v projections (Qwen2, GPT-2, Llama attention_bias).
+  attn_out_bias: bool = False  # Bias on the attention output projection (GPT-2).
+  mlp_bias: bool = False
+  qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3).
+  mlp_activation: str = 'silu'  # A key of ACTIVATIONS.
+  mlp_gated: bool = True  # act(gate(x)) * up(x) (Llama, Gemma); False: act(up(x)) (GPT-2).
+  positions: str = 'rope'  # 'rope' or 'learned' (absolute position embeddings, GPT-2).
+  embed_scale: bool = False  # Multiply embeddings by sqrt(hidden_size) (Gemma).
+  attn_scale: float | None = None  # Attention logit scale; None: head_dim ** -0.5.
+  sliding_window: int | None = None  # A query sees keys less than this many slots back.
+  # Per layer 'full_attention' / 'sliding_attention' (Qwen2); None: every layer is sliding when
+  # sliding_window is set (Mistral).
+  layer_types: tuple[str, ...] | None = None
+  # transformers' rope_parameters without rope_theta, e.g. {'rope_type': 'linear', 'factor': 2.0};
+  # a dict is stored as sorted (key, value) pairs so the config stays hashable.
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
 
   def __post_init__(self):
+    if hasattr(self.rope_scaling, 'items'):  # a dict or ConfigDict
+      object.__setattr__(self, 'rope_scaling', tuple(sorted(self.rope_scaling.items())) or None)
+    if self.layer_types is not None and not isinstance(self.layer_types, tuple):
+      object.__setattr__(self, 'layer_types', tuple(self.layer_types))
     if self.head_dim is None and isinstance(self.num_heads, int) and self.num_heads > 0:
       if self.hidden_size % self.num_heads:
         raise ValueError(
@@ -55,6 +106,15 @@ class DecoderConfig:
             'set head_dim explicitly or change num_heads.')
       object.__setattr__(self, 'head_dim', self.hidden_size // self.num_heads)
     self.validate()
+
+  @property
+  def rope_params(self) -> dict[str, Any]:
+    return dict(self.rope_scaling or ())
+
+  def layer_type(self, i: int) -> str:
+    if self.layer_types is not None:
+      return self.layer_types[i]
+    return 'sliding_attention' if self.sliding_window is not None else 'full_attention'
 
   def validate(self) -> None:
     """Raises ValueError naming the bad field and what to do about it."""
@@ -67,12 +127,13 @@ class DecoderConfig:
       raise ValueError(
           f'num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} '
           '(grouped-query attention shares each kv head among num_heads // num_kv_heads heads).')
-    if self.head_dim % 2:
+    if self.positions == 'rope' and self.head_dim % 2:
       raise ValueError(f'head_dim={self.head_dim} must be even for rotary embeddings.')
     if self.rope_theta <= 0:
       raise ValueError(f'rope_theta must be > 0, got {self.rope_theta}.')
-    if self.rms_norm_eps <= 0:
-      raise ValueError(f'rms_norm_eps must be > 0, got {self.rms_norm_eps}.')
+    for name in ('rms_norm_eps', 'layer_norm_eps'):
+      if getattr(self, name) <= 0:
+        raise ValueError(f'{name} must be > 0, got {getattr(self, name)}.')
     for name in ('dtype', 'param_dtype'):
       if getattr(self, name) not in DTYPES:
         raise ValueError(
@@ -81,6 +142,47 @@ class DecoderConfig:
     if self.scan_layers:
       raise ValueError('scan_layers=True is not implemented yet; set scan_layers=False '
                        '(remat=True still saves activation memory).')
+    for name, allowed in (('norm', NORMS), ('positions', POSITIONS),
+                          ('mlp_activation', tuple(ACTIVATIONS))):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f'DecoderConfig.{name}={getattr(self, name)!r} is not supported; '
+                         f'use one of {list(allowed)}.')
+    if self.attn_scale is not None and self.attn_scale <= 0:
+      raise ValueError(f'attn_scale must be > 0 or None, got {self.attn_scale}.')
+    if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                            or self.sliding_window <= 0):
+      raise ValueError(f'sliding_window must be a positive int or None, got '
+                       f'{self.sliding_window!r}.')
+    if self.layer_types is not None:
+      if len(self.layer_types) != self.num_layers:
+        raise ValueError(f'layer_types has {len(self.layer_types)} entries for num_layers='
+                         f'{self.num_layers}; give one per layer or None.')
+      bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+      if bad:
+        raise ValueError(f'layer_types {bad} are not supported; use {list(LAYER_TYPES)}.')
+      if 'sliding_attention' in self.layer_types and self.sliding_window is None:
+        raise ValueError("layer_types has 'sliding_attention' layers but sliding_window=None; "
+                         'set sliding_window.')
+    self._validate_rope_scaling()
+
+  def _validate_rope_scaling(self) -> None:
+    if self.rope_scaling is None:
+      return
+    if self.positions != 'rope':
+      raise ValueError(f"rope_scaling needs positions='rope', got positions={self.positions!r}.")
+    p = self.rope_params
+    kind = p.get('rope_type')
+    if kind not in ROPE_TYPES:
+      raise ValueError(f'rope_scaling rope_type={kind!r} is not supported; kd supports '
+                       f'{sorted(ROPE_TYPES)} (or rope_scaling=None for plain RoPE).')
+    missing = [k for k in ROPE_TYPES[kind] if p.get(k) is None]
+    if missing:
+      raise ValueError(f'rope_scaling of type {kind!r} needs {missing}; got {p}.')
+    if not p['factor'] > 0:
+      raise ValueError(f"rope_scaling factor must be > 0, got {p['factor']}.")
+    for key, value in p.items():
+      if not isinstance(value, (int, float, str, bool, type(None))):
+        raise ValueError(f'rope_scaling[{key!r}]={value!r}: only scalar values are supported.')
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> DecoderConfig:
@@ -91,30 +193,119 @@ class DecoderConfig:
     return cls(**d)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    d = dataclasses.asdict(self)
+    d['rope_scaling'] = self.rope_params or None
+    d['layer_types'] = None if self.layer_types is None else list(self.layer_types)
+    return d
 
 
-class RMSNorm(nn.Module):
-  """x / rms(x) * scale, computed in float32 and returned in `dtype`."""
+class Norm(nn.Module):
+  """RMSNorm, x / rms(x) * (offset + scale), or LayerNorm (mean removed, plus a bias).
 
+  Computed in float32, returned in `dtype`. Scales start at 1 - offset (identity).
+  """
+
+  kind: str
   eps: float
+  offset: float
   dtype: Any
   param_dtype: Any
 
   @nn.compact
   def __call__(self, x_BxTxD):
-    scale_D = self.param('scale', nn.initializers.ones, (x_BxTxD.shape[-1],), self.param_dtype)
+    d = x_BxTxD.shape[-1]
+    scale_D = self.param('scale', nn.initializers.constant(1.0 - self.offset), (d,),
+                         self.param_dtype)
     x = x_BxTxD.astype(jnp.float32)
+    if self.kind == 'layer':
+      x = x - jnp.mean(x, axis=-1, keepdims=True)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * scale_D.astype(jnp.float32)).astype(self.dtype)
+    x = x * (self.offset + scale_D.astype(jnp.float32))
+    if self.kind == 'layer':
+      x = x + self.param('bias', nn.initializers.zeros, (d,), self.param_dtype).astype(jnp.float32)
+    return x.astype(self.dtype)
 
 
-def rope_cos_sin(positions_BxT, head_dim: int, theta: float):
+def _norm(c: DecoderConfig, name: str, kind: str | None = None) -> Norm:
+  kind = kind or c.norm
+  eps = c.layer_norm_eps if kind == 'layer' else c.rms_norm_eps
+  return Norm(kind, eps, c.norm_offset, DTYPES[c.dtype], DTYPES[c.param_dtype], name=name)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def _llama3_inv_freq(inv_freq_F, p):
+  factor, low, high = p['factor'], p['low_freq_factor'], p['high_freq_factor']
+  old_len = p['original_max_position_embeddings']
+  wavelen_F = np.float32(2 * math.pi) / inv_freq_F
+  scaled_F = np.where(wavelen_F > old_len / low, inv_freq_F / np.float32(factor), inv_freq_F)
+  smooth_F = (np.float32(old_len) / wavelen_F - np.float32(low)) / np.float32(high - low)
+  smoothed_F = (1 - smooth_F) * scaled_F / np.float32(factor) + smooth_F * scaled_F
+  medium_F = ~(wavelen_F < old_len / high) & ~(wavelen_F > old_len / low)
+  return np.where(medium_F, smoothed_F, scaled_F).astype(np.float32)
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, p):
+  """YaRN (arXiv 2309.00071) frequencies and attention factor, as transformers computes them."""
+  factor, orig = p['factor'], p['original_max_position_embeddings']
+  attention_factor = p.get('attention_factor')
+  if attention_factor is None:
+    mscale = lambda s, m=1.0: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+    if p.get('mscale') and p.get('mscale_all_dim'):
+      attention_factor = mscale(factor, p['mscale']) / mscale(factor, p['mscale_all_dim'])
+    else:
+      attention_factor = mscale(factor)
+
+  def correction_dim(rotations):
+    return head_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+  low, high = correction_dim(p.get('beta_fast') or 32), correction_dim(p.get('beta_slow') or 1)
+  if p.get('truncate', True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, head_dim - 1)
+  if low == high:
+    high += 0.001
+  pos_freqs_F = theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+  ramp_F = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+  extrapolate_F = 1 - ramp_F
+  inv_freq_F = (1.0 / (factor * pos_freqs_F)) * (1 - extrapolate_F) + (
+      1.0 / pos_freqs_F) * extrapolate_F
+  return inv_freq_F.astype(np.float32), float(attention_factor)
+
+
+def rope_frequencies(config: DecoderConfig, positions_BxT=None):
+  """(inverse frequencies [head_dim/2] float32, cos/sin multiplier) for config.rope_scaling.
+
+  'dynamic' (NTK) frequencies depend on the longest position of the call, like transformers.
+  """
+  h, theta = config.head_dim, config.rope_theta
+  p = config.rope_params
+  kind = p.get('rope_type')
+  if kind == 'dynamic':
+    orig, factor = p['original_max_position_embeddings'], p['factor']
+    seq_len = jnp.maximum(jnp.max(positions_BxT) + 1, orig).astype(jnp.float32)
+    base = theta * ((factor * seq_len / orig) - (factor - 1)) ** (h / (h - 2))
+    return 1.0 / (base ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)), 1.0
+  if kind == 'yarn':
+    return _yarn_inv_freq(h, theta, p)
+  inv_freq_F = (1.0 / (theta ** (np.arange(0, h, 2, dtype=np.float32) / h))).astype(np.float32)
+  if kind == 'linear':
+    return inv_freq_F / np.float32(p['factor']), 1.0
+  if kind == 'llama3':
+    return _llama3_inv_freq(inv_freq_F, p), 1.0
+  return inv_freq_F, 1.0
+
+
+def rope_cos_sin(positions_BxT, config: DecoderConfig):
   """float32 cos/sin tables [B,T,head_dim] in the rotate-half layout (Llama, not interleaved)."""
-  inv_freq_F = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  freqs_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_F
+  inv_freq_F, attention_factor = rope_frequencies(config, positions_BxT)
+  freqs_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_F)
   angles_BxTxH = jnp.concatenate([freqs_BxTxF, freqs_BxTxF], axis=-1)
-  return jnp.cos(angles_BxTxH), jnp.sin(angles_BxTxH)
+  cos, sin = jnp.cos(angles_BxTxH), jnp.sin(angles_BxTxH)
+  if attention_factor != 1.0:
+    cos, sin = cos * attention_factor, sin * attention_factor
+  return cos, sin
 
 
 def apply_rope(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
@@ -123,6 +314,9 @@ def apply_rope(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   cos, sin = cos_BxTxH[:, :, None, :], sin_BxTxH[:, :, None, :]
   return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
 
 
 def attention_mask_Bx1xTxT(attention_mask_BxT=None, segment_ids_BxT=None):
@@ -145,63 +339,86 @@ def attention_mask_Bx1xTxT(attention_mask_BxT=None, segment_ids_BxT=None):
   return (mask_BxTxT | jnp.eye(t, dtype=bool))[:, None]
 
 
-def explicit_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT, scale: float):
-  """Causal attention that also returns the probabilities [B,N,T,T] (float32 softmax)."""
-  num_heads, num_kv = q_BxTxNxH.shape[2], k_BxTxKxH.shape[2]
-  k_BxTxNxH = jnp.repeat(k_BxTxKxH, num_heads // num_kv, axis=2)
-  v_BxTxNxH = jnp.repeat(v_BxTxKxH, num_heads // num_kv, axis=2)
-  logits_BxNxTxT = jnp.einsum('btnh,bsnh->bnts', q_BxTxNxH, k_BxTxNxH,
+def sliding_window_mask(mask_Bx1xTxT, t: int, window: int):
+  """`mask` restricted to keys less than `window` positions back (transformers' convention)."""
+  i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+  band_1x1xTxT = (i - j < window)[None, None]
+  return band_1x1xTxT if mask_Bx1xTxT is None else mask_Bx1xTxT & band_1x1xTxT
+
+
+def explicit_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: float,
+                       causal: bool = True):
+  """Attention that also returns the probabilities [B,N,T,S] (float32 softmax)."""
+  num_heads, num_kv = q_BxTxNxH.shape[2], k_BxSxKxH.shape[2]
+  k_BxSxNxH = jnp.repeat(k_BxSxKxH, num_heads // num_kv, axis=2)
+  v_BxSxNxH = jnp.repeat(v_BxSxKxH, num_heads // num_kv, axis=2)
+  logits_BxNxTxS = jnp.einsum('btnh,bsnh->bnts', q_BxTxNxH, k_BxSxNxH,
                               preferred_element_type=jnp.float32) * scale
-  t = q_BxTxNxH.shape[1]
-  allowed = jnp.tril(jnp.ones((t, t), bool))[None, None]
-  if mask_Bx1xTxT is not None:
-    allowed = allowed & mask_Bx1xTxT
-  # A finite fill (as in jax.nn.dot_product_attention) keeps any fully masked row finite.
-  logits_BxNxTxT = jnp.where(allowed, logits_BxNxTxT, jnp.finfo(jnp.float32).min)
-  probs_BxNxTxT = jax.nn.softmax(logits_BxNxTxT, axis=-1)
-  out_BxTxNxH = jnp.einsum('bnts,bsnh->btnh', probs_BxNxTxT.astype(v_BxTxNxH.dtype), v_BxTxNxH)
-  return out_BxTxNxH, probs_BxNxTxT
+  t, s = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
+  allowed = jnp.tril(jnp.ones((t, s), bool))[None, None] if causal else None
+  if mask_Bx1xTxS is not None:
+    allowed = mask_Bx1xTxS if allowed is None else allowed & mask_Bx1xTxS
+  if allowed is not None:
+    # A finite fill (as in jax.nn.dot_product_attention) keeps any fully masked row finite.
+    logits_BxNxTxS = jnp.where(allowed, logits_BxNxTxS, jnp.finfo(jnp.float32).min)
+  probs_BxNxTxS = jax.nn.softmax(logits_BxNxTxS, axis=-1)
+  out_BxTxNxH = jnp.einsum('bnts,bsnh->btnh', probs_BxNxTxS.astype(v_BxSxNxH.dtype), v_BxSxNxH)
+  return out_BxTxNxH, probs_BxNxTxS
 
 
 class Attention(nn.Module):
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, mask_Bx1xTxT, want_probs: bool,
-               want_qkv: bool):
+  def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, mask, want_probs: bool, want_qkv: bool,
+               causal: bool = True, kv=None, cache_index=None):
     c = self.config
     dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
     b, t, _ = x_BxTxD.shape
     h, n, k = c.head_dim, c.num_heads, c.num_kv_heads
 
-    def proj(features, name):
-      return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+    def proj(features, name, bias):
+      return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
                       kernel_init=_INIT, name=name)
 
-    q_BxTxNH = proj(n * h, 'q_proj')(x_BxTxD)
-    k_BxTxKH = proj(k * h, 'k_proj')(x_BxTxD)
-    v_BxTxKH = proj(k * h, 'v_proj')(x_BxTxD)
-    q_BxTxNxH = apply_rope(q_BxTxNH.reshape(b, t, n, h), cos_BxTxH, sin_BxTxH)
-    k_BxTxKxH = apply_rope(k_BxTxKH.reshape(b, t, k, h), cos_BxTxH, sin_BxTxH)
+    q_BxTxNH = proj(n * h, 'q_proj', c.qkv_bias)(x_BxTxD)
+    k_BxTxKH = proj(k * h, 'k_proj', c.qkv_bias)(x_BxTxD)
+    v_BxTxKH = proj(k * h, 'v_proj', c.qkv_bias)(x_BxTxD)
+    q_BxTxNxH, k_BxTxKxH = q_BxTxNH.reshape(b, t, n, h), k_BxTxKH.reshape(b, t, k, h)
     v_BxTxKxH = v_BxTxKH.reshape(b, t, k, h)
-    scale = h ** -0.5
+    if c.qk_norm:  # per head, before RoPE (Qwen3)
+      q_BxTxNxH = _norm(c, 'q_norm', 'rms')(q_BxTxNxH)
+      k_BxTxKxH = _norm(c, 'k_norm', 'rms')(k_BxTxKxH)
+      q_BxTxNH, k_BxTxKH = q_BxTxNxH.reshape(b, t, n * h), k_BxTxKxH.reshape(b, t, k * h)
+    if cos_BxTxH is not None:
+      q_BxTxNxH = apply_rope(q_BxTxNxH, cos_BxTxH, sin_BxTxH)
+      k_BxTxKxH = apply_rope(k_BxTxKxH, cos_BxTxH, sin_BxTxH)
+
+    new_kv, keys_BxSxKxH, values_BxSxKxH = None, k_BxTxKxH, v_BxTxKxH
+    if kv is not None:
+      new_kv = {'k': kv_cache.write(kv['k'], k_BxTxKxH, cache_index),
+                'v': kv_cache.write(kv['v'], v_BxTxKxH, cache_index)}
+      keys_BxSxKxH, values_BxSxKxH = new_kv['k'].astype(dtype), new_kv['v'].astype(dtype)
+    scale = c.attn_scale if c.attn_scale is not None else h ** -0.5
 
     if want_probs:
-      out_BxTxNxH, probs = explicit_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT, scale)
+      out_BxTxNxH, probs = explicit_attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, mask,
+                                              scale, causal)
     else:
       # Lets JAX pick a fused kernel where the backend has one; handles GQA without repeats.
       out_BxTxNxH = jax.nn.dot_product_attention(
-          q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, scale=scale, is_causal=True)
+          q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, mask=mask, scale=scale, is_causal=causal)
       probs = None
-    out_BxTxD = proj(c.hidden_size, 'o_proj')(out_BxTxNxH.reshape(b, t, n * h))
+    out_BxTxD = proj(c.hidden_size, 'o_proj', c.attn_out_bias)(out_BxTxNxH.reshape(b, t, n * h))
 
-    if not want_qkv:
-      return out_BxTxD, probs, None
-    # Pre-RoPE projections; k and v repeated up to num_heads so all three have width N*H.
-    qkv = {'q': q_BxTxNH,
-           'k': jnp.repeat(k_BxTxKH.reshape(b, t, k, h), n // k, axis=2).reshape(b, t, n * h),
-           'v': jnp.repeat(v_BxTxKxH, n // k, axis=2).reshape(b, t, n * h)}
-    return out_BxTxD, probs, qkv
+    qkv = None
+    if want_qkv:
+      # Pre-RoPE projections (after the q/k norms when qk_norm); k and v repeated up to num_heads
+      # so all three have width N*H.
+      qkv = {'q': q_BxTxNH,
+             'k': jnp.repeat(k_BxTxKH.reshape(b, t, k, h), n // k, axis=2).reshape(b, t, n * h),
+             'v': jnp.repeat(v_BxTxKxH, n // k, axis=2).reshape(b, t, n * h)}
+    return out_BxTxD, probs, qkv, new_kv
 
 
 class MLP(nn.Module):
@@ -211,11 +428,15 @@ class MLP(nn.Module):
   def __call__(self, x_BxTxD):
     c = self.config
     dense = lambda features, name: nn.Dense(
-        features, use_bias=False, dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype],
+        features, use_bias=c.mlp_bias, dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype],
         kernel_init=_INIT, name=name)
-    gate_BxTxF = dense(c.intermediate_size, 'gate_proj')(x_BxTxD)
-    up_BxTxF = dense(c.intermediate_size, 'up_proj')(x_BxTxD)
-    return dense(c.hidden_size, 'down_proj')(nn.silu(gate_BxTxF) * up_BxTxF)
+    act = ACTIVATIONS[c.mlp_activation]
+    if c.mlp_gated:
+      hidden_BxTxF = act(dense(c.intermediate_size, 'gate_proj')(x_BxTxD)) * dense(
+          c.intermediate_size, 'up_proj')(x_BxTxD)
+    else:
+      hidden_BxTxF = act(dense(c.intermediate_size, 'up_proj')(x_BxTxD))
+    return dense(c.hidden_size, 'down_proj')(hidden_BxTxF)
 
 
 class Block(nn.Module):
@@ -224,16 +445,15 @@ class Block(nn.Module):
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, h_BxTxD, cos_BxTxH, sin_BxTxH, mask_Bx1xTxT, want_probs: bool,
-               want_qkv: bool):
+  def __call__(self, h_BxTxD, cos_BxTxH, sin_BxTxH, mask, want_probs: bool, want_qkv: bool,
+               causal: bool = True, kv=None, cache_index=None):
     c = self.config
-    norm = lambda name: RMSNorm(c.rms_norm_eps, DTYPES[c.dtype], DTYPES[c.param_dtype], name=name)
-    attn_BxTxD, probs, qkv = Attention(c, name='attn')(
-        norm('input_norm')(h_BxTxD), cos_BxTxH, sin_BxTxH, mask_Bx1xTxT, want_probs,
-        want_qkv)
+    attn_BxTxD, probs, qkv, new_kv = Attention(c, name='attn')(
+        _norm(c, 'input_norm')(h_BxTxD), cos_BxTxH, sin_BxTxH, mask, want_probs, want_qkv,
+        causal, kv, cache_index)
     h_BxTxD = h_BxTxD + attn_BxTxD
-    h_BxTxD = h_BxTxD + MLP(c, name='mlp')(norm('post_attn_norm')(h_BxTxD))
-    return h_BxTxD, probs, qkv
+    h_BxTxD = h_BxTxD + MLP(c, name='mlp')(_norm(c, 'post_attn_norm')(h_BxTxD))
+    return h_BxTxD, probs, qkv, new_kv
 
 
 class Decoder(nn.Module):
@@ -246,59 +466,86 @@ class Decoder(nn.Module):
     dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
     self.embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype,
                           embedding_init=_INIT)
-    # self (0), h, cos, sin, mask are traced; the two output flags (5, 6) are static.
-    block = nn.remat(Block, static_argnums=(5, 6)) if c.remat else Block
+    if c.positions == 'learned':
+      self.pos_embed = nn.Embed(c.max_seq_len, c.hidden_size, dtype=dtype,
+                                param_dtype=param_dtype, embedding_init=_INIT)
+    # self (0), h, cos, sin, mask are traced; want_probs, want_qkv, causal (5, 6, 7) are static.
+    block = nn.remat(Block, static_argnums=(5, 6, 7)) if c.remat else Block
     self.layers = [block(c) for _ in range(c.num_layers)]  # Named layers_0, layers_1, ...
-    self.final_norm = RMSNorm(c.rms_norm_eps, dtype, param_dtype)
+    self.final_norm = _norm(c, None)
     if not c.tie_embeddings:
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                               kernel_init=_INIT)
 
   def __call__(self, input_ids_BxT, *, segment_ids=None, positions=None, attention_mask=None,
-               output_hidden_states: bool = False, output_attentions: bool = False,
+               cache=None, output_hidden_states: bool = False, output_attentions: bool = False,
                output_qkv: bool = False, return_hidden_only: bool = False) -> dict[str, Any]:
     """Runs the model.
 
     Args:
       input_ids_BxT: int token ids.
       segment_ids: [B,T] packed-sequence ids; tokens attend causally within their own segment;
-        0 marks padding.
-      positions: [B,T] rotary positions; default arange(T). Restart them per packed segment.
+        0 marks padding. Not with a cache.
+      positions: [B,T] positions (rotary or learned); default arange(T), or with a cache the
+        count of real tokens before each one (kd.models.cache.default_positions). Restart them
+        per packed segment.
       attention_mask: [B,T], 1 = real token, 0 = padding (padded keys are masked).
+      cache: a kd.models.cache.init_cache pytree. The T tokens are written at slots
+        cache['index']...+T-1 and attend to every real earlier slot; the updated cache is
+        returned as out['cache']. Prefill a left-padded prompt, then feed one token at a time.
       output_hidden_states: add 'hidden_states', num_layers + 1 arrays [B,T,D]: the embeddings,
         then each layer's output (the last one after the final norm, as in transformers).
-      output_attentions: add 'attentions', num_layers float32 arrays [B,H,T,T] of probabilities.
-        Uses an explicit softmax instead of the fused kernel.
+      output_attentions: add 'attentions', num_layers float32 arrays [B,H,T,T] (with a cache
+        [B,H,T,S]) of probabilities. Uses an explicit softmax instead of the fused kernel.
       output_qkv: add 'qkv', num_layers dicts {'q','k','v'} of [B,T,H*head_dim] pre-RoPE
         projections, k and v repeated up to num_heads.
       return_hidden_only: skip the LM head (no 'logits'); use `project` on 'hidden' later.
 
     Returns:
       dict with 'hidden' [B,T,D] (after the final norm), 'logits' [B,T,V] in the compute dtype,
-      and the optional entries above.
+      'cache' when one was given, and the optional entries above.
     """
     c = self.config
     b, t = input_ids_BxT.shape
-    if t > c.max_seq_len:
-      raise ValueError(f'Sequence length {t} exceeds max_seq_len={c.max_seq_len}; '
-                       'raise DecoderConfig.max_seq_len or truncate the inputs.')
     for name, arr in (('segment_ids', segment_ids), ('positions', positions),
                       ('attention_mask', attention_mask)):
       if arr is not None and arr.shape != (b, t):
         raise ValueError(f'{name} has shape {arr.shape}; expected {(b, t)} like input_ids.')
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
-    mask_Bx1xTxT = attention_mask_Bx1xTxT(attention_mask, segment_ids)
-    cos_BxTxH, sin_BxTxH = rope_cos_sin(positions, c.head_dim, c.rope_theta)
+    if cache is None:
+      if t > c.max_seq_len:
+        raise ValueError(f'Sequence length {t} exceeds max_seq_len={c.max_seq_len}; '
+                         'raise DecoderConfig.max_seq_len or truncate the inputs.')
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      full_mask = attention_mask_Bx1xTxT(attention_mask, segment_ids)
+      masks = {'full_attention': full_mask, 'sliding_attention': None}
+      if c.sliding_window is not None:
+        masks['sliding_attention'] = sliding_window_mask(full_mask, t, c.sliding_window)
+      causal, cache_index = True, None
+    else:
+      masks, positions, cache_index, key_mask = self._cache_inputs(
+          cache, t, segment_ids, positions, attention_mask)
+      causal = False  # in the masks
+
     h_BxTxD = self.embed(input_ids_BxT)
-    hidden_states, attentions, qkvs = [h_BxTxD], [], []
-    for layer in self.layers:
-      h_BxTxD, probs, qkv = layer(h_BxTxD, cos_BxTxH, sin_BxTxH, mask_Bx1xTxT,
-                                  output_attentions, output_qkv)
+    if c.embed_scale:  # in the compute dtype, as transformers' Gemma does
+      h_BxTxD = h_BxTxD * jnp.asarray(c.hidden_size ** 0.5, h_BxTxD.dtype)
+    cos_BxTxH = sin_BxTxH = None
+    if c.positions == 'learned':
+      h_BxTxD = h_BxTxD + self.pos_embed(positions)
+    else:
+      cos_BxTxH, sin_BxTxH = rope_cos_sin(positions, c)
+
+    hidden_states, attentions, qkvs, new_kvs = [h_BxTxD], [], [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else cache['layers'][i]
+      h_BxTxD, probs, qkv, new_kv = layer(h_BxTxD, cos_BxTxH, sin_BxTxH, masks[c.layer_type(i)],
+                                          output_attentions, output_qkv, causal, kv, cache_index)
       hidden_states.append(h_BxTxD)
       attentions.append(probs)
       qkvs.append(qkv)
+      new_kvs.append(new_kv)
 
     out = {'hidden': self.final_norm(h_BxTxD)}
     if not return_hidden_only:
@@ -309,7 +556,28 @@ class Decoder(nn.Module):
       out['attentions'] = tuple(attentions)
     if output_qkv:
       out['qkv'] = tuple(qkvs)
+    if cache is not None:
+      out['cache'] = {'index': cache_index + t, 'mask': key_mask, 'layers': tuple(new_kvs)}
     return out
+
+  def _cache_inputs(self, cache, t, segment_ids, positions, attention_mask):
+    c = self.config
+    if segment_ids is not None:
+      raise ValueError('segment_ids cannot be used with a cache; left-pad the prompts instead.')
+    s = cache['mask'].shape[1]
+    if t > s:
+      raise ValueError(f'{t} tokens do not fit a cache of {s} slots; make a longer cache.')
+    if s > c.max_seq_len:
+      raise ValueError(f'cache length {s} exceeds max_seq_len={c.max_seq_len}; make a shorter '
+                       'cache or raise DecoderConfig.max_seq_len.')
+    new_mask_BxT = (jnp.ones((cache['mask'].shape[0], t), bool) if attention_mask is None
+                    else attention_mask.astype(bool))
+    if positions is None:
+      positions = kv_cache.default_positions(cache['mask'], new_mask_BxT)
+    index = cache['index']
+    key_mask_BxS = kv_cache.write(cache['mask'], new_mask_BxT, index)
+    masks = kv_cache.attention_masks(key_mask_BxS, index, t, c.sliding_window)
+    return masks, positions, index, key_mask_BxS
 
   def project(self, hidden_BxTxD):
     """LM head alone: final-normed hidden states [..., D] -> logits [..., V] (compute dtype)."""

@@ -3,6 +3,11 @@
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
 at any moment leaves either the old or the new checkpoint, never half of one. The teacher is
 never saved here: it is an input of the run, not its state.
+
+Multi-host: the state's arrays are global (one logical array split over processes), so every
+process writes and reads only its own shards, and a restore gives arrays with the shardings of
+the `state` it restores into. The data iterator's position is one file per process
+(`data/process_<i>-of-<n>.json`), since every process reads its own documents.
 """
 
 import grain

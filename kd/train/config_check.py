@@ -4,6 +4,7 @@ import jax
 from absl import logging
 
 from kd import losses
+from kd import parallel
 from kd.train import schedules
 
 
@@ -29,15 +30,36 @@ def check(config) -> None:
   low, _ = schedules.bounds(config.temperature)
   if low <= 0:
     raise ConfigError(f'config.temperature must stay > 0, got {config.temperature!r}')
-  devices = jax.device_count()
-  accum = int(config.train.get('accum_steps', 1))
-  batch = int(config.data.batch_size)
-  if batch % (devices * accum):
-    raise ConfigError(
-        f'config.data.batch_size={batch} is not divisible by devices ({devices}) x '
-        f'train.accum_steps ({accum}); use a multiple of {devices * accum}')
+  check_parallel(config)
   if int(config.get('chunk_size', 0)) < 0:
     raise ConfigError('config.chunk_size must be >= 0 (0 = no chunking)')
+
+
+def check_parallel(config) -> None:
+  """The mode and mesh exist, and the global batch splits over the data-parallel devices, the
+  processes and the accumulation steps."""
+  pcfg = config.get('parallel')
+  try:
+    dp = parallel.data_parallel_size(pcfg)
+  except ValueError as e:
+    raise ConfigError(f'config.{e}' if str(e).startswith('parallel') else
+                      f'config.parallel: {e}') from None
+  mode = (pcfg or {}).get('mode', 'single')
+  accum = int(config.train.get('accum_steps', 1))
+  batch = int(config.data.batch_size)
+  if batch % (dp * accum):
+    raise ConfigError(
+        f'config.data.batch_size={batch} is not divisible by devices ({dp}, data parallel in '
+        f"parallel.mode='{mode}') x train.accum_steps ({accum}); use a multiple of {dp * accum}")
+  hosts = jax.process_count()
+  if dp % hosts:  # each process feeds rows of its own documents, never a copy of another's
+    raise ConfigError(f'{hosts} processes but the batch splits {dp} ways: every process must '
+                      "own its rows; use parallel.mode='mesh' with data*fsdp a multiple of the "
+                      'process count (keep tensor within a host)')
+  eval_batch = int(config.data.get('eval_batch_size', dp))
+  if eval_batch % dp:
+    raise ConfigError(f'config.data.eval_batch_size={eval_batch} is not divisible by the '
+                      f'data-parallel devices ({dp}); use a multiple of {dp}')
 
 
 def check_models(config, student, teacher) -> None:

@@ -1,6 +1,5 @@
 """The host loop: feed batches, dispatch steps, log, evaluate, checkpoint, resume."""
 
-import functools
 import math
 import time
 
@@ -8,6 +7,7 @@ import jax
 import numpy as np
 import tqdm
 
+from kd import parallel
 from kd.train import checkpoint
 from kd.train import metrics as metrics_lib
 from kd.train import step as step_lib
@@ -40,18 +40,25 @@ def evaluate(eval_fn, params, teacher_params, batches) -> dict:
 
 def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, workdir: str,
         total_steps: int, log_every: int = 50, eval_every: int = 0, checkpoint_every: int = 0,
-        keep: int = 2, progress: bool = True, name: str = 'train'):
+        keep: int = 2, progress: bool = True, name: str = 'train', plan=None):
   """Trains until `total_steps`, resuming from `workdir` if it holds a checkpoint.
 
   Returns (final state, final eval metrics). `data_iter` is a grain iterator whose position is
   checkpointed with the state, so a resumed run sees exactly the batches it would have seen.
+  `plan` (`kd.parallel.make`; default one device) wraps the step; `state` and `teacher_params`
+  arrive already placed by it, and `data_iter` yields this process's rows of each batch.
   """
+  plan = plan or parallel.SinglePlan()
   mngr = checkpoint.manager(f'{workdir}/checkpoints', max_to_keep=keep)
-  state = checkpoint.restore_latest(mngr, state, data_iter)
-  start = int(state.step)
+  # Restored into the placed state's shapes and shardings, so arrays come back sharded.
+  logical = plan.unreplicate(state)
+  restored = checkpoint.restore_latest(mngr, logical, data_iter)
+  if restored is not logical:
+    state = plan.place_state(restored)
+  start = int(restored.step)
   writer = metrics_lib.Writer(workdir, enabled=jax.process_index() == 0)
-  train_fn = jax.jit(functools.partial(step_lib.train_step, spec=spec), donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, spec=spec))
+  train_fn = plan.train_step(spec, state)
+  eval_fn = plan.eval_step(spec)
 
   acc, pending, t0, tokens = metrics_lib.Accumulator(), None, time.perf_counter(), 0
   bar = tqdm.tqdm(total=total_steps, initial=start, desc=name, disable=not progress,
@@ -88,7 +95,7 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
         if pending is not None:  # never save a state whose metrics were not checked
           pull(*pending)
           pending = None
-        checkpoint.save(mngr, done, state, data_iter)
+        checkpoint.save(mngr, done, plan.unreplicate(state), data_iter)
     mngr.wait_until_finished()
     final = evaluate(eval_fn, state.params, teacher_params, eval_batches)
     writer.write(total_steps, final, 'eval')

@@ -20,6 +20,7 @@ from absl import logging
 from kd import data as data_lib
 from kd import losses
 from kd import models
+from kd import parallel
 from kd.train import config_check
 from kd.train import loop
 from kd.train import optim
@@ -86,27 +87,40 @@ class Data:
     self.config = dc
 
   def iterator(self, seed: int):
+    """This process's rows of every batch: `data.batch_size` is the global batch."""
     return data_lib.make_iterator(
         self.train_source, self.tokenizer, seq_len=self.config.seq_len,
-        batch_size=self.config.batch_size, seed=seed, shard_index=jax.process_index(),
-        shard_count=jax.process_count())
+        batch_size=self.config.batch_size // jax.process_count(), seed=seed,
+        shard_index=jax.process_index(), shard_count=jax.process_count())
 
 
 def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params, terms,
               *, steps: int, seed: int, name: str):
   """One training run (teacher training is a run with no teacher and `ce` only)."""
   spec = make_spec(config, student, teacher, terms, steps)
-  state = step_lib.create_state(init_student(spec, seed), spec.tx, seed)
+  plan = parallel.make(config.get('parallel'))
+  state = plan.init_state(
+      lambda: step_lib.create_state(init_student(spec, seed), spec.tx, seed))
   tc = config.train
   t0 = time.perf_counter()
   state, final = loop.fit(
-      spec, state, teacher_params, data.iterator(seed), data.eval_batches, workdir=workdir,
-      total_steps=steps, log_every=tc.log_every, eval_every=tc.get('eval_every', 0),
-      checkpoint_every=tc.checkpoint_every, keep=tc.get('keep', 2),
-      progress=tc.get('progress', True), name=name)
+      spec, state, plan.place_teacher(teacher_params), data.iterator(seed), data.eval_batches,
+      workdir=workdir, total_steps=steps, log_every=tc.log_every,
+      eval_every=tc.get('eval_every', 0), checkpoint_every=tc.checkpoint_every,
+      keep=tc.get('keep', 2), progress=tc.get('progress', True), name=name, plan=plan)
   final['wall_s'] = time.perf_counter() - t0
-  final['params'] = models.count_params(state.params['student'])
-  return state.params['student'], final
+  student_params = plan.unreplicate(state).params['student']
+  final['params'] = models.count_params(student_params)
+  return student_params, final
+
+
+def train_teacher(config, data: Data, teacher, workdir: str):
+  """The teacher's own run (CE only) in <workdir>/teacher; restored when already finished."""
+  teacher_cfg = config.copy_and_resolve_references()
+  with teacher_cfg.unlocked():
+    teacher_cfg.optimizer = config.teacher.get('optimizer', config.optimizer)
+  return run_stage(teacher_cfg, data, f'{workdir}/teacher', teacher, None, None, {'ce': 1.0},
+                   steps=config.teacher.steps, seed=config.seed + 1000, name='teacher')
 
 
 def main(config, workdir: str) -> dict:
@@ -118,13 +132,7 @@ def main(config, workdir: str) -> dict:
   student = build_model(config.student, data.vocab_size)
   config_check.check_models(config, student, teacher)
   results = {}
-  tcfg = config.teacher
-  teacher_cfg = config.copy_and_resolve_references()
-  with teacher_cfg.unlocked():
-    teacher_cfg.optimizer = tcfg.get('optimizer', config.optimizer)
-  teacher_params, results['teacher'] = run_stage(
-      teacher_cfg, data, f'{workdir}/teacher', teacher, None, None, {'ce': 1.0},
-      steps=tcfg.steps, seed=config.seed + 1000, name='teacher')
+  teacher_params, results['teacher'] = train_teacher(config, data, teacher, workdir)
   _, results['student_kd'] = run_stage(
       config, data, f'{workdir}/student_kd', student, teacher, teacher_params,
       dict(config.losses), steps=config.train.steps, seed=config.seed, name='student_kd')
@@ -132,13 +140,14 @@ def main(config, workdir: str) -> dict:
     _, results['student_ce'] = run_stage(
         config, data, f'{workdir}/student_ce', student, teacher, teacher_params, {'ce': 1.0},
         steps=config.train.steps, seed=config.seed, name='student_ce')
-  with open(f'{workdir}/results.json', 'w') as f:
-    json.dump(results, f, indent=1)
   table = report(results)
-  with open(f'{workdir}/results.md', 'w') as f:
-    f.write(table + '\n')
-  print(table)
-  logging.info('wrote %s/results.md', workdir)
+  if jax.process_index() == 0:  # every process holds the same results
+    with open(f'{workdir}/results.json', 'w') as f:
+      json.dump(results, f, indent=1)
+    with open(f'{workdir}/results.md', 'w') as f:
+      f.write(table + '\n')
+    print(table)
+    logging.info('wrote %s/results.md', workdir)
   return results
 
 

@@ -6,7 +6,11 @@
   - every loss term reduces to (sum, count); the objective is sum_i w_i(step) * sum_i / count_i
     with counts over the whole batch, so gradient accumulation gives the same update as one big
     batch (a mean of micro-batch means would not);
-  - the RNG is folded by step, never threaded out.
+  - the RNG is folded by step, never threaded out;
+  - under `jax.pmap` (`Spec.axis_name` set) every count, term and gradient is summed over the
+    devices before it is used, so the mean is over the global token count (never a mean of
+    per-device means) and every device applies the update of the whole batch. Under `jax.jit`
+    on a mesh the batch is one global array and no axis name is needed.
 """
 
 import dataclasses
@@ -49,6 +53,8 @@ class Spec:
   chunk_size: int = 0
   accum_steps: int = 1
   vocab: int = 0  # > 0: logit losses use only the first `vocab` rows (padded vocabs)
+  axis_name: str | None = None  # the pmap axis to sum counts, terms and gradients over
+  strided_accum: bool = False  # micro-batch i = rows i::accum_steps (set by the mesh plan)
 
   def kinds(self) -> set:
     return {losses.get(n).kind for n in self.terms}
@@ -125,23 +131,42 @@ def loss_terms(params, teacher_params, t_out, batch, spec: Spec, step) -> dict:
 
 def _objective(params, teacher_params, t_out, batch, spec, step, counts):
   terms = loss_terms(params, teacher_params, t_out, batch, spec, step)
-  counts = counts if counts is not None else {n: c for n, (_, c) in terms.items()}
+  if counts is None:
+    counts = {n: c for n, (_, c) in terms.items()}
+    if spec.axis_name is not None:  # normalise by the global count, not this device's
+      counts = jax.lax.psum(jax.lax.stop_gradient(counts), spec.axis_name)
   total = sum(spec.weights[n](step) * s / jnp.maximum(counts[n], 1.0)
               for n, (s, _) in terms.items())
   return total, terms
 
 
-def _split(batch, n):
+def _split(batch, n, strided=False):
+  """[B, ...] -> [n, B/n, ...]: contiguous blocks, or with `strided` rows i, i+n, i+2n, ...
+
+  Strided when the batch axis is sharded over devices (`jax.jit` on a mesh): every device then
+  holds an equal part of every micro-batch, so each micro-step stays data parallel instead of
+  running on the few devices that hold one contiguous block.
+  """
+  if strided:
+    return jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1), batch)
   return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
 
+def _psum(tree, spec: Spec):
+  return tree if spec.axis_name is None else jax.lax.psum(tree, spec.axis_name)
+
+
 def _grads(params, teacher_params, batch, spec: Spec, step):
-  """(grads of the objective, per-term (sum, count)) over the batch, micro-batched if asked."""
+  """(grads of the objective, per-term (sum, count)) over the batch, micro-batched if asked.
+
+  With `spec.axis_name`, both are summed over the devices of that axis.
+  """
   grad_fn = jax.grad(_objective, has_aux=True)
   if spec.accum_steps == 1:
     t_out = teacher_forward(spec, teacher_params, batch)
-    return grad_fn(params, teacher_params, t_out, batch, spec, step, None)
-  micro = _split(batch, spec.accum_steps)
+    return _psum(grad_fn(params, teacher_params, t_out, batch, spec, step, None), spec)
+  micro = _split(batch, spec.accum_steps, spec.strided_accum)
 
   # Pass 1, forward only: the global count of every term, so each micro-batch's contribution is
   # normalised by the whole batch's count (exact, for any registered loss).
@@ -151,6 +176,7 @@ def _grads(params, teacher_params, batch, spec: Spec, step):
     return jax.tree.map(jnp.add, acc, {n: c for n, (_, c) in terms.items()}), None
   zero_counts = {n: jnp.zeros((), jnp.float32) for n in spec.terms}
   counts, _ = jax.lax.scan(count_body, zero_counts, micro)
+  counts = _psum(counts, spec)
 
   def grad_body(acc, mb):
     t_out = teacher_forward(spec, teacher_params, mb)
@@ -159,7 +185,7 @@ def _grads(params, teacher_params, batch, spec: Spec, step):
   zero_terms = {n: (jnp.zeros((), jnp.float32),) * 2 for n in spec.terms}
   zero = (jax.tree.map(jnp.zeros_like, params), zero_terms)
   (grads, terms), _ = jax.lax.scan(grad_body, zero, micro)
-  return grads, terms
+  return _psum((grads, terms), spec)
 
 
 def train_step(state: TrainState, teacher_params, batch, spec: Spec):

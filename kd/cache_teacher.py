@@ -1,0 +1,78 @@
+r"""Writes an offline teacher: its top-k logits over the training rows, to ArrayRecord.
+
+  python -m kd.cache_teacher --config=configs/shakespeare_kd.py --workdir=DIR [--k=64] [--out=...]
+
+Trains (or restores) the teacher in DIR/teacher exactly as `kd.main` would, runs it once over the
+packed training rows in a fixed order, and writes DIR/teacher_cache (rows + top-k ids, logits and
+the full-vocabulary logsumexp at the config's temperature). Then distil from the cache, without
+running the teacher in the train step:
+  python -m kd.main --config=... --workdir=DIR --config.teacher.cache=DIR/teacher_cache
+"""
+
+import functools
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from kd import data as data_lib
+from kd.data import teacher_cache
+from kd.losses import topk
+from kd.train import config_check
+from kd.train import run
+from kd.train import schedules
+from kd.train import step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory (holds teacher/).')
+_K = flags.DEFINE_integer('k', 64, 'Teacher logits kept per token.')
+_OUT = flags.DEFINE_string('out', None, 'Cache directory; default <workdir>/teacher_cache.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def cache_rows(teacher, teacher_params, batches, *, k: int, temperature: float):
+  """Yields one dict per packed row: the batch fields plus topk_ids, topk_logits, lse."""
+  @jax.jit
+  def teacher_topk(params, batch):
+    logits = step_lib.forward(teacher, params, batch)['logits']
+    return topk.topk_from_logits(logits, k, temperature=temperature)
+
+  for batch in batches:
+    ids, values, lse = jax.device_get(teacher_topk(teacher_params, batch))
+    for i in range(batch['input_ids'].shape[0]):
+      row = {name: batch[name][i] for name in data_lib.FEATURES}
+      row.update(topk_ids=ids[i], topk_logits=values[i].astype(np.float32), lse=lse[i])
+      yield row
+
+
+def write_cache(config, workdir: str, *, k: int, out: str | None = None) -> str:
+  config_check.check(config)
+  low, high = schedules.bounds(config.temperature)
+  if low != high:
+    raise config_check.ConfigError(
+        'a teacher cache stores the logsumexp at one temperature; config.temperature must be '
+        f'a constant, got {config.temperature!r}')
+  data = run.Data(config, workdir)
+  teacher = run.build_model(config.teacher.model, data.vocab_size)
+  if not 0 < k <= teacher.config.vocab_size:
+    raise config_check.ConfigError(f'--k={k} must be in [1, vocab size {teacher.config.vocab_size}]')
+  teacher_params, _ = run.train_teacher(config, data, teacher, workdir)
+  batches = data_lib.make_lm_dataset(
+      data.train_source, data.tokenizer, seq_len=config.data.seq_len,
+      batch_size=config.data.batch_size, seed=config.seed, shuffle=False, repeat=False)
+  out = out or f'{workdir}/teacher_cache'
+  n = teacher_cache.write(cache_rows(teacher, teacher_params, batches, k=k, temperature=low),
+                          out, k=k, temperature=low, vocab_size=teacher.config.vocab_size)
+  print(f'wrote {n} rows with the teacher top-{k} to {out}')
+  return out
+
+
+def main(argv):
+  del argv
+  write_cache(_CONFIG.value, _WORKDIR.value, k=_K.value, out=_OUT.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,90 @@
+"""KL against an offline teacher stored as its top-k logits plus the full-vocabulary logsumexp.
+
+A cache holds, per token, the teacher's k largest logits `topk_logits` [..., k], their vocab ids
+`topk_ids` [..., k], and `lse` = logsumexp(teacher_logits / T) over the whole vocabulary at the
+temperature T the cache was written with, so the probability mass outside the top-k is known.
+Three conventions exist in the literature and in peer code; `semantics` picks one:
+
+  'renormalize'   both distributions renormalised over the k kept ids (needs no `lse`):
+                  KL(softmax(t_k / T) ‖ softmax(s_k / T))
+  'student_full'  teacher top-k probabilities exp(t_k / T − lse) against the student's
+                  full-vocabulary log-probabilities at those ids; the teacher's missing mass is
+                  dropped, so this is a truncated sum, not a divergence (it can go below 0)
+  'rest_bucket'   k + 1 outcomes: the k ids and one bucket holding everything else, for both
+                  models; a proper KL that equals the full-vocabulary KL when k = V
+
+Every form is multiplied by T², like the full-vocabulary losses, and reduces to (sum, count).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from kd.losses.logits import _check_temperature, _t2, kl_from_log_probs, masked_sum
+
+SEMANTICS = ('renormalize', 'student_full', 'rest_bucket')
+
+
+def _log1mexp(x):
+  """log(1 − exp(x)) for x ≤ 0, stable at both ends; −inf at x = 0."""
+  x = jnp.minimum(x, 0.0)
+  safe = jnp.where(x < 0.0, x, -1.0)  # keeps the untaken branch finite for gradients
+  out = jnp.where(safe > -0.6931, jnp.log(-jnp.expm1(safe)), jnp.log1p(-jnp.exp(safe)))
+  return jnp.where(x < 0.0, out, -jnp.inf)
+
+
+def _rest_log_prob(s_scaled, topk_ids):
+  """log Σ softmax(s) over the ids *not* in topk_ids, without cancellation: [..., 1]."""
+  v = s_scaled.shape[-1]
+  flat = s_scaled.reshape(-1, v)
+  ids = topk_ids.reshape(-1, topk_ids.shape[-1])
+  kept = jnp.zeros(flat.shape, bool).at[jnp.arange(flat.shape[0])[:, None], ids].set(True)
+  nothing_left = jnp.all(kept, axis=-1)  # k = V; keep the logsumexp input finite for its grad
+  rest = jax.nn.logsumexp(jnp.where(kept & ~nothing_left[:, None], -jnp.inf, flat), axis=-1)
+  rest = jnp.where(nothing_left, -jnp.inf, rest)
+  rest = rest - jax.nn.logsumexp(flat, axis=-1)
+  return rest.reshape(s_scaled.shape[:-1] + (1,))
+
+
+def topk_kl_per_token(student_logits, topk_ids, topk_logits, lse=None, *, temperature=1.0,
+                      semantics='rest_bucket'):
+  """T²·KL per token between the cached teacher top-k and the student (float32 [...])."""
+  if semantics not in SEMANTICS:
+    raise ValueError(f'unknown top-k semantics {semantics!r}; valid: {", ".join(SEMANTICS)}')
+  if semantics != 'renormalize' and lse is None:
+    raise ValueError(f"semantics {semantics!r} needs the teacher's logsumexp `lse`; the cache "
+                     "writes it, or use semantics='renormalize'")
+  _check_temperature(temperature)
+  t = jnp.asarray(temperature, jnp.float32)
+  s_scaled = jnp.asarray(student_logits, jnp.float32) / t
+  s_k = jnp.take_along_axis(s_scaled, topk_ids, axis=-1)
+  t_k = jnp.asarray(topk_logits, jnp.float32) / t
+  if semantics == 'renormalize':
+    kl = kl_from_log_probs(jax.nn.log_softmax(t_k, -1), jax.nn.log_softmax(s_k, -1))
+    return _t2(temperature) * kl
+  logp_t = t_k - jnp.asarray(lse, jnp.float32)[..., None]
+  logp_s = s_k - jax.nn.logsumexp(s_scaled, axis=-1, keepdims=True)
+  if semantics == 'student_full':
+    return _t2(temperature) * kl_from_log_probs(logp_t, logp_s)
+  # The student's rest is exact (its full logits are here); the teacher's comes from the cached
+  # logsumexp, so a rest below float32 resolution of k summed probabilities is rounding: zero.
+  rest_t = _log1mexp(jax.nn.logsumexp(logp_t, axis=-1, keepdims=True))
+  k = topk_ids.shape[-1]
+  rest_t = jnp.where(rest_t < jnp.log(4.0 * k * jnp.finfo(jnp.float32).eps), -jnp.inf, rest_t)
+  rest_s = _rest_log_prob(s_scaled, topk_ids)
+  kl = kl_from_log_probs(jnp.concatenate([logp_t, rest_t], -1),
+                         jnp.concatenate([logp_s, rest_s], -1))
+  return _t2(temperature) * kl
+
+
+def topk_kl_sum(student_logits, topk_ids, topk_logits, lse=None, *, mask=None, temperature=1.0,
+                semantics='rest_bucket'):
+  return masked_sum(topk_kl_per_token(student_logits, topk_ids, topk_logits, lse,
+                                      temperature=temperature, semantics=semantics), mask)
+
+
+def topk_from_logits(teacher_logits, k: int, *, temperature=1.0):
+  """What a cache stores for `teacher_logits` [..., V]: (ids int32, logits, lse at T)."""
+  logits = jnp.asarray(teacher_logits, jnp.float32)
+  values, ids = jax.lax.top_k(logits, k)
+  lse = jax.nn.logsumexp(logits / jnp.asarray(temperature, jnp.float32), axis=-1)
+  return ids.astype(jnp.int32), values, lse

@@ -1,0 +1,280 @@
+"""A BERT-style bidirectional encoder in Flax linen (BERT, MiniLM, sentence-transformers models).
+
+Word + position + token-type embeddings and a LayerNorm, then post-LN blocks with biases:
+h = LN(h + attn(h)), h = LN(h + mlp(h)), exact (erf) GELU. No dropout: the encoder is used as a
+teacher or as a distilled student trained without it. Pure functional, like the decoder:
+
+  variables = init_encoder_params(config, jax.random.key(0))
+  out = Encoder(config).apply(variables, input_ids_BxT, attention_mask=mask_BxT)
+  emb_BxD = mean_pool(out['hidden'], mask_BxT)
+
+Parameter names follow the layer roles (`layers_{i}/attn/q_proj/kernel`, `layers_{i}/attn_norm`,
+...) so a Hugging Face BertModel checkpoint maps onto them by renaming and transposing linear
+weights (kd.hf.bert). Softmax and LayerNorm are computed in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+POOLINGS = ('mean', 'cls')
+
+_INIT = nn.initializers.normal(stddev=0.02)  # BERT's initializer_range
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Shape and numerics of an Encoder; fields mirror transformers' BertConfig. Hashable."""
+
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  dtype: str = 'float32'  # Compute dtype of activations.
+  param_dtype: str = 'float32'
+  model_type: str = 'bert'  # The HF family kd.hf.save exports to.
+  pooling: str = 'mean'  # How a sentence embedding is made (kd.eval, sentence-transformers export).
+  # BERT's [CLS] dense+tanh pooler. Kept so a loaded checkpoint exports with nothing missing;
+  # nothing in kd trains or reads it, so students built from scratch leave it off.
+  add_pooler: bool = False
+
+  def __post_init__(self):
+    self.validate()
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  def validate(self) -> None:
+    """Raises ValueError naming the bad field and what to do about it."""
+    for name in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size',
+                 'max_position_embeddings', 'type_vocab_size'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f'EncoderConfig.{name} must be a positive int, got {value!r}.')
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f'hidden_size={self.hidden_size} is not divisible by '
+                       f'num_heads={self.num_heads}; change one of them.')
+    if self.layer_norm_eps <= 0:
+      raise ValueError(f'layer_norm_eps must be > 0, got {self.layer_norm_eps}.')
+    for name in ('dtype', 'param_dtype'):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f'EncoderConfig.{name}={getattr(self, name)!r} is not supported; '
+                         f'use one of {sorted(DTYPES)}.')
+    if self.pooling not in POOLINGS:
+      raise ValueError(f'EncoderConfig.pooling={self.pooling!r} is not supported; '
+                       f'use one of {list(POOLINGS)}.')
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f'Unknown EncoderConfig keys {unknown}; valid keys are {sorted(fields)}.')
+    return cls(**d)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+class LayerNorm(nn.Module):
+  """(x - mean) / sqrt(var + eps) * scale + bias in float32, returned in `dtype`."""
+
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    d = x_BxTxD.shape[-1]
+    scale_D = self.param('scale', nn.initializers.ones, (d,), self.param_dtype)
+    bias_D = self.param('bias', nn.initializers.zeros, (d,), self.param_dtype)
+    x = x_BxTxD.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)).astype(self.dtype)
+
+
+def attention_mask_Bx1xTxT(attention_mask_BxT=None, segment_ids_BxT=None):
+  """Bidirectional attention mask (True = may attend), or None if nothing to mask.
+
+  Padded keys (attention_mask == 0) are hidden from every query, as in BERT (padded queries still
+  see the real keys, so their outputs are finite and match transformers). With segment_ids a
+  query sees only keys of its own packed segment.
+  """
+  mask_BxTxT = None
+  if segment_ids_BxT is not None:
+    mask_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+  if attention_mask_BxT is not None:
+    keys_Bx1xT = attention_mask_BxT.astype(bool)[:, None, :]
+    mask_BxTxT = keys_Bx1xT if mask_BxTxT is None else mask_BxTxT & keys_Bx1xT
+  return None if mask_BxTxT is None else mask_BxTxT[:, None]
+
+
+def _dense(c: EncoderConfig, features: int, name: str):
+  return nn.Dense(features, dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype],
+                  kernel_init=_INIT, name=name)
+
+
+class SelfAttention(nn.Module):
+  config: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, mask_Bx1xTxT, want_probs: bool, want_qkv: bool):
+    c = self.config
+    b, t, _ = x_BxTxD.shape
+    n, h = c.num_heads, c.head_dim
+    q_BxTxD = _dense(c, c.hidden_size, 'q_proj')(x_BxTxD)
+    k_BxTxD = _dense(c, c.hidden_size, 'k_proj')(x_BxTxD)
+    v_BxTxD = _dense(c, c.hidden_size, 'v_proj')(x_BxTxD)
+    q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (a.reshape(b, t, n, h) for a in (q_BxTxD, k_BxTxD, v_BxTxD))
+
+    if want_probs:
+      logits_BxNxTxT = jnp.einsum('btnh,bsnh->bnts', q_BxTxNxH, k_BxTxNxH,
+                                  preferred_element_type=jnp.float32) * h ** -0.5
+      if mask_Bx1xTxT is not None:
+        # A finite fill keeps a fully masked row (an all-padding sequence) finite.
+        logits_BxNxTxT = jnp.where(mask_Bx1xTxT, logits_BxNxTxT, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits_BxNxTxT, axis=-1)
+      out_BxTxNxH = jnp.einsum('bnts,bsnh->btnh', probs.astype(v_BxTxNxH.dtype), v_BxTxNxH)
+    else:
+      out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH,
+                                                 mask=mask_Bx1xTxT, scale=h ** -0.5)
+      probs = None
+    out_BxTxD = _dense(c, c.hidden_size, 'o_proj')(out_BxTxNxH.reshape(b, t, n * h))
+    qkv = {'q': q_BxTxD, 'k': k_BxTxD, 'v': v_BxTxD} if want_qkv else None
+    return out_BxTxD, probs, qkv
+
+
+class Block(nn.Module):
+  """Post-LN residual block: h = LN(h + attn(h)), then h = LN(h + mlp(h))."""
+
+  config: EncoderConfig
+
+  @nn.compact
+  def __call__(self, h_BxTxD, mask_Bx1xTxT, want_probs: bool, want_qkv: bool):
+    c = self.config
+    norm = lambda name: LayerNorm(c.layer_norm_eps, DTYPES[c.dtype], DTYPES[c.param_dtype],
+                                  name=name)
+    attn_BxTxD, probs, qkv = SelfAttention(c, name='attn')(h_BxTxD, mask_Bx1xTxT, want_probs,
+                                                           want_qkv)
+    h_BxTxD = norm('attn_norm')(h_BxTxD + attn_BxTxD)
+    up_BxTxF = nn.gelu(_dense(c, c.intermediate_size, 'up_proj')(h_BxTxD), approximate=False)
+    h_BxTxD = norm('mlp_norm')(h_BxTxD + _dense(c, c.hidden_size, 'down_proj')(up_BxTxF))
+    return h_BxTxD, probs, qkv
+
+
+class Encoder(nn.Module):
+  """Bidirectional encoder. Apply with `Encoder(config).apply(variables, input_ids_BxT, ...)`."""
+
+  config: EncoderConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BxT, *, attention_mask=None, token_type_ids=None, positions=None,
+               segment_ids=None, output_hidden_states: bool = False,
+               output_attentions: bool = False, output_qkv: bool = False) -> dict[str, Any]:
+    """Runs the model.
+
+    Args:
+      input_ids_BxT: int token ids.
+      attention_mask: [B,T], 1 = real token, 0 = padding (padded keys are masked).
+      token_type_ids: [B,T] BERT segment (sentence A/B) ids; default 0.
+      positions: [B,T] absolute positions; default arange(T). Restart them per packed segment.
+      segment_ids: [B,T] packed-sequence ids; tokens attend only within their own segment.
+      output_hidden_states: add 'hidden_states', num_layers + 1 arrays [B,T,D]: the embeddings
+        (after their LayerNorm), then each layer's output, as in transformers.
+      output_attentions: add 'attentions', num_layers float32 arrays [B,H,T,T] of probabilities.
+      output_qkv: add 'qkv', num_layers dicts {'q','k','v'} of [B,T,H*head_dim] projections (with
+        biases), for MiniLM self-attention relation distillation.
+
+    Returns:
+      dict with 'hidden' [B,T,D] (last layer's output), 'pooled' [B,D] when config.add_pooler,
+      and the optional entries above.
+    """
+    c = self.config
+    dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
+    b, t = input_ids_BxT.shape
+    if t > c.max_position_embeddings:
+      raise ValueError(f'Sequence length {t} exceeds max_position_embeddings='
+                       f'{c.max_position_embeddings}; truncate the inputs.')
+    for name, arr in (('attention_mask', attention_mask), ('token_type_ids', token_type_ids),
+                      ('positions', positions), ('segment_ids', segment_ids)):
+      if arr is not None and arr.shape != (b, t):
+        raise ValueError(f'{name} has shape {arr.shape}; expected {(b, t)} like input_ids.')
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros((b, t), jnp.int32)
+
+    embed = lambda num, name: nn.Embed(num, c.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                       embedding_init=_INIT, name=name)
+    h_BxTxD = (embed(c.vocab_size, 'word_embed')(input_ids_BxT)
+               + embed(c.max_position_embeddings, 'position_embed')(positions)
+               + embed(c.type_vocab_size, 'token_type_embed')(token_type_ids))
+    h_BxTxD = LayerNorm(c.layer_norm_eps, dtype, param_dtype, name='embed_norm')(h_BxTxD)
+
+    mask_Bx1xTxT = attention_mask_Bx1xTxT(attention_mask, segment_ids)
+    hidden_states, attentions, qkvs = [h_BxTxD], [], []
+    for i in range(c.num_layers):
+      h_BxTxD, probs, qkv = Block(c, name=f'layers_{i}')(h_BxTxD, mask_Bx1xTxT,
+                                                         output_attentions, output_qkv)
+      hidden_states.append(h_BxTxD)
+      attentions.append(probs)
+      qkvs.append(qkv)
+
+    out = {'hidden': h_BxTxD}
+    if c.add_pooler:
+      out['pooled'] = jnp.tanh(_dense(c, c.hidden_size, 'pooler')(h_BxTxD[:, 0]))
+    if output_hidden_states:
+      out['hidden_states'] = tuple(hidden_states)
+    if output_attentions:
+      out['attentions'] = tuple(attentions)
+    if output_qkv:
+      out['qkv'] = tuple(qkvs)
+    return out
+
+
+def mean_pool(hidden_BxTxD, attention_mask_BxT=None):
+  """Mean of the real tokens' hidden states [B,D] in float32 (sentence-transformers' pooling)."""
+  h = hidden_BxTxD.astype(jnp.float32)
+  if attention_mask_BxT is None:
+    return jnp.mean(h, axis=1)
+  m_BxTx1 = attention_mask_BxT.astype(jnp.float32)[..., None]
+  return jnp.sum(h * m_BxTx1, axis=1) / jnp.maximum(jnp.sum(m_BxTx1, axis=1), 1e-9)
+
+
+def pool(hidden_BxTxD, attention_mask_BxT, pooling: str):
+  """Sentence embeddings [B,D] float32 by `pooling` ('mean' or 'cls', EncoderConfig.pooling)."""
+  if pooling == 'mean':
+    return mean_pool(hidden_BxTxD, attention_mask_BxT)
+  if pooling == 'cls':
+    return hidden_BxTxD[:, 0].astype(jnp.float32)
+  raise ValueError(f'unknown pooling {pooling!r}; use one of {list(POOLINGS)}.')
+
+
+def init_encoder_params(config: EncoderConfig, rng, seq_len: int = 8) -> dict[str, Any]:
+  """Returns the variables {'params': ...} to pass to `Encoder(config).apply`.
+
+  Pure in (config, rng): `jax.eval_shape(functools.partial(init_encoder_params, config), rng)`
+  gives shapes without allocating.
+  """
+  ids_1xT = jnp.zeros((1, min(seq_len, config.max_position_embeddings)), jnp.int32)
+  return dict(Encoder(config).init(rng, ids_1xT))
+
+
+@functools.lru_cache(maxsize=32)
+def param_shapes(config: EncoderConfig) -> dict[str, Any]:
+  """The variables tree of `config` as jax.ShapeDtypeStruct leaves (no allocation)."""
+  return jax.eval_shape(functools.partial(init_encoder_params, config), jax.random.key(0))

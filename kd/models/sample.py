@@ -1,0 +1,132 @@
+"""Batched autoregressive generation with a KV cache, compiled once per shape and setting.
+
+  new_BxN = generate(model, prompt_ids_BxT, prompt_mask_BxT, max_new_tokens=32, temperature=0.0)
+
+Prompts are left-padded to one length (the last column is real for every row). The prompt is
+run once (prefill), then one token per `lax.while_loop` step, which stops early when every row
+has produced `eos_id`. Temperature 0 is greedy and matches transformers'
+`generate(do_sample=False)`; otherwise top-k, then top-p (nucleus) filtering, then sampling
+with `jax.random.fold_in(rng, step)`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kd.models import cache as kv_cache
+
+
+def filter_logits(logits_BxV, top_k: int = 0, top_p=None):
+  """Logits with everything outside the top-k, then outside the top-p mass, set to -inf.
+
+  top_k: static int, 0 = off. top_p: None = off, else a (possibly traced) float; keeps the
+  smallest set of most likely tokens whose probability reaches top_p (at least one token).
+  """
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  if top_k > 0:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+  if top_p is not None:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    kept_BxV = mass_before_BxV < top_p  # the first token always: its mass before is 0
+    cutoff_Bx1 = jnp.min(jnp.where(kept_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+  return logits_BxV
+
+
+def _next_token(logits_BxV, rng, temperature, top_p, *, greedy: bool, top_k: int,
+                use_top_p: bool):
+  if greedy:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = logits_BxV.astype(jnp.float32) / temperature
+  if top_k > 0:
+    logits_BxV = filter_logits(logits_BxV, top_k=top_k)
+  if use_top_p:
+    logits_BxV = filter_logits(logits_BxV, top_p=top_p)
+  return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+# Static: what changes the program. Traced: temperature, top_p, eos and pad ids (no recompiles).
+@functools.partial(jax.jit, static_argnames=('module', 'max_new_tokens', 'greedy', 'top_k',
+                                             'use_top_p', 'use_eos'))
+def _generate(module, params, prompt_ids_BxT, prompt_mask_BxT, rng, temperature, top_p, eos_id,
+              pad_id, *, max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool,
+              use_eos: bool):
+  b, t = prompt_ids_BxT.shape
+  n = max_new_tokens
+  cache = kv_cache.init_cache(module.config, b, t + n)
+  pick = functools.partial(_next_token, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+
+  def step(ids_BxT, mask_BxT, cache):
+    out = module.apply(params, ids_BxT, attention_mask=mask_BxT, cache=cache,
+                       return_hidden_only=True)
+    logits_BxV = module.apply(params, out['hidden'][:, -1], method='project')
+    return logits_BxV, out['cache']
+
+  logits_BxV, cache = step(prompt_ids_BxT, prompt_mask_BxT, cache)
+
+  def cond(carry):
+    i, _, _, _, done_B = carry
+    return (i < n) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, cache, logits_BxV, tokens_BxN, done_B = carry
+    token_B = pick(logits_BxV, jax.random.fold_in(rng, i), temperature, top_p)
+    token_B = jnp.where(done_B, pad_id, token_B)
+    if use_eos:
+      done_B = done_B | (token_B == eos_id)
+    tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, token_B[:, None], (0, i))
+    logits_BxV, cache = step(token_B[:, None], jnp.ones((b, 1), jnp.int32), cache)
+    return i + 1, cache, logits_BxV, tokens_BxN, done_B
+
+  tokens_BxN = jnp.full((b, n), pad_id, jnp.int32)
+  carry = (jnp.zeros((), jnp.int32), cache, logits_BxV, tokens_BxN, jnp.zeros((b,), bool))
+  return jax.lax.while_loop(cond, body, carry)[3]
+
+
+def generate(model, prompt_ids, prompt_mask=None, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_id: int | None = None, pad_id: int = 0, rng=None) -> jax.Array:
+  """New tokens [B, max_new_tokens] after left-padded prompts; `pad_id` after a row's eos.
+
+  Args:
+    model: a kd `Model`, or a (decoder module, variables) pair.
+    prompt_ids: [B, T] int ids, left-padded.
+    prompt_mask: [B, T] 1 = real token; default all real. Its last column must be all 1.
+    max_new_tokens: tokens generated per row.
+    temperature: 0 for greedy decoding.
+    top_k: keep only the k most likely tokens (0: all).
+    top_p: keep the most likely tokens up to this probability mass (1: all).
+    eos_id: a row stops after producing it; the loop stops when every row has.
+    pad_id: what fills a row after its eos.
+    rng: a jax PRNG key for sampling (unused when greedy).
+  """
+  module, params = (model.module, model.params) if hasattr(model, 'module') else model
+  prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+  prompt_mask = (jnp.ones_like(prompt_ids) if prompt_mask is None
+                 else jnp.asarray(prompt_mask, jnp.int32))
+  if prompt_mask.shape != prompt_ids.shape:
+    raise ValueError(f'prompt_mask shape {prompt_mask.shape} != prompt_ids shape '
+                     f'{prompt_ids.shape}.')
+  if not np.all(np.asarray(prompt_mask)[:, -1]):
+    raise ValueError('prompts must be left-padded: the last column of prompt_mask must be 1 for '
+                     'every row (pad on the left, e.g. tokenizer.padding_side = "left").')
+  if max_new_tokens <= 0:
+    raise ValueError(f'max_new_tokens must be > 0, got {max_new_tokens}.')
+  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    raise ValueError(f'need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, '
+                     f'{top_p}, {top_k}.')
+  if rng is None:
+    if temperature > 0:
+      raise ValueError('sampling (temperature > 0) needs rng=jax.random.key(...).')
+    rng = jax.random.key(0)
+  return _generate(module, params, prompt_ids, prompt_mask, rng, jnp.float32(temperature),
+                   jnp.float32(top_p), jnp.int32(-1 if eos_id is None else eos_id),
+                   jnp.int32(pad_id), max_new_tokens=max_new_tokens, greedy=temperature == 0,
+                   top_k=int(top_k), use_top_p=top_p < 1.0, use_eos=eos_id is not None)

@@ -1,0 +1,155 @@
+"""Runs the tiny decoder through every parallel plan on 8 simulated CPU devices; prints JSON.
+
+Started by tests/test_parallel.py in its own process, because the device count is fixed when
+JAX starts. Every plan trains 5 steps on the same fixed ragged batches from the same state;
+the output holds each run's losses, its params' largest deviation from the one-device run, eval
+sums, the shardings the mesh plan gave, and a pmap run through `loop.fit` stopped after 3 steps
+and resumed from its checkpoint.
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                           + ' --xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from kd import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.train import run  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.train import step as step_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+V, B, T, STEPS = 61, 16, 16, 5
+LOSSES = {'ce': 0.5, 'kl': 0.5, 'hidden_mse': 0.2}
+
+
+def _config(accum):
+  c = ml_collections.ConfigDict()
+  c.losses = dict(LOSSES)
+  c.loss_kwargs = {}
+  c.temperature = 2.0
+  c.chunk_size = 0
+  c.features = {'layer_map': 'uniform', 'pairs': ()}
+  # SGD with momentum, not Adam: Adam's g/sqrt(v) blows float noise in near-zero gradients up
+  # to lr-sized steps, which would hide a real mismatch behind a loose tolerance.
+  c.optimizer = {'name': 'sgd', 'lr': 0.5, 'momentum': 0.9, 'warmup_steps': 0,
+                 'schedule': 'constant'}
+  c.train = {'accum_steps': accum}
+  return c
+
+
+def _batch(seed):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, V, size=(B, T + 1)).astype(np.int32)
+  lengths = rng.integers(2, T + 1, size=B)  # ragged: every device and micro-batch counts differ
+  seg = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+  mask = (np.arange(T)[None] < lengths[:, None] - 1).astype(np.float32)
+  return {'input_ids': ids[:, :-1], 'labels': ids[:, 1:], 'loss_mask': mask,
+          'segment_ids': seg, 'positions': np.broadcast_to(np.arange(T), (B, T)).astype(np.int32)}
+
+
+class ListIterator:
+  """Fixed batches in order, checkpointable by orbax like a grain iterator (bytes state)."""
+
+  def __init__(self, batches):
+    self.batches, self.i = batches, 0
+
+  def __next__(self):
+    self.i += 1
+    return self.batches[(self.i - 1) % len(self.batches)]
+
+  def get_state(self) -> bytes:
+    return str(self.i).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.i = int(state)
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+def _path(path):
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def main():
+  teacher = run.build_model(dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                 intermediate_size=64), V)
+  student = run.build_model(dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                 intermediate_size=32), V)
+  teacher_params = models.init_params(teacher.config, jax.random.key(1))
+  batches = [_batch(i) for i in range(STEPS)]
+  specs = {a: run.make_spec(_config(a), student, teacher, LOSSES, 10) for a in (1, 2)}
+  init = lambda: step_lib.create_state(run.init_student(specs[1], 0), specs[1].tx, 0)
+  state0 = jax.device_get(init())  # on the host: every plan starts from the same values
+
+  def train(plan, accum, evaluate=True):
+    state = plan.place_state(jax.tree.map(np.copy, state0))  # the step donates it
+    tp = plan.place_teacher(teacher_params)
+    fn = plan.train_step(specs[accum], state)
+    losses, grad_norms = [], []
+    for b in batches:
+      state, m = fn(state, tp, b)
+      losses.append(float(m['loss']))
+      grad_norms.append(float(m['grad_norm']))
+    sums = {}
+    if evaluate:
+      sums = jax.device_get(plan.eval_step(specs[accum])(state.params, tp, batches[0]))
+    return state, tp, (losses, grad_norms), jax.device_get(plan.unreplicate(state).params), sums
+
+  # One reference: accumulation is exact, so every run must match one device with accum 2.
+  _, _, losses, ref, sums = train(parallel.SinglePlan(), 2)
+  out = {'single/accum2': dict(losses=losses[0], grad_norms=losses[1], param_err=0.0,
+                               eval={k: list(map(float, v)) for k, v in sums.items()})}
+  runs = [('pmap', parallel.PmapPlan(), 1, False), ('pmap', parallel.PmapPlan(), 2, True),
+          ('mesh2x2x2', parallel.MeshPlan(parallel.make_mesh(2, 2, 2), ('data', 'fsdp')), 2,
+           True),
+          ('mesh8x1x1', parallel.MeshPlan(parallel.make_mesh(8, 1, 1)), 1, False)]
+  for name, plan, accum, evaluate in runs:
+    state, tp, losses, params, sums = train(plan, accum, evaluate)
+    # |a - b| <= atol + rtol * |b| holds for every element iff err <= 1 (atol 1e-6, rtol 1e-4).
+    err = max(float(np.max(np.abs(a - b) / (1e-6 + 1e-4 * np.abs(b))))
+              for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)))
+    out[f'{name}/accum{accum}'] = dict(
+        losses=losses[0], grad_norms=losses[1], param_err=err,
+        param_abs=max(float(np.max(np.abs(a - b))) for a, b in
+                      zip(jax.tree.leaves(params), jax.tree.leaves(ref))),
+        eval={k: list(map(float, v)) for k, v in sums.items()})
+    if name == 'mesh2x2x2':
+      out['shardings'] = {
+          'state': {_path(p): [str(x.sharding.spec), x.sharding.is_fully_replicated]
+                    for p, x in jax.tree_util.tree_leaves_with_path(state)},
+          'teacher': {_path(p): [str(x.sharding.spec), x.sharding.is_fully_replicated]
+                      for p, x in jax.tree_util.tree_leaves_with_path(tp)}}
+      born = plan.init_state(init)  # sharded at birth: same values as the host init
+      out['init'] = dict(
+          err=max(float(np.max(np.abs(np.asarray(a) - b)))
+                  for a, b in zip(jax.tree.leaves(born), jax.tree.leaves(state0))),
+          same_shardings=all(
+              a.sharding == b.sharding for a, b in
+              zip(jax.tree.leaves(born), jax.tree.leaves(plan.place_state(state0)))))
+    if name == 'pmap' and accum == 1:
+      # Through the loop: 3 steps with a checkpoint each, then a new run that resumes to STEPS.
+      with tempfile.TemporaryDirectory() as workdir:
+        for steps in (3, STEPS):
+          state, _ = loop.fit(
+              specs[1], plan.place_state(jax.tree.map(np.copy, state0)),
+              plan.place_teacher(teacher_params), ListIterator(batches), [batches[0]],
+              workdir=workdir, total_steps=steps, log_every=1, checkpoint_every=1,
+              progress=False, plan=plan)
+      resumed = jax.device_get(plan.unreplicate(state).params)
+      out['pmap/fit_resumed'] = dict(same=all(
+          np.array_equal(a, b) for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(params))))
+  json.dump(out, sys.stdout)
+
+
+if __name__ == '__main__':
+  main()

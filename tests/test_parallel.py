@@ -1,0 +1,226 @@
+"""Parallel plans: the sharding rules, the config checks, pmap and mesh against one device (8
+simulated CPU devices, in a subprocess), and a real 2-process run over loopback, killed and
+resumed, against a one-process run of the same global batches."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import portpicker
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from kd import parallel
+from kd.train import config_check
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+
+
+# Every subprocess compiles with the same cheap LLVM settings (half the compile time on CPU);
+# the scripts add their device count, kd.main gets one device per process.
+FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+
+
+def _env(**extra):
+  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_COMPILE, **extra)
+
+
+def _tiny_config():
+  spec = importlib.util.spec_from_file_location('c', ROOT / 'configs' / 'shakespeare_kd.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config('tiny')
+
+
+def _key(*names):
+  return tuple(jax.tree_util.DictKey(n) for n in names)
+
+
+# --- rules and config checks, in this process ---------------------------------------------------
+
+def test_fsdp_splits_the_largest_divisible_axis():
+  spec = lambda shape, fsdp: parallel.partition_spec(_key('proj', '0', 'kernel'), shape, fsdp=fsdp)
+  assert spec((16, 32), 4) == P(None, 'fsdp')
+  assert spec((32, 30), 4) == P('fsdp', None)  # 30 % 4: the next largest axis
+  assert spec((6, 10), 4) == P(None, None)  # nothing divides: replicated, not an error
+  assert spec((16, 16), 4) == P('fsdp', None)  # ties: the first axis
+  assert spec((32,), 4) == P(None)  # vectors stay whole
+  assert parallel.partition_spec(_key('w'), (8, 16), fsdp=8,
+                                 fsdp_axes=('data', 'fsdp')) == P(None, ('data', 'fsdp'))
+
+
+def test_tensor_rules_split_heads_mlp_hidden_and_vocab_by_name():
+  spec = lambda owner, shape: parallel.partition_spec(
+      _key('layers_0', 'attn', owner, 'kernel'), shape, tensor=2, fsdp=2)
+  assert spec('q_proj', (16, 32)) == P('fsdp', 'tensor')  # column parallel: heads
+  assert spec('up_proj', (16, 64)) == P('fsdp', 'tensor')  # MLP hidden
+  assert spec('o_proj', (32, 16)) == P('tensor', 'fsdp')  # row parallel
+  assert spec('down_proj', (64, 16)) == P('tensor', 'fsdp')
+  assert spec('lm_head', (16, 61)) == P('fsdp', None)  # vocab 61 % 2: not split over tensor
+  assert parallel.partition_spec(_key('embed', 'embedding'), (64, 16), tensor=2) == P('tensor',
+                                                                                       None)
+  # Optimizer moments carry the param's path as a suffix, so they follow it.
+  mu = (jax.tree_util.GetAttrKey('mu'),) + _key('student', 'layers_0', 'attn', 'q_proj', 'kernel')
+  assert parallel.partition_spec(mu, (16, 32), tensor=2, fsdp=2) == P('fsdp', 'tensor')
+
+
+def test_data_parallel_size_follows_the_mode():
+  assert parallel.data_parallel_size(None, devices=8) == 1
+  assert parallel.data_parallel_size({'mode': 'single'}, devices=8) == 1
+  assert parallel.data_parallel_size({'mode': 'pmap'}, devices=8) == 8
+  assert parallel.data_parallel_size({'mode': 'mesh', 'data': -1, 'fsdp': 2, 'tensor': 2},
+                                     devices=8) == 4
+  assert parallel.data_parallel_size({'mode': 'mesh', 'data': 8}, devices=8) == 8
+  with pytest.raises(ValueError, match="valid: \\['mesh', 'pmap', 'single'\\]"):
+    parallel.data_parallel_size({'mode': 'dp'})
+  with pytest.raises(ValueError, match='uses 6 devices but there are 8'):
+    parallel.data_parallel_size({'mode': 'mesh', 'data': 3, 'fsdp': 2}, devices=8)
+  with pytest.raises(ValueError, match="valid mesh axes"):
+    parallel.data_parallel_size({'mode': 'mesh', 'teacher_fsdp': 'data,model'}, devices=8)
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda c: c.parallel.update(mode='dp'), "config.parallel.mode='dp' is unknown"),
+    (lambda c: c.parallel.update(mode='mesh', data=2), 'uses 2 devices but there are 1'),
+    (lambda c: c.update({'data': {'batch_size': 6}, 'train': {'accum_steps': 4}}),
+     r"not divisible by devices \(1, data parallel in parallel.mode='single'\)"),
+])
+def test_config_check_refuses_a_bad_parallel_config(edit, message):
+  config = _tiny_config()
+  with config.unlocked():
+    edit(config)
+  with pytest.raises(config_check.ConfigError, match=message):
+    config_check.check(config)
+
+
+# --- 8 simulated devices, in a subprocess -------------------------------------------------------
+
+def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
+  env = _env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'))  # the resumed fit reuses
+  out = subprocess.run([sys.executable, 'tests/parallel_equivalence.py'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert out.returncode == 0, out.stderr[-3000:]
+  runs = json.loads(out.stdout)
+  ref = runs.pop('single/accum2')
+  shardings, init = runs.pop('shardings'), runs.pop('init')
+  # Stopped and resumed through loop.fit (unreplicated checkpoint, replicated on restore).
+  assert runs.pop('pmap/fit_resumed')['same']
+  assert set(runs) == {'pmap/accum1', 'pmap/accum2', 'mesh2x2x2/accum2', 'mesh8x1x1/accum1'}
+  for name, r in runs.items():
+    np.testing.assert_allclose(r['losses'], ref['losses'], rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(r['grad_norms'], ref['grad_norms'], rtol=1e-5, err_msg=name)
+    assert r['param_err'] <= 1.0, (name, r['param_abs'])  # rtol 1e-4, atol 1e-6 on every param
+    for k, v in r['eval'].items():  # eval (sum, count) are global sums, not device means
+      np.testing.assert_allclose(v, ref['eval'][k], rtol=1e-5, err_msg=f'{name} eval {k}')
+  assert runs['mesh2x2x2/accum2']['eval'], 'the mesh eval step did not run'
+
+  state = shardings['state']
+  q = 'student/params/layers_0/attn/q_proj/kernel'
+  assert state[f'params/{q}'] == ["P('fsdp', 'tensor')", False]
+  assert state['params/student/params/layers_0/mlp/down_proj/kernel'] == ["P('tensor', 'fsdp')",
+                                                                          False]
+  moments = [v for k, v in state.items() if k.startswith('opt_state/') and k.endswith(q)]
+  assert moments and all(m == state[f'params/{q}'] for m in moments), moments  # follow the param
+  assert state['params/student/params/final_norm/scale'][1], 'vectors stay replicated'
+  assert state['step'][1]
+  teacher = shardings['teacher']  # teacher_fsdp=('data', 'fsdp'): split over 4 devices too
+  assert teacher['params/layers_1/attn/q_proj/kernel'] == ["P(('data', 'fsdp'), 'tensor')", False]
+  assert teacher['params/embed/embedding'] == ["P(None, ('data', 'fsdp'))", False]
+  assert init['same_shardings'] and init['err'] < 1e-6, init  # init sharded at birth
+
+
+# --- two processes over loopback ----------------------------------------------------------------
+
+STEPS, KILL_AT = 6, 2
+# FSDP over the two processes: each holds and writes half of every param and moment.
+OVERRIDES = {'train.steps': STEPS, 'teacher.steps': 3, 'train.checkpoint_every': 1,
+             'train.keep': 3, 'baseline': False, 'parallel.mode': 'mesh', 'parallel.data': 1,
+             'parallel.fsdp': 2, 'data.max_eval_batches': 1}
+
+
+def _launch(workdir, logs):
+  # The resumed run loads the killed run's compiled steps instead of compiling them again.
+  env = _env(JAX_COMPILATION_CACHE_DIR=str(logs / 'jax_cache'))
+  port = portpicker.pick_unused_port()
+  procs = []
+  for i in range(2):
+    cmd = [sys.executable, '-m', 'kd.main', '--config=configs/shakespeare_kd.py:tiny',
+           f'--workdir={workdir}', *[f'--config.{k}={v}' for k, v in OVERRIDES.items()],
+           '--config.distributed=True', f'--config.parallel.coordinator_address=127.0.0.1:{port}',
+           '--config.parallel.num_processes=2', f'--config.parallel.process_id={i}']
+    with open(logs / f'process{i}.log', 'ab') as log:  # the child keeps its own handle
+      procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log))
+  return procs
+
+
+def _wait(procs, logs):
+  deadline = time.time() + TIMEOUT_S
+  for i, p in enumerate(procs):
+    p.wait(timeout=max(1, deadline - time.time()))
+    assert p.returncode == 0, (logs / f'process{i}.log').read_text()[-3000:]
+
+
+def _params(workdir, stage):
+  ckpts = pathlib.Path(workdir) / stage / 'checkpoints'
+  path = ckpts / str(max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())) / 'state'
+  ckptr = ocp.PyTreeCheckpointer()  # as numpy: the saved shardings name the run's devices
+  tree = ckptr.metadata(path).item_metadata.tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))['params']
+
+
+def test_two_processes_kill_resume_and_match_one_process(tmp_path):
+  multi, single = tmp_path / 'two_hosts', tmp_path / 'one_host'
+  procs = []
+  try:
+    with open(tmp_path / 'reference.log', 'ab') as log:  # the reference runs meanwhile
+      reference = subprocess.Popen(
+          [sys.executable, 'tests/multihost_reference.py', str(single), json.dumps(OVERRIDES)],
+          cwd=ROOT, env=_env(), stdout=log, stderr=log)
+    procs.append(reference)
+
+    killed = _launch(multi, tmp_path)
+    procs += killed
+    marker = multi / 'student_kd' / 'checkpoints' / str(KILL_AT)
+    deadline = time.time() + TIMEOUT_S
+    while not marker.exists() and all(p.poll() is None for p in killed):
+      assert time.time() < deadline, 'no checkpoint in time'
+      time.sleep(0.01)
+    for p in killed:
+      p.send_signal(signal.SIGKILL)
+    for p in killed:
+      p.wait()
+    assert marker.exists(), (tmp_path / 'process0.log').read_text()[-3000:]
+    assert not (multi / 'student_kd' / 'checkpoints' / str(STEPS)).exists(), 'killed too late'
+    data_files = sorted(p.name for p in (marker / 'data').iterdir() if p.suffix == '.json')
+    assert data_files == ['process_0-of-2.json', 'process_1-of-2.json']
+
+    resumed = _launch(multi, tmp_path)
+    procs += resumed
+    _wait(resumed, tmp_path)
+    reference.wait(timeout=TIMEOUT_S)
+    assert reference.returncode == 0, (tmp_path / 'reference.log').read_text()[-3000:]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+  for stage in ('teacher', 'student_kd'):
+    a, b = jax.tree.leaves(_params(multi, stage)), jax.tree.leaves(_params(single, stage))
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):  # the same SPMD program per device, so the same bits
+      np.testing.assert_array_equal(x, y, err_msg=stage)
+  r_multi = json.loads((multi / 'results.json').read_text())
+  r_single = json.loads((single / 'results.json').read_text())
+  for stage in ('teacher', 'student_kd'):
+    np.testing.assert_allclose(r_multi[stage]['ce'], r_single[stage]['ce'], rtol=1e-5)
