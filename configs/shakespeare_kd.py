@@ -47,6 +47,10 @@ def get_config(arg=None):
   c.teacher.model = ml_collections.ConfigDict(dict(
       hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2, intermediate_size=512))
   c.teacher.steps = 800
+  # An offline teacher: a cache written by `python -m kd.cache_teacher` (top-k logits + logsumexp)
+  # replaces the teacher forward in the KD step; see kd/losses/topk.py for the semantics.
+  c.teacher.cache = ''
+  c.teacher.topk_semantics = 'rest_bucket'
   c.teacher.optimizer = ml_collections.ConfigDict(dict(
       name='adamw', lr=3e-3, warmup_steps=50, schedule='cosine', weight_decay=0.05,
       grad_clip_norm=1.0))

@@ -21,12 +21,16 @@ _WORKDIR = flags.DEFINE_string('workdir', '/tmp/kd/shakespeare_seeds', 'Root of 
 _OUT = flags.DEFINE_string('out', 'experiments/results', 'Where the table goes.')
 _ARG = flags.DEFINE_string('config_arg', '', 'Variant passed to the config (e.g. tiny).')
 _OVERRIDES = flags.DEFINE_multi_string('override', [], 'Extra --config.k=v overrides.')
+_COLLECT = flags.DEFINE_bool('collect_only', False, 'Only read the finished runs\' results.')
 
 ROWS = (('teacher', 'teacher'), ('student_kd', 'student, KD'), ('student_ce', 'student, no KD'))
 
 
 def run_seed(seed: str) -> dict:
   workdir = os.path.join(_WORKDIR.value, f'seed_{seed}')
+  if _COLLECT.value:
+    with open(os.path.join(workdir, 'results.json')) as f:
+      return json.load(f)
   config = 'configs/shakespeare_kd.py' + (f':{_ARG.value}' if _ARG.value else '')
   cmd = [sys.executable, '-m', 'kd.main', f'--config={config}', f'--workdir={workdir}',
          f'--config.seed={seed}', '--config.train.progress=False',
@@ -43,15 +47,15 @@ def fmt(values, scale=1.0, digits=2):
 
 def table(results: list[dict]) -> str:
   lines = [f'Tiny Shakespeare validation split, {len(results)} seeds (mean ± std).', '',
-           '| model | params | perplexity | top-1 agreement with teacher (%) | train wall s |',
-           '|---|---:|---:|---:|---:|']
+           '| model | params | perplexity | top-1 agreement with teacher (%) |',
+           '|---|---:|---:|---:|']
   for key, label in ROWS:
     rows = [r[key] for r in results if key in r]
     if not rows:
       continue
     agree = fmt([r['agreement'] for r in rows], 100, 1) if 'agreement' in rows[0] else '-'
     lines.append(f"| {label} | {rows[0]['params']:,} | {fmt([r['perplexity'] for r in rows])} | "
-                 f"{agree} | {fmt([r['wall_s'] for r in rows], digits=0)} |")
+                 f'{agree} |')
   if all('student_ce' in r for r in results):
     gain = [r['student_ce']['perplexity'] - r['student_kd']['perplexity'] for r in results]
     lines += ['', f'KD lowers the student perplexity by {fmt(gain)} '

@@ -87,3 +87,41 @@ def test_a_diverging_run_stops_naming_the_step_and_term(tmp_path):
   config.teacher.optimizer.update(lr=1e12, grad_clip_norm=0.0, name='sgd')
   with pytest.raises(loop.NonFiniteError, match=r"step \d+: (loss term 'ce'|the gradient norm = nan \(terms: ce=)"):
     run.main(config, str(tmp_path / 'w'))
+
+
+def _tiny_config():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('c', ROOT / 'configs' / 'shakespeare_kd.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config('tiny')
+
+
+def test_offline_teacher_cache_end_to_end(tmp_path):
+  import pytest  # pylint: disable=g-import-not-at-top
+  from kd import cache_teacher  # pylint: disable=g-import-not-at-top
+  from kd.data import teacher_cache  # pylint: disable=g-import-not-at-top
+  from kd.train import run  # pylint: disable=g-import-not-at-top
+  config = _tiny_config()
+  config.baseline = False
+  workdir = str(tmp_path / 'w')
+  path = cache_teacher.write_cache(config, workdir, k=8)
+  meta = teacher_cache.read_meta(path)
+  assert meta['k'] == 8 and meta['temperature'] == config.temperature and meta['rows'] > 0
+  row = next(teacher_cache.make_iterator(path, batch_size=1, seed=0, shuffle=False))
+  assert row['topk_ids'].shape == row['input_ids'].shape + (8,)
+  # The cached logits are the teacher's largest ones, in order.
+  assert np.all(np.diff(row['topk_logits'], axis=-1) <= 0)
+
+  config.teacher.cache = path
+  results = run.main(config, workdir)
+  rows = [json.loads(l) for l in (tmp_path / 'w' / 'student_kd' / 'metrics.jsonl').read_text().splitlines()]
+  assert np.isfinite(rows[0]['terms/kl']) and np.isfinite(results['student_kd']['perplexity'])
+
+  config.losses = {'ce': 0.5, 'jsd': 0.5}
+  with pytest.raises(ValueError, match="holds top-k logits only: use 'kl' and 'ce'"):
+    run.main(config, str(tmp_path / 'w2'))
+  config.losses = {'ce': 0.5, 'kl': 0.5}
+  config.temperature = 3.0
+  with pytest.raises(ValueError, match='stores the teacher\'s logsumexp at T=2.0'):
+    run.main(config, str(tmp_path / 'w3'))

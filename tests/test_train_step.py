@@ -1,5 +1,6 @@
 """The pure train step: it learns, accumulation is exact, schedules and NaN checks behave."""
 
+import dataclasses
 import functools
 
 import chex
@@ -9,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from kd import losses as kd_losses
 from kd import models
 from kd.train import loop
 from kd.train import run
@@ -219,3 +221,19 @@ def test_padded_teacher_vocab_compares_shared_rows():
   mask = batch['loss_mask']
   np.testing.assert_allclose(float(m['terms']['kl'][0]) / float(m['terms']['kl'][1]),
                              (kl * mask).sum() / mask.sum(), rtol=1e-4)
+
+
+@pytest.mark.parametrize('semantics', ['renormalize', 'student_full', 'rest_bucket'])
+def test_cached_full_vocab_teacher_equals_the_online_teacher(semantics):
+  config = _config(ce=0.5, kl=0.5)
+  spec, state, tp = _setup(config)
+  spec = dataclasses.replace(spec, topk_semantics=semantics)
+  batch = _batch()
+  t_logits = step_lib.forward(spec.teacher, tp, batch)['logits']
+  ids, values, lse = kd_losses.topk_from_logits(t_logits, V, temperature=2.0)
+  cached = {**batch, 'topk_ids': ids, 'topk_logits': values, 'lse': lse}
+  s1, m1 = step_lib.train_step(state, tp, batch, spec)
+  s2, m2 = step_lib.train_step(state, None, cached, spec)  # the teacher is never run
+  np.testing.assert_allclose(m1['loss'], m2['loss'], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               s1.params, s2.params)

@@ -28,6 +28,9 @@ from kd.losses.logits import (DIVERGENCES, ce, ce_sum, chunked_logit_losses, jsd
                               skew_reverse_kl_per_token, skew_reverse_kl_sum, tvd,
                               tvd_per_token, tvd_sum)
 
+from kd.losses.topk import SEMANTICS as TOPK_SEMANTICS
+from kd.losses.topk import topk_from_logits, topk_kl_per_token, topk_kl_sum
+
 KINDS = ('logits', 'ce', 'hidden', 'attention', 'relation')
 
 

@@ -62,6 +62,34 @@ def check_parallel(config) -> None:
                       f'data-parallel devices ({dp}); use a multiple of {dp}')
 
 
+def check_teacher_cache(config, teacher) -> None:
+  """An offline top-k teacher only supports what its cache can give: 'kl' (and 'ce')."""
+  path = config.teacher.get('cache', '')
+  if not path:
+    return
+  from kd.data import teacher_cache  # pylint: disable=g-import-not-at-top
+  from kd.losses import topk  # pylint: disable=g-import-not-at-top
+  meta = teacher_cache.read_meta(path)
+  other = sorted(n for n in config.losses if n not in ('ce', 'kl'))
+  if other:
+    raise ConfigError(f'a teacher cache (config.teacher.cache={path}) holds top-k logits only: '
+                      f"use 'kl' and 'ce'; {other} need the teacher run online (cache='')")
+  if int(config.get('chunk_size', 0)):
+    raise ConfigError('config.chunk_size > 0 needs the online teacher; set it to 0 with a cache')
+  semantics = config.teacher.get('topk_semantics', 'rest_bucket')
+  if semantics not in topk.SEMANTICS:
+    raise ConfigError(f'config.teacher.topk_semantics={semantics!r}; valid: {topk.SEMANTICS}')
+  low, high = schedules.bounds(config.temperature)
+  if semantics != 'renormalize' and not low == high == meta['temperature']:
+    raise ConfigError(
+        f"the cache at {path} stores the teacher's logsumexp at T={meta['temperature']}, but "
+        f'config.temperature={config.temperature!r}; rewrite the cache at that temperature or '
+        "use topk_semantics='renormalize'")
+  if meta['vocab_size'] != teacher.config.vocab_size:
+    raise ConfigError(f"the cache at {path} was written by a teacher with vocab "
+                      f"{meta['vocab_size']}, this teacher has {teacher.config.vocab_size}")
+
+
 def check_models(config, student, teacher) -> None:
   """Checks that need the model configs: layer maps and vocabularies."""
   feats = config.get('features', {}) or {}
@@ -71,6 +99,7 @@ def check_models(config, student, teacher) -> None:
                      teacher.config.num_layers, pairs=pairs)
   except ValueError as e:
     raise ConfigError(f'config.features: {e}') from None
+  check_teacher_cache(config, teacher)
   attention_maps = [n for n in config.losses if losses.get(n).kind == 'attention']
   if attention_maps and student.config.num_heads != teacher.config.num_heads:
     raise ConfigError(

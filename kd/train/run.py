@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from kd import data as data_lib
+from kd.data import teacher_cache as teacher_cache_lib
 from kd import losses
 from kd import models
 from kd import parallel
@@ -54,7 +55,8 @@ def make_spec(config, student, teacher, terms, total_steps):
       vocab=0 if teacher is None else config_check.vocab_slice(
           student.config.vocab_size, teacher.config.vocab_size,
           same_tokenizer=config.get('same_tokenizer', True)),
-      accum_steps=int(config.train.get('accum_steps', 1)))
+      accum_steps=int(config.train.get('accum_steps', 1)),
+      topk_semantics=(config.get('teacher') or {}).get('topk_semantics', 'rest_bucket'))
 
 
 def init_student(spec: step_lib.Spec, seed: int):
@@ -86,16 +88,21 @@ class Data:
       self.eval_batches = self.eval_batches[:dc.max_eval_batches]
     self.config = dc
 
-  def iterator(self, seed: int):
-    """This process's rows of every batch: `data.batch_size` is the global batch."""
-    return data_lib.make_iterator(
-        self.train_source, self.tokenizer, seq_len=self.config.seq_len,
-        batch_size=self.config.batch_size // jax.process_count(), seed=seed,
-        shard_index=jax.process_index(), shard_count=jax.process_count())
+  def iterator(self, seed: int, teacher_cache: str = ''):
+    """This process's rows of every batch: `data.batch_size` is the global batch.
+
+    With `teacher_cache`, rows come from that offline-teacher cache (rows + teacher top-k).
+    """
+    shard = dict(batch_size=self.config.batch_size // jax.process_count(), seed=seed,
+                 shard_index=jax.process_index(), shard_count=jax.process_count())
+    if teacher_cache:
+      return teacher_cache_lib.make_iterator(teacher_cache, **shard)
+    return data_lib.make_iterator(self.train_source, self.tokenizer,
+                                  seq_len=self.config.seq_len, **shard)
 
 
 def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params, terms,
-              *, steps: int, seed: int, name: str):
+              *, steps: int, seed: int, name: str, teacher_cache: str = ''):
   """One training run (teacher training is a run with no teacher and `ce` only)."""
   spec = make_spec(config, student, teacher, terms, steps)
   plan = parallel.make(config.get('parallel'))
@@ -104,8 +111,8 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
   tc = config.train
   t0 = time.perf_counter()
   state, final = loop.fit(
-      spec, state, plan.place_teacher(teacher_params), data.iterator(seed), data.eval_batches,
-      workdir=workdir, total_steps=steps, log_every=tc.log_every,
+      spec, state, plan.place_teacher(teacher_params), data.iterator(seed, teacher_cache),
+      data.eval_batches, workdir=workdir, total_steps=steps, log_every=tc.log_every,
       eval_every=tc.get('eval_every', 0), checkpoint_every=tc.checkpoint_every,
       keep=tc.get('keep', 2), progress=tc.get('progress', True), name=name, plan=plan)
   final['wall_s'] = time.perf_counter() - t0
@@ -135,7 +142,8 @@ def main(config, workdir: str) -> dict:
   teacher_params, results['teacher'] = train_teacher(config, data, teacher, workdir)
   _, results['student_kd'] = run_stage(
       config, data, f'{workdir}/student_kd', student, teacher, teacher_params,
-      dict(config.losses), steps=config.train.steps, seed=config.seed, name='student_kd')
+      dict(config.losses), steps=config.train.steps, seed=config.seed, name='student_kd',
+      teacher_cache=config.teacher.get('cache', ''))
   if config.get('baseline', True):
     _, results['student_ce'] = run_stage(
         config, data, f'{workdir}/student_ce', student, teacher, teacher_params, {'ce': 1.0},

@@ -53,6 +53,7 @@ class Spec:
   chunk_size: int = 0
   accum_steps: int = 1
   vocab: int = 0  # > 0: logit losses use only the first `vocab` rows (padded vocabs)
+  topk_semantics: str = 'rest_bucket'  # for a cached top-k teacher, see kd/losses/topk.py
   axis_name: str | None = None  # the pmap axis to sum counts, terms and gradients over
   strided_accum: bool = False  # micro-batch i = rows i::accum_steps (set by the mesh plan)
 
@@ -78,6 +79,8 @@ def teacher_forward(spec: Spec, teacher_params, batch):
     return None
   if 'teacher_logits' in batch:
     return {'logits': batch['teacher_logits']}
+  if 'topk_ids' in batch:  # a cached teacher: its top-k logits and full logsumexp
+    return {'topk': (batch['topk_ids'], batch['topk_logits'], batch['lse'])}
   out = forward(spec.teacher, teacher_params, batch, **spec.needs(teacher=True))
   return jax.lax.stop_gradient(out)
 
@@ -109,6 +112,9 @@ def loss_terms(params, teacher_params, t_out, batch, spec: Spec, step) -> dict:
       fn = losses.get(name).fn_sum
       if name in by_kind.get('ce', {}):
         out[name] = fn(cut(s_out['logits']), batch['labels'], mask=mask, **kw)
+      elif 'topk' in t_out:  # config_check allows only 'kl' here
+        out[name] = losses.topk_kl_sum(cut(s_out['logits']), *t_out['topk'], mask=mask,
+                                       temperature=temperature, semantics=spec.topk_semantics)
       else:
         out[name] = fn(cut(s_out['logits']), cut(t_out['logits']), mask=mask,
                        temperature=temperature, **kw)
