@@ -87,3 +87,9 @@ def get_config(arg=None):
     c.teacher.steps *= 4
     c.train.steps *= 4
   return c
+
+
+def get_hyper(hyper):
+  """3 seeds x 2 temperatures: `python -m kd.sweep configs/shakespeare_kd.py --workdir=DIR`."""
+  return hyper.product([hyper.sweep('config.seed', [0, 1, 2]),
+                        hyper.sweep('config.temperature', [1.0, 2.0])])
