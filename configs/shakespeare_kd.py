@@ -58,6 +58,11 @@ def get_config(arg=None):
   c.student = ml_collections.ConfigDict(dict(
       hidden_size=96, num_layers=2, num_heads=3, num_kv_heads=1, intermediate_size=256))
 
+  # 'random', or 'teacher': start from the teacher's layers `layers` ('every_k' with stride k,
+  # 'first_last', or the list `layers_list`), weights cut to the student's widths.
+  c.student_init = ml_collections.ConfigDict(dict(source='random', layers='every_k', k=2,
+                                                  layers_list=()))
+
   # alpha * CE + (1 - alpha) * T^2 * KL: 'kl' already carries T^2.
   c.alpha = 0.5
   c.losses = ml_collections.ConfigDict({'ce': c.get_ref('alpha'), 'kl': 1.0 - c.get_ref('alpha')})

@@ -125,3 +125,30 @@ def test_offline_teacher_cache_end_to_end(tmp_path):
   config.temperature = 3.0
   with pytest.raises(ValueError, match='stores the teacher\'s logsumexp at T=2.0'):
     run.main(config, str(tmp_path / 'w3'))
+
+
+def test_student_initialised_from_teacher_layers(tmp_path):
+  import pytest  # pylint: disable=g-import-not-at-top
+  from kd.train import run  # pylint: disable=g-import-not-at-top
+  config = _tiny_config()
+  config.baseline = False
+  config.student_init.update(source='teacher', layers='every_k', k=2)  # teacher layer 0 of 2
+  workdir = str(tmp_path / 'w')
+  data = run.Data(config, workdir)
+  teacher = run.build_model(config.teacher.model, data.vocab_size)
+  student = run.build_model(config.student, data.vocab_size)
+  tp, _ = run.train_teacher(config, data, teacher, workdir)
+  init = run.student_init(config, student, teacher, tp)['params']
+  t = tp['params']
+  d = config.student.hidden_size
+  np.testing.assert_array_equal(init['embed']['embedding'], t['embed']['embedding'][:, :d])
+  q_width = config.student.num_heads * 8  # the teacher's head_dim (32 / 4) is kept
+  np.testing.assert_array_equal(init['layers_0']['attn']['q_proj']['kernel'],
+                                t['layers_0']['attn']['q_proj']['kernel'][:d, :q_width])
+  assert 'layers_1' not in init
+  results = run.main(config, workdir)
+  assert np.isfinite(results['student_kd']['perplexity'])
+
+  config.student_init.update(layers='first_last')  # two layers for a one-layer student
+  with pytest.raises(ValueError, match=r'keeps teacher layers \[0, 1\], but config.student has'):
+    run.main(config, str(tmp_path / 'w2'))

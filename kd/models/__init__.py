@@ -2,6 +2,9 @@
 
 from kd.models.decoder import Decoder, DecoderConfig, count_params, head_fn, init_params
 from kd.models.encoder import Encoder, EncoderConfig, init_encoder_params, mean_pool
+from kd.models.init_from import select_layers, student_from_teacher
+from kd.models.model import Model, Outputs
 
 __all__ = ['Decoder', 'DecoderConfig', 'count_params', 'head_fn', 'init_params',
-           'Encoder', 'EncoderConfig', 'init_encoder_params', 'mean_pool']
+           'Encoder', 'EncoderConfig', 'init_encoder_params', 'mean_pool',
+           'Model', 'Outputs', 'select_layers', 'student_from_teacher']

@@ -90,6 +90,14 @@ def check_teacher_cache(config, teacher) -> None:
                       f"{meta['vocab_size']}, this teacher has {teacher.config.vocab_size}")
 
 
+def student_init_layers(config, num_teacher_layers: int) -> list:
+  """The teacher layers a student starts from (config.student_init)."""
+  from kd.models import init_from  # pylint: disable=g-import-not-at-top
+  si = config.get('student_init') or {}
+  layers = list(si.get('layers_list', ()) or ()) or si.get('layers', 'every_k')
+  return init_from.select_layers(num_teacher_layers, layers, si.get('k', 2))
+
+
 def check_models(config, student, teacher) -> None:
   """Checks that need the model configs: layer maps and vocabularies."""
   feats = config.get('features', {}) or {}
@@ -100,6 +108,17 @@ def check_models(config, student, teacher) -> None:
   except ValueError as e:
     raise ConfigError(f'config.features: {e}') from None
   check_teacher_cache(config, teacher)
+  si = config.get('student_init') or {}
+  if si.get('source', 'random') not in ('random', 'teacher'):
+    raise ConfigError(f"config.student_init.source={si.get('source')!r}; use 'random' or 'teacher'")
+  if si.get('source') == 'teacher':
+    try:
+      kept = student_init_layers(config, teacher.config.num_layers)
+    except ValueError as e:
+      raise ConfigError(f'config.student_init: {e}') from None
+    if len(kept) != student.config.num_layers:
+      raise ConfigError(f'config.student_init keeps teacher layers {kept}, but config.student has '
+                        f'num_layers={student.config.num_layers}; make them agree')
   attention_maps = [n for n in config.losses if losses.get(n).kind == 'attention']
   if attention_maps and student.config.num_heads != teacher.config.num_heads:
     raise ConfigError(

@@ -59,9 +59,13 @@ def make_spec(config, student, teacher, terms, total_steps):
       topk_semantics=(config.get('teacher') or {}).get('topk_semantics', 'rest_bucket'))
 
 
-def init_student(spec: step_lib.Spec, seed: int):
+def init_student(spec: step_lib.Spec, seed: int, variables=None):
+  """The student's trainable params: `variables` (e.g. taken from the teacher) or a random
+  init, plus feature projections when a hidden-state loss compares different widths."""
   key_model, key_proj = jax.random.split(jax.random.key(seed))
-  params = {'student': models.init_params(spec.student.config, key_model), 'proj': {}}
+  if variables is None:
+    variables = models.init_params(spec.student.config, key_model)
+  params = {'student': variables, 'proj': {}}
   uses_hidden = any(losses.get(n).kind == 'hidden' for n in spec.terms)
   d_s = spec.student.config.hidden_size
   if uses_hidden and spec.teacher is not None and spec.teacher.config.hidden_size != d_s:
@@ -102,12 +106,13 @@ class Data:
 
 
 def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params, terms,
-              *, steps: int, seed: int, name: str, teacher_cache: str = ''):
+              *, steps: int, seed: int, name: str, teacher_cache: str = '',
+              init_variables=None):
   """One training run (teacher training is a run with no teacher and `ce` only)."""
   spec = make_spec(config, student, teacher, terms, steps)
   plan = parallel.make(config.get('parallel'))
   state = plan.init_state(
-      lambda: step_lib.create_state(init_student(spec, seed), spec.tx, seed))
+      lambda: step_lib.create_state(init_student(spec, seed, init_variables), spec.tx, seed))
   tc = config.train
   t0 = time.perf_counter()
   state, final = loop.fit(
@@ -130,6 +135,25 @@ def train_teacher(config, data: Data, teacher, workdir: str):
                    steps=config.teacher.steps, seed=config.seed + 1000, name='teacher')
 
 
+def student_init(config, student, teacher, teacher_params):
+  """The student's starting variables as `config.student_init` says: None (random) or the
+  teacher's chosen layers, narrowed to config.student's widths (kd.models.init_from)."""
+  si = config.get('student_init') or {}
+  if si.get('source', 'random') == 'random':
+    return None
+  sc = student.config
+  init = models.student_from_teacher(
+      models.Model(teacher, teacher_params),
+      config_check.student_init_layers(config, teacher.config.num_layers),
+      hidden_size=sc.hidden_size, intermediate_size=sc.intermediate_size,
+      num_heads=sc.num_heads, num_kv_heads=sc.num_kv_heads)
+  if init.config != sc:
+    raise config_check.ConfigError(
+        f'the student taken from the teacher has config {init.config}, but config.student '
+        f'builds {sc}; make config.student match')
+  return init.params
+
+
 def main(config, workdir: str) -> dict:
   """Runs every stage the config asks for and writes `results.json` and `results.md`."""
   config_check.check(config)
@@ -140,14 +164,15 @@ def main(config, workdir: str) -> dict:
   config_check.check_models(config, student, teacher)
   results = {}
   teacher_params, results['teacher'] = train_teacher(config, data, teacher, workdir)
+  init = student_init(config, student, teacher, teacher_params)  # both students start alike
   _, results['student_kd'] = run_stage(
       config, data, f'{workdir}/student_kd', student, teacher, teacher_params,
       dict(config.losses), steps=config.train.steps, seed=config.seed, name='student_kd',
-      teacher_cache=config.teacher.get('cache', ''))
+      teacher_cache=config.teacher.get('cache', ''), init_variables=init)
   if config.get('baseline', True):
     _, results['student_ce'] = run_stage(
         config, data, f'{workdir}/student_ce', student, teacher, teacher_params, {'ce': 1.0},
-        steps=config.train.steps, seed=config.seed, name='student_ce')
+        steps=config.train.steps, seed=config.seed, name='student_ce', init_variables=init)
   table = report(results)
   if jax.process_index() == 0:  # every process holds the same results
     with open(f'{workdir}/results.json', 'w') as f:
