@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd.models import cache as kv_cache
+from kd.models.model import config_from_dict
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 ACTIVATIONS = {
@@ -186,11 +187,7 @@ class DecoderConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> DecoderConfig:
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-      raise ValueError(f'Unknown DecoderConfig keys {unknown}; valid keys are {sorted(fields)}.')
-    return cls(**d)
+    return config_from_dict(cls, d)
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)

@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd.models.model import config_from_dict
+
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 POOLINGS = ('mean', 'cls')
 
@@ -78,11 +80,7 @@ class EncoderConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-      raise ValueError(f'Unknown EncoderConfig keys {unknown}; valid keys are {sorted(fields)}.')
-    return cls(**d)
+    return config_from_dict(cls, d)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -8,6 +8,15 @@ import jax
 import jax.numpy as jnp
 
 
+def config_from_dict(cls, d: dict):
+  """`cls(**d)` for a config dataclass, refusing unknown keys with the valid ones listed."""
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - fields)
+  if unknown:
+    raise ValueError(f'Unknown {cls.__name__} keys {unknown}; valid keys are {sorted(fields)}.')
+  return cls(**d)
+
+
 @dataclasses.dataclass(frozen=True)
 class Outputs:
   """What a forward pass returns; fields a model does not produce are None."""
