@@ -1,0 +1,116 @@
+r"""One KD train step at the shapes of ../shared/bench/peer_torch_kd.py: tokens/s, TFLOP/s, MFU, memory.
+
+  .venv/bin/python experiments/bench_step.py --shape=1b-160m-32k [--chunk_size=512] [--steps=10]
+  .venv/bin/python experiments/bench_step.py --shape=cpu-small --compare_chunked   # CPU: memory
+
+Same objective as the peer: 0.5*CE + 0.5*T^2*KL(p_T || p_S), T=2, full vocabulary, AdamW, bf16
+compute (teacher bf16 weights, student float32 master weights). Prints one JSON line per run
+(`peer`-compatible keys) so a GPU session can run it beside the peer in one call and divide.
+With --compare_chunked it runs the plain and the chunked logit path and prints both, which on a
+CPU shows the memory the chunked path saves (XLA's compiled temp bytes).
+"""
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+
+from kd import models
+from kd.train import run
+from kd.train import step as step_lib
+
+# name: (teacher dims, student dims, batch, seq) -- the peer's shapes, plus a CPU-sized one.
+SHAPES = {
+    '1b-160m-32k': (dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
+                         num_kv_heads=4, vocab_size=32000),
+                    dict(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
+                         num_kv_heads=12, vocab_size=32000), 8, 2048),
+    '1b-160m-152k': (dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
+                          num_kv_heads=4, vocab_size=151936),
+                     dict(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
+                          num_kv_heads=12, vocab_size=151936), 8, 2048),
+    '8b-1b-128k': (dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                        num_kv_heads=8, vocab_size=128256),
+                   dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+                        num_kv_heads=8, vocab_size=128256), 4, 2048),
+    'cpu-small': (dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
+                       num_kv_heads=4, vocab_size=32000),
+                  dict(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4,
+                       num_kv_heads=4, vocab_size=32000), 2, 512),
+}
+
+_SHAPE = flags.DEFINE_enum('shape', 'cpu-small', list(SHAPES), 'Model and batch shape.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after 3 warm-up steps).')
+_CHUNK = flags.DEFINE_integer('chunk_size', 0, 'Logit-loss chunk over the sequence (0 = plain).')
+_COMPARE = flags.DEFINE_bool('compare_chunked', False, 'Run plain and chunked (--chunk_size or 256).')
+_DTYPE = flags.DEFINE_string('dtype', 'bfloat16', 'Compute dtype.')
+_REMAT = flags.DEFINE_bool('remat', True, 'jax.checkpoint each block.')
+_PEAK = flags.DEFINE_float('peak_tflops', 790.0, 'Peak matmul TFLOP/s for MFU (H100 bf16 measured).')
+
+
+def build(chunk_size: int):
+  tdims, sdims, batch, seq = SHAPES[_SHAPE.value]
+  common = dict(max_seq_len=seq, dtype=_DTYPE.value, remat=_REMAT.value)
+  teacher = models.Decoder(models.DecoderConfig(**tdims, **common, param_dtype=_DTYPE.value))
+  student = models.Decoder(models.DecoderConfig(**sdims, **common, param_dtype='float32'))
+  c = ml_collections.ConfigDict(dict(
+      losses={'ce': 0.5, 'kl': 0.5}, loss_kwargs={}, temperature=2.0, chunk_size=chunk_size,
+      features={'layer_map': 'uniform', 'pairs': ()},
+      optimizer={'name': 'adamw', 'lr': 1e-4, 'warmup_steps': 0, 'schedule': 'constant'},
+      train={'accum_steps': 1}))
+  spec = run.make_spec(c, student, teacher, dict(c.losses), 100)
+  teacher_params = jax.jit(models.init_params, static_argnums=(0, 2))(teacher.config,
+                                                                       jax.random.key(1), 8)
+  state = jax.jit(lambda: step_lib.create_state(run.init_student(spec, 0), spec.tx, 0))()
+  ids = np.random.default_rng(0).integers(0, tdims['vocab_size'], (batch, seq + 1), np.int32)
+  data = {'input_ids': ids[:, :-1], 'labels': ids[:, 1:],
+          'loss_mask': np.ones((batch, seq), np.float32)}
+  return spec, state, teacher_params, data, (tdims, sdims, batch, seq)
+
+
+def flops_per_token(tdims, sdims, seq, n_teacher, n_student):
+  attn = lambda d, mult: mult * 2 * 2 * d['num_layers'] * seq * d['hidden_size'] / 2
+  return 2 * n_teacher + 6 * n_student + attn(tdims, 1) + attn(sdims, 3)
+
+
+def bench(chunk_size: int) -> dict:
+  spec, state, teacher_params, batch, (tdims, sdims, b, seq) = build(chunk_size)
+  step = jax.jit(lambda s, t, x: step_lib.train_step(s, t, x, spec), donate_argnums=(0,))
+  compiled = step.lower(state, teacher_params, batch).compile()
+  mem = compiled.memory_analysis()
+  for _ in range(3):
+    state, m = step(state, teacher_params, batch)
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for _ in range(_STEPS.value):
+    state, m = step(state, teacher_params, batch)
+  jax.block_until_ready(state)
+  dt = (time.perf_counter() - t0) / _STEPS.value
+  n_t = models.count_params(teacher_params)
+  n_s = models.count_params(state.params['student'])
+  tps = b * seq / dt
+  tflops = flops_per_token(tdims, sdims, seq, n_t, n_s) * tps / 1e12
+  out = dict(peer='kd-jax', shape=_SHAPE.value, chunk_size=chunk_size, device=jax.devices()[0].device_kind,
+             teacher_params=n_t, student_params=n_s, step_s=round(dt, 4), tokens_per_s=round(tps),
+             tflops=round(tflops, 1), mfu=round(tflops / _PEAK.value, 3), loss=float(m['loss']),
+             xla_temp_gb=round(getattr(mem, 'temp_size_in_bytes', 0) / 2**30, 3))
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    out['peak_mem_gb'] = round(stats['peak_bytes_in_use'] / 2**30, 2)
+  return out
+
+
+def main(argv):
+  del argv
+  sizes = [0, _CHUNK.value or 256] if _COMPARE.value else [_CHUNK.value]
+  for chunk in sizes:
+    print(json.dumps(bench(chunk)), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
