@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd.models.decoder import Norm
 from kd.models.model import config_from_dict
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -86,25 +87,6 @@ class EncoderConfig:
     return dataclasses.asdict(self)
 
 
-class LayerNorm(nn.Module):
-  """(x - mean) / sqrt(var + eps) * scale + bias in float32, returned in `dtype`."""
-
-  eps: float
-  dtype: Any
-  param_dtype: Any
-
-  @nn.compact
-  def __call__(self, x_BxTxD):
-    d = x_BxTxD.shape[-1]
-    scale_D = self.param('scale', nn.initializers.ones, (d,), self.param_dtype)
-    bias_D = self.param('bias', nn.initializers.zeros, (d,), self.param_dtype)
-    x = x_BxTxD.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)).astype(self.dtype)
-
-
 def attention_mask_Bx1xTxT(attention_mask_BxT=None, segment_ids_BxT=None):
   """Bidirectional attention mask (True = may attend), or None if nothing to mask.
 
@@ -164,8 +146,8 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, h_BxTxD, mask_Bx1xTxT, want_probs: bool, want_qkv: bool):
     c = self.config
-    norm = lambda name: LayerNorm(c.layer_norm_eps, DTYPES[c.dtype], DTYPES[c.param_dtype],
-                                  name=name)
+    norm = lambda name: Norm('layer', c.layer_norm_eps, 0.0, DTYPES[c.dtype],
+                             DTYPES[c.param_dtype], name=name)
     attn_BxTxD, probs, qkv = SelfAttention(c, name='attn')(h_BxTxD, mask_Bx1xTxT, want_probs,
                                                            want_qkv)
     h_BxTxD = norm('attn_norm')(h_BxTxD + attn_BxTxD)
@@ -221,7 +203,7 @@ class Encoder(nn.Module):
     h_BxTxD = (embed(c.vocab_size, 'word_embed')(input_ids_BxT)
                + embed(c.max_position_embeddings, 'position_embed')(positions)
                + embed(c.type_vocab_size, 'token_type_embed')(token_type_ids))
-    h_BxTxD = LayerNorm(c.layer_norm_eps, dtype, param_dtype, name='embed_norm')(h_BxTxD)
+    h_BxTxD = Norm('layer', c.layer_norm_eps, 0.0, dtype, param_dtype, name='embed_norm')(h_BxTxD)
 
     mask_Bx1xTxT = attention_mask_Bx1xTxT(attention_mask, segment_ids)
     hidden_states, attentions, qkvs = [h_BxTxD], [], []
