@@ -60,7 +60,8 @@ class Spec:
   def kinds(self) -> set:
     return {losses.get(n).kind for n in self.terms}
 
-  def needs(self, teacher: bool) -> dict:
+  def needs(self) -> dict:
+    """The model outputs the loss terms consume (the same for teacher and student)."""
     kinds = self.kinds()
     return dict(output_hidden_states='hidden' in kinds,
                 output_attentions='attention' in kinds,
@@ -81,13 +82,13 @@ def teacher_forward(spec: Spec, teacher_params, batch):
     return {'logits': batch['teacher_logits']}
   if 'topk_ids' in batch:  # a cached teacher: its top-k logits and full logsumexp
     return {'topk': (batch['topk_ids'], batch['topk_logits'], batch['lse'])}
-  out = forward(spec.teacher, teacher_params, batch, **spec.needs(teacher=True))
+  out = forward(spec.teacher, teacher_params, batch, **spec.needs())
   return jax.lax.stop_gradient(out)
 
 
 def loss_terms(params, teacher_params, t_out, batch, spec: Spec, step) -> dict:
   """Every configured loss term as a (sum, count) pair of float32 scalars."""
-  s_out = forward(spec.student, params['student'], batch, **spec.needs(teacher=False))
+  s_out = forward(spec.student, params['student'], batch, **spec.needs())
   mask = batch['loss_mask']
   token_mask = batch['segment_ids'] > 0 if 'segment_ids' in batch else None
   temperature = spec.temperature(step)
