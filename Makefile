@@ -1,9 +1,9 @@
 # The two commands a new machine needs: `make demo` (the main job) and `make test`.
 PY ?= .venv/bin/python
 export KD_DATA_DIR ?= $(abspath ../shared/data)
-WORKDIR ?= /tmp/kd/shakespeare
+WORKDIR ?= /tmp/kd/minilm
 
-.PHONY: install demo test
+.PHONY: install demo demo-lm test
 
 install: .venv/.installed
 
@@ -13,7 +13,10 @@ install: .venv/.installed
 	touch $@
 
 demo: install
-	$(PY) -m kd.main --config=configs/shakespeare_kd.py --workdir=$(WORKDIR)
+	$(PY) -m kd.main --config=configs/minilm_sts.py --workdir=$(WORKDIR)
+
+demo-lm: install
+	$(PY) -m kd.main --config=configs/shakespeare_kd.py --workdir=/tmp/kd/shakespeare
 
 test: install
 	$(PY) -m pytest -q -n 2 tests

@@ -6,6 +6,10 @@ Hardware: the default runs on a 2-core CPU in about 10 minutes (teacher, KD stud
 student). Variants (`:variant`, comma separated):
   tiny   a few steps of tiny models, for tests (seconds)
   long   4x the steps, for a GPU
+  objective=NAME   distil with the logit loss NAME (kl, reverse_kl, jsd, tvd, skew_kl,
+         skew_reverse_kl): losses = {ce: alpha, NAME: 1 - alpha}, with NAME's kwargs in
+         config.loss_kwargs (e.g. --config.loss_kwargs.jsd.beta=0.1); objective=ce is no KD
+E.g. `--config=configs/shakespeare_kd.py:tiny,objective=jsd`.
 Prints a table: teacher perplexity, student perplexity with KD and without, teacher-student
 top-1 agreement on the held-out split. KD: L = a*CE + (1-a)*T^2*KL(p_T || p_S) with a=0.5, T=2.
 
@@ -30,8 +34,20 @@ Two hosts (run on each, with its own process_id):
 import ml_collections
 
 
+VARIANTS = ('tiny', 'long', 'objective')
+# The kwargs each objective takes (their defaults), so that the command line can set them.
+OBJECTIVE_KWARGS = {'jsd': {'beta': 0.5}, 'skew_kl': {'alpha': 0.1},
+                    'skew_reverse_kl': {'alpha': 0.1}}
+
+
 def get_config(arg=None):
-  variants = set(arg.split(',')) if arg else set()
+  tokens = [t for t in (arg or '').split(',') if t]
+  options = dict(t.split('=', 1) for t in tokens if '=' in t)
+  variants = {t for t in tokens if '=' not in t}
+  unknown = (variants | set(options)) - set(VARIANTS)
+  if unknown:
+    raise ValueError(f'unknown variant(s) {sorted(unknown)} in {arg!r}; valid: {VARIANTS} '
+                     '(e.g. tiny,objective=jsd)')
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.distributed = False  # jax.distributed.initialize() first (multi-host)
@@ -47,6 +63,10 @@ def get_config(arg=None):
   c.teacher.model = ml_collections.ConfigDict(dict(
       hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2, intermediate_size=512))
   c.teacher.steps = 800
+  # Where the teacher's run lives: '' = <workdir>/teacher. Runs that name the same directory
+  # share one teacher (trained by the first, restored by the rest; same teacher settings, seed
+  # and tokenizer, which are checked).
+  c.teacher.workdir = ''
   # An offline teacher: a cache written by `python -m kd.cache_teacher` (top-k logits + logsumexp)
   # replaces the teacher forward in the KD step; see kd/losses/topk.py for the semantics.
   c.teacher.cache = ''
@@ -67,6 +87,14 @@ def get_config(arg=None):
   c.alpha = 0.5
   c.losses = ml_collections.ConfigDict({'ce': c.get_ref('alpha'), 'kl': 1.0 - c.get_ref('alpha')})
   c.loss_kwargs = ml_collections.ConfigDict()
+  objective = options.get('objective', 'kl')
+  if objective == 'ce':  # no KD: hard labels only (agreement with the teacher is still measured)
+    c.losses = ml_collections.ConfigDict({'ce': 1.0})
+  elif objective != 'kl':
+    c.losses = ml_collections.ConfigDict({'ce': c.get_ref('alpha'),
+                                          objective: 1.0 - c.get_ref('alpha')})
+  if objective in OBJECTIVE_KWARGS:
+    c.loss_kwargs[objective] = ml_collections.ConfigDict(OBJECTIVE_KWARGS[objective])
   c.temperature = 2.0
   c.chunk_size = 0
   c.features = ml_collections.ConfigDict(dict(layer_map='uniform', pairs=()))

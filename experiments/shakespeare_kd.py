@@ -16,6 +16,8 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from kd.eval import report
+
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to run.')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/kd/shakespeare_seeds', 'Root of the runs.')
 _OUT = flags.DEFINE_string('out', 'experiments/results', 'Where the table goes.')
@@ -40,10 +42,6 @@ def run_seed(seed: str) -> dict:
     return json.load(f)
 
 
-def fmt(values, scale=1.0, digits=2):
-  v = np.asarray(values, np.float64) * scale
-  return f'{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.{digits}f}'
-
 
 def table(results: list[dict]) -> str:
   lines = [f'Tiny Shakespeare validation split, {len(results)} seeds (mean ± std).', '',
@@ -53,12 +51,14 @@ def table(results: list[dict]) -> str:
     rows = [r[key] for r in results if key in r]
     if not rows:
       continue
-    agree = fmt([r['agreement'] for r in rows], 100, 1) if 'agreement' in rows[0] else '-'
-    lines.append(f"| {label} | {rows[0]['params']:,} | {fmt([r['perplexity'] for r in rows])} | "
+    agree = ('-' if 'agreement' not in rows[0]
+             else report.mean_std([r['agreement'] for r in rows], 100, 1))
+    ppl = report.mean_std([r['perplexity'] for r in rows])
+    lines.append(f"| {label} | {rows[0]['params']:,} | {ppl} | "
                  f'{agree} |')
   if all('student_ce' in r for r in results):
     gain = [r['student_ce']['perplexity'] - r['student_kd']['perplexity'] for r in results]
-    lines += ['', f'KD lowers the student perplexity by {fmt(gain)} '
+    lines += ['', f'KD lowers the student perplexity by {report.mean_std(gain)} '
               f'(better in {sum(g > 0 for g in gain)} of {len(gain)} seeds).']
   return '\n'.join(lines)
 
@@ -66,11 +66,7 @@ def table(results: list[dict]) -> str:
 def main(argv):
   del argv
   results = [run_seed(s) for s in _SEEDS.value]
-  text = table(results)
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, 'shakespeare_kd.md'), 'w') as f:
-    f.write(text + '\n')
-  print(text)
+  report.write(_OUT.value, 'shakespeare_kd', table(results))
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@
 A run resumes from its workdir; results land in DIR/results.md and DIR/results.json.
 """
 
+import importlib
 import logging as std_logging
 
 from absl import app
@@ -31,10 +32,13 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
   from kd import parallel  # pylint: disable=g-import-not-at-top
-  from kd.train import run  # pylint: disable=g-import-not-at-top
   parallel.initialize(_CONFIG.value)  # before anything touches a device
   logging.info('devices: %s', jax.devices())
-  run.main(_CONFIG.value, _WORKDIR.value)
+  from kd.train import JOBS  # pylint: disable=g-import-not-at-top
+  job = _CONFIG.value.get('job', 'lm')
+  if job not in JOBS:
+    raise app.UsageError(f'config.job={job!r} is unknown; use one of {sorted(JOBS)}.')
+  importlib.import_module(JOBS[job]).main(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':

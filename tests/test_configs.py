@@ -5,8 +5,11 @@ import pathlib
 
 import pytest
 
+import kd.hf
+from kd.train import JOBS
 from kd.train import config_check
 from kd.train import run
+from kd.train import sentence
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / 'configs').glob('*.py'))
 
@@ -19,15 +22,32 @@ def load(path, arg=None):
   return module.get_config(arg)
 
 
-@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
-@pytest.mark.parametrize('arg', [None, 'tiny'])
-def test_config_builds(path, arg):
-  config = load(path, arg)
+def _builds_lm(config):
   config_check.check(config)
   teacher = run.build_model(config.teacher.model, config.data.vocab_size)
   student = run.build_model(config.student, config.data.vocab_size)
   config_check.check_models(config, student, teacher)
   run.make_spec(config, student, teacher, dict(config.losses), config.train.steps)
+
+
+def _builds_sentence(config):
+  sentence.check(config)
+  path = sentence.teacher_path(config.teacher.path)  # an installed package or a directory
+  num_layers = kd.hf.read_config(path)['num_hidden_layers']
+  keep, pairs, attention_pairs = sentence.plan_layers(config, num_layers)
+  assert sentence.cache_fields(config.losses, pairs, attention_pairs)
+  assert len(keep) < num_layers
+
+
+BUILDERS = {'lm': _builds_lm, 'sentence_embedding': _builds_sentence}
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize('arg', [None, 'tiny'])
+def test_config_builds(path, arg):
+  config = load(path, arg)
+  assert set(BUILDERS) == set(JOBS)
+  BUILDERS[config.get('job', 'lm')](config)
 
 
 def _set_ignoring_type(config, key, value):

@@ -433,7 +433,9 @@ def test_registry_kinds_and_means():
   kinds = {name: L.get(name).kind for name in L.LOSSES}
   assert kinds == {**{n: 'logits' for n in NAMES}, 'ce': 'ce', 'hidden_mse': 'hidden',
                    'hidden_cosine': 'hidden', 'attention_kl': 'attention',
-                   'attention_mse': 'attention', 'minilm_relations': 'relation'}
+                   'attention_mse': 'attention', 'minilm_relations': 'relation',
+                   'embedding_mse': 'embedding', 'embedding_cosine': 'embedding',
+                   'embedding_similarity': 'embedding', 'cosine_score_mse': 'pairs'}
   assert set(L.LOGIT_LOSSES) == set(NAMES)
   assert L.get('kl').fn_sum is L.kl_sum and L.get('ce').fn_sum is L.ce_sum
   with pytest.raises(dataclasses.FrozenInstanceError):

@@ -6,6 +6,8 @@ Config names map to `Loss(name, fn_sum, kind)`; `kind` says what the loss consum
   'hidden'    fn_sum(student_h, teacher_h, *, mask, projection)
   'attention' fn_sum(student_probs, teacher_probs, *, mask)
   'relation'  fn_sum(student_qkv, teacher_qkv, *, num_relation_heads, mask, relations)
+  'embedding' fn_sum(student_emb_BxD, teacher_emb_BxD, *, mask)  (pooled sentence embeddings)
+  'pairs'     fn_sum(student_emb_2BxD, scores_B, *, mask)  (labelled pairs, no teacher)
 Reduce with `mean((sum, count))` or `weighted_total(...)` after summing (sum, count) pairs
 across devices and accumulation steps, never by averaging means.
 """
@@ -18,6 +20,9 @@ import jax.numpy as jnp
 from kd.losses.attention import (ATTENTION_LOSSES, attention_kl, attention_kl_sum,
                                  attention_loss_sum, attention_mse, attention_mse_sum,
                                  minilm_relations, minilm_relations_sum, relation_sum)
+from kd.losses.embeddings import (EMBEDDING_LOSSES, PAIR_LOSSES, cosine_score_mse_sum,
+                                  embedding_cosine_sum, embedding_mse_sum,
+                                  embedding_similarity_sum)
 from kd.losses.features import (FEATURE_LOSSES, feature_loss_sum, hidden_cosine,
                                 hidden_cosine_sum, hidden_mse, hidden_mse_sum, init_projection,
                                 layer_map, project)
@@ -31,7 +36,7 @@ from kd.losses.logits import (DIVERGENCES, ce, ce_sum, chunked_logit_losses, jsd
 from kd.losses.topk import SEMANTICS as TOPK_SEMANTICS
 from kd.losses.topk import topk_from_logits, topk_kl_per_token, topk_kl_sum
 
-KINDS = ('logits', 'ce', 'hidden', 'attention', 'relation')
+KINDS = ('logits', 'ce', 'hidden', 'attention', 'relation', 'embedding', 'pairs')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +56,8 @@ LOSSES.update({name: Loss(name, fn, 'hidden') for name, fn in FEATURE_LOSSES.ite
 LOSSES['attention_kl'] = Loss('attention_kl', attention_kl_sum, 'attention')
 LOSSES['attention_mse'] = Loss('attention_mse', attention_mse_sum, 'attention')
 LOSSES['minilm_relations'] = Loss('minilm_relations', minilm_relations_sum, 'relation')
+LOSSES.update({name: Loss(name, fn, 'embedding') for name, fn in EMBEDDING_LOSSES.items()})
+LOSSES.update({name: Loss(name, fn, 'pairs') for name, fn in PAIR_LOSSES.items()})
 
 
 def get(name):

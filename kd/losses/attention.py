@@ -176,6 +176,9 @@ def attention_loss_sum(name, student_attns, teacher_attns, pairs, *, mask=None, 
       raise ValueError(f'pair {(si, ti)} out of range: attention layers are 1..'
                        f'{len(student_attns)} (student) and 1..{len(teacher_attns)} (teacher); '
                        'drop the embedding pair with layer_map(..., include_embeddings=False).')
+    if teacher_attns[ti - 1] is None:
+      raise ValueError(f'teacher layer {ti} is missing (an offline-teacher cache without that '
+                       'layer); rewrite the cache with the layers the pairs use.')
     s, c = ATTENTION_LOSSES[name](student_attns[si - 1], teacher_attns[ti - 1], mask=mask, **kw)
     total, count = total + s, count + c
   return total, count

@@ -156,6 +156,9 @@ def feature_loss_sum(name, student_hiddens, teacher_hiddens, pairs, *, mask=None
     if not (0 <= si < len(student_hiddens) and 0 <= ti < len(teacher_hiddens)):
       raise ValueError(f'pair {(si, ti)} out of range for {len(student_hiddens)} student and '
                        f'{len(teacher_hiddens)} teacher hidden states (index 0 = embeddings).')
+    if teacher_hiddens[ti] is None:
+      raise ValueError(f'teacher hidden state {ti} is missing (an offline-teacher cache without '
+                       'that layer); rewrite the cache with the layers the pairs use.')
     s, c = FEATURE_LOSSES[name](student_hiddens[si], teacher_hiddens[ti], mask=mask,
                                 projection=_projection_for(projections, i))
     total, count = total + s, count + c

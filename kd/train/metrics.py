@@ -32,12 +32,32 @@ class Accumulator:
     return out
 
 
+CALIBRATION = ('ece', 'teacher_ece')  # eval_step's per-bin sums: '<prefix>/conf_<b>', '/hit_<b>'
+
+
+def expected_calibration_error(sums: dict, prefix: str = 'ece') -> float:
+  """ECE = Σ_b |Σ_{i in b} conf_i − Σ_{i in b} correct_i| / N from eval_step's per-bin sums."""
+  conf = {k.rsplit('_', 1)[1]: v for k, v in sums.items() if k.startswith(f'{prefix}/conf_')}
+  hit = {k.rsplit('_', 1)[1]: v for k, v in sums.items() if k.startswith(f'{prefix}/hit_')}
+  if not conf or set(conf) != set(hit):
+    raise ValueError(f"no complete '{prefix}/conf_<bin>' and '{prefix}/hit_<bin>' sums; got "
+                     f'{sorted(k for k in sums if k.startswith(prefix + "/"))}')
+  total = sum(float(c) for _, c in conf.values())
+  gap = sum(abs(float(conf[b][0]) - float(hit[b][0])) for b in conf)
+  return gap / max(total, 1.0)
+
+
 def summarize_eval(sums: dict) -> dict:
-  """Turns eval (sum, count) totals into report metrics: ce -> perplexity etc."""
-  out = {k: s / max(c, 1.0) for k, (s, c) in sums.items()}
+  """Turns eval (sum, count) totals into report metrics: ce -> perplexity, per-bin calibration
+  sums -> ece (the bins themselves are dropped), the rest sum / count."""
+  binned = tuple(f'{p}/' for p in CALIBRATION)
+  out = {k: s / max(c, 1.0) for k, (s, c) in sums.items() if not k.startswith(binned)}
   for k in ('ce', 'teacher_ce'):
     if k in out:
       out[k.replace('ce', 'perplexity')] = float(np.exp(out[k]))
+  for prefix in CALIBRATION:
+    if any(k.startswith(f'{prefix}/') for k in sums):
+      out[prefix] = expected_calibration_error(sums, prefix)
   return out
 
 

@@ -2,7 +2,9 @@
 
 Layout of a workdir:
   tokenizer.json       shared by every stage
-  teacher/             the teacher's own training run (when config.teacher.source == 'train')
+  teacher/             the teacher's own training run (when config.teacher.source == 'train'),
+                       or config.teacher.workdir: one teacher shared by several runs, with a
+                       copy of the tokenizer it was trained with
   student_kd/          the student distilled with config.losses
   student_ce/          the same student with hard labels only (when config.baseline)
   results.json, results.md
@@ -126,13 +128,63 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
   return student_params, final
 
 
+def teacher_workdir(config, workdir: str) -> str:
+  """config.teacher.workdir, a teacher shared by several runs, or <workdir>/teacher."""
+  return config.teacher.get('workdir', '') or f'{workdir}/teacher'
+
+
+def share_teacher(config, workdir: str) -> None:
+  """With a shared teacher (config.teacher.workdir), checks that this run would train the same
+  teacher, and makes every run use the tokenizer that teacher was trained with.
+
+  The first run to get there leaves its tokenizer and teacher settings beside the teacher; later
+  runs copy the tokenizer into their workdir before loading data. A mismatch is refused.
+  """
+  shared = config.teacher.get('workdir', '')
+  if not shared:
+    return
+  os.makedirs(shared, exist_ok=True)
+  c = config.copy_and_resolve_references()
+  settings = json.dumps(dict(
+      seed=c.seed, model=c.teacher.model.to_dict(), steps=c.teacher.steps,
+      optimizer=c.teacher.get('optimizer', c.optimizer).to_dict(),
+      data={k: c.data[k] for k in ('name', 'vocab_size', 'seq_len', 'batch_size')}),
+      sort_keys=True)
+  _write_once(os.path.join(shared, 'teacher_settings.json'), settings.encode(),
+              lambda theirs: f'the shared teacher in {shared} was trained with {theirs.decode()}, '
+              f'this run would train {settings}; use the same teacher settings and seed or '
+              'another config.teacher.workdir')
+  mine, theirs = (os.path.join(d, 'tokenizer.json') for d in (workdir, shared))
+  src, dst = (mine, theirs) if os.path.isfile(mine) else (theirs, mine)
+  if os.path.isfile(src):
+    with open(src, 'rb') as f:
+      _write_once(dst, f.read(), lambda _: (
+          f"{mine} differs from the shared teacher's {theirs}: the teacher was trained with "
+          'another tokenizer; use a fresh workdir or unset config.teacher.workdir'))
+
+
+def _write_once(path: str, content: bytes, mismatch) -> None:
+  """Writes `path` atomically if absent; if present with other content, raises
+  ConfigError(mismatch(existing content))."""
+  if os.path.isfile(path):
+    with open(path, 'rb') as f:
+      existing = f.read()
+    if existing != content:
+      raise config_check.ConfigError(mismatch(existing))
+    return
+  with open(f'{path}.tmp{os.getpid()}', 'wb') as f:
+    f.write(content)
+  os.replace(f'{path}.tmp{os.getpid()}', path)  # atomic: a reader never sees half a file
+
+
 def train_teacher(config, data: Data, teacher, workdir: str):
-  """The teacher's own run (CE only) in <workdir>/teacher; restored when already finished."""
+  """The teacher's own run (CE only) in `teacher_workdir`; restored when already finished."""
   teacher_cfg = config.copy_and_resolve_references()
   with teacher_cfg.unlocked():
     teacher_cfg.optimizer = config.teacher.get('optimizer', config.optimizer)
-  return run_stage(teacher_cfg, data, f'{workdir}/teacher', teacher, None, None, {'ce': 1.0},
-                   steps=config.teacher.steps, seed=config.seed + 1000, name='teacher')
+  return run_stage(teacher_cfg, data, teacher_workdir(config, workdir), teacher, None, None,
+                   {'ce': 1.0}, steps=config.teacher.steps, seed=config.seed + 1000,
+                   name='teacher')
 
 
 def student_init(config, student, teacher, teacher_params):
@@ -158,7 +210,9 @@ def main(config, workdir: str) -> dict:
   """Runs every stage the config asks for and writes `results.json` and `results.md`."""
   config_check.check(config)
   os.makedirs(workdir, exist_ok=True)
+  share_teacher(config, workdir)  # before Data, which loads <workdir>/tokenizer.json if present
   data = Data(config, workdir)
+  share_teacher(config, workdir)  # a tokenizer trained just now goes beside the teacher
   teacher = build_model(config.teacher.model, data.vocab_size)
   student = build_model(config.student, data.vocab_size)
   config_check.check_models(config, student, teacher)

@@ -23,6 +23,7 @@ import optax
 
 from kd import losses
 from kd.models import head_fn
+from kd.models.encoder import pool
 
 
 @flax.struct.dataclass
@@ -63,25 +64,53 @@ class Spec:
   def needs(self) -> dict:
     """The model outputs the loss terms consume (the same for teacher and student)."""
     kinds = self.kinds()
-    return dict(output_hidden_states='hidden' in kinds,
-                output_attentions='attention' in kinds,
-                output_qkv='relation' in kinds,
-                return_hidden_only=bool(self.chunk_size))
+    needs = dict(output_hidden_states='hidden' in kinds, output_attentions='attention' in kinds,
+                 output_qkv='relation' in kinds)
+    if self.chunk_size:  # a decoder-only flag: logits are made per chunk by the loss
+      needs['return_hidden_only'] = True
+    return needs
 
 
 def forward(model, variables, batch, **needs):
   return model.apply(variables, batch['input_ids'], segment_ids=batch.get('segment_ids'),
-                     positions=batch.get('positions'), **needs)
+                     positions=batch.get('positions'),
+                     attention_mask=batch.get('attention_mask'), **needs)
+
+
+# An offline teacher's features travel in the batch under these keys, each a dict from the
+# teacher's layer index (str) to arrays: what `loss_terms` reads from a live teacher's outputs.
+CACHED_FEATURES = {'teacher_hidden_states': 'hidden_states', 'teacher_attentions': 'attentions',
+                   'teacher_qkv': 'qkv'}
+
+
+def cached_teacher_outputs(batch) -> dict:
+  """A teacher's outputs rebuilt from batch fields (kd.data.sentence_cache writes them).
+
+  Hidden states / attentions / qkv become tuples indexed like a live teacher's (hidden state j
+  at position j, layer i's attention at i − 1) with None where the cache holds no layer, so
+  layer pairs index them unchanged; 'teacher_embedding' [B, D] becomes 'embedding'.
+  """
+  out = {}
+  for key, name in CACHED_FEATURES.items():
+    if key in batch:
+      by_index = {int(j): v for j, v in batch[key].items()}
+      offset = 0 if name == 'hidden_states' else 1  # attentions/qkv start at layer 1
+      out[name] = tuple(by_index.get(j + offset) for j in range(max(by_index) + 1 - offset))
+  if 'teacher_embedding' in batch:
+    out['embedding'] = batch['teacher_embedding']
+  return out
 
 
 def teacher_forward(spec: Spec, teacher_params, batch):
   """Teacher outputs for the loss terms; None when no term needs the teacher."""
-  if not (spec.kinds() - {'ce'}):
+  if not (spec.kinds() - {'ce', 'pairs'}):
     return None
   if 'teacher_logits' in batch:
     return {'logits': batch['teacher_logits']}
   if 'topk_ids' in batch:  # a cached teacher: its top-k logits and full logsumexp
     return {'topk': (batch['topk_ids'], batch['topk_logits'], batch['lse'])}
+  if 'teacher_embedding' in batch or set(CACHED_FEATURES) & set(batch):
+    return cached_teacher_outputs(batch)
   out = forward(spec.teacher, teacher_params, batch, **spec.needs())
   return jax.lax.stop_gradient(out)
 
@@ -90,7 +119,10 @@ def loss_terms(params, teacher_params, t_out, batch, spec: Spec, step) -> dict:
   """Every configured loss term as a (sum, count) pair of float32 scalars."""
   s_out = forward(spec.student, params['student'], batch, **spec.needs())
   mask = batch['loss_mask']
-  token_mask = batch['segment_ids'] > 0 if 'segment_ids' in batch else None
+  if 'segment_ids' in batch:
+    token_mask = batch['segment_ids'] > 0
+  else:
+    token_mask = batch.get('attention_mask')
   temperature = spec.temperature(step)
   by_kind = {}
   for name, kw in spec.terms.items():
@@ -133,6 +165,17 @@ def loss_terms(params, teacher_params, t_out, batch, spec: Spec, step) -> dict:
                                      mask=token_mask, **kw)
       total = (total[0] + s, total[1] + c)
     out[name] = total
+  pooling = getattr(spec.student.config, 'pooling', 'mean')
+  for name, kw in by_kind.get('pairs', {}).items():  # labelled pairs: no teacher
+    out[name] = losses.get(name).fn_sum(pool(s_out['hidden'], token_mask, pooling),
+                                        batch['pair_scores'], mask=batch['pair_mask'], **kw)
+  if 'embedding' in by_kind:
+    s_emb = pool(s_out['hidden'], token_mask, pooling)
+    t_emb = t_out['embedding'] if 'embedding' in t_out else pool(t_out['hidden'], token_mask,
+                                                                 pooling)
+    rows = None if token_mask is None else jnp.any(token_mask, axis=-1)
+    for name, kw in by_kind['embedding'].items():
+      out[name] = losses.get(name).fn_sum(s_emb, t_emb, mask=rows, **kw)
   return out
 
 
@@ -216,17 +259,39 @@ def train_step(state: TrainState, teacher_params, batch, spec: Spec):
   return new_state, metrics
 
 
-def eval_step(params, teacher_params, batch, spec: Spec):
+def eval_step(params, teacher_params, batch, spec: Spec, num_bins: int = 15):
   """Held-out metrics as (sum, count): student CE (-> perplexity), the loss terms, and, with a
-  teacher, teacher CE and teacher-student top-1 agreement on the masked tokens."""
+  teacher, teacher CE and teacher-student top-1 agreement on the masked tokens.
+
+  Calibration: for each of `num_bins` equal-width bins of the max softmax probability,
+  'ece/conf_<b>' = (sum of confidences, tokens in bin b) and 'ece/hit_<b>' = (correct top-1
+  predictions, tokens in bin b), 'teacher_ece/...' likewise; plain sums, so they add up over
+  batches and devices, and `metrics.summarize_eval` turns them into 'ece' / 'teacher_ece'.
+  """
   mask = batch['loss_mask']
+  mask_f = mask.astype(jnp.float32)
+
+  def calibration(logits, prefix):
+    logits = logits.astype(jnp.float32)
+    conf = jnp.exp(jnp.max(jax.nn.log_softmax(logits, -1), -1))
+    hit = (jnp.argmax(logits, -1) == batch['labels']).astype(jnp.float32)
+    # Bins (b/n, (b+1)/n]; a confidence is > 0, and 1.0 falls in the last bin.
+    bins = jnp.clip(jnp.ceil(conf * num_bins).astype(jnp.int32) - 1, 0, num_bins - 1)
+    in_bin = jax.nn.one_hot(bins, num_bins, dtype=jnp.float32)
+    n, conf_sum, hit_sum = (jnp.einsum('...b,...->b', in_bin, mask_f * x)
+                            for x in (1.0, conf, hit))
+    return {**{f'{prefix}/conf_{b:02d}': (conf_sum[b], n[b]) for b in range(num_bins)},
+            **{f'{prefix}/hit_{b:02d}': (hit_sum[b], n[b]) for b in range(num_bins)}}
+
   student_logits = forward(spec.student, params['student'], batch)['logits']
   out = {'ce': losses.ce_sum(student_logits, batch['labels'], mask=mask)}
-  count = jnp.sum(mask.astype(jnp.float32))
+  count = jnp.sum(mask_f)
   out['accuracy'] = (jnp.sum((jnp.argmax(student_logits, -1) == batch['labels']) * mask), count)
+  out.update(calibration(student_logits, 'ece'))
   if spec.teacher is not None and teacher_params is not None:
     teacher_logits = forward(spec.teacher, teacher_params, batch)['logits']
     out['teacher_ce'] = losses.ce_sum(teacher_logits, batch['labels'], mask=mask)
+    out.update(calibration(teacher_logits, 'teacher_ece'))
     agree = jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)
     out['agreement'] = (jnp.sum(agree * mask), count)
     # Divergences at T=1: the distance between the models' actual distributions.

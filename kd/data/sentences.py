@@ -1,0 +1,115 @@
+"""Unlabeled sentences for embedding distillation, by source name.
+
+  sentences = load(['stsb:train'])          # the unique sentences of STS-B train
+  sentences = load(['stsb:train', 'tiny_shakespeare:train'])
+
+A source is `name:split`. Local copies are read from `KD_DATA_DIR` (the layout of
+`../shared/data`: `stsbenchmark/sts-<split>.csv`, `tinyshakespeare/input.txt`); without one,
+STS-B comes from TFDS (`glue/stsb`, `tfds.data_source`, a download). Sentences are deduplicated
+across sources in first-seen order, so a run sees the same list every time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+from kd.data import text as text_lib
+
+DATA_DIR_ENV = text_lib.DATA_DIR_ENV
+STSB_SPLITS = {'train': 'train', 'dev': 'dev', 'validation': 'dev'}
+
+
+def _local(*parts: str) -> str | None:
+  root = os.environ.get(DATA_DIR_ENV)
+  if not root:
+    return None
+  path = os.path.join(root, *parts)
+  return path if os.path.exists(path) else None
+
+
+def read_sts_pairs(path: str):
+  """(sentence1s, sentence2s, scores) of an STS-B tab-separated file (kd.eval.sts.read_sts)."""
+  from kd.eval import sts  # pylint: disable=g-import-not-at-top
+  return sts.read_sts(path)
+
+
+def stsb_path(split: str) -> str | None:
+  """The local STS-B file of `split` ('train' or 'dev'), or None when KD_DATA_DIR has none."""
+  if split not in STSB_SPLITS:
+    raise ValueError(f'unknown STS-B split {split!r}; use one of {sorted(STSB_SPLITS)}.')
+  return _local('stsbenchmark', f'sts-{STSB_SPLITS[split]}.csv')
+
+
+def _stsb(split: str) -> list[str]:
+  path = stsb_path(split)
+  if path is not None:
+    s1, s2, _ = read_sts_pairs(path)
+    return s1 + s2
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds_split = {'dev': 'validation'}.get(STSB_SPLITS[split], STSB_SPLITS[split])
+  source = tfds.data_source('glue/stsb', split=tfds_split)
+  out = []
+  for i in range(len(source)):
+    ex = source[i]
+    out += [_str(ex['sentence1']), _str(ex['sentence2'])]
+  return out
+
+
+def _str(x) -> str:
+  return x.decode('utf-8') if isinstance(x, bytes) else str(x)
+
+
+def _tiny_shakespeare(split: str) -> list[str]:
+  """Lines of the speeches of a Tiny Shakespeare split (speaker names dropped)."""
+  source = text_lib.load_text_split('tiny_shakespeare', split)
+  out = []
+  for i in range(len(source)):
+    for line in _str(source[i]).splitlines():
+      line = line.strip()
+      if line and not line.endswith(':'):  # 'ROMEO:' names a speaker, it is no sentence
+        out.append(line)
+  return out
+
+
+SOURCES: dict[str, Callable[[str], list[str]]] = {
+    'stsb': _stsb,
+    'tiny_shakespeare': _tiny_shakespeare,
+}
+
+
+def word_dropout(sentences: Sequence[str], *, copies: int, rate: float, seed: int = 0) -> list[str]:
+  """`sentences` followed by `copies` noisy copies of each (every word dropped with
+  probability `rate`, at least one kept), duplicates removed: more unlabeled inputs for a
+  teacher to label, from the same text."""
+  if copies < 0 or not 0 <= rate < 1:
+    raise ValueError(f'word_dropout needs copies >= 0 and 0 <= rate < 1, got {copies}, {rate}.')
+  rng = np.random.default_rng(seed)
+  out = dict.fromkeys(sentences)
+  for _ in range(copies):
+    for s in sentences:
+      words = s.split()
+      kept = [w for w, drop in zip(words, rng.random(len(words)) < rate) if not drop]
+      out.setdefault(' '.join(kept or words[:1]), None)
+  return list(out)
+
+
+def load(names: Sequence[str], *, min_chars: int = 1) -> list[str]:
+  """The unique non-empty sentences of `names` ('source:split'), in first-seen order."""
+  if isinstance(names, str):
+    names = [names]
+  if not names:
+    raise ValueError("no sentence sources given; e.g. data.train=('stsb:train',).")
+  out: dict[str, None] = {}
+  for name in names:
+    source, _, split = str(name).partition(':')
+    if source not in SOURCES or not split:
+      raise ValueError(f'unknown sentence source {name!r}; use source:split with source one '
+                       f'of {sorted(SOURCES)}, e.g. stsb:train.')
+    for s in SOURCES[source](split):
+      s = s.strip()
+      if len(s) >= min_chars:
+        out.setdefault(s, None)
+  return list(out)
