@@ -35,7 +35,11 @@ _COLLECT = flags.DEFINE_bool('collect_only', False, "Only read finished runs' re
 LABELS = {'labels': 'no KD: fine-tuned on STS-B train labels', 'emb': 'embedding MSE only',
           'emb_hid': '+ hidden states', 'emb_hid_att': '+ hidden + attention maps',
           'emb_hid_att_rel': '+ hidden + attention + MiniLM relations',
-          'emb_hid_rel': '+ hidden + MiniLM relations (configs/minilm_sts.py default)'}
+          'emb_hid_rel': '+ hidden + MiniLM relations',
+          'emb_aux': 'embedding MSE + 0.1 hidden + 0.1 MiniLM relations (the default)',
+          'emb_sim': 'embedding MSE + in-batch similarity',
+          'emb_last': 'embedding MSE + last-layer token MSE',
+          'emb_sim_last': 'embedding MSE + in-batch similarity + last-layer token MSE'}
 STUDENTS = {'3l': 'student 3 layers (teacher layers 0,3,5)',
             '2l': 'student 2 layers (teacher layers 0,5)'}
 
@@ -48,7 +52,7 @@ def run(student: str, recipe: str, seed: str) -> dict | None:
     cmd = [sys.executable, '-m', 'kd.main', f'--config=configs/minilm_sts.py:{arg}',
            f'--workdir={workdir}', f'--config.seed={seed}', '--config.train.progress=False',
            f'--config.teacher.cache_dir={os.path.join(_WORKDIR.value, student, "teacher_cache")}',
-           '--config.export=False', *[f'--config.{o}' for o in _OVERRIDES.value]]
+           *[f'--config.{o}' for o in _OVERRIDES.value]]
     subprocess.run(cmd, check=True)
   if not os.path.exists(result):
     return None

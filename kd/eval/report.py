@@ -7,9 +7,11 @@ import numpy as np
 
 
 def mean_std(values, scale: float = 1.0, digits: int = 2) -> str:
-  """'m ± s' of `values` × scale; s is the sample std (ddof=1), 0 for a single value."""
+  """'m ± s' of `values` × scale (s: the sample std, ddof=1); just 'm' for a single value."""
   v = np.asarray(values, np.float64) * scale
-  return f'{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.{digits}f}'
+  if len(v) == 1:
+    return f'{v[0]:.{digits}f}'
+  return f'{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}'
 
 
 def write(out_dir: str, stem: str, text: str, plot: Callable[[str], None] | None = None) -> None:

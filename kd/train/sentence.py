@@ -243,6 +243,7 @@ def eval_path(config) -> str:
 
 
 def main(config, workdir: str) -> dict:
+  start = time.perf_counter()
   check(config)
   dev = eval_path(config)
   teacher = hf.load(teacher_path(config.teacher.path))
@@ -282,6 +283,7 @@ def main(config, workdir: str) -> dict:
                              train_wall_s=final['wall_s'], steps=final['steps'], **info)}
   if config.get('export', True) and jax.process_index() == 0:
     hf.save(student, f'{workdir}/hf')
+  results['student']['job_s'] = time.perf_counter() - start  # all of it, load to export
   if jax.process_index() == 0:
     table = report(results)
     with open(f'{workdir}/results.json', 'w') as f:
