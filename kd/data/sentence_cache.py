@@ -43,6 +43,10 @@ def feature_names(hidden: Sequence[int] = (), qkv: Sequence[int] = (),
           + [f'attention_{i}' for i in attention] + (['embedding'] if embedding else []))
 
 
+def _round_up(n: int, multiple: int) -> int:
+  return int(-(-n // multiple) * multiple)
+
+
 def read_meta(path: str) -> dict | None:
   file = os.path.join(path, META)
   if not os.path.exists(file):
@@ -73,7 +77,7 @@ def write(path: str, ids: Sequence[Sequence[int]], teacher_fn: Callable, *, fiel
   os.makedirs(tmp)
   out = {}
   for idx in _batches_by_length(lengths, batch_size):
-    t = int(-(-lengths[idx].max() // pad_multiple) * pad_multiple)
+    t = _round_up(lengths[idx].max(), pad_multiple)
     ids_BxT, mask_BxT = _pad([ids[i] for i in idx], t, batch_size, pad_id)
     feats = {k: np.asarray(v) for k, v in teacher_fn(ids_BxT, mask_BxT).items()}
     missing = sorted(set(fields) - set(feats))
@@ -212,7 +216,7 @@ class _BatchAt:
     self.cache, self.batch_size, self.seed = cache, batch_size, seed
     self.sort_window, self.pad_multiple, self.pad_id = sort_window, pad_multiple, pad_id
     self.shard_index, self.shard_count = shard_index, shard_count
-    self.steps_per_epoch = -(-len(cache) // batch_size)
+    self.steps_per_epoch = steps_per_epoch(cache, batch_size)
 
   @functools.lru_cache(maxsize=2)
   def _epoch(self, epoch: int) -> list[np.ndarray]:
@@ -228,7 +232,7 @@ class _BatchAt:
 
   def __call__(self, step: int) -> dict:
     idx = self._epoch(int(step) // self.steps_per_epoch)[int(step) % self.steps_per_epoch]
-    t = int(-(-self.cache.lengths[idx].max() // self.pad_multiple) * self.pad_multiple)
+    t = _round_up(self.cache.lengths[idx].max(), self.pad_multiple)
     rows = self.batch_size // self.shard_count
     mine = idx[self.shard_index * rows:(self.shard_index + 1) * rows]
     return self.cache.batch(mine, t, rows, self.pad_id)
@@ -270,8 +274,7 @@ class _PairsAt:
     idx = self._epoch(int(step) // self.steps_per_epoch)[start:start + self.batch_size]
     rows = [self.ids1[i] for i in idx] + [[]] * (self.batch_size - len(idx))
     rows += [self.ids2[i] for i in idx] + [[]] * (self.batch_size - len(idx))
-    t = max(len(r) for r in rows)
-    t = int(-(-t // self.pad_multiple) * self.pad_multiple)
+    t = _round_up(max(len(r) for r in rows), self.pad_multiple)
     ids_BxT, mask_BxT = _pad(rows, t, 2 * self.batch_size, self.pad_id)
     scores, valid = np.zeros((self.batch_size,), np.float32), np.zeros((self.batch_size,), bool)
     scores[:len(idx)], valid[:len(idx)] = self.scores[idx], True

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from kd import hf
+from kd.hf import io
 from kd.models import encoder as encoder_lib
 
 # HF name stem -> (our module path, is_linear). Linear weights are stored [out, in] by torch.
@@ -124,10 +125,7 @@ def params_from_hf(tensors: dict, config) -> dict:
     if value.shape != leaf.shape:
       raise ValueError(f'{name} has shape {value.shape} (after transposing linear weights); the '
                        f'config expects {leaf.shape}. Is config.json from the same checkpoint?')
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
+    io.set_path(params, path, value)
   if missing:
     raise ValueError(f'BERT checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}; the '
                      f'config asks for {config.num_layers} layers.')

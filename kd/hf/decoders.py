@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from kd import hf
+from kd.hf import io
 from kd.models import decoder as decoder_lib
 
 DecoderConfig = decoder_lib.DecoderConfig
@@ -349,10 +350,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], c: DecoderConfig) -> dict[str
       if part.shape != shapes[path]:
         raise ValueError(f'{name} has shape {x.shape}, which does not fit {"/".join(path)} '
                          f'{shapes[path]} of the config read from config.json.')
-      node = params
-      for key in path[:-1]:
-        node = node.setdefault(key, {})
-      node[path[-1]] = part
+      io.set_path(params, path, part)
   unexpected = sorted(k for k in set(tensors) - used if not k.endswith(_BUFFER_SUFFIXES)
                       and not (k == 'lm_head.weight' and c.tie_embeddings))
   if missing or unexpected:

@@ -14,6 +14,13 @@ SINGLE = 'model.safetensors'
 INDEX = 'model.safetensors.index.json'
 
 
+def set_path(tree: dict, path, value) -> None:
+  """tree[path[0]][path[1]]...[path[-1]] = value, creating the dicts on the way."""
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
 def read_tensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of the checkpoint in directory `path` (single file or sharded)."""
   single, index = os.path.join(path, SINGLE), os.path.join(path, INDEX)

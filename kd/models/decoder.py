@@ -316,13 +316,15 @@ def apply_rope(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
 # ----------------------------------------------------------------------------- attention
 
 
-def attention_mask_Bx1xTxT(attention_mask_BxT=None, segment_ids_BxT=None):
+def attention_mask_Bx1xTxT(attention_mask_BxT=None, segment_ids_BxT=None, *,
+                           attend_self: bool = True):
   """Non-causal part of the attention mask (True = may attend), or None if nothing to mask.
 
   Padded keys (attention_mask == 0) are hidden; with segment_ids a query sees only keys of its
-  own segment (padding, segment 0, then sees only padding). Every token may attend to itself,
-  so no row is fully masked (e.g. left padding): padded queries stay causal and finite. Real
-  tokens are unaffected. Causality is added by the caller.
+  own segment (padding, segment 0, then sees only padding). With `attend_self` every token may
+  attend to itself, so no row is fully masked (e.g. left padding): padded queries stay causal
+  and finite; real tokens are unaffected. Causality is added by the caller. The BERT encoder
+  passes attend_self=False, as transformers does.
   """
   mask_BxTxT = None
   if segment_ids_BxT is not None:
@@ -332,8 +334,9 @@ def attention_mask_Bx1xTxT(attention_mask_BxT=None, segment_ids_BxT=None):
     mask_BxTxT = keys_Bx1xT if mask_BxTxT is None else mask_BxTxT & keys_Bx1xT
   if mask_BxTxT is None:
     return None
-  t = mask_BxTxT.shape[-1]
-  return (mask_BxTxT | jnp.eye(t, dtype=bool))[:, None]
+  if attend_self:
+    mask_BxTxT = mask_BxTxT | jnp.eye(mask_BxTxT.shape[-1], dtype=bool)
+  return mask_BxTxT[:, None]
 
 
 def sliding_window_mask(mask_Bx1xTxT, t: int, window: int):

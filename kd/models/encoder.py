@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd.models.decoder import Norm
+from kd.models.decoder import Norm, attention_mask_Bx1xTxT
 from kd.models.model import config_from_dict
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -85,22 +85,6 @@ class EncoderConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
-
-
-def attention_mask_Bx1xTxT(attention_mask_BxT=None, segment_ids_BxT=None):
-  """Bidirectional attention mask (True = may attend), or None if nothing to mask.
-
-  Padded keys (attention_mask == 0) are hidden from every query, as in BERT (padded queries still
-  see the real keys, so their outputs are finite and match transformers). With segment_ids a
-  query sees only keys of its own packed segment.
-  """
-  mask_BxTxT = None
-  if segment_ids_BxT is not None:
-    mask_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-  if attention_mask_BxT is not None:
-    keys_Bx1xT = attention_mask_BxT.astype(bool)[:, None, :]
-    mask_BxTxT = keys_Bx1xT if mask_BxTxT is None else mask_BxTxT & keys_Bx1xT
-  return None if mask_BxTxT is None else mask_BxTxT[:, None]
 
 
 def _dense(c: EncoderConfig, features: int, name: str):
@@ -205,7 +189,9 @@ class Encoder(nn.Module):
                + embed(c.type_vocab_size, 'token_type_embed')(token_type_ids))
     h_BxTxD = Norm('layer', c.layer_norm_eps, 0.0, dtype, param_dtype, name='embed_norm')(h_BxTxD)
 
-    mask_Bx1xTxT = attention_mask_Bx1xTxT(attention_mask, segment_ids)
+    # Padded keys are hidden from every query; padded queries still see the real keys, so
+    # their outputs are finite and match transformers.
+    mask_Bx1xTxT = attention_mask_Bx1xTxT(attention_mask, segment_ids, attend_self=False)
     hidden_states, attentions, qkvs = [h_BxTxD], [], []
     for i in range(c.num_layers):
       h_BxTxD, probs, qkv = Block(c, name=f'layers_{i}')(h_BxTxD, mask_Bx1xTxT,

@@ -12,14 +12,18 @@ class ConfigError(ValueError):
   pass
 
 
-def check(config) -> None:
-  """Checks that need no model: loss names, weights, temperature, batch split."""
+def check_losses(config, example: str = "{'ce': 0.5, 'kl': 0.5}") -> set:
+  """Loss names exist, weights are valid schedules, loss_kwargs name configured losses.
+
+  Returns the kinds of the configured losses.
+  """
   terms = dict(config.losses)
   if not terms:
-    raise ConfigError("config.losses is empty; name at least one loss, e.g. {'ce': 0.5, 'kl': 0.5}")
+    raise ConfigError(f'config.losses is empty; name at least one loss, e.g. {example}')
+  kinds = set()
   for name, weight in terms.items():
     try:
-      losses.get(name)
+      kinds.add(losses.get(name).kind)
     except ValueError as e:
       raise ConfigError(f'config.losses: {e}') from None
     schedules.make(weight, f'losses.{name}')
@@ -27,6 +31,12 @@ def check(config) -> None:
     if name not in terms:
       raise ConfigError(f"config.loss_kwargs names '{name}', which is not in config.losses "
                         f'{sorted(terms)}; add it to config.losses or remove its kwargs')
+  return kinds
+
+
+def check(config) -> None:
+  """Checks that need no model: loss names, weights, temperature, batch split."""
+  check_losses(config)
   low, _ = schedules.bounds(config.temperature)
   if low <= 0:
     raise ConfigError(f'config.temperature must stay > 0, got {config.temperature!r}')

@@ -57,24 +57,13 @@ def teacher_path(name: str) -> str:
 def check(config) -> None:
   """Config errors before anything loads, compiles or writes."""
   terms = dict(config.losses)
-  if not terms:
-    raise config_check.ConfigError(
-        "config.losses is empty; name at least one, e.g. {'embedding_mse': 1.0}")
-  for name, weight in terms.items():
-    try:
-      kind = losses.get(name).kind
-    except ValueError as e:
-      raise config_check.ConfigError(f'config.losses: {e}') from None
+  kinds = config_check.check_losses(config, example="{'embedding_mse': 1.0}")
+  for name in terms:
+    kind = losses.get(name).kind
     if kind not in KINDS:
       raise config_check.ConfigError(
           f"config.losses: '{name}' is a {kind!r} loss; a sentence encoder has no logits, use "
           f"{', '.join(sorted(n for n, l in losses.LOSSES.items() if l.kind in KINDS))}")
-    schedules.make(weight, f'losses.{name}')
-  for name in dict(config.get('loss_kwargs', {}) or {}):
-    if name not in terms:
-      raise config_check.ConfigError(
-          f"config.loss_kwargs names '{name}', which is not in config.losses {sorted(terms)}")
-  kinds = {losses.get(n).kind for n in terms}
   if 'pairs' in kinds and kinds != {'pairs'}:
     raise config_check.ConfigError(
         f'config.losses {sorted(terms)} mixes a labelled-pairs loss with distillation losses, '
