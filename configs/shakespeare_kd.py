@@ -96,7 +96,8 @@ def get_config(arg=None):
   if objective in OBJECTIVE_KWARGS:
     c.loss_kwargs[objective] = ml_collections.ConfigDict(OBJECTIVE_KWARGS[objective])
   c.temperature = 2.0
-  c.chunk_size = 0
+  c.chunk_size = 0  # > 0: logit losses per sequence chunk, no [B, T, V] logits held
+  c.fused_chunks = True  # chunked: gradient made in the forward pass, nothing recomputed
   c.features = ml_collections.ConfigDict(dict(layer_map='uniform', pairs=()))
   c.baseline = True  # also train the student on hard labels only, for the same steps
 

@@ -6,8 +6,9 @@ r"""One KD train step at the shapes of ../shared/bench/peer_torch_kd.py: tokens/
 Same objective as the peer: 0.5*CE + 0.5*T^2*KL(p_T || p_S), T=2, full vocabulary, AdamW, bf16
 compute (teacher bf16 weights, student float32 master weights). Prints one JSON line per run
 (`peer`-compatible keys) so a GPU session can run it beside the peer in one call and divide.
-With --compare_chunked it runs the plain and the chunked logit path and prints both, which on a
-CPU shows the memory the chunked path saves (XLA's compiled temp bytes).
+With --compare_chunked it runs the plain logit path, the chunked one with per-chunk remat and the
+chunked fused one (gradient made in the forward pass), which on a CPU shows the memory the chunked
+paths save (XLA's compiled temp bytes). experiments/bench_vs_peer.py runs it beside the peer.
 """
 
 import json
@@ -42,26 +43,42 @@ SHAPES = {
                        num_kv_heads=4, vocab_size=32000),
                   dict(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4,
                        num_kv_heads=4, vocab_size=32000), 2, 512),
+    'cpu-tiny': (dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, vocab_size=512),
+                 dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                      num_kv_heads=2, vocab_size=512), 2, 64),  # tests
 }
 
 _SHAPE = flags.DEFINE_enum('shape', 'cpu-small', list(SHAPES), 'Model and batch shape.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after 3 warm-up steps).')
 _CHUNK = flags.DEFINE_integer('chunk_size', 0, 'Logit-loss chunk over the sequence (0 = plain).')
-_COMPARE = flags.DEFINE_bool('compare_chunked', False, 'Run plain and chunked (--chunk_size or 256).')
+_COMPARE = flags.DEFINE_bool(
+    'compare_chunked', False, 'Run plain, chunked with remat, chunked fused (--chunk_size or 256).')
+_FUSED = flags.DEFINE_bool('fused_chunks', True,
+                           'Chunked logit losses: gradient made in the forward pass (fused) '
+                           'instead of recomputing each chunk in the backward pass.')
 _DTYPE = flags.DEFINE_string('dtype', 'bfloat16', 'Compute dtype.')
 _REMAT = flags.DEFINE_bool('remat', True, 'jax.checkpoint each block.')
+_POLICY = flags.DEFINE_string('remat_policy', 'nothing', 'kd.models.decoder.REMAT_POLICIES key.')
+_ATTN = flags.DEFINE_string('attention_impl', None, "None (JAX picks), 'xla' or 'cudnn'.")
+_SPD = flags.DEFINE_string('student_param_dtype', 'float32',
+                           'Student master weights (and so optimizer state) dtype.')
+_MU = flags.DEFINE_string('mu_dtype', None, "Adam's first-moment dtype (None: the params').")
 _PEAK = flags.DEFINE_float('peak_tflops', 790.0, 'Peak matmul TFLOP/s for MFU (H100 bf16 measured).')
 
 
-def build(chunk_size: int):
+def build(chunk_size: int, fused: bool):
   tdims, sdims, batch, seq = SHAPES[_SHAPE.value]
-  common = dict(max_seq_len=seq, dtype=_DTYPE.value, remat=_REMAT.value)
+  common = dict(max_seq_len=seq, dtype=_DTYPE.value, remat=_REMAT.value,
+                remat_policy=_POLICY.value, attention_impl=_ATTN.value)
   teacher = models.Decoder(models.DecoderConfig(**tdims, **common, param_dtype=_DTYPE.value))
-  student = models.Decoder(models.DecoderConfig(**sdims, **common, param_dtype='float32'))
+  student = models.Decoder(models.DecoderConfig(**sdims, **common, param_dtype=_SPD.value))
   c = ml_collections.ConfigDict(dict(
       losses={'ce': 0.5, 'kl': 0.5}, loss_kwargs={}, temperature=2.0, chunk_size=chunk_size,
+      fused_chunks=fused,
       features={'layer_map': 'uniform', 'pairs': ()},
-      optimizer={'name': 'adamw', 'lr': 1e-4, 'warmup_steps': 0, 'schedule': 'constant'},
+      optimizer={'name': 'adamw', 'lr': 1e-4, 'warmup_steps': 0, 'schedule': 'constant',
+                 'mu_dtype': _MU.value},
       train={'accum_steps': 1}))
   spec = run.make_spec(c, student, teacher, dict(c.losses), 100)
   teacher_params = jax.jit(models.init_params, static_argnums=(0, 2))(teacher.config,
@@ -78,8 +95,8 @@ def flops_per_token(tdims, sdims, seq, n_teacher, n_student):
   return 2 * n_teacher + 6 * n_student + attn(tdims, 1) + attn(sdims, 3)
 
 
-def bench(chunk_size: int) -> dict:
-  spec, state, teacher_params, batch, (tdims, sdims, b, seq) = build(chunk_size)
+def bench(chunk_size: int, fused: bool) -> dict:
+  spec, state, teacher_params, batch, (tdims, sdims, b, seq) = build(chunk_size, fused)
   step = jax.jit(lambda s, t, x: step_lib.train_step(s, t, x, spec), donate_argnums=(0,))
   compiled = step.lower(state, teacher_params, batch).compile()
   mem = compiled.memory_analysis()
@@ -95,7 +112,11 @@ def bench(chunk_size: int) -> dict:
   n_s = models.count_params(state.params['student'])
   tps = b * seq / dt
   tflops = flops_per_token(tdims, sdims, seq, n_t, n_s) * tps / 1e12
-  out = dict(peer='kd-jax', shape=_SHAPE.value, chunk_size=chunk_size, device=jax.devices()[0].device_kind,
+  out = dict(peer='kd-jax', shape=_SHAPE.value, chunk_size=chunk_size,
+             fused_chunks=bool(chunk_size and fused), remat=_REMAT.value,
+             remat_policy=_POLICY.value, attention_impl=_ATTN.value,
+             student_param_dtype=_SPD.value, mu_dtype=_MU.value,
+             device=jax.devices()[0].device_kind,
              teacher_params=n_t, student_params=n_s, step_s=round(dt, 4), tokens_per_s=round(tps),
              tflops=round(tflops, 1), mfu=round(tflops / _PEAK.value, 3), loss=float(m['loss']),
              xla_temp_gb=round(getattr(mem, 'temp_size_in_bytes', 0) / 2**30, 3))
@@ -107,9 +128,11 @@ def bench(chunk_size: int) -> dict:
 
 def main(argv):
   del argv
-  sizes = [0, _CHUNK.value or 256] if _COMPARE.value else [_CHUNK.value]
-  for chunk in sizes:
-    print(json.dumps(bench(chunk)), flush=True)
+  chunk = _CHUNK.value or 256
+  runs = ([(0, False), (chunk, False), (chunk, True)] if _COMPARE.value
+          else [(_CHUNK.value, _FUSED.value)])
+  for chunk_size, fused in runs:
+    print(json.dumps(bench(chunk_size, fused)), flush=True)
 
 
 if __name__ == '__main__':

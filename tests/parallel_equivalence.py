@@ -31,12 +31,12 @@ V, B, T, STEPS = 61, 16, 16, 5
 LOSSES = {'ce': 0.5, 'kl': 0.5, 'hidden_mse': 0.2}
 
 
-def _config(accum):
+def _config(accum, chunk_size=0):
   c = ml_collections.ConfigDict()
   c.losses = dict(LOSSES)
   c.loss_kwargs = {}
   c.temperature = 2.0
-  c.chunk_size = 0
+  c.chunk_size = chunk_size  # > 0: the fused chunked logit path (its psum'd coefficients)
   c.features = {'layer_map': 'uniform', 'pairs': ()}
   # SGD with momentum, not Adam: Adam's g/sqrt(v) blows float noise in near-zero gradients up
   # to lr-sized steps, which would hide a real mismatch behind a loose tolerance.
@@ -87,14 +87,17 @@ def main():
                                  intermediate_size=32), V)
   teacher_params = models.init_params(teacher.config, jax.random.key(1))
   batches = [_batch(i) for i in range(STEPS)]
-  specs = {a: run.make_spec(_config(a), student, teacher, LOSSES, 10) for a in (1, 2)}
-  init = lambda: step_lib.create_state(run.init_student(specs[1], 0), specs[1].tx, 0)
+  # Keyed by (accum_steps, chunk_size); chunk_size 6 (T=16: one chunk padded) takes the fused
+  # chunked logit losses, whose weights need the psum'd token count under pmap.
+  specs = {(a, c): run.make_spec(_config(a, c), student, teacher, LOSSES, 10)
+           for a in (1, 2) for c in (0, 6)}
+  init = lambda: step_lib.create_state(run.init_student(specs[1, 0], 0), specs[1, 0].tx, 0)
   state0 = jax.device_get(init())  # on the host: every plan starts from the same values
 
-  def train(plan, accum, evaluate=True):
+  def train(plan, key, evaluate=True):
     state = plan.place_state(jax.tree.map(np.copy, state0))  # the step donates it
     tp = plan.place_teacher(teacher_params)
-    fn = plan.train_step(specs[accum], state)
+    fn = plan.train_step(specs[key], state)
     losses, grad_norms = [], []
     for b in batches:
       state, m = fn(state, tp, b)
@@ -102,19 +105,21 @@ def main():
       grad_norms.append(float(m['grad_norm']))
     sums = {}
     if evaluate:
-      sums = jax.device_get(plan.eval_step(specs[accum])(state.params, tp, batches[0]))
+      sums = jax.device_get(plan.eval_step(specs[key])(state.params, tp, batches[0]))
     return state, tp, (losses, grad_norms), jax.device_get(plan.unreplicate(state).params), sums
 
-  # One reference: accumulation is exact, so every run must match one device with accum 2.
-  _, _, losses, ref, sums = train(parallel.SinglePlan(), 2)
+  # One reference: accumulation and chunking are exact, so every run must match one device
+  # with accum 2 and plain (unchunked) logits.
+  _, _, losses, ref, sums = train(parallel.SinglePlan(), (2, 0))
   out = {'single/accum2': dict(losses=losses[0], grad_norms=losses[1], param_err=0.0,
                                eval={k: list(map(float, v)) for k, v in sums.items()})}
-  runs = [('pmap', parallel.PmapPlan(), 1, False), ('pmap', parallel.PmapPlan(), 2, True),
-          ('mesh2x2x2', parallel.MeshPlan(parallel.make_mesh(2, 2, 2), ('data', 'fsdp')), 2,
+  runs = [('pmap', parallel.PmapPlan(), (1, 6), False),
+          ('pmap', parallel.PmapPlan(), (2, 0), True),
+          ('mesh2x2x2', parallel.MeshPlan(parallel.make_mesh(2, 2, 2), ('data', 'fsdp')), (2, 6),
            True),
-          ('mesh8x1x1', parallel.MeshPlan(parallel.make_mesh(8, 1, 1)), 1, False)]
-  for name, plan, accum, evaluate in runs:
-    state, tp, losses, params, sums = train(plan, accum, evaluate)
+          ('mesh8x1x1', parallel.MeshPlan(parallel.make_mesh(8, 1, 1)), (1, 0), False)]
+  for name, plan, (accum, chunk), evaluate in runs:
+    state, tp, losses, params, sums = train(plan, (accum, chunk), evaluate)
     # |a - b| <= atol + rtol * |b| holds for every element iff err <= 1 (atol 1e-6, rtol 1e-4).
     err = max(float(np.max(np.abs(a - b) / (1e-6 + 1e-4 * np.abs(b))))
               for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)))
@@ -141,7 +146,7 @@ def main():
       with tempfile.TemporaryDirectory() as workdir:
         for steps in (3, STEPS):
           state, _ = loop.fit(
-              specs[1], plan.place_state(jax.tree.map(np.copy, state0)),
+              specs[accum, chunk], plan.place_state(jax.tree.map(np.copy, state0)),
               plan.place_teacher(teacher_params), ListIterator(batches), [batches[0]],
               workdir=workdir, total_steps=steps, log_every=1, checkpoint_every=1,
               progress=False, plan=plan)

@@ -164,11 +164,15 @@ def test_non_finite_loss_names_the_step_and_term():
 
 
 @pytest.mark.parametrize('terms', [{'ce': 0.5, 'kl': 0.5}, {'ce': 0.2, 'skew_kl': 0.5, 'tvd': 0.3}])
-def test_chunked_step_equals_plain_step(terms):
+@pytest.mark.parametrize('fused,accum', [(False, 1), (True, 1), (True, 2)])
+def test_chunked_step_equals_plain_step(terms, fused, accum):
   config = _config(**terms)
+  config.train.accum_steps = accum
   spec, state, tp = _setup(config)
   config.chunk_size = 5  # T=16 is not a multiple: the last chunk is padded and masked
+  config.fused_chunks = fused
   chunked = run.make_spec(config, spec.student, spec.teacher, dict(config.losses), 10)
+  assert chunked.fused_chunks == fused and chunked.accum_steps == accum
   batch = _batch()
   s1, m1 = step_lib.train_step(state, tp, batch, spec)
   s2, m2 = step_lib.train_step(state, tp, batch, chunked)
@@ -237,3 +241,19 @@ def test_cached_full_vocab_teacher_equals_the_online_teacher(semantics):
   np.testing.assert_allclose(m1['loss'], m2['loss'], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                s1.params, s2.params)
+
+
+def test_optimizer_mu_dtype_keeps_adams_first_moment_in_bfloat16():
+  from kd.train import optim  # pylint: disable=g-import-not-at-top
+  params = {'w': jnp.ones((3, 2), jnp.float32)}
+  grads = {'w': jnp.full((3, 2), 0.3, jnp.float32)}
+  tx, _ = optim.make({'name': 'adamw', 'lr': 0.1, 'schedule': 'constant', 'mu_dtype': 'bfloat16'},
+                     10)
+  state = tx.init(params)
+  mus = [x for x in jax.tree.leaves(state) if getattr(x, 'shape', ()) == (3, 2)]
+  assert sorted(str(x.dtype) for x in mus) == ['bfloat16', 'float32']  # mu, nu
+  updates, _ = tx.update(grads, state, params)
+  # The first Adam step is -lr * sign(g) (bias-corrected m/sqrt(v) = g/|g|) in either dtype.
+  np.testing.assert_allclose(updates['w'], -0.1, rtol=1e-2)
+  with pytest.raises(ValueError, match='mu_dtype'):
+    optim.make({'name': 'sgd', 'lr': 0.1, 'mu_dtype': 'bfloat16'}, 10)

@@ -277,16 +277,12 @@ DIVERGENCES = {
 # ----------------------------------------------------------------------------- chunked
 
 
-def chunked_logit_losses(terms, student_hidden_BxTxD, student_project, teacher_hidden_BxTxE,
-                         teacher_project, *, labels=None, mask=None, temperature=1.0,
-                         chunk_size=128):
-  """Logit losses from hidden states without ever holding [B, T, V] logits.
+def _chunk_inputs(terms, student_hidden_BxTxD, teacher_hidden_BxTxE, labels, mask, temperature,
+                  chunk_size):
+  """Checks the arguments of the chunked paths -> (needs_teacher, chunks, unchunk).
 
-  `terms` maps a loss name (a key of DIVERGENCES, or 'ce' which uses `labels`) to its kwargs
-  (a term may carry its own 'temperature'). The sequence is scanned in chunks of `chunk_size`;
-  each chunk projects both models and evaluates every term under `jax.checkpoint`, so the
-  backward pass recomputes [B, C, V] logits per chunk instead of storing them. Teacher logits
-  are gradient-stopped. Returns {name: (sum, count)}, equal to projecting fully then `<name>_sum`.
+  `chunks` = (student hidden, teacher hidden or None, mask, labels), each [n, B, C, ...] with
+  the last chunk padded (and masked); `unchunk` maps an [n, B, C, ...] array back to [B, T, ...].
   """
   unknown = sorted(set(terms) - set(DIVERGENCES) - {'ce'})
   if unknown:
@@ -313,29 +309,55 @@ def chunked_logit_losses(terms, student_hidden_BxTxD, student_project, teacher_h
   n = math.ceil(t / chunk_size)
   pad = n * chunk_size - t
 
-  def to_chunks(x):  # [B, T, ...] -> [n, B, C, ...], padded positions masked out below
+  def to_chunks(x):  # [B, T, ...] -> [n, B, C, ...], padded positions masked out
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     x = x.reshape((b, n, chunk_size) + x.shape[2:])
     return jnp.moveaxis(x, 1, 0)
 
-  xs = (to_chunks(student_hidden_BxTxD),
-        to_chunks(teacher_hidden_BxTxE) if needs_teacher else None,
-        to_chunks(mask_BxT), to_chunks(labels_BxT))
+  def unchunk(x):  # [n, B, C, ...] -> [B, T, ...]
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape((b, n * chunk_size) + x.shape[3:])[:, :t]
+
+  chunks = (to_chunks(student_hidden_BxTxD),
+            to_chunks(teacher_hidden_BxTxE) if needs_teacher else None,
+            to_chunks(mask_BxT), to_chunks(labels_BxT))
+  return needs_teacher, chunks, unchunk
+
+
+def _terms_of_logits(terms, logits_BxCxV, teacher_BxCxV, mask_BxC, labels_BxC, temperature):
+  out = {}
+  for name, kw in terms.items():
+    kw = dict(kw or {})
+    if name == 'ce':
+      out[name] = ce_sum(logits_BxCxV, labels_BxC, mask=mask_BxC, **kw)
+    else:
+      kw.setdefault('temperature', temperature)
+      out[name] = DIVERGENCES[name](logits_BxCxV, teacher_BxCxV, mask=mask_BxC, **kw)
+  return out
+
+
+def chunked_logit_losses(terms, student_hidden_BxTxD, student_project, teacher_hidden_BxTxE,
+                         teacher_project, *, labels=None, mask=None, temperature=1.0,
+                         chunk_size=128):
+  """Logit losses from hidden states without ever holding [B, T, V] logits.
+
+  `terms` maps a loss name (a key of DIVERGENCES, or 'ce' which uses `labels`) to its kwargs
+  (a term may carry its own 'temperature'). The sequence is scanned in chunks of `chunk_size`;
+  each chunk projects both models and evaluates every term under `jax.checkpoint`, so the
+  backward pass recomputes [B, C, V] logits per chunk instead of storing them. Teacher logits
+  are gradient-stopped. Returns {name: (sum, count)}, equal to projecting fully then `<name>_sum`.
+  `fused_logit_losses` does the same work without the recomputation, when the loss weights are
+  known before the backward pass (they are in kd.train.step).
+  """
+  needs_teacher, xs, _ = _chunk_inputs(terms, student_hidden_BxTxD, teacher_hidden_BxTxE, labels,
+                                       mask, temperature, chunk_size)
 
   @jax.checkpoint
   def chunk_terms(hs_BxCxD, ht_BxCxE, mask_BxC, labels_BxC):
-    logits_BxCxV = student_project(hs_BxCxD)
-    if needs_teacher:
-      teacher_BxCxV = jax.lax.stop_gradient(teacher_project(ht_BxCxE))
-    out = {}
-    for name, kw in terms.items():
-      kw = dict(kw or {})
-      if name == 'ce':
-        out[name] = ce_sum(logits_BxCxV, labels_BxC, mask=mask_BxC, **kw)
-      else:
-        kw.setdefault('temperature', temperature)
-        out[name] = DIVERGENCES[name](logits_BxCxV, teacher_BxCxV, mask=mask_BxC, **kw)
-    return out
+    teacher_BxCxV = (jax.lax.stop_gradient(teacher_project(ht_BxCxE)) if needs_teacher
+                     else None)
+    return _terms_of_logits(terms, student_project(hs_BxCxD), teacher_BxCxV, mask_BxC,
+                            labels_BxC, temperature)
 
   def step(acc, chunk):
     out = chunk_terms(*chunk)
@@ -345,3 +367,67 @@ def chunked_logit_losses(terms, student_hidden_BxTxD, student_project, teacher_h
   init = {name: (zero, zero) for name in terms}
   totals, _ = jax.lax.scan(step, init, xs)
   return totals
+
+
+def fused_logit_losses(terms, coeffs, student_hidden_BxTxD, head_params, student_project,
+                       teacher_hidden_BxTxE, teacher_project, *, labels=None, mask=None,
+                       temperature=1.0, chunk_size=128):
+  """The chunked logit losses with their gradient made in the forward pass (no recomputation).
+
+  For each chunk of the sequence both heads project once, every term is evaluated, and
+  `jax.vjp` of Σ_i coeffs[i]·sum_i gives that chunk's gradients with respect to the student's
+  hidden states and head parameters right away; the [B, C, V] logits are then dropped. The
+  backward pass has nothing left to recompute (chunked_logit_losses projects both heads a second
+  time there), and only [B, T, D] and head-sized gradients are kept.
+
+  Args:
+    terms: as in chunked_logit_losses.
+    coeffs: {name: weight}, the objective's weight of each term's *sum* (in kd.train.step
+      w_i(step) / global count_i); not differentiated.
+    student_hidden_BxTxD: the student's final hidden states.
+    head_params: the student's head parameters (any pytree); gradients reach them.
+    student_project: (head_params, h [..., D]) -> logits [..., V].
+    teacher_hidden_BxTxE, teacher_project, labels, mask, temperature, chunk_size: as in
+      chunked_logit_losses.
+
+  Returns:
+    ({name: (sum, count)} with gradient-stopped sums, surrogate): `surrogate` is exactly 0 and
+    its gradient with respect to the hidden states and head parameters is that of
+    Σ_i coeffs[i]·sum_i. Add it to the objective (together with the stopped sums' weighted
+    value) to train on the terms.
+  """
+  needs_teacher, xs, unchunk = _chunk_inputs(terms, student_hidden_BxTxD, teacher_hidden_BxTxE,
+                                             labels, mask, temperature, chunk_size)
+  sg = jax.lax.stop_gradient
+  fixed_params, coeffs = sg(head_params), sg(dict(coeffs))
+  missing = sorted(set(terms) - set(coeffs))
+  if missing:
+    raise ValueError(f'coeffs has no weight for {missing}; give one per term.')
+  hs_chunks = sg(xs[0])
+
+  def step(carry, chunk):
+    acc, d_params = carry
+    hs_BxCxD, ht_BxCxE, mask_BxC, labels_BxC = chunk
+    teacher_BxCxV = sg(teacher_project(ht_BxCxE)) if needs_teacher else None
+
+    def weighted(params, h_BxCxD):
+      out = _terms_of_logits(terms, student_project(params, h_BxCxD), teacher_BxCxV, mask_BxC,
+                             labels_BxC, temperature)
+      return sum(coeffs[n] * s for n, (s, _) in out.items()), out
+
+    _, vjp, out = jax.vjp(weighted, fixed_params, hs_BxCxD, has_aux=True)
+    d_chunk_params, d_h_BxCxD = vjp(jnp.ones((), jnp.float32))
+    return (jax.tree.map(jnp.add, acc, out),
+            jax.tree.map(jnp.add, d_params, d_chunk_params)), d_h_BxCxD
+
+  zero = jnp.zeros((), jnp.float32)
+  init = ({name: (zero, zero) for name in terms}, jax.tree.map(jnp.zeros_like, fixed_params))
+  (totals, d_params), d_h = jax.lax.scan(step, init, (hs_chunks, *xs[1:]))
+  d_h_BxTxD = sg(unchunk(d_h))
+
+  def inner(grad, x):  # value 0; d/dx = grad
+    return jnp.sum(grad.astype(jnp.float32) * (x - sg(x)).astype(jnp.float32))
+
+  surrogate = inner(d_h_BxTxD, student_hidden_BxTxD) + sum(
+      inner(g, p) for g, p in zip(jax.tree.leaves(sg(d_params)), jax.tree.leaves(head_params)))
+  return sg(totals), surrogate

@@ -40,6 +40,13 @@ ACTIVATIONS = {
     'relu': nn.relu,
 }
 NORMS = ('rms', 'layer')
+# DecoderConfig.remat_policy -> the jax.checkpoint policy (None: save nothing, recompute all).
+REMAT_POLICIES = {
+    'nothing': None,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+ATTENTION_IMPLS = (None, 'xla', 'cudnn')
 POSITIONS = ('rope', 'learned')
 LAYER_TYPES = ('full_attention', 'sliding_attention')
 # rope_scaling['rope_type'] -> the keys it needs (transformers' names).
@@ -72,6 +79,12 @@ class DecoderConfig:
   dtype: str = 'float32'  # Compute dtype of activations and logits.
   param_dtype: str = 'float32'
   remat: bool = False  # jax.checkpoint each block.
+  # What a rematerialised block keeps for the backward pass: a key of REMAT_POLICIES.
+  remat_policy: str = 'nothing'
+  # jax.nn.dot_product_attention's implementation: 'xla', 'cudnn' (the fused flash kernel on
+  # NVIDIA GPUs; fails at compile time where cuDNN cannot run it), or None: cuDNN where it is
+  # known to apply (GPU, bf16/fp16, causal without a padding or segment mask), else XLA.
+  attention_impl: str | None = None
   scan_layers: bool = False  # Reserved; not implemented yet.
   # Family switches; the defaults are Llama.
   model_type: str = 'llama'  # The transformers family kd.hf.save exports to.
@@ -144,7 +157,9 @@ class DecoderConfig:
       raise ValueError('scan_layers=True is not implemented yet; set scan_layers=False '
                        '(remat=True still saves activation memory).')
     for name, allowed in (('norm', NORMS), ('positions', POSITIONS),
-                          ('mlp_activation', tuple(ACTIVATIONS))):
+                          ('mlp_activation', tuple(ACTIVATIONS)),
+                          ('remat_policy', tuple(REMAT_POLICIES)),
+                          ('attention_impl', ATTENTION_IMPLS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f'DecoderConfig.{name}={getattr(self, name)!r} is not supported; '
                          f'use one of {list(allowed)}.')
@@ -366,6 +381,20 @@ def explicit_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: flo
   return out_BxTxNxH, probs_BxNxTxS
 
 
+def attention_impl(c: DecoderConfig, dtype, mask, causal: bool) -> str | None:
+  """config.attention_impl, or when None the kernel to ask for: 'cudnn' where it applies.
+
+  jax.nn.dot_product_attention's own default is the XLA path (2.7x slower for a whole KD step
+  at 1b-160m-32k on an H100, experiments/bench_vs_peer.py), so kd asks for cuDNN itself.
+  """
+  if c.attention_impl is not None:
+    return c.attention_impl
+  if (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+      and mask is None and causal and c.head_dim <= 128 and c.head_dim % 8 == 0):
+    return 'cudnn'
+  return 'xla'
+
+
 class Attention(nn.Module):
   config: DecoderConfig
 
@@ -405,9 +434,10 @@ class Attention(nn.Module):
       out_BxTxNxH, probs = explicit_attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, mask,
                                               scale, causal)
     else:
-      # Lets JAX pick a fused kernel where the backend has one; handles GQA without repeats.
+      # A fused kernel where the backend has one; handles GQA without repeats.
       out_BxTxNxH = jax.nn.dot_product_attention(
-          q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, mask=mask, scale=scale, is_causal=causal)
+          q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, mask=mask, scale=scale, is_causal=causal,
+          implementation=attention_impl(c, q_BxTxNxH.dtype, mask, causal))
       probs = None
     out_BxTxD = proj(c.hidden_size, 'o_proj', c.attn_out_bias)(out_BxTxNxH.reshape(b, t, n * h))
 
@@ -470,7 +500,8 @@ class Decoder(nn.Module):
       self.pos_embed = nn.Embed(c.max_seq_len, c.hidden_size, dtype=dtype,
                                 param_dtype=param_dtype, embedding_init=_INIT)
     # self (0), h, cos, sin, mask are traced; want_probs, want_qkv, causal (5, 6, 7) are static.
-    block = nn.remat(Block, static_argnums=(5, 6, 7)) if c.remat else Block
+    block = (nn.remat(Block, static_argnums=(5, 6, 7), policy=REMAT_POLICIES[c.remat_policy])
+             if c.remat else Block)
     self.layers = [block(c) for _ in range(c.num_layers)]  # Named layers_0, layers_1, ...
     self.final_norm = _norm(c, None)
     if not c.tie_embeddings:
@@ -599,6 +630,17 @@ def init_params(config: DecoderConfig, rng, seq_len: int = 8) -> dict[str, Any]:
 def count_params(params) -> int:
   """Number of scalars in a params pytree (arrays or jax.ShapeDtypeStruct leaves)."""
   return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+
+
+def head_params(model: Decoder, params) -> dict[str, Any]:
+  """The variables `Decoder.project` reads (the LM head, or the embedding when tied)."""
+  name = 'embed' if model.config.tie_embeddings else 'lm_head'
+  return {'params': {name: params['params'][name]}}
+
+
+def project_with(model: Decoder) -> Callable[[Any, jax.Array], jax.Array]:
+  """(head_params(model, params), h [..., D]) -> logits [..., V]."""
+  return lambda head, hidden_BxTxD: model.apply(head, hidden_BxTxD, method=Decoder.project)
 
 
 def head_fn(model: Decoder, params) -> Callable[[jax.Array], jax.Array]:

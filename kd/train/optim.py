@@ -4,12 +4,13 @@ import optax
 
 from kd.train import schedules
 
+# optimizer.mu_dtype (Adam's first moment, e.g. 'bfloat16' to halve it; default: the params').
 OPTIMIZERS = {
     'adamw': lambda lr, c: optax.adamw(lr, b1=c.get('b1', 0.9), b2=c.get('b2', 0.999),
-                                       eps=c.get('eps', 1e-8),
+                                       eps=c.get('eps', 1e-8), mu_dtype=c.get('mu_dtype'),
                                        weight_decay=c.get('weight_decay', 0.0)),
     'adam': lambda lr, c: optax.adam(lr, b1=c.get('b1', 0.9), b2=c.get('b2', 0.999),
-                                     eps=c.get('eps', 1e-8)),
+                                     eps=c.get('eps', 1e-8), mu_dtype=c.get('mu_dtype')),
     'sgd': lambda lr, c: optax.sgd(lr, momentum=c.get('momentum', None)),
     'lion': lambda lr, c: optax.lion(lr, weight_decay=c.get('weight_decay', 0.0)),
 }
@@ -36,6 +37,11 @@ def make(opt_cfg, total_steps: int):
   name = opt_cfg.get('name', 'adamw')
   if name not in OPTIMIZERS:
     raise ValueError(f'optimizer.name {name!r} unknown; valid: {sorted(OPTIMIZERS)}')
+  mu_dtype = opt_cfg.get('mu_dtype')
+  if mu_dtype is not None and (name not in ('adam', 'adamw')
+                               or mu_dtype not in ('float32', 'bfloat16', 'float16')):
+    raise ValueError(f'optimizer.mu_dtype={mu_dtype!r} needs name adam/adamw and one of '
+                     "'float32', 'bfloat16', 'float16' (or None: the params' dtype).")
   lr_fn = learning_rate(opt_cfg, total_steps)
   chain = []
   if opt_cfg.get('grad_clip_norm'):

@@ -23,6 +23,7 @@ import optax
 
 from kd import losses
 from kd.models import head_fn
+from kd.models.decoder import head_params, project_with
 from kd.models.encoder import pool
 
 
@@ -52,11 +53,17 @@ class Spec:
   feature_pairs: tuple = ()
   attention_pairs: tuple = ()
   chunk_size: int = 0
+  # With chunk_size: make the logit losses' gradient in the forward pass
+  # (losses.fused_logit_losses) instead of recomputing each chunk's logits in the backward pass.
+  fused_chunks: bool = True
   accum_steps: int = 1
   vocab: int = 0  # > 0: logit losses use only the first `vocab` rows (padded vocabs)
   topk_semantics: str = 'rest_bucket'  # for a cached top-k teacher, see kd/losses/topk.py
   axis_name: str | None = None  # the pmap axis to sum counts, terms and gradients over
   strided_accum: bool = False  # micro-batch i = rows i::accum_steps (set by the mesh plan)
+
+  def logit_terms(self) -> list:
+    return [n for n in self.terms if losses.get(n).kind in ('ce', 'logits')]
 
   def kinds(self) -> set:
     return {losses.get(n).kind for n in self.terms}
@@ -117,6 +124,14 @@ def teacher_forward(spec: Spec, teacher_params, batch):
 
 def loss_terms(params, teacher_params, t_out, batch, spec: Spec, step) -> dict:
   """Every configured loss term as a (sum, count) pair of float32 scalars."""
+  return _loss_terms(params, teacher_params, t_out, batch, spec, step)[0]
+
+
+def _loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, logit_coeffs=None):
+  """(terms, surrogate). With `logit_coeffs` ({logit term: weight of its sum}) and chunking,
+  the logit terms go through losses.fused_logit_losses: their sums come gradient-stopped and
+  `surrogate` (value 0) carries the gradient of Σ coeff·sum; otherwise surrogate is 0."""
+  surrogate = jnp.zeros((), jnp.float32)
   s_out = forward(spec.student, params['student'], batch, **spec.needs())
   mask = batch['loss_mask']
   if 'segment_ids' in batch:
@@ -132,7 +147,16 @@ def loss_terms(params, teacher_params, t_out, batch, spec: Spec, step) -> dict:
   # With padded vocabularies every logit loss sees the shared rows only (labels never fall in
   # the padding, so CE is unchanged but for the padded rows' mass).
   cut = (lambda x: x[..., :spec.vocab]) if spec.vocab else (lambda x: x)
-  if logit_terms and spec.chunk_size:
+  if logit_terms and spec.chunk_size and logit_coeffs is not None:
+    teacher_head = None if t_out is None else head_fn(spec.teacher, teacher_params)
+    terms, surrogate = losses.fused_logit_losses(
+        logit_terms, logit_coeffs, s_out['hidden'], head_params(spec.student, params['student']),
+        lambda p, h: cut(project_with(spec.student)(p, h)),
+        None if t_out is None else t_out['hidden'],
+        None if t_out is None else (lambda h: cut(teacher_head(h))),
+        labels=batch['labels'], mask=mask, temperature=temperature, chunk_size=spec.chunk_size)
+    out.update(terms)
+  elif logit_terms and spec.chunk_size:
     student_head = head_fn(spec.student, params['student'])
     teacher_head = None if t_out is None else head_fn(spec.teacher, teacher_params)
     out.update(losses.chunked_logit_losses(
@@ -176,18 +200,26 @@ def loss_terms(params, teacher_params, t_out, batch, spec: Spec, step) -> dict:
     rows = None if token_mask is None else jnp.any(token_mask, axis=-1)
     for name, kw in by_kind['embedding'].items():
       out[name] = losses.get(name).fn_sum(s_emb, t_emb, mask=rows, **kw)
-  return out
+  return out, surrogate
 
 
 def _objective(params, teacher_params, t_out, batch, spec, step, counts):
-  terms = loss_terms(params, teacher_params, t_out, batch, spec, step)
+  coeffs = None
+  if spec.chunk_size and spec.fused_chunks and spec.logit_terms():
+    # The fused path needs each logit term's weight before the backward pass: w(step) over
+    # its global count, which for a logit term is the number of loss-masked tokens.
+    if counts is None:
+      tokens = _psum(jnp.sum(batch['loss_mask'].astype(bool), dtype=jnp.float32), spec)
+    coeffs = {n: spec.weights[n](step) / jnp.maximum(tokens if counts is None else counts[n], 1.0)
+              for n in spec.logit_terms()}
+  terms, surrogate = _loss_terms(params, teacher_params, t_out, batch, spec, step, coeffs)
   if counts is None:
     counts = {n: c for n, (_, c) in terms.items()}
     if spec.axis_name is not None:  # normalise by the global count, not this device's
       counts = jax.lax.psum(jax.lax.stop_gradient(counts), spec.axis_name)
   total = sum(spec.weights[n](step) * s / jnp.maximum(counts[n], 1.0)
               for n, (s, _) in terms.items())
-  return total, terms
+  return total + surrogate, terms
 
 
 def _split(batch, n, strided=False):

@@ -1,0 +1,41 @@
+"""experiments/bench_vs_peer.py: runs kd's step and a peer process, and divides their numbers."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Stands in for ../shared/bench/peer_torch_kd.py (which needs CUDA): same argv, one JSON line.
+FAKE_PEER = '''
+import json, sys
+assert sys.argv[2] == '--compile', sys.argv
+print('warming up')
+print(json.dumps(dict(peer='torch+hf', shape=sys.argv[1], tokens_per_s=100, peak_mem_gb=2.0)))
+'''
+
+
+def test_bench_vs_peer_prints_ratios_to_the_peer(tmp_path):
+  peer = tmp_path / 'peer.py'
+  peer.write_text(FAKE_PEER)
+  out = tmp_path / 'bench.jsonl'
+  proc = subprocess.run(
+      [sys.executable, 'experiments/bench_vs_peer.py', f'--peer={peer}',
+       f'--peer_python={sys.executable}', '--shapes=cpu-tiny', '--variant=plain:--steps=2',
+       '--variant=fused:--chunk_size=16 --steps=2 --noremat', '--variant=bad:--shape_x=1',
+       f'--out={out}'], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [r['variant'] for r in rows] == ['peer', 'plain', 'fused', 'bad']
+  peer_r, plain, fused, bad = rows
+  assert peer_r['tokens_per_s'] == 100
+  assert plain['chunk_size'] == 0 and not plain['fused_chunks'] and plain['remat']
+  assert fused['chunk_size'] == 16 and fused['fused_chunks'] and not fused['remat']
+  assert plain['tokens_per_s'] > 0 and plain['step_s'] > 0 and 'error' in bad
+  # Same model, data and objective: the chunked fused step starts from the same loss.
+  assert abs(plain['loss'] - fused['loss']) < 1e-2 * abs(plain['loss'])
+  table = proc.stdout[proc.stdout.index('### cpu-tiny'):]
+  ratio = plain['tokens_per_s'] / 100
+  assert f"| plain | {plain['tokens_per_s']:,} |" in table and f'{ratio:.2f}x' in table
+  assert '| bad | failed: exit' in table
