@@ -9,6 +9,10 @@ student). Variants (`:variant`, comma separated):
   objective=NAME   distil with the logit loss NAME (kl, reverse_kl, jsd, tvd, skew_kl,
          skew_reverse_kl): losses = {ce: alpha, NAME: 1 - alpha}, with NAME's kwargs in
          config.loss_kwargs (e.g. --config.loss_kwargs.jsd.beta=0.1); objective=ce is no KD
+  dialogue   the prompt/response task (kd/data/dialogue.py: answer a speech as the next
+         speaker); losses = {NAME: 1} on the response tokens, the prompt masked
+  onpolicy=L   with dialogue: GKD, each batch's responses are the student's own samples with
+         probability L (config.on_policy; kd/train/onpolicy.py)
 E.g. `--config=configs/shakespeare_kd.py:tiny,objective=jsd`.
 Prints a table: teacher perplexity, student perplexity with KD and without, teacher-student
 top-1 agreement on the held-out split. KD: L = a*CE + (1-a)*T^2*KL(p_T || p_S) with a=0.5, T=2.
@@ -34,7 +38,7 @@ Two hosts (run on each, with its own process_id):
 import ml_collections
 
 
-VARIANTS = ('tiny', 'long', 'objective')
+VARIANTS = ('tiny', 'long', 'objective', 'dialogue', 'onpolicy')
 # The kwargs each objective takes (their defaults), so that the command line can set them.
 OBJECTIVE_KWARGS = {'jsd': {'beta': 0.5}, 'skew_kl': {'alpha': 0.1},
                     'skew_reverse_kl': {'alpha': 0.1}}
@@ -57,7 +61,11 @@ def get_config(arg=None):
 
   c.data = ml_collections.ConfigDict(dict(
       name='tiny_shakespeare', vocab_size=512, seq_len=128, batch_size=16, eval_batch_size=32,
-      eval_split='validation', max_eval_batches=0))
+      eval_split='validation', max_eval_batches=0,
+      task='lm', prompt_len=0, response_len=0))  # task 'dialogue': see the variant
+  # GKD: the fraction of KD batches whose responses the student samples (dialogue task only).
+  c.on_policy = ml_collections.ConfigDict(dict(fraction=0.0, temperature=1.0, top_k=0,
+                                               top_p=1.0))
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.model = ml_collections.ConfigDict(dict(
@@ -108,6 +116,13 @@ def get_config(arg=None):
       steps=800, accum_steps=1, log_every=50, eval_every=200, checkpoint_every=200, keep=2,
       progress=True))
 
+  if 'dialogue' in variants:
+    c.data.update(task='dialogue', prompt_len=96, response_len=64, batch_size=16)
+    c.losses = ml_collections.ConfigDict({objective: 1.0})
+  if 'onpolicy' in options:
+    if 'dialogue' not in variants:
+      raise ValueError('onpolicy=L needs the dialogue variant (prompts to answer).')
+    c.on_policy.fraction = float(options['onpolicy'])
   if 'tiny' in variants:
     c.data.update(vocab_size=300, seq_len=32, batch_size=8, eval_batch_size=8,
                   max_eval_batches=2)
@@ -117,6 +132,8 @@ def get_config(arg=None):
                      intermediate_size=32)
     c.teacher.steps = 4
     c.train.update(steps=4, log_every=2, checkpoint_every=2, progress=False)
+    if 'dialogue' in variants:
+      c.data.update(prompt_len=16, response_len=8)
   if 'long' in variants:
     c.teacher.steps *= 4
     c.train.steps *= 4

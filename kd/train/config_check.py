@@ -43,6 +43,37 @@ def check(config) -> None:
   check_parallel(config)
   if int(config.get('chunk_size', 0)) < 0:
     raise ConfigError('config.chunk_size must be >= 0 (0 = no chunking)')
+  check_on_policy(config)
+
+
+def check_on_policy(config) -> None:
+  """config.data.task and config.on_policy (GKD) fit together."""
+  task = config.data.get('task', 'lm')
+  if task not in ('lm', 'dialogue'):
+    raise ConfigError(f"config.data.task={task!r} is unknown; use 'lm' or 'dialogue'")
+  if task == 'dialogue':
+    for key in ('prompt_len', 'response_len'):
+      if int(config.data.get(key, 0)) < (1 if key == 'prompt_len' else 2):
+        raise ConfigError(f'config.data.{key} must be set (>= 1, response_len >= 2) for the '
+                          "dialogue task")
+  fraction = float((config.get('on_policy') or {}).get('fraction', 0.0))
+  if not 0.0 <= fraction <= 1.0:
+    raise ConfigError(f'config.on_policy.fraction must be in [0, 1], got {fraction}')
+  if fraction == 0.0:
+    return
+  if task != 'dialogue':
+    raise ConfigError("config.on_policy.fraction > 0 needs prompts: set config.data.task="
+                      "'dialogue'")
+  if 'ce' in config.losses and schedules.bounds(config.losses['ce'])[1] > 0:
+    raise ConfigError("config.on_policy.fraction > 0 with a 'ce' loss would fit the student to "
+                      'its own samples; use divergence terms only (e.g. losses={jsd: 1.0})')
+  mode = (config.get('parallel') or {}).get('mode', 'single')
+  if mode != 'single' or jax.process_count() > 1:
+    raise ConfigError("on-policy generation runs on one device for now: set "
+                      "config.parallel.mode='single' (one process), or on_policy.fraction=0")
+  if config.teacher.get('cache', ''):
+    raise ConfigError('on-policy batches need the online teacher to score the samples; unset '
+                      'config.teacher.cache')
 
 
 def check_parallel(config) -> None:

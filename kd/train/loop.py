@@ -40,13 +40,16 @@ def evaluate(eval_fn, params, teacher_params, batches) -> dict:
 
 def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, workdir: str,
         total_steps: int, log_every: int = 50, eval_every: int = 0, checkpoint_every: int = 0,
-        keep: int = 2, progress: bool = True, name: str = 'train', plan=None):
+        keep: int = 2, progress: bool = True, name: str = 'train', plan=None, batch_fn=None):
   """Trains until `total_steps`, resuming from `workdir` if it holds a checkpoint.
 
   Returns (final state, final eval metrics). `data_iter` is a grain iterator whose position is
   checkpointed with the state, so a resumed run sees exactly the batches it would have seen.
   `plan` (`kd.parallel.make`; default one device) wraps the step; `state` and `teacher_params`
   arrive already placed by it, and `data_iter` yields this process's rows of each batch.
+  `batch_fn(state, batch, step) -> batch`, if given, rewrites each batch before its step (e.g.
+  kd.train.onpolicy: the student generates the responses); it must be a function of its
+  arguments only, so a resumed run rewrites the same way.
   """
   plan = plan or parallel.SinglePlan()
   mngr = checkpoint.manager(f'{workdir}/checkpoints', max_to_keep=keep)
@@ -72,6 +75,8 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
   try:
     for i in range(start, total_steps):
       batch = next(data_iter)
+      if batch_fn is not None:
+        batch = batch_fn(state, batch, i)
       tokens += int(np.sum(batch['segment_ids'] > 0)) if 'segment_ids' in batch else batch[
           'input_ids'].size
       state, m = train_fn(state, teacher_params, batch)

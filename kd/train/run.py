@@ -20,12 +20,14 @@ import numpy as np
 from absl import logging
 
 from kd import data as data_lib
+from kd.data import dialogue
 from kd.data import teacher_cache as teacher_cache_lib
 from kd import losses
 from kd import models
 from kd import parallel
 from kd.train import config_check
 from kd.train import loop
+from kd.train import onpolicy
 from kd.train import optim
 from kd.train import schedules
 from kd.train import step as step_lib
@@ -89,8 +91,16 @@ class Data:
         dc.vocab_size)
     self.vocab_size = self.tokenizer.get_vocab_size()
     eval_source = data_lib.load_text_split(dc.name, dc.get('eval_split', 'validation'))
-    self.eval_batches = data_lib.make_eval_batches(
-        eval_source, self.tokenizer, seq_len=dc.seq_len, batch_size=dc.eval_batch_size)
+    self.task = dc.get('task', 'lm')
+    if self.task == 'dialogue':  # prompt -> response pairs of consecutive speeches
+      arrays = lambda src: dialogue.encode(
+          dialogue.speech_pairs([src[i] for i in range(len(src))]), self.tokenizer,
+          prompt_len=dc.prompt_len, response_len=dc.response_len)
+      self.train_arrays = arrays(self.train_source)
+      self.eval_batches = dialogue.eval_batches(arrays(eval_source), dc.eval_batch_size)
+    else:
+      self.eval_batches = data_lib.make_eval_batches(
+          eval_source, self.tokenizer, seq_len=dc.seq_len, batch_size=dc.eval_batch_size)
     if dc.get('max_eval_batches'):
       self.eval_batches = self.eval_batches[:dc.max_eval_batches]
     self.config = dc
@@ -104,13 +114,15 @@ class Data:
                  shard_index=jax.process_index(), shard_count=jax.process_count())
     if teacher_cache:
       return teacher_cache_lib.make_iterator(teacher_cache, **shard)
+    if self.task == 'dialogue':
+      return dialogue.make_iterator(self.train_arrays, **shard)
     return data_lib.make_iterator(self.train_source, self.tokenizer,
                                   seq_len=self.config.seq_len, **shard)
 
 
 def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params, terms,
               *, steps: int, seed: int, name: str, teacher_cache: str = '',
-              init_variables=None):
+              init_variables=None, batch_fn=None):
   """One training run (teacher training is a run with no teacher and `ce` only)."""
   spec = make_spec(config, student, teacher, terms, steps)
   plan = parallel.make(config.get('parallel'))
@@ -122,10 +134,15 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
       spec, state, plan.place_teacher(teacher_params), data.iterator(seed, teacher_cache),
       data.eval_batches, workdir=workdir, total_steps=steps, log_every=tc.log_every,
       eval_every=tc.get('eval_every', 0), checkpoint_every=tc.checkpoint_every,
-      keep=tc.get('keep', 2), progress=tc.get('progress', True), name=name, plan=plan)
+      keep=tc.get('keep', 2), progress=tc.get('progress', True), name=name, plan=plan,
+      batch_fn=batch_fn)
   final['wall_s'] = time.perf_counter() - t0
   student_params = plan.unreplicate(state).params['student']
   final['params'] = models.count_params(student_params)
+  if batch_fn is not None and getattr(batch_fn, 'stats', None):
+    st = batch_fn.stats
+    final.update(st, generation_tokens_per_s=st['generated_tokens'] / max(st['generation_s'],
+                                                                          1e-9))
   return student_params, final
 
 
@@ -207,6 +224,12 @@ def student_init(config, student, teacher, teacher_params):
   return init.params
 
 
+def on_policy_fn(config, student):
+  """loop.fit's batch_fn for config.on_policy (GKD), or None when its fraction is 0."""
+  op = onpolicy.OnPolicy.from_config(config.get('on_policy'), config.seed)
+  return op.batch_fn(student) if op.fraction > 0 else None
+
+
 def main(config, workdir: str) -> dict:
   """Runs every stage the config asks for and writes `results.json` and `results.md`."""
   config_check.check(config)
@@ -223,7 +246,8 @@ def main(config, workdir: str) -> dict:
   _, results['student_kd'] = run_stage(
       config, data, f'{workdir}/student_kd', student, teacher, teacher_params,
       dict(config.losses), steps=config.train.steps, seed=config.seed, name='student_kd',
-      teacher_cache=config.teacher.get('cache', ''), init_variables=init)
+      teacher_cache=config.teacher.get('cache', ''), init_variables=init,
+      batch_fn=on_policy_fn(config, student))
   if config.get('baseline', True):
     _, results['student_ce'] = run_stage(
         config, data, f'{workdir}/student_ce', student, teacher, teacher_params, {'ce': 1.0},
@@ -246,4 +270,9 @@ def report(results: dict) -> str:
     agree = f"{100 * r['agreement']:.1f}%" if 'agreement' in r else '-'
     rows.append(f"| {name} | {r['params']:,} | {r['perplexity']:.2f} | {agree} | "
                 f"{r['wall_s']:.0f} |")
+  for name, r in results.items():
+    if r.get('generated_batches'):
+      rows.append(f"\n{name}: {r['generated_batches']} batches on-policy, "
+                  f"{r['generated_tokens']:,} tokens sampled at "
+                  f"{r['generation_tokens_per_s']:,.0f} tokens/s (first call compiles).")
   return '\n'.join(rows)

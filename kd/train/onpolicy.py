@@ -1,0 +1,81 @@
+"""On-policy distillation (GKD, Agarwal et al. 2024): the student writes what it is taught on.
+
+With probability `fraction` (λ) a batch's responses are replaced by the student's own samples
+for its prompts; the teacher then scores those tokens inside the usual train step, and the
+configured divergence is applied on the generated tokens only (the prompt stays masked, as do
+the tokens after a row's <eos>). λ = 0 is supervised KD on the dataset's responses, λ = 1 fully
+on-policy. Which batches are generated is a pure function of (seed, step), and so is the
+sampling key, so a resumed run makes the same choices and samples.
+
+Batches use kd.data.dialogue's layout (they carry `prompt_ids` / `prompt_mask`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import numpy as np
+
+from kd.data import dialogue
+from kd.data import tokenizer as tok_lib
+from kd.models import sample
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicy:
+  """config.on_policy: λ and how the student samples."""
+  fraction: float = 0.0
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+
+  @classmethod
+  def from_config(cls, c, seed: int) -> OnPolicy:
+    c = dict(c or {})
+    out = cls(fraction=float(c.get('fraction', 0.0)),
+              temperature=float(c.get('temperature', 1.0)), top_k=int(c.get('top_k', 0)),
+              top_p=float(c.get('top_p', 1.0)), seed=seed)
+    if not 0.0 <= out.fraction <= 1.0:
+      raise ValueError(f'on_policy.fraction must be in [0, 1], got {out.fraction}.')
+    return out
+
+  def use_student(self, step: int) -> bool:
+    """Whether batch `step` is generated: a Bernoulli(λ) draw, pure of (seed, step)."""
+    if self.fraction <= 0.0:
+      return False
+    return bool(np.random.default_rng([self.seed, step, 0x6b64]).random() < self.fraction)
+
+  def student_batch(self, module, params, batch: dict, step: int) -> dict:
+    """`batch` with its responses replaced by the student's samples (same length)."""
+    r = batch['labels'].shape[1] + 1 - batch['prompt_ids'].shape[1]
+    generated = sample.generate(
+        (module, params), batch['prompt_ids'], batch['prompt_mask'], max_new_tokens=r,
+        temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+        eos_id=tok_lib.EOS_ID, pad_id=tok_lib.PAD_ID,
+        rng=jax.random.fold_in(jax.random.key(self.seed), step))
+    return dialogue.to_batch(batch['prompt_ids'], batch['prompt_mask'], generated,
+                             dialogue.response_mask(generated))
+
+  def batch_fn(self, module):
+    """loop.fit's `batch_fn(state, batch, step)`: generates the chosen batches.
+
+    `fn.stats` counts what was generated (batches, tokens up to each <eos>, seconds), for the
+    run's report only; the batches do not depend on it.
+    """
+    stats = {'generated_batches': 0, 'generated_tokens': 0, 'generation_s': 0.0}
+
+    def fn(state, batch, step):
+      if not self.use_student(step):
+        return batch
+      t0 = time.perf_counter()
+      out = self.student_batch(module, state.params['student'], batch, step)
+      stats['generated_tokens'] += int(jax.device_get(out['loss_mask']).sum())
+      stats['generation_s'] += time.perf_counter() - t0
+      stats['generated_batches'] += 1
+      return out
+
+    fn.stats = stats
+    return fn
