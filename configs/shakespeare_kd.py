@@ -13,6 +13,9 @@ student). Variants (`:variant`, comma separated):
          speaker); losses = {NAME: 1} on the response tokens, the prompt masked
   onpolicy=L   with dialogue: GKD, each batch's responses are the student's own samples with
          probability L (config.on_policy; kd/train/onpolicy.py)
+  seqkd  with dialogue: sequence-level KD, the KD student trains on the teacher's own (greedy)
+         responses to the train prompts (config.seqkd; kd/data/seqkd.py); with objective=ce
+         that is Kim & Rush's SeqKD
 E.g. `--config=configs/shakespeare_kd.py:tiny,objective=jsd`.
 Prints a table: teacher perplexity, student perplexity with KD and without, teacher-student
 top-1 agreement on the held-out split. KD: L = a*CE + (1-a)*T^2*KL(p_T || p_S) with a=0.5, T=2.
@@ -38,7 +41,7 @@ Two hosts (run on each, with its own process_id):
 import ml_collections
 
 
-VARIANTS = ('tiny', 'long', 'objective', 'dialogue', 'onpolicy')
+VARIANTS = ('tiny', 'long', 'objective', 'dialogue', 'onpolicy', 'seqkd')
 # The kwargs each objective takes (their defaults), so that the command line can set them.
 OBJECTIVE_KWARGS = {'jsd': {'beta': 0.5}, 'skew_kl': {'alpha': 0.1},
                     'skew_reverse_kl': {'alpha': 0.1}}
@@ -66,6 +69,9 @@ def get_config(arg=None):
   # GKD: the fraction of KD batches whose responses the student samples (dialogue task only).
   c.on_policy = ml_collections.ConfigDict(dict(fraction=0.0, temperature=1.0, top_k=0,
                                                top_p=1.0))
+  # SeqKD: the KD student's responses are the teacher's (temperature 0 = greedy), made once.
+  c.seqkd = ml_collections.ConfigDict(dict(enabled=False, temperature=0.0, top_k=0, top_p=1.0,
+                                           batch_size=64))
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.model = ml_collections.ConfigDict(dict(
@@ -119,6 +125,10 @@ def get_config(arg=None):
   if 'dialogue' in variants:
     c.data.update(task='dialogue', prompt_len=96, response_len=64, batch_size=16)
     c.losses = ml_collections.ConfigDict({objective: 1.0})
+  if 'seqkd' in variants:
+    if 'dialogue' not in variants:
+      raise ValueError('seqkd needs the dialogue variant (prompts for the teacher to answer).')
+    c.seqkd.enabled = True
   if 'onpolicy' in options:
     if 'dialogue' not in variants:
       raise ValueError('onpolicy=L needs the dialogue variant (prompts to answer).')

@@ -140,6 +140,7 @@ def test_on_policy_job_trains_the_kd_student_on_its_own_samples(tmp_path, monkey
 @pytest.mark.parametrize('arg,edit,message', [
     ('tiny,dialogue,onpolicy=0.5', lambda c: c.losses.update({'ce': 0.5}), "'ce' loss"),
     ('tiny', lambda c: c.on_policy.update(fraction=0.5), "task='dialogue'"),
+    ('tiny', lambda c: c.seqkd.update(enabled=True), "prompts for the teacher"),
     ('tiny,dialogue,onpolicy=0.5', lambda c: c.parallel.update(mode='pmap'), 'one device'),
     ('tiny,dialogue', lambda c: c.data.update(response_len=1), 'response_len'),
     ('tiny,dialogue', lambda c: c.on_policy.update(fraction=2.0), r'\[0, 1\]'),
@@ -151,3 +152,31 @@ def test_config_check_refuses_bad_on_policy_settings(arg, edit, message):
   edit(config)
   with pytest.raises(config_check.ConfigError, match=message):
     config_check.check(config)
+
+
+def test_seqkd_stores_the_teachers_responses_once(tmp_path, tokenizer, monkeypatch):
+  from kd.data import seqkd  # pylint: disable=g-import-not-at-top
+  module, params = _tiny_student(300)
+  pairs = [(f'A:\nline {i}\n\nB:\n', 'reply ' * (i % 3 + 1)) for i in range(5)]
+  arr = dialogue.encode(pairs, tokenizer, prompt_len=10, response_len=6)
+  kw = dict(batch_size=2, temperature=0.0)
+  got, path = seqkd.get_or_write(str(tmp_path), (module, params), arr, key={'k': 1}, **kw)
+  # Greedy, so each row is what the sampler writes for that prompt alone (the last batch of
+  # one row is padded to two): cut after <eos>, pad after.
+  for i in range(5):
+    gen = np.asarray(sample.generate((module, params), arr['prompt_ids'][i:i + 1],
+                                     arr['prompt_mask'][i:i + 1], max_new_tokens=6,
+                                     temperature=0.0, eos_id=tok_lib.EOS_ID))[0]
+    keep = np.asarray(dialogue.response_mask(gen[None]))[0]
+    np.testing.assert_array_equal(got['response_mask'][i], keep)
+    np.testing.assert_array_equal(got['response_ids'][i], np.where(keep, gen, 0))
+  np.testing.assert_array_equal(got['prompt_ids'], arr['prompt_ids'])
+  # A second call reads the stored set instead of generating; other settings, another set.
+  def regenerated(*args, **kwargs):
+    raise AssertionError('regenerated')
+
+  monkeypatch.setattr(seqkd, 'teacher_responses', regenerated)
+  again, path2 = seqkd.get_or_write(str(tmp_path), (module, params), arr, key={'k': 1}, **kw)
+  assert path2 == path and all(np.array_equal(again[k], got[k]) for k in got)
+  with pytest.raises(AssertionError, match='regenerated'):
+    seqkd.get_or_write(str(tmp_path), (module, params), arr, key={'k': 2}, **kw)

@@ -26,6 +26,13 @@ def write(rows, path: str, *, k: int, temperature: float, vocab_size: int,
 
   Writes into `<path>.tmp` and renames at the end, so a killed writer leaves no half cache.
   """
+  return write_records(rows, path, {'k': k, 'temperature': temperature,
+                                    'vocab_size': vocab_size}, rows_per_shard=rows_per_shard)
+
+
+def write_records(rows, path: str, meta: dict, *, rows_per_shard: int = 4096) -> int:
+  """Row dicts of numpy arrays -> msgpack records in ArrayRecord shards at `path`, with
+  `meta` (plus the row count) in meta.json; atomic like `write`. Returns the row count."""
   tmp = path.rstrip('/') + '.tmp'
   os.makedirs(tmp, exist_ok=True)
   n, shard, writer = 0, 0, None
@@ -41,7 +48,7 @@ def write(rows, path: str, *, k: int, temperature: float, vocab_size: int,
   if writer is not None:
     writer.close()
   with open(os.path.join(tmp, META), 'w') as f:
-    json.dump({'k': k, 'temperature': temperature, 'vocab_size': vocab_size, 'rows': n}, f)
+    json.dump({**meta, 'rows': n}, f)
   if os.path.exists(path):
     raise FileExistsError(f'{path} exists; remove it to rewrite the cache')
   os.replace(tmp, path)
@@ -61,12 +68,22 @@ def _decode(record: bytes) -> dict:
   return serialization.msgpack_restore(record)
 
 
+def _source(path: str):
+  read_meta(path)
+  files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith('.array_record'))
+  return grain.sources.ArrayRecordDataSource(files)
+
+
+def read_records(path: str) -> list[dict]:
+  """Every record at `path` (written by write_records), in order."""
+  source = _source(path)
+  return [_decode(source[i]) for i in range(len(source))]
+
+
 def make_dataset(path: str, *, batch_size: int, seed: int, shuffle: bool = True,
                  repeat: bool = True, shard_index: int = 0, shard_count: int = 1):
   """Batches of cached rows (the text pipeline's fields plus TEACHER_FIELDS)."""
-  read_meta(path)
-  files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith('.array_record'))
-  ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
+  ds = grain.MapDataset.source(_source(path))
   ds = ds[shard_index::shard_count]
   if shuffle:
     ds = ds.shuffle(seed=seed)

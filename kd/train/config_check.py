@@ -56,6 +56,9 @@ def check_on_policy(config) -> None:
       if int(config.data.get(key, 0)) < (1 if key == 'prompt_len' else 2):
         raise ConfigError(f'config.data.{key} must be set (>= 1, response_len >= 2) for the '
                           "dialogue task")
+  if (config.get('seqkd') or {}).get('enabled', False) and task != 'dialogue':
+    raise ConfigError("config.seqkd.enabled needs prompts for the teacher to answer: set "
+                      "config.data.task='dialogue'")
   fraction = float((config.get('on_policy') or {}).get('fraction', 0.0))
   if not 0.0 <= fraction <= 1.0:
     raise ConfigError(f'config.on_policy.fraction must be in [0, 1], got {fraction}')

@@ -21,6 +21,7 @@ from absl import logging
 
 from kd import data as data_lib
 from kd.data import dialogue
+from kd.data import seqkd
 from kd.data import teacher_cache as teacher_cache_lib
 from kd import losses
 from kd import models
@@ -105,24 +106,25 @@ class Data:
       self.eval_batches = self.eval_batches[:dc.max_eval_batches]
     self.config = dc
 
-  def iterator(self, seed: int, teacher_cache: str = ''):
+  def iterator(self, seed: int, teacher_cache: str = '', arrays=None):
     """This process's rows of every batch: `data.batch_size` is the global batch.
 
-    With `teacher_cache`, rows come from that offline-teacher cache (rows + teacher top-k).
+    With `teacher_cache`, rows come from that offline-teacher cache (rows + teacher top-k);
+    with `arrays` (dialogue task), from those prompt/response arrays (e.g. SeqKD's).
     """
     shard = dict(batch_size=self.config.batch_size // jax.process_count(), seed=seed,
                  shard_index=jax.process_index(), shard_count=jax.process_count())
     if teacher_cache:
       return teacher_cache_lib.make_iterator(teacher_cache, **shard)
     if self.task == 'dialogue':
-      return dialogue.make_iterator(self.train_arrays, **shard)
+      return dialogue.make_iterator(self.train_arrays if arrays is None else arrays, **shard)
     return data_lib.make_iterator(self.train_source, self.tokenizer,
                                   seq_len=self.config.seq_len, **shard)
 
 
 def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params, terms,
               *, steps: int, seed: int, name: str, teacher_cache: str = '',
-              init_variables=None, batch_fn=None):
+              init_variables=None, batch_fn=None, train_arrays=None):
   """One training run (teacher training is a run with no teacher and `ce` only)."""
   spec = make_spec(config, student, teacher, terms, steps)
   plan = parallel.make(config.get('parallel'))
@@ -131,7 +133,8 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
   tc = config.train
   t0 = time.perf_counter()
   state, final = loop.fit(
-      spec, state, plan.place_teacher(teacher_params), data.iterator(seed, teacher_cache),
+      spec, state, plan.place_teacher(teacher_params),
+      data.iterator(seed, teacher_cache, train_arrays),
       data.eval_batches, workdir=workdir, total_steps=steps, log_every=tc.log_every,
       eval_every=tc.get('eval_every', 0), checkpoint_every=tc.checkpoint_every,
       keep=tc.get('keep', 2), progress=tc.get('progress', True), name=name, plan=plan,
@@ -224,6 +227,22 @@ def student_init(config, student, teacher, teacher_params):
   return init.params
 
 
+def seqkd_arrays(config, data: Data, teacher, teacher_params, workdir: str):
+  """config.seqkd: the train prompts answered by the teacher (made once, stored beside the
+  teacher), or None when off."""
+  sc = config.get('seqkd') or {}
+  if not sc.get('enabled', False):
+    return None
+  dc = config.data
+  arrays, path = seqkd.get_or_write(
+      teacher_workdir(config, workdir), (teacher, teacher_params), data.train_arrays,
+      key={k: dc[k] for k in ('name', 'vocab_size', 'prompt_len', 'response_len')},
+      batch_size=int(sc.get('batch_size', 64)), temperature=float(sc.get('temperature', 0.0)),
+      top_k=int(sc.get('top_k', 0)), top_p=float(sc.get('top_p', 1.0)), seed=config.seed)
+  logging.info('SeqKD: %d teacher responses from %s', len(arrays['prompt_ids']), path)
+  return arrays
+
+
 def on_policy_fn(config, student):
   """loop.fit's batch_fn for config.on_policy (GKD), or None when its fraction is 0."""
   op = onpolicy.OnPolicy.from_config(config.get('on_policy'), config.seed)
@@ -247,7 +266,8 @@ def main(config, workdir: str) -> dict:
       config, data, f'{workdir}/student_kd', student, teacher, teacher_params,
       dict(config.losses), steps=config.train.steps, seed=config.seed, name='student_kd',
       teacher_cache=config.teacher.get('cache', ''), init_variables=init,
-      batch_fn=on_policy_fn(config, student))
+      batch_fn=on_policy_fn(config, student),
+      train_arrays=seqkd_arrays(config, data, teacher, teacher_params, workdir))
   if config.get('baseline', True):
     _, results['student_ce'] = run_stage(
         config, data, f'{workdir}/student_ce', student, teacher, teacher_params, {'ce': 1.0},

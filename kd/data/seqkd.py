@@ -1,0 +1,64 @@
+"""Sequence-level KD (Kim & Rush 2016): the teacher's own responses become the training set.
+
+`teacher_responses` runs the teacher's sampler over every prompt of a dialogue dataset and keeps
+what it wrote (up to each <eos>) as the new responses; `get_or_write` stores them once as
+ArrayRecord records (kd.data.teacher_cache.write_records: atomic, meta.json beside) under a name
+keyed by everything that decides them, so later runs and seeds reuse the same synthetic set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+import numpy as np
+
+from kd.data import dialogue
+from kd.data import teacher_cache
+from kd.data import tokenizer as tok_lib
+from kd.models import sample
+
+
+def teacher_responses(model, arrays: dict[str, np.ndarray], *, batch_size: int, temperature: float,
+                      top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> dict[str, np.ndarray]:
+  """`arrays` (kd.data.dialogue.encode) with the responses replaced by `model`'s generations.
+
+  Rows are generated batch by batch (the last batch padded and cut); the response length is
+  kept. Sampling keys are fold_in(key(seed), batch index), so the set is reproducible.
+  """
+  n, r = arrays['response_ids'].shape
+  out = {k: v.copy() for k, v in arrays.items()}
+  for i, start in enumerate(range(0, n, batch_size)):
+    rows = slice(start, min(start + batch_size, n))
+    ids, mask = arrays['prompt_ids'][rows], arrays['prompt_mask'][rows]
+    pad = batch_size - len(ids)
+    if pad:  # one compiled shape: pad with copies of the last row
+      ids, mask = (np.concatenate([x, np.repeat(x[-1:], pad, 0)]) for x in (ids, mask))
+    gen = sample.generate(model, ids, mask, max_new_tokens=r, temperature=temperature,
+                          top_k=top_k, top_p=top_p, eos_id=tok_lib.EOS_ID,
+                          pad_id=tok_lib.PAD_ID,
+                          rng=jax.random.fold_in(jax.random.key(seed), i))
+    gen = np.asarray(jax.device_get(gen))[:batch_size - pad]
+    out['response_ids'][rows] = np.where(dialogue.response_mask(gen), gen, tok_lib.PAD_ID)
+    out['response_mask'][rows] = np.asarray(dialogue.response_mask(gen))
+  return out
+
+
+def get_or_write(path_root: str, model, arrays: dict[str, np.ndarray], *, key: dict,
+                 **generate_kw) -> tuple[dict[str, np.ndarray], str]:
+  """The teacher's responses from `<path_root>/seqkd-<hash of key + settings>`, written there
+  first if absent. Returns (arrays, path)."""
+  settings = json.dumps({**key, **generate_kw}, sort_keys=True)
+  digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
+  path = os.path.join(path_root, f'seqkd-{digest}')
+  if not os.path.exists(path):
+    generated = teacher_responses(model, arrays, **generate_kw)
+    rows = ({k: generated[k][i] for k in dialogue.FIELDS} for i in range(len(arrays['prompt_ids'])))
+    try:
+      teacher_cache.write_records(rows, path, {'settings': json.loads(settings)})
+    except FileExistsError:  # another run wrote the same set meanwhile: read theirs
+      pass
+  records = teacher_cache.read_records(path)
+  return {k: np.stack([np.asarray(r[k]) for r in records]) for k in dialogue.FIELDS}, path
