@@ -81,6 +81,10 @@ def get_config(arg=None):
   # share one teacher (trained by the first, restored by the rest; same teacher settings, seed
   # and tokenizer, which are checked).
   c.teacher.workdir = ''
+  # > 1: an ensemble of that many teachers (seeds seed+1000+i), distilled from as the mixture
+  # of their distributions, weighted by `weights` (() = equal); logit losses only.
+  c.teacher.count = 1
+  c.teacher.weights = ()
   # An offline teacher: a cache written by `python -m kd.cache_teacher` (top-k logits + logsumexp)
   # replaces the teacher forward in the KD step; see kd/losses/topk.py for the semantics.
   c.teacher.cache = ''

@@ -10,6 +10,16 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
 
+@pytest.fixture
+def shakespeare_config():
+  """get_config(arg) of configs/shakespeare_kd.py, loaded like kd.main loads a config file."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('c', ROOT / 'configs' / 'shakespeare_kd.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config
+
+
 def _tiny_bert(path, seed: int, layers: int) -> str:
   """A random BERT (hidden 32, 4 heads) saved by transformers into `path`, with
   all-MiniLM-L6-v2's tokenizer files, so kd.hf.load and sentence encoding work on it."""

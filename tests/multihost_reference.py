@@ -49,8 +49,8 @@ class Concat:
 
 class TwoHostData(run.Data):
 
-  def iterator(self, seed: int, teacher_cache: str = ''):
-    assert not teacher_cache, 'the reference reads text, not a teacher cache'
+  def iterator(self, seed: int, teacher_cache: str = '', arrays=None):
+    assert not teacher_cache and arrays is None, 'the reference reads text, not a cache'
     return Concat([data_lib.make_iterator(
         self.train_source, self.tokenizer, seq_len=self.config.seq_len,
         batch_size=self.config.batch_size // HOSTS, seed=seed, shard_index=i,

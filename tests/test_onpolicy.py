@@ -102,19 +102,10 @@ def test_use_student_is_a_bernoulli_of_seed_and_step():
     onpolicy.OnPolicy.from_config({'fraction': 1.5}, 0)
 
 
-def _config(arg):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'shakespeare_kd.py'
-  spec = importlib.util.spec_from_file_location('c', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def test_on_policy_job_trains_the_kd_student_on_its_own_samples(tmp_path, monkeypatch):
+def test_on_policy_job_trains_the_kd_student_on_its_own_samples(tmp_path, monkeypatch,
+                                                                shakespeare_config):
   from kd.train import run  # pylint: disable=g-import-not-at-top
-  config = _config('tiny,dialogue,onpolicy=1.0')
+  config = shakespeare_config('tiny,dialogue,onpolicy=1.0')
   config.baseline = False
   calls = []
   real = onpolicy.OnPolicy.student_batch
@@ -145,9 +136,9 @@ def test_on_policy_job_trains_the_kd_student_on_its_own_samples(tmp_path, monkey
     ('tiny,dialogue', lambda c: c.data.update(response_len=1), 'response_len'),
     ('tiny,dialogue', lambda c: c.on_policy.update(fraction=2.0), r'\[0, 1\]'),
 ])
-def test_config_check_refuses_bad_on_policy_settings(arg, edit, message):
+def test_config_check_refuses_bad_on_policy_settings(arg, edit, message, shakespeare_config):
   from kd.train import config_check  # pylint: disable=g-import-not-at-top
-  config = _config(arg)
+  config = shakespeare_config(arg)
   config_check.check(config)  # fine before the edit
   edit(config)
   with pytest.raises(config_check.ConfigError, match=message):

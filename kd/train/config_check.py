@@ -44,6 +44,31 @@ def check(config) -> None:
   if int(config.get('chunk_size', 0)) < 0:
     raise ConfigError('config.chunk_size must be >= 0 (0 = no chunking)')
   check_on_policy(config)
+  check_ensemble(config)
+
+
+def check_ensemble(config) -> None:
+  """config.teacher.count > 1 (a mixture of teachers) gives logits only."""
+  count = int(config.teacher.get('count', 1))
+  weights = tuple(config.teacher.get('weights', ()) or ())
+  if count < 1:
+    raise ConfigError(f'config.teacher.count must be >= 1, got {count}')
+  if weights and (len(weights) != count or min(weights) < 0 or abs(sum(weights) - 1) > 1e-6):
+    raise ConfigError(f'config.teacher.weights={weights}: give {count} weights >= 0 summing to '
+                      '1, or () for equal weights')
+  if count == 1:
+    return
+  other = sorted(n for n in config.losses if losses.get(n).kind not in ('ce', 'logits'))
+  problems = [f'losses {other} need hidden states, which a mixture has not'] if other else []
+  if int(config.get('chunk_size', 0)):
+    problems.append('chunk_size > 0 needs a teacher head (set chunk_size=0)')
+  if config.teacher.get('cache', ''):
+    problems.append('an offline teacher cache holds one teacher (unset teacher.cache)')
+  if (config.get('student_init') or {}).get('source', 'random') == 'teacher':
+    problems.append("student_init.source='teacher' needs one teacher (use 'random')")
+  if problems:
+    raise ConfigError(f'config.teacher.count={count} (an ensemble of teachers): '
+                      + '; '.join(problems))
 
 
 def check_on_policy(config) -> None:

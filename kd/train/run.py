@@ -26,6 +26,7 @@ from kd.data import teacher_cache as teacher_cache_lib
 from kd import losses
 from kd import models
 from kd import parallel
+from kd.models import ensemble
 from kd.train import config_check
 from kd.train import loop
 from kd.train import onpolicy
@@ -166,11 +167,15 @@ def share_teacher(config, workdir: str) -> None:
     return
   os.makedirs(shared, exist_ok=True)
   c = config.copy_and_resolve_references()
-  settings = json.dumps(dict(
-      seed=c.seed, model=c.teacher.model.to_dict(), steps=c.teacher.steps,
-      optimizer=c.teacher.get('optimizer', c.optimizer).to_dict(),
-      data={k: c.data[k] for k in ('name', 'vocab_size', 'seq_len', 'batch_size')}),
-      sort_keys=True)
+  keys = ('name', 'vocab_size', 'seq_len', 'batch_size')
+  if c.data.get('task', 'lm') != 'lm':  # (absent for LM runs: older shared teachers match)
+    keys += ('task', 'prompt_len', 'response_len')
+  mine = dict(seed=c.seed, model=c.teacher.model.to_dict(), steps=c.teacher.steps,
+              optimizer=c.teacher.get('optimizer', c.optimizer).to_dict(),
+              data={k: c.data[k] for k in keys})
+  if int(c.teacher.get('count', 1)) > 1:
+    mine['count'] = int(c.teacher.count)
+  settings = json.dumps(mine, sort_keys=True)
   _write_once(os.path.join(shared, 'teacher_settings.json'), settings.encode(),
               lambda theirs: f'the shared teacher in {shared} was trained with {theirs.decode()}, '
               f'this run would train {settings}; use the same teacher settings and seed or '
@@ -198,14 +203,33 @@ def _write_once(path: str, content: bytes, mismatch) -> None:
   os.replace(f'{path}.tmp{os.getpid()}', path)  # atomic: a reader never sees half a file
 
 
-def train_teacher(config, data: Data, teacher, workdir: str):
-  """The teacher's own run (CE only) in `teacher_workdir`; restored when already finished."""
+def train_teacher(config, data: Data, teacher, workdir: str, member: int | None = None):
+  """The teacher's own run (CE only) in `teacher_workdir`; restored when already finished.
+  `member` i of an ensemble trains in `<teacher_workdir>/member_i` with its own seed."""
   teacher_cfg = config.copy_and_resolve_references()
   with teacher_cfg.unlocked():
     teacher_cfg.optimizer = config.teacher.get('optimizer', config.optimizer)
-  return run_stage(teacher_cfg, data, teacher_workdir(config, workdir), teacher, None, None,
-                   {'ce': 1.0}, steps=config.teacher.steps, seed=config.seed + 1000,
-                   name='teacher')
+  where = teacher_workdir(config, workdir)
+  if member is not None:
+    where = f'{where}/member_{member}'
+  return run_stage(teacher_cfg, data, where, teacher, None, None, {'ce': 1.0},
+                   steps=config.teacher.steps, seed=config.seed + 1000 + (member or 0),
+                   name='teacher' if member is None else f'teacher_{member}')
+
+
+def train_teachers(config, data: Data, teacher, workdir: str, results: dict):
+  """(teacher model, params): one teacher, or with config.teacher.count > 1 an Ensemble of
+  that many (same architecture, seeds seed+1000+i) mixed with config.teacher.weights."""
+  count = int(config.teacher.get('count', 1))
+  if count == 1:
+    params, results['teacher'] = train_teacher(config, data, teacher, workdir)
+    return teacher, params
+  params = []
+  for i in range(count):
+    p, results[f'teacher_{i}'] = train_teacher(config, data, teacher, workdir, member=i)
+    params.append(p)
+  weights = tuple(config.teacher.get('weights', ()) or ()) or (1.0 / count,) * count
+  return ensemble.Ensemble((teacher,) * count, weights), tuple(params)
 
 
 def student_init(config, student, teacher, teacher_params):
@@ -260,7 +284,7 @@ def main(config, workdir: str) -> dict:
   student = build_model(config.student, data.vocab_size)
   config_check.check_models(config, student, teacher)
   results = {}
-  teacher_params, results['teacher'] = train_teacher(config, data, teacher, workdir)
+  teacher, teacher_params = train_teachers(config, data, teacher, workdir, results)
   init = student_init(config, student, teacher, teacher_params)  # both students start alike
   _, results['student_kd'] = run_stage(
       config, data, f'{workdir}/student_kd', student, teacher, teacher_params,
