@@ -118,6 +118,9 @@ def get_config(arg=None):
   c.fused_chunks = True  # chunked: gradient made in the forward pass, nothing recomputed
   c.features = ml_collections.ConfigDict(dict(layer_map='uniform', pairs=()))
   c.baseline = True  # also train the student on hard labels only, for the same steps
+  # Self-distillation: this many born-again rounds after the KD student, each distilling the
+  # previous round's student into a fresh one of the same architecture (same losses).
+  c.born_again = 0
 
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adamw', lr=3e-3, warmup_steps=50, schedule='cosine', weight_decay=0.05,

@@ -45,6 +45,10 @@ def check(config) -> None:
     raise ConfigError('config.chunk_size must be >= 0 (0 = no chunking)')
   check_on_policy(config)
   check_ensemble(config)
+  rounds = config.get('born_again', 0)
+  if not isinstance(rounds, int) or rounds < 0:
+    raise ConfigError(f'config.born_again must be an int >= 0 (extra self-distillation rounds), '
+                      f'got {rounds!r}')
 
 
 def check_ensemble(config) -> None:

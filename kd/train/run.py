@@ -286,12 +286,19 @@ def main(config, workdir: str) -> dict:
   results = {}
   teacher, teacher_params = train_teachers(config, data, teacher, workdir, results)
   init = student_init(config, student, teacher, teacher_params)  # both students start alike
-  _, results['student_kd'] = run_stage(
+  student_params, results['student_kd'] = run_stage(
       config, data, f'{workdir}/student_kd', student, teacher, teacher_params,
       dict(config.losses), steps=config.train.steps, seed=config.seed, name='student_kd',
       teacher_cache=config.teacher.get('cache', ''), init_variables=init,
       batch_fn=on_policy_fn(config, student),
       train_arrays=seqkd_arrays(config, data, teacher, teacher_params, workdir))
+  # Born-again rounds (Furlanello et al. 2018): the last student teaches a fresh copy of itself.
+  for r in range(1, int(config.get('born_again', 0)) + 1):
+    name = f'student_born_again_{r}'
+    student_params, results[name] = run_stage(
+        config, data, f'{workdir}/{name}', student, student, student_params,
+        dict(config.losses), steps=config.train.steps, seed=config.seed + r, name=name,
+        init_variables=init)
   if config.get('baseline', True):
     _, results['student_ce'] = run_stage(
         config, data, f'{workdir}/student_ce', student, teacher, teacher_params, {'ce': 1.0},

@@ -1,4 +1,4 @@
-"""Several teachers as one mixture distribution, through the train step."""
+"""Other teachers: several mixed into one distribution, and born-again self-distillation."""
 
 import jax
 import jax.numpy as jnp
@@ -112,3 +112,16 @@ def test_config_check_refuses_what_a_mixture_cannot_give(edit, message, shakespe
   edit(config)
   with pytest.raises(config_check.ConfigError, match=message):
     config_check.check(config)
+
+
+def test_born_again_round_is_taught_by_the_previous_student(tmp_path, shakespeare_config):
+  config = shakespeare_config('tiny')
+  config.born_again = 1
+  config.baseline = False
+  results = run.main(config, str(tmp_path / 'w'))
+  assert set(results) == {'teacher', 'student_kd', 'student_born_again_1'}
+  first, second = results['student_kd'], results['student_born_again_1']
+  # Round 1's teacher is round 0's student: its eval CE is that student's CE, same batches.
+  np.testing.assert_allclose(second['teacher_ce'], first['ce'], rtol=1e-5)
+  assert second['params'] == first['params']
+  assert abs(second['ce'] - first['ce']) > 1e-6  # and it trained a new student
