@@ -56,11 +56,13 @@ METRICS = (('perplexity', 'perplexity', 1.0, 2, True),
            ('agreement', 'top-1 agreement with teacher (%)', 100.0, 1, False),
            ('ece', 'ECE (%)', 100.0, 2, True))
 
-def command(row: str, seed: str, *, workdir: str, config_arg: str = '',
-            overrides=()) -> list[str]:
-  """The `kd.main` command of one (row, seed)."""
-  _, objective, settings = ROWS[row]
-  arg = ','.join([a for a in config_arg.split(',') if a] + [f'objective={objective}'])
+def command(row: str, seed: str, *, workdir: str, config_arg: str = '', overrides=(),
+            row_specs=None) -> list[str]:
+  """The `kd.main` command of one (row, seed). A row of `row_specs` (default ROWS) is (label,
+  objective, {config key: value}[, extra config variants[, results key]])."""
+  _, objective, settings, *rest = (row_specs or ROWS)[row]
+  extra = rest[0].split(',') if rest and rest[0] else []
+  arg = ','.join([a for a in config_arg.split(',') if a] + extra + [f'objective={objective}'])
   return [sys.executable, '-m', 'kd.main', f'--config=configs/shakespeare_kd.py:{arg}',
           f'--workdir={os.path.join(workdir, f"seed_{seed}", row)}', f'--config.seed={seed}',
           '--config.baseline=False', '--config.train.progress=False',
@@ -84,14 +86,16 @@ def run(row: str, seed: str, *, workdir: str, collect_only: bool = False, **kw) 
 
 def run_all(rows, seeds, **kw) -> dict:
   """{row: [results of each seed that has them]}, plus 'teacher'; seed by seed, so the first
-  run of a seed trains its teacher."""
+  run of a seed trains its teacher. A row's fifth entry names its results key (default
+  'student_kd')."""
   results = {r: [] for r in ['teacher', *rows]}
   for seed in seeds:
     teacher = None
     for row in rows:
       r = run(row, seed, **kw)
       if r is not None:
-        results[row].append(r['student_kd'])
+        spec = (kw.get('row_specs') or ROWS)[row]
+        results[row].append(r[spec[4] if len(spec) > 4 else 'student_kd'])
         teacher = r['teacher']
     if teacher is not None:
       results['teacher'].append(teacher)
@@ -175,28 +179,33 @@ def plot(results: dict, path: str) -> None:
   plt.close(fig)
 
 
-def define_flags() -> None:
+def define_flags(row_specs=None, workdir='/tmp/kd/objectives') -> None:
   """The command line; defined only when run as a script, so tests can import this module."""
   flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to run.')
-  flags.DEFINE_list('rows', list(ROWS), 'Rows of the table (keys of ROWS).')
-  flags.DEFINE_string('workdir', '/tmp/kd/objectives', 'Root of the runs.')
+  flags.DEFINE_list('rows', list(row_specs or ROWS), 'Rows of the table (keys of ROWS).')
+  flags.DEFINE_string('workdir', workdir, 'Root of the runs.')
   flags.DEFINE_string('out', 'experiments/results', 'Where the table and plot go.')
   flags.DEFINE_string('config_arg', '', 'Variant passed to the config (e.g. tiny).')
   flags.DEFINE_multi_string('override', [], 'Extra --config.k=v overrides.')
   flags.DEFINE_bool('collect_only', False, "Only read finished runs' results.")
 
 
-def main(argv):
-  del argv
-  f = flags.FLAGS
-  unknown = sorted(set(f.rows) - set(ROWS))
+def run_experiment(stem: str, table_fn, plot_fn, row_specs=None) -> None:
+  """The flags' rows x seeds (running what is missing), then <out>/<stem>.md and .png."""
+  f, specs = flags.FLAGS, row_specs or ROWS
+  unknown = sorted(set(f.rows) - set(specs))
   if unknown:
-    raise app.UsageError(f'unknown rows {unknown}; valid: {", ".join(ROWS)}')
+    raise app.UsageError(f'unknown rows {unknown}; valid: {", ".join(specs)}')
   results = run_all(f.rows, f.seeds, workdir=f.workdir, collect_only=f.collect_only,
-                    config_arg=f.config_arg, overrides=f.override)
+                    config_arg=f.config_arg, overrides=f.override, row_specs=row_specs)
   if not any(results[r] for r in f.rows):
     raise app.UsageError(f'no finished runs under {f.workdir}')
-  report.write(f.out, 'objectives', table(results), lambda path: plot(results, path))
+  report.write(f.out, stem, table_fn(results), lambda path: plot_fn(results, path))
+
+
+def main(argv):
+  del argv
+  run_experiment('objectives', table, plot)
 
 
 if __name__ == '__main__':

@@ -223,3 +223,26 @@ def test_experiment_collects_finished_runs(tmp_path):
   assert [(r['row'], r['seed']) for r in results['ce']] == [('ce', '0'), ('ce', '1')]
   assert [(r['row'], r['seed']) for r in results['tvd']] == [('tvd', '0')]
   assert results['jsd_b0.1'] == []
+
+
+def test_generation_experiment_rows_commands_and_table(tmp_path):
+  gen = _load(ROOT / 'experiments' / 'generation_kd.py', 'generation_experiment')
+  exp = _experiment()
+  cmd = exp.command('seqkd', '1', workdir='/w', config_arg='tiny', row_specs=gen.ROWS)
+  assert '--config=configs/shakespeare_kd.py:tiny,dialogue,seqkd,objective=ce' in cmd
+  cmd = exp.command('born_again', '1', workdir='/w', row_specs=gen.ROWS)
+  assert '--config.born_again=1' in cmd and '--config.teacher.workdir=/w/seed_1/teacher' in cmd
+  # run_all reads each row's own results key (born-again's second student).
+  for row in ('sft', 'born_again'):
+    path = tmp_path / 'seed_0' / row
+    path.mkdir(parents=True)
+    kd = {'perplexity': 20.0, 'agreement': 0.5, 'ece': 0.01, 'wall_s': 9.0}
+    (path / 'results.json').write_text(json.dumps(
+        {'teacher': {'perplexity': 15.0, 'ece': 0.02, 'wall_s': 5.0}, 'student_kd': kd,
+         'student_born_again_1': {**kd, 'perplexity': 19.0}}))
+  results = exp.run_all(['sft', 'born_again'], ['0'], workdir=str(tmp_path), collect_only=True,
+                        row_specs=gen.ROWS)
+  assert [r['perplexity'] for r in results['born_again']] == [19.0]
+  text = gen.table(results)
+  assert '| born-again: JSD from the λ = 0 student | 19.00 | 50.0 | 1.00 | 9 | - |' in text
+  assert '| teacher | 15.00 | - | 2.00 | 5 | - |' in text

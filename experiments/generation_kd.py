@@ -1,0 +1,99 @@
+r"""Distillation from generated text on the dialogue task: SFT, supervised KD, SeqKD, on-policy.
+
+  KD_DATA_DIR=../shared/data .venv/bin/python experiments/generation_kd.py \
+      --seeds=0,1,2 --workdir=/tmp/kd/generation [--rows=...] [--config_arg=tiny] [--out=DIR]
+
+Every (row, seed) is one run of configs/shakespeare_kd.py:dialogue (the prompt/response task of
+kd/data/dialogue.py) with the row's variants, in <workdir>/seed_<s>/<row>; the runs of one seed
+share one teacher (trained on the task by the first run). The divergence is JSD (β = 0.5, T = 2)
+throughout. Rows: SFT (CE on the dataset's responses, no teacher); supervised KD (JSD on the
+dataset's responses = on-policy λ = 0); SeqKD (CE on the teacher's greedy responses); SeqKD +
+JSD; on-policy λ = 0.5 and λ = 1 (the student samples the responses, the teacher scores them);
+born-again (a second student distilled from the λ = 0 student). Metrics on the validation
+split's real responses: perplexity, top-1 agreement with the teacher, ECE; plus the student
+run's wall time and, for on-policy rows, the student's sampling speed (tokens/s, first call's
+compile included). Writes <out>/generation_kd.md and .png. Reuses experiments/objectives.py's
+runner. Smoke test: --config_arg=tiny --seeds=0 --workdir=/tmp/gen_tiny --out=/tmp/gen_tiny_out.
+"""
+
+import os
+import sys
+
+import numpy as np
+from absl import app
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import objectives  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from kd.eval import report  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# name -> (label, objective, {config key: value}, config variants, results key).
+ROWS = {
+    'sft': ('SFT: CE on the dataset responses (no KD)', 'ce', {}, 'dialogue', 'student_kd'),
+    'supervised_kd': ('supervised KD: JSD on the dataset responses (λ = 0)', 'jsd', {},
+                      'dialogue', 'student_kd'),
+    'seqkd': ("SeqKD: CE on the teacher's greedy responses", 'ce', {}, 'dialogue,seqkd',
+              'student_kd'),
+    'seqkd_jsd': ("SeqKD + JSD on the teacher's responses", 'jsd', {}, 'dialogue,seqkd',
+                  'student_kd'),
+    'onpolicy_0.5': ('on-policy (GKD) λ = 0.5', 'jsd', {}, 'dialogue,onpolicy=0.5',
+                     'student_kd'),
+    'onpolicy_1': ('on-policy (GKD) λ = 1', 'jsd', {}, 'dialogue,onpolicy=1', 'student_kd'),
+    'born_again': ('born-again: JSD from the λ = 0 student', 'jsd', {'born_again': 1},
+                   'dialogue', 'student_born_again_1'),
+}
+# (results key, column title, scale, digits)
+METRICS = (('perplexity', 'perplexity', 1.0, 2), ('agreement', 'agreement (%)', 100.0, 1),
+           ('ece', 'ECE (%)', 100.0, 2), ('wall_s', 'train s', 1.0, 0),
+           ('generation_tokens_per_s', 'sampling tokens/s', 1.0, 0))
+
+
+def table(results: dict) -> str:
+  n = max([len(v) for v in results.values()] + [0])
+  head = ['| model | ' + ' | '.join(m[1] for m in METRICS) + ' |',
+          '|---|' + '---:|' * len(METRICS)]
+  lines = [f'Dialogue task (answer a speech as the next speaker), Tiny Shakespeare validation '
+           f'responses, {n} seed(s), mean ± std. JSD at β = 0.5, T = 2; the prompt is masked.',
+           '', *head]
+  for row, runs in [('teacher', results.get('teacher') or [])] + [
+      (r, results[r]) for r in results if r in ROWS]:
+    if not runs:
+      continue
+    cells = [report.mean_std([x[k] for x in runs], scale, digits) if k in runs[0] else '-'
+             for k, _, scale, digits in METRICS]
+    label = 'teacher' if row == 'teacher' else ROWS[row][0]
+    seeds = '' if len(runs) == n else f' ({len(runs)} seeds)'
+    lines.append(f'| {label}{seeds} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = [r for r in results if r in ROWS and results[r]]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(rows) + 1.5), sharey=True)
+  y = np.arange(len(rows))
+  for ax, (key, title, scale, _) in zip(axes, METRICS[:2]):
+    vals = [np.asarray([x[key] for x in results[r]], np.float64) * scale for r in rows]
+    ax.barh(y, [v.mean() for v in vals], xerr=[v.std() for v in vals], capsize=3)
+    if results.get('teacher') and key in results['teacher'][0]:
+      ax.axvline(np.mean([x[key] for x in results['teacher']]) * scale, color='k', ls='--',
+                 lw=1, label='teacher')
+      ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+  axes[0].set_yticks(y, [ROWS[r][0] for r in rows], fontsize=8)
+  axes[0].invert_yaxis()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  objectives.run_experiment('generation_kd', table, plot, row_specs=ROWS)
+
+
+if __name__ == '__main__':
+  objectives.define_flags(ROWS, '/tmp/kd/generation')
+  app.run(main)
