@@ -26,6 +26,7 @@ setuptools.setup(
         "numpy",
         "scipy",
         "ml_dtypes",
+        "qwix>=0.1.8",  # LoRA / QAT / PTQ providers (kd.peft)
     ],
     extras_require={
         # torch is the independent reference in parity tests; 2.13.0 is the CPU build on disk here.
