@@ -196,3 +196,17 @@ def test_ptq_int8_weights_match_qat_forward():
   np.testing.assert_allclose(np.asarray(ptq), np.asarray(qat), atol=1e-5)
   with pytest.raises(ValueError, match='unquantized param'):
     pm.apply(base, IDS)
+
+
+def test_head_projection_by_name_keeps_the_lm_head_adapter():
+  # kd.models.decoder.project_with is what the chunked logit losses call.
+  from kd.models.decoder import project_with  # pylint: disable=g-import-not-at-top
+  lcfg = peft.LoraConfig(target=r'lm_head', rank=2, alpha=4.0)
+  base = init_params(CFG, jax.random.key(0))
+  model = peft.lora_model(Decoder(CFG), lcfg)
+  variables = peft.combine(_randomize(peft.init_lora(model, base, jax.random.key(1), lcfg)), base)
+  hidden = model.apply(variables, IDS, return_hidden_only=True)['hidden']
+  np.testing.assert_allclose(np.asarray(project_with(model)(variables, hidden)),
+                             np.asarray(model.apply(variables, IDS)['logits']), atol=1e-5)
+  plain = Decoder(CFG).apply(base, IDS)['logits']
+  assert float(jnp.max(jnp.abs(model.apply(variables, IDS)['logits'] - plain))) > 1e-2

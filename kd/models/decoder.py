@@ -640,13 +640,14 @@ def head_params(model: Decoder, params) -> dict[str, Any]:
 
 def project_with(model: Decoder) -> Callable[[Any, jax.Array], jax.Array]:
   """(head_params(model, params), h [..., D]) -> logits [..., V]."""
-  return lambda head, hidden_BxTxD: model.apply(head, hidden_BxTxD, method=Decoder.project)
+  # By name, not Decoder.project: a wrapped model (e.g. kd.peft's LoRA) wraps its own `project`.
+  return lambda head, hidden_BxTxD: model.apply(head, hidden_BxTxD, method='project')
 
 
 def head_fn(model: Decoder, params) -> Callable[[jax.Array], jax.Array]:
   """h [..., D] -> logits [..., V] with `model`'s LM head (tied or untied) and `params`."""
 
   def head(hidden_BxTxD):
-    return model.apply(params, hidden_BxTxD, method=Decoder.project)
+    return model.apply(params, hidden_BxTxD, method='project')
 
   return head
