@@ -59,7 +59,9 @@ def table(results: dict) -> str:
       (r, results[r]) for r in results if r in ROWS]:
     if not runs:
       continue
-    cells = [report.mean_std([x[k] for x in runs], scale, digits) if k in runs[0] else '-'
+    # (A teacher restored from an earlier run reports only its restore time as wall_s.)
+    cells = [report.mean_std([x[k] for x in runs], scale, digits)
+             if k in runs[0] and not (row == 'teacher' and k == 'wall_s') else '-'
              for k, _, scale, digits in METRICS]
     label = 'teacher' if row == 'teacher' else ROWS[row][0]
     seeds = '' if len(runs) == n else f' ({len(runs)} seeds)'
