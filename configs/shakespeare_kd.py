@@ -65,7 +65,8 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict(dict(
       name='tiny_shakespeare', vocab_size=512, seq_len=128, batch_size=16, eval_batch_size=32,
       eval_split='validation', max_eval_batches=0,
-      task='lm', prompt_len=0, response_len=0))  # task 'dialogue': see the variant
+      task='lm', prompt_len=0, response_len=0,  # task 'dialogue': see the variant
+      sample_eval_batches=0))  # dialogue: eval batches whose greedy answers the teacher scores
   # GKD: the fraction of KD batches whose responses the student samples (dialogue task only).
   c.on_policy = ml_collections.ConfigDict(dict(fraction=0.0, temperature=1.0, top_k=0,
                                                top_p=1.0))
@@ -130,7 +131,8 @@ def get_config(arg=None):
       progress=True))
 
   if 'dialogue' in variants:
-    c.data.update(task='dialogue', prompt_len=96, response_len=64, batch_size=16)
+    c.data.update(task='dialogue', prompt_len=96, response_len=64, batch_size=16,
+                  sample_eval_batches=4)
     c.losses = ml_collections.ConfigDict({objective: 1.0})
   if 'seqkd' in variants:
     if 'dialogue' not in variants:
@@ -150,7 +152,7 @@ def get_config(arg=None):
     c.teacher.steps = 4
     c.train.update(steps=4, log_every=2, checkpoint_every=2, progress=False)
     if 'dialogue' in variants:
-      c.data.update(prompt_len=16, response_len=8)
+      c.data.update(prompt_len=16, response_len=8, sample_eval_batches=1)
   if 'long' in variants:
     c.teacher.steps *= 4
     c.train.steps *= 4

@@ -10,7 +10,10 @@ throughout. Rows: SFT (CE on the dataset's responses, no teacher); supervised KD
 dataset's responses = on-policy λ = 0); SeqKD (CE on the teacher's greedy responses); SeqKD +
 JSD; on-policy λ = 0.5 and λ = 1 (the student samples the responses, the teacher scores them);
 born-again (a second student distilled from the λ = 0 student). Metrics on the validation
-split's real responses: perplexity, top-1 agreement with the teacher, ECE; plus the student
+split's real responses: perplexity, top-1 agreement with the teacher, ECE; the teacher's
+per-token NLL of the model's own greedy answers to 128 validation prompts
+(kd.eval.generation: how a model does on what it writes, where on-policy training aims); plus
+the student
 run's wall time and, for on-policy rows, the student's sampling speed (tokens/s, first call's
 compile included). Writes <out>/generation_kd.md and .png. Reuses experiments/objectives.py's
 runner. Smoke test: --config_arg=tiny --seeds=0 --workdir=/tmp/gen_tiny --out=/tmp/gen_tiny_out.
@@ -44,6 +47,7 @@ ROWS = {
 }
 # (results key, column title, scale, digits)
 METRICS = (('perplexity', 'perplexity', 1.0, 2), ('agreement', 'agreement (%)', 100.0, 1),
+           ('sample_teacher_nll', "teacher NLL of the model's greedy answers", 1.0, 3),
            ('ece', 'ECE (%)', 100.0, 2), ('wall_s', 'train s', 1.0, 0),
            ('generation_tokens_per_s', 'sampling tokens/s', 1.0, 0))
 

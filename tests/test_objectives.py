@@ -244,5 +244,5 @@ def test_generation_experiment_rows_commands_and_table(tmp_path):
                         row_specs=gen.ROWS)
   assert [r['perplexity'] for r in results['born_again']] == [19.0]
   text = gen.table(results)
-  assert '| born-again: JSD from the λ = 0 student | 19.00 | 50.0 | 1.00 | 9 | - |' in text
-  assert '| teacher | 15.00 | - | 2.00 | - | - |' in text  # a restored teacher's wall_s: no
+  assert '| born-again: JSD from the λ = 0 student | 19.00 | 50.0 | - | 1.00 | 9 | - |' in text
+  assert '| teacher | 15.00 | - | - | 2.00 | - | - |' in text  # a restored teacher's wall_s: no

@@ -171,3 +171,35 @@ def test_seqkd_stores_the_teachers_responses_once(tmp_path, tokenizer, monkeypat
   assert path2 == path and all(np.array_equal(again[k], got[k]) for k in got)
   with pytest.raises(AssertionError, match='regenerated'):
     seqkd.get_or_write(str(tmp_path), (module, params), arr, key={'k': 2}, **kw)
+
+
+def test_teacher_nll_of_greedy_samples_against_numpy(tokenizer):
+  from kd.eval import generation  # pylint: disable=g-import-not-at-top
+  student, s_params = _tiny_student(300)
+  t_cfg = models.DecoderConfig(vocab_size=300, hidden_size=48, num_layers=2, num_heads=2,
+                               num_kv_heads=2, intermediate_size=64)
+  teacher, t_params = models.Decoder(t_cfg), models.init_params(t_cfg, jax.random.key(5))
+  pairs = [(f'A:\nline {i}\n\nB:\n', 'reply') for i in range(3)]
+  arr = dialogue.encode(pairs, tokenizer, prompt_len=10, response_len=6)
+  batches = dialogue.eval_batches(arr, batch_size=2)  # 3 rows: the second batch has a pad row
+  got = generation.teacher_nll_of_samples(student, s_params, teacher, t_params, batches)
+  total = tokens = 0.0
+  for i in range(3):  # one prompt at a time, no padding rows, plain numpy NLL
+    ids, mask = arr['prompt_ids'][i:i + 1], arr['prompt_mask'][i:i + 1]
+    gen = np.asarray(sample.generate((student, s_params), ids, mask, max_new_tokens=6,
+                                     temperature=0.0, eos_id=tok_lib.EOS_ID))[0]
+    keep = np.asarray(dialogue.response_mask(gen[None]))[0]
+    full = np.concatenate([ids[0], np.where(keep, gen, 0)])
+    real = np.concatenate([mask[0], keep])
+    logits = np.asarray(teacher.apply(
+        t_params, full[None, :-1], attention_mask=real[None, :-1],
+        positions=np.maximum(np.cumsum(real) - 1, 0)[None, :-1])['logits'][0], np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                                                           keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    for j in range(6):  # generated token j is the label at input position 9 + j
+      if keep[j]:
+        total -= logp[9 + j, full[10 + j]]
+        tokens += 1
+  np.testing.assert_allclose(got['sample_teacher_nll'], total / tokens, rtol=1e-4)
+  np.testing.assert_allclose(got['sample_tokens'], tokens / 3, rtol=1e-6)

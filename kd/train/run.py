@@ -26,6 +26,7 @@ from kd.data import teacher_cache as teacher_cache_lib
 from kd import losses
 from kd import models
 from kd import parallel
+from kd.eval import generation as generation_eval
 from kd.models import ensemble
 from kd.train import config_check
 from kd.train import loop
@@ -292,6 +293,7 @@ def main(config, workdir: str) -> dict:
       teacher_cache=config.teacher.get('cache', ''), init_variables=init,
       batch_fn=on_policy_fn(config, student),
       train_arrays=seqkd_arrays(config, data, teacher, teacher_params, workdir))
+  trained = {'student_kd': student_params}
   # Born-again rounds (Furlanello et al. 2018): the last student teaches a fresh copy of itself.
   for r in range(1, int(config.get('born_again', 0)) + 1):
     name = f'student_born_again_{r}'
@@ -299,10 +301,19 @@ def main(config, workdir: str) -> dict:
         config, data, f'{workdir}/{name}', student, student, student_params,
         dict(config.losses), steps=config.train.steps, seed=config.seed + r, name=name,
         init_variables=init)
+    trained[name] = student_params
   if config.get('baseline', True):
-    _, results['student_ce'] = run_stage(
+    trained['student_ce'], results['student_ce'] = run_stage(
         config, data, f'{workdir}/student_ce', student, teacher, teacher_params, {'ce': 1.0},
         steps=config.train.steps, seed=config.seed, name='student_ce', init_variables=init)
+  n = int(config.data.get('sample_eval_batches', 0))
+  if data.task == 'dialogue' and n:  # the models' own greedy answers, scored by the teacher
+    if not isinstance(teacher, ensemble.Ensemble):
+      trained = {'teacher': teacher_params, **trained}
+    for name, params in trained.items():
+      results[name].update(generation_eval.teacher_nll_of_samples(
+          teacher if name == 'teacher' else student, params, teacher, teacher_params,
+          data.eval_batches, max_batches=n))
   table = report(results)
   if jax.process_index() == 0:  # every process holds the same results
     with open(f'{workdir}/results.json', 'w') as f:
@@ -321,6 +332,11 @@ def report(results: dict) -> str:
     agree = f"{100 * r['agreement']:.1f}%" if 'agreement' in r else '-'
     rows.append(f"| {name} | {r['params']:,} | {r['perplexity']:.2f} | {agree} | "
                 f"{r['wall_s']:.0f} |")
+  sampled = [(n, r) for n, r in results.items() if 'sample_teacher_nll' in r]
+  if sampled:
+    rows.append('\nGreedy answers to held-out prompts, per-token NLL under the teacher: '
+                + ', '.join(f"{n} {r['sample_teacher_nll']:.3f} ({r['sample_tokens']:.1f} "
+                            'tokens)' for n, r in sampled) + '.')
   for name, r in results.items():
     if r.get('generated_batches'):
       rows.append(f"\n{name}: {r['generated_batches']} batches on-policy, "
