@@ -24,6 +24,7 @@ import sys
 
 import numpy as np
 from absl import app
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import objectives  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -95,11 +96,64 @@ def plot(results: dict, path: str) -> None:
   plt.close(fig)
 
 
+def _latest_params(run_dir: str):
+  """The params of the newest checkpoint under <run_dir>/checkpoints (raw numpy tree)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ckpts = os.path.join(run_dir, 'checkpoints')
+  step = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
+  path = os.path.abspath(os.path.join(ckpts, str(step), 'state'))
+  return ocp.StandardCheckpointer().restore(path)['params']['student']
+
+
+def rescore(workdir: str, seed: str, row: str, config_arg: str = '') -> bool:
+  """Adds the teacher's NLL of greedy answers to a finished run made before that metric
+  existed, from its checkpoints (the student's and the seed's teacher's). True if it did."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from kd.eval import generation  # pylint: disable=g-import-not-at-top
+  from kd.train import run  # pylint: disable=g-import-not-at-top
+  run_dir = os.path.join(workdir, f'seed_{seed}', row)
+  path = os.path.join(run_dir, 'results.json')
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    results = json.load(f)
+  key = ROWS[row][4]
+  if 'sample_teacher_nll' in results[key]:
+    return False
+  spec = importlib.util.spec_from_file_location(
+      'c', os.path.join(objectives.REPO, 'configs', 'shakespeare_kd.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(','.join(a for a in [config_arg, ROWS[row][3]] if a))
+  data = run.Data(config, run_dir)
+  teacher = run.build_model(config.teacher.model, data.vocab_size)
+  student = run.build_model(config.student, data.vocab_size)
+  t_params = _latest_params(os.path.join(workdir, f'seed_{seed}', 'teacher'))
+  for name, model, params in (('teacher', teacher, t_params),
+                              (key, student, _latest_params(os.path.join(run_dir, key)))):
+    results[name].update(generation.teacher_nll_of_samples(
+        model, params, teacher, t_params, data.eval_batches,
+        max_batches=config.data.sample_eval_batches), sample_rescored=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(results, f, indent=1)
+  os.replace(path + '.tmp', path)
+  return True
+
+
 def main(argv):
   del argv
+  f = flags.FLAGS
+  if f.rescore:
+    for seed in f.seeds:
+      for row in f.rows:
+        if rescore(f.workdir, seed, row, f.config_arg):
+          print(f'rescored {row} seed {seed}', flush=True)
   objectives.run_experiment('generation_kd', table, plot, row_specs=ROWS)
 
 
 if __name__ == '__main__':
   objectives.define_flags(ROWS, '/tmp/kd/generation')
+  flags.DEFINE_bool('rescore', False, 'First add the greedy-answer score to finished runs made '
+                    'before it existed (from their checkpoints).')
   app.run(main)

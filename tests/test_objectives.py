@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -246,3 +247,23 @@ def test_generation_experiment_rows_commands_and_table(tmp_path):
   text = gen.table(results)
   assert '| born-again: JSD from the λ = 0 student | 19.00 | 50.0 | - | 1.00 | 9 | - |' in text
   assert '| teacher | 15.00 | - | - | 2.00 | - | - |' in text  # a restored teacher's wall_s: no
+
+
+def test_generation_rescore_matches_the_in_run_score(tmp_path):
+  """--rescore (for runs made before the greedy-answer score existed) recomputes it from the
+  checkpoints: the same value the run itself wrote."""
+  gen = _load(ROOT / 'experiments' / 'generation_kd.py', 'generation_experiment')
+  exp = sys.modules[gen.objectives.__name__]
+  r = exp.run('supervised_kd', '0', workdir=str(tmp_path), config_arg='tiny',
+              row_specs=gen.ROWS)
+  want = r['student_kd']['sample_teacher_nll'], r['teacher']['sample_teacher_nll']
+  path = tmp_path / 'seed_0' / 'supervised_kd' / 'results.json'
+  for k in ('student_kd', 'teacher'):
+    for m in ('sample_teacher_nll', 'sample_tokens'):
+      del r[k][m]
+  path.write_text(json.dumps(r))
+  assert gen.rescore(str(tmp_path), '0', 'supervised_kd', 'tiny')
+  again = json.loads(path.read_text())
+  np.testing.assert_allclose(again['student_kd']['sample_teacher_nll'], want[0], rtol=1e-5)
+  np.testing.assert_allclose(again['teacher']['sample_teacher_nll'], want[1], rtol=1e-5)
+  assert not gen.rescore(str(tmp_path), '0', 'supervised_kd', 'tiny')  # nothing left to add
