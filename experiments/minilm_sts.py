@@ -31,6 +31,7 @@ _WORKDIR = flags.DEFINE_string('workdir', '/tmp/kd/minilm_ablation', 'Root of th
 _OUT = flags.DEFINE_string('out', 'experiments/results', 'Where the table and plot go.')
 _OVERRIDES = flags.DEFINE_multi_string('override', [], 'Extra --config.k=v overrides.')
 _COLLECT = flags.DEFINE_bool('collect_only', False, "Only read finished runs' results.")
+_NOTE = flags.DEFINE_string('note', '', 'A paragraph under the table (e.g. how it was measured).')
 
 LABELS = {'labels': 'no KD: fine-tuned on STS-B train labels', 'emb': 'embedding MSE only',
           'emb_hid': '+ hidden states', 'emb_hid_att': '+ hidden + attention maps',
@@ -120,7 +121,8 @@ def main(argv):
     for recipe in _RECIPES.value:
       runs = [run(student, recipe, s) for s in _SEEDS.value]
       results[student][recipe] = [r for r in runs if r is not None]
-  report.write(_OUT.value, 'minilm_sts', table(results), lambda path: plot(results, path))
+  text = table(results) + (f'\n\n{_NOTE.value}' if _NOTE.value else '')
+  report.write(_OUT.value, 'minilm_sts', text, lambda path: plot(results, path))
 
 
 if __name__ == '__main__':

@@ -1,5 +1,7 @@
 """The offline-teacher cache: rows round-trip exactly, writes are atomic, reading is resumable."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -48,3 +50,23 @@ def test_existing_cache_is_not_overwritten_and_missing_is_explained(tmp_path):
     teacher_cache.write(_rows(2), path, k=3, temperature=1.0, vocab_size=50)
   with pytest.raises(FileNotFoundError, match='python -m kd.cache_teacher'):
     teacher_cache.read_meta(str(tmp_path / 'nothing'))
+
+
+def test_concurrent_writers_first_rename_wins_and_no_temp_is_left(tmp_path, monkeypatch):
+  path = str(tmp_path / 'cache')
+  real_getpid = os.getpid
+
+  def rows_while_another_writer_finishes():
+    rows = list(_rows(3))
+    yield rows[0]
+    # Another process (another pid, so its own temp dir) writes the same path meanwhile.
+    monkeypatch.setattr(os, 'getpid', lambda: real_getpid() + 1)
+    teacher_cache.write_records(_rows(2), path, {'who': 'other'})
+    monkeypatch.setattr(os, 'getpid', real_getpid)
+    yield from rows[1:]
+
+  with pytest.raises(FileExistsError, match='remove it to rewrite'):
+    teacher_cache.write_records(rows_while_another_writer_finishes(), path, {'who': 'me'})
+  assert teacher_cache.read_meta(path) == {'who': 'other', 'rows': 2}
+  assert len(teacher_cache.read_records(path)) == 2
+  assert sorted(os.listdir(tmp_path)) == ['cache']  # neither temp directory is left

@@ -10,6 +10,7 @@ across hosts and checkpointing the position work as for the text pipeline.
 
 import json
 import os
+import shutil
 
 import grain
 import numpy as np
@@ -32,9 +33,14 @@ def write(rows, path: str, *, k: int, temperature: float, vocab_size: int,
 
 def write_records(rows, path: str, meta: dict, *, rows_per_shard: int = 4096) -> int:
   """Row dicts of numpy arrays -> msgpack records in ArrayRecord shards at `path`, with
-  `meta` (plus the row count) in meta.json; atomic like `write`. Returns the row count."""
-  tmp = path.rstrip('/') + '.tmp'
-  os.makedirs(tmp, exist_ok=True)
+  `meta` (plus the row count) in meta.json; atomic like `write`. Returns the row count.
+
+  Each writer fills its own `<path>.tmp<pid>`, so concurrent writers of one path never mix
+  shards: the first rename wins and the others get FileExistsError (their copy is removed).
+  """
+  tmp = f"{path.rstrip('/')}.tmp{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed writer with this pid
+  os.makedirs(tmp)
   n, shard, writer = 0, 0, None
   for row in rows:
     if writer is None or n % rows_per_shard == 0:
@@ -49,9 +55,17 @@ def write_records(rows, path: str, meta: dict, *, rows_per_shard: int = 4096) ->
     writer.close()
   with open(os.path.join(tmp, META), 'w') as f:
     json.dump({**meta, 'rows': n}, f)
+  exists = FileExistsError(f'{path} exists; remove it to rewrite the cache')
   if os.path.exists(path):
-    raise FileExistsError(f'{path} exists; remove it to rewrite the cache')
-  os.replace(tmp, path)
+    shutil.rmtree(tmp)
+    raise exists
+  try:
+    os.replace(tmp, path)  # fails if another writer's directory got there first
+  except OSError:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.exists(path):
+      raise exists from None
+    raise
   return n
 
 
