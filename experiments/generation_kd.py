@@ -108,8 +108,8 @@ def _latest_params(run_dir: str):
 def rescore(workdir: str, seed: str, row: str, config_arg: str = '') -> bool:
   """Adds the teacher's NLL of greedy answers to a finished run made before that metric
   existed, from its checkpoints (the student's and the seed's teacher's). True if it did."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
+  from kd import sweep  # pylint: disable=g-import-not-at-top
   from kd.eval import generation  # pylint: disable=g-import-not-at-top
   from kd.train import run  # pylint: disable=g-import-not-at-top
   run_dir = os.path.join(workdir, f'seed_{seed}', row)
@@ -121,10 +121,7 @@ def rescore(workdir: str, seed: str, row: str, config_arg: str = '') -> bool:
   key = ROWS[row][4]
   if 'sample_teacher_nll' in results[key]:
     return False
-  spec = importlib.util.spec_from_file_location(
-      'c', os.path.join(objectives.REPO, 'configs', 'shakespeare_kd.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module, _ = sweep.load(os.path.join(objectives.REPO, 'configs', 'shakespeare_kd.py'))
   config = module.get_config(','.join(a for a in [config_arg, ROWS[row][3]] if a))
   data = run.Data(config, run_dir)
   teacher = run.build_model(config.teacher.model, data.vocab_size)

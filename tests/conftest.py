@@ -13,11 +13,8 @@ os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 @pytest.fixture
 def shakespeare_config():
   """get_config(arg) of configs/shakespeare_kd.py, loaded like kd.main loads a config file."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('c', ROOT / 'configs' / 'shakespeare_kd.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config
+  from kd import sweep  # pylint: disable=g-import-not-at-top
+  return sweep.load(str(ROOT / 'configs' / 'shakespeare_kd.py'))[0].get_config
 
 
 def _tiny_bert(path, seed: int, layers: int) -> str:

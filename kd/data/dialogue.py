@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd.data import tokenizer as tok_lib
+from kd.models import sample
 
 FIELDS = ('prompt_ids', 'prompt_mask', 'response_ids', 'response_mask')
 _SPEAKER = re.compile(r'^([A-Z][A-Za-z \'.-]*):\n(.+)$', re.S)
@@ -90,6 +91,17 @@ def to_batch(prompt_ids_BxP, prompt_mask_BxP, response_ids_BxR, response_mask_Bx
           'attention_mask': real[:, :-1], 'positions': positions[:, :-1],
           'prompt_ids': xp.asarray(prompt_ids_BxP, xp.int32),
           'prompt_mask': xp.asarray(prompt_mask_BxP, xp.int32)}
+
+
+def answered(model, batch: dict, **sample_kw) -> dict:
+  """`batch` with its responses replaced by `model`'s answers to its prompts: same length, cut
+  after each <eos>. `model` is a (module, variables) pair; `sample_kw` (temperature, rng,
+  top_k, top_p) go to kd.models.sample.generate."""
+  r = batch['labels'].shape[1] + 1 - batch['prompt_ids'].shape[1]
+  generated = sample.generate(model, batch['prompt_ids'], batch['prompt_mask'], max_new_tokens=r,
+                              eos_id=tok_lib.EOS_ID, pad_id=tok_lib.PAD_ID, **sample_kw)
+  return to_batch(batch['prompt_ids'], batch['prompt_mask'], generated,
+                  response_mask(generated))
 
 
 def make_iterator(arrays: dict[str, np.ndarray], *, batch_size: int, seed: int,

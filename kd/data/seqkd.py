@@ -40,8 +40,8 @@ def teacher_responses(model, arrays: dict[str, np.ndarray], *, batch_size: int, 
                           top_k=top_k, top_p=top_p, eos_id=tok_lib.EOS_ID,
                           pad_id=tok_lib.PAD_ID,
                           rng=jax.random.fold_in(jax.random.key(seed), i))
-    gen = np.asarray(jax.device_get(gen))[:batch_size - pad]
-    out['response_ids'][rows] = np.where(dialogue.response_mask(gen), gen, tok_lib.PAD_ID)
+    gen = np.asarray(jax.device_get(gen))[:batch_size - pad]  # already padded after <eos>
+    out['response_ids'][rows] = gen
     out['response_mask'][rows] = np.asarray(dialogue.response_mask(gen))
   return out
 

@@ -25,7 +25,8 @@ def write(rows, path: str, *, k: int, temperature: float, vocab_size: int,
           rows_per_shard: int = 4096) -> int:
   """Writes an iterable of row dicts (numpy arrays) to `path`; returns the number of rows.
 
-  Writes into `<path>.tmp` and renames at the end, so a killed writer leaves no half cache.
+  Writes into a temp directory and renames it at the end, so a killed writer leaves no half
+  cache.
   """
   return write_records(rows, path, {'k': k, 'temperature': temperature,
                                     'vocab_size': vocab_size}, rows_per_shard=rows_per_shard)
@@ -55,16 +56,12 @@ def write_records(rows, path: str, meta: dict, *, rows_per_shard: int = 4096) ->
     writer.close()
   with open(os.path.join(tmp, META), 'w') as f:
     json.dump({**meta, 'rows': n}, f)
-  exists = FileExistsError(f'{path} exists; remove it to rewrite the cache')
-  if os.path.exists(path):
-    shutil.rmtree(tmp)
-    raise exists
   try:
-    os.replace(tmp, path)  # fails if another writer's directory got there first
+    os.replace(tmp, path)  # fails if the cache (e.g. another writer's) is already there
   except OSError:
     shutil.rmtree(tmp, ignore_errors=True)
     if os.path.exists(path):
-      raise exists from None
+      raise FileExistsError(f'{path} exists; remove it to rewrite the cache') from None
     raise
   return n
 

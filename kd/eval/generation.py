@@ -13,8 +13,6 @@ import numpy as np
 
 from kd import losses
 from kd.data import dialogue
-from kd.data import tokenizer as tok_lib
-from kd.models import sample
 
 
 def teacher_nll_of_samples(model, params, teacher, teacher_params, batches,
@@ -26,13 +24,7 @@ def teacher_nll_of_samples(model, params, teacher, teacher_params, batches,
   """
   total = count = rows = 0.0
   for batch in batches[:max_batches or None]:
-    p = batch['prompt_ids'].shape[1]
-    r = batch['labels'].shape[1] + 1 - p
-    gen = sample.generate((model, params), batch['prompt_ids'], batch['prompt_mask'],
-                          max_new_tokens=r, temperature=0.0, eos_id=tok_lib.EOS_ID,
-                          pad_id=tok_lib.PAD_ID)
-    scored = dialogue.to_batch(batch['prompt_ids'], batch['prompt_mask'], gen,
-                               dialogue.response_mask(gen))
+    scored = dialogue.answered((model, params), batch, temperature=0.0)
     real = (np.asarray(batch['loss_mask']).sum(1) > 0)[:, None]
     mask = np.asarray(scored['loss_mask']) * real
     logits = teacher.apply(teacher_params, scored['input_ids'],

@@ -647,7 +647,4 @@ def project_with(model: Decoder) -> Callable[[Any, jax.Array], jax.Array]:
 def head_fn(model: Decoder, params) -> Callable[[jax.Array], jax.Array]:
   """h [..., D] -> logits [..., V] with `model`'s LM head (tied or untied) and `params`."""
 
-  def head(hidden_BxTxD):
-    return model.apply(params, hidden_BxTxD, method='project')
-
-  return head
+  return functools.partial(project_with(model), params)

@@ -19,8 +19,6 @@ import jax
 import numpy as np
 
 from kd.data import dialogue
-from kd.data import tokenizer as tok_lib
-from kd.models import sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,14 +48,9 @@ class OnPolicy:
 
   def student_batch(self, module, params, batch: dict, step: int) -> dict:
     """`batch` with its responses replaced by the student's samples (same length)."""
-    r = batch['labels'].shape[1] + 1 - batch['prompt_ids'].shape[1]
-    generated = sample.generate(
-        (module, params), batch['prompt_ids'], batch['prompt_mask'], max_new_tokens=r,
-        temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-        eos_id=tok_lib.EOS_ID, pad_id=tok_lib.PAD_ID,
-        rng=jax.random.fold_in(jax.random.key(self.seed), step))
-    return dialogue.to_batch(batch['prompt_ids'], batch['prompt_mask'], generated,
-                             dialogue.response_mask(generated))
+    return dialogue.answered((module, params), batch, temperature=self.temperature,
+                             top_k=self.top_k, top_p=self.top_p,
+                             rng=jax.random.fold_in(jax.random.key(self.seed), step))
 
   def batch_fn(self, module):
     """loop.fit's `batch_fn(state, batch, step)`: generates the chosen batches.
