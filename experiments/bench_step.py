@@ -11,7 +11,9 @@ chunked fused one (gradient made in the forward pass), which on a CPU shows the 
 paths save (XLA's compiled temp bytes). experiments/bench_vs_peer.py runs it beside the peer.
 """
 
+import functools
 import json
+import sys
 import time
 
 import jax
@@ -67,6 +69,27 @@ _MU = flags.DEFINE_string('mu_dtype', None, "Adam's first-moment dtype (None: th
 _PEAK = flags.DEFINE_float('peak_tflops', 790.0, 'Peak matmul TFLOP/s for MFU (H100 bf16 measured).')
 
 
+def _random_params(config, seed: int):
+  """Params of the right shapes and dtypes, N(0, 0.02) (norm scales 1), made in one jit.
+
+  The benchmark times the step, not the init. On an H100 XLA took over 100 s to compile the
+  default (threefry) random fill of the 1B shapes, in models.init_params as in a plain
+  normal fill, so this uses the 'rbg' generator (XLA's RngBitGenerator), whose values are as
+  good for timing; the values do not change the step's cost."""
+  shapes = jax.eval_shape(functools.partial(models.init_params, config), jax.random.key(seed))
+
+  @jax.jit
+  def fill(key):
+    paths, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(key, len(paths))
+    leaves = [jnp.ones(s.shape, s.dtype) if 'scale' in jax.tree_util.keystr(p)
+              else (0.02 * jax.random.normal(k, s.shape)).astype(s.dtype)
+              for k, (p, s) in zip(keys, paths)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+  return fill(jax.random.key(seed, impl='rbg'))
+
+
 def build(chunk_size: int, fused: bool):
   tdims, sdims, batch, seq = SHAPES[_SHAPE.value]
   common = dict(max_seq_len=seq, dtype=_DTYPE.value, remat=_REMAT.value,
@@ -81,9 +104,10 @@ def build(chunk_size: int, fused: bool):
                  'mu_dtype': _MU.value},
       train={'accum_steps': 1}))
   spec = run.make_spec(c, student, teacher, dict(c.losses), 100)
-  teacher_params = jax.jit(models.init_params, static_argnums=(0, 2))(teacher.config,
-                                                                       jax.random.key(1), 8)
-  state = jax.jit(lambda: step_lib.create_state(run.init_student(spec, 0), spec.tx, 0))()
+  teacher_params = _random_params(teacher.config, 1)
+  student_params = _random_params(student.config, 0)
+  state = jax.jit(lambda p: step_lib.create_state(run.init_student(spec, 0, p), spec.tx, 0))(
+      student_params)
   ids = np.random.default_rng(0).integers(0, tdims['vocab_size'], (batch, seq + 1), np.int32)
   data = {'input_ids': ids[:, :-1], 'labels': ids[:, 1:],
           'loss_mask': np.ones((batch, seq), np.float32)}
@@ -95,14 +119,25 @@ def flops_per_token(tdims, sdims, seq, n_teacher, n_student):
   return 2 * n_teacher + 6 * n_student + attn(tdims, 1) + attn(sdims, 3)
 
 
+def _phase(name: str, t0: float):
+  print(f'[bench_step] {name}: {time.perf_counter() - t0:.1f} s', file=sys.stderr, flush=True)
+
+
 def bench(chunk_size: int, fused: bool) -> dict:
+  start = time.perf_counter()
   spec, state, teacher_params, batch, (tdims, sdims, b, seq) = build(chunk_size, fused)
+  jax.block_until_ready((state, teacher_params))
+  _phase('built', start)
   step = jax.jit(lambda s, t, x: step_lib.train_step(s, t, x, spec), donate_argnums=(0,))
-  compiled = step.lower(state, teacher_params, batch).compile()
-  mem = compiled.memory_analysis()
+  t0 = time.perf_counter()
+  step = step.lower(state, teacher_params, batch).compile()  # Call this, not the jit: one compile.
+  compile_s = time.perf_counter() - t0
+  _phase('compiled', start)
+  mem = step.memory_analysis()
   for _ in range(3):
     state, m = step(state, teacher_params, batch)
   jax.block_until_ready(state)
+  _phase('warmed up', start)
   t0 = time.perf_counter()
   for _ in range(_STEPS.value):
     state, m = step(state, teacher_params, batch)
@@ -119,6 +154,7 @@ def bench(chunk_size: int, fused: bool) -> dict:
              device=jax.devices()[0].device_kind,
              teacher_params=n_t, student_params=n_s, step_s=round(dt, 4), tokens_per_s=round(tps),
              tflops=round(tflops, 1), mfu=round(tflops / _PEAK.value, 3), loss=float(m['loss']),
+             compile_s=round(compile_s, 1),
              xla_temp_gb=round(getattr(mem, 'temp_size_in_bytes', 0) / 2**30, 3))
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
