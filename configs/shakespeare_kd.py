@@ -13,6 +13,9 @@ student). Variants (`:variant`, comma separated):
          speaker); losses = {NAME: 1} on the response tokens, the prompt masked
   onpolicy=L   with dialogue: GKD, each batch's responses are the student's own samples with
          probability L (config.on_policy; kd/train/onpolicy.py)
+  lora   a LoRA student: the student starts from the teacher's layers (every other one, cut to
+         the student's widths) and only rank-8 adapters on its attention and MLP projections
+         train (config.peft; kd/peft); the no-KD baseline is LoRA too
   seqkd  with dialogue: sequence-level KD, the KD student trains on the teacher's own (greedy)
          responses to the train prompts (config.seqkd; kd/data/seqkd.py); with objective=ce
          that is Kim & Rush's SeqKD
@@ -41,7 +44,7 @@ Two hosts (run on each, with its own process_id):
 import ml_collections
 
 
-VARIANTS = ('tiny', 'long', 'objective', 'dialogue', 'onpolicy', 'seqkd')
+VARIANTS = ('tiny', 'long', 'objective', 'dialogue', 'onpolicy', 'seqkd', 'lora')
 # The kwargs each objective takes (their defaults), so that the command line can set them.
 OBJECTIVE_KWARGS = {'jsd': {'beta': 0.5}, 'skew_kl': {'alpha': 0.1},
                     'skew_reverse_kl': {'alpha': 0.1}}
@@ -101,6 +104,11 @@ def get_config(arg=None):
   # 'first_last', or the list `layers_list`), weights cut to the student's widths.
   c.student_init = ml_collections.ConfigDict(dict(source='random', layers='every_k', k=2,
                                                   layers_list=()))
+  # A parameter-efficient student: method 'lora' trains only adapters (rank, alpha: scale
+  # alpha/rank) on the projections whose module path `target` fully matches; the student's
+  # starting weights (student_init) stay frozen and the saved student is the merged model.
+  c.peft = ml_collections.ConfigDict(dict(
+      method='none', target=r'.*_proj', rank=8, alpha=16.0))
 
   # alpha * CE + (1 - alpha) * T^2 * KL: 'kl' already carries T^2.
   c.alpha = 0.5
@@ -142,6 +150,10 @@ def get_config(arg=None):
     if 'dialogue' not in variants:
       raise ValueError('onpolicy=L needs the dialogue variant (prompts to answer).')
     c.on_policy.fraction = float(options['onpolicy'])
+  if 'lora' in variants:
+    c.peft.method = 'lora'
+    c.student_init.source = 'teacher'
+    c.optimizer.weight_decay = 0.0  # decay would pull the adapters, not the base, to zero
   if 'tiny' in variants:
     c.data.update(vocab_size=300, seq_len=32, batch_size=8, eval_batch_size=8,
                   max_eval_batches=2)

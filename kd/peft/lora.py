@@ -73,6 +73,20 @@ class _LoraProvider(qwix.LoraProvider):
     return out.astype(preferred_element_type or lhs.dtype)
 
 
+METHODS_BY_NAME = ('none', 'lora')
+
+
+def from_config(cfg) -> LoraConfig | None:
+  """`config.peft` ({method, target, rank, alpha}) -> a LoraConfig, or None for method 'none'
+  (or no config.peft)."""
+  method = (cfg or {}).get('method', 'none')
+  if method not in METHODS_BY_NAME:
+    raise ValueError(f'config.peft.method={method!r}; valid: {METHODS_BY_NAME}')
+  if method == 'none':
+    return None
+  return LoraConfig(target=cfg.target, rank=cfg.rank, alpha=float(cfg.alpha))
+
+
 def lora_model(model: nn.Module, config: LoraConfig) -> nn.Module:
   """A copy of `model` (a linen module) whose matching projections carry LoRA adapters."""
   provider = _LoraProvider(module_path=config.target, rank=config.rank, alpha=config.alpha)

@@ -4,6 +4,7 @@ import jax
 from absl import logging
 
 from kd import losses
+from kd import models
 from kd import parallel
 from kd.train import schedules
 
@@ -200,6 +201,35 @@ def check_models(config, student, teacher) -> None:
         "'minilm_relations' (any head counts) or give the student the teacher's head count")
   vocab_slice(student.config.vocab_size, teacher.config.vocab_size,
               same_tokenizer=config.get('same_tokenizer', True))
+  check_peft(config, student)
+
+
+def check_peft(config, student) -> None:
+  """config.peft: a valid LoRA config whose target matches projections of the student, and no
+  feature that would train or sample the student's full weights."""
+  from kd import peft  # pylint: disable=g-import-not-at-top
+  try:
+    lora = peft.from_config(config.get('peft'))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if lora is None:
+    return
+  if student.config.scan_layers:
+    raise ConfigError('config.peft: LoRA targets per-layer projections; set '
+                      'config.student.scan_layers=False')
+  if float((config.get('on_policy') or {}).get('fraction', 0.0)) > 0:
+    raise ConfigError('config.peft with on-policy batches is not supported yet: set '
+                      "on_policy.fraction=0 or peft.method='none'")
+  shapes = jax.eval_shape(lambda: models.init_params(student.config, jax.random.key(0)))
+  if not peft.target_kernels(shapes, lora):
+    names = sorted({'/'.join(k[1:-1]) for k in _flat_paths(shapes) if k[-1] == 'kernel'})
+    raise ConfigError(f'config.peft.target={lora.target!r} matches no projection of the student; '
+                      f'module paths look like {names[:6]} (the regex must match the whole path)')
+
+
+def _flat_paths(tree) -> list:
+  import flax  # pylint: disable=g-import-not-at-top
+  return list(flax.traverse_util.flatten_dict(tree))
 
 
 def vocab_slice(student_vocab: int, teacher_vocab: int, *, same_tokenizer: bool) -> int:

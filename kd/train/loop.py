@@ -53,11 +53,13 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
   """
   plan = plan or parallel.SinglePlan()
   mngr = checkpoint.manager(f'{workdir}/checkpoints', max_to_keep=keep)
-  # Restored into the placed state's shapes and shardings, so arrays come back sharded.
-  logical = plan.unreplicate(state)
+  # Restored into the placed state's shapes and shardings, so arrays come back sharded. A PEFT
+  # student's frozen base (state.frozen) is an input, like the teacher: never saved.
+  frozen = state.frozen
+  logical = plan.unreplicate(state.replace(frozen=None))
   restored = checkpoint.restore_latest(mngr, logical, data_iter)
   if restored is not logical:
-    state = plan.place_state(restored)
+    state = plan.place_state(restored).replace(frozen=frozen)
   start = int(restored.step)
   writer = metrics_lib.Writer(workdir, enabled=jax.process_index() == 0)
   train_fn = plan.train_step(spec, state)
@@ -95,14 +97,15 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
         acc, t0, tokens = metrics_lib.Accumulator(), time.perf_counter(), 0
       bar.update(1)
       if eval_every and done % eval_every == 0 and done != total_steps:
-        writer.write(done, evaluate(eval_fn, state.params, teacher_params, eval_batches), 'eval')
+        writer.write(done, evaluate(eval_fn, step_lib.eval_params(state), teacher_params,
+                                    eval_batches), 'eval')
       if (checkpoint_every and done % checkpoint_every == 0) or done == total_steps:
         if pending is not None:  # never save a state whose metrics were not checked
           pull(*pending)
           pending = None
-        checkpoint.save(mngr, done, plan.unreplicate(state), data_iter)
+        checkpoint.save(mngr, done, plan.unreplicate(state.replace(frozen=None)), data_iter)
     mngr.wait_until_finished()
-    final = evaluate(eval_fn, state.params, teacher_params, eval_batches)
+    final = evaluate(eval_fn, step_lib.eval_params(state), teacher_params, eval_batches)
     writer.write(total_steps, final, 'eval')
   finally:  # also on errors, so that pending writes end before the interpreter does
     bar.close()

@@ -16,6 +16,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -26,6 +27,7 @@ from kd.data import teacher_cache as teacher_cache_lib
 from kd import losses
 from kd import models
 from kd import parallel
+from kd import peft
 from kd.eval import generation as generation_eval
 from kd.models import ensemble
 from kd.train import config_check
@@ -126,12 +128,27 @@ class Data:
 
 def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params, terms,
               *, steps: int, seed: int, name: str, teacher_cache: str = '',
-              init_variables=None, batch_fn=None, train_arrays=None):
-  """One training run (teacher training is a run with no teacher and `ce` only)."""
-  spec = make_spec(config, student, teacher, terms, steps)
+              init_variables=None, batch_fn=None, train_arrays=None, lora=None):
+  """One training run (teacher training is a run with no teacher and `ce` only).
+
+  With `lora` (a kd.peft.LoraConfig) only LoRA adapters train: the student's starting variables
+  (`init_variables`, or a random init) are its frozen base, which rides in `state.frozen`
+  (never updated nor checkpointed), and the returned params are the merged plain model.
+  """
+  model = student if lora is None else peft.lora_model(student, lora)
+  spec = make_spec(config, model, teacher, terms, steps)
   plan = parallel.make(config.get('parallel'))
+  trainable, base = init_variables, None
+  if lora is not None:
+    base = init_variables
+    if base is None:  # init_student's random init of the same seed
+      key = jax.random.split(jax.random.key(seed))[0]
+      base = jax.jit(models.init_params, static_argnums=0)(student.config, key)
+    trainable = peft.init_lora(model, base, jax.random.key(seed + 7), lora)
   state = plan.init_state(
-      lambda: step_lib.create_state(init_student(spec, seed, init_variables), spec.tx, seed))
+      lambda: step_lib.create_state(init_student(spec, seed, trainable), spec.tx, seed))
+  if base is not None:  # a copy: the step donates the state, and the caller keeps `base`
+    state = state.replace(frozen=plan.place_state(jax.tree.map(jnp.array, base)))
   tc = config.train
   t0 = time.perf_counter()
   state, final = loop.fit(
@@ -142,7 +159,11 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
       keep=tc.get('keep', 2), progress=tc.get('progress', True), name=name, plan=plan,
       batch_fn=batch_fn)
   final['wall_s'] = time.perf_counter() - t0
-  student_params = plan.unreplicate(state).params['student']
+  student_params = plan.unreplicate(state.replace(frozen=None)).params['student']
+  if lora is not None:  # (the state was donated to the step: read the base back from it)
+    final['trainable_params'] = peft.count(student_params)
+    base = plan.unreplicate(state.frozen)
+    student_params = peft.merge(peft.combine(student_params, base), lora)
   final['params'] = models.count_params(student_params)
   if batch_fn is not None and getattr(batch_fn, 'stats', None):
     st = batch_fn.stats
@@ -287,12 +308,13 @@ def main(config, workdir: str) -> dict:
   results = {}
   teacher, teacher_params = train_teachers(config, data, teacher, workdir, results)
   init = student_init(config, student, teacher, teacher_params)  # both students start alike
+  lora = peft.from_config(config.get('peft'))  # None: every student weight trains
   student_params, results['student_kd'] = run_stage(
       config, data, f'{workdir}/student_kd', student, teacher, teacher_params,
       dict(config.losses), steps=config.train.steps, seed=config.seed, name='student_kd',
       teacher_cache=config.teacher.get('cache', ''), init_variables=init,
       batch_fn=on_policy_fn(config, student),
-      train_arrays=seqkd_arrays(config, data, teacher, teacher_params, workdir))
+      train_arrays=seqkd_arrays(config, data, teacher, teacher_params, workdir), lora=lora)
   trained = {'student_kd': student_params}
   # Born-again rounds (Furlanello et al. 2018): the last student teaches a fresh copy of itself.
   for r in range(1, int(config.get('born_again', 0)) + 1):
@@ -300,12 +322,13 @@ def main(config, workdir: str) -> dict:
     student_params, results[name] = run_stage(
         config, data, f'{workdir}/{name}', student, student, student_params,
         dict(config.losses), steps=config.train.steps, seed=config.seed + r, name=name,
-        init_variables=init)
+        init_variables=init, lora=lora)
     trained[name] = student_params
   if config.get('baseline', True):
     trained['student_ce'], results['student_ce'] = run_stage(
         config, data, f'{workdir}/student_ce', student, teacher, teacher_params, {'ce': 1.0},
-        steps=config.train.steps, seed=config.seed, name='student_ce', init_variables=init)
+        steps=config.train.steps, seed=config.seed, name='student_ce', init_variables=init,
+        lora=lora)
   n = int(config.data.get('sample_eval_batches', 0))
   if data.task == 'dialogue' and n:  # the models' own greedy answers, scored by the teacher
     if not isinstance(teacher, ensemble.Ensemble):
@@ -330,7 +353,9 @@ def report(results: dict) -> str:
           '|---|---:|---:|---:|---:|']
   for name, r in results.items():
     agree = f"{100 * r['agreement']:.1f}%" if 'agreement' in r else '-'
-    rows.append(f"| {name} | {r['params']:,} | {r['perplexity']:.2f} | {agree} | "
+    params = f"{r['params']:,}" + (f" ({r['trainable_params']:,} trained)"
+                                   if 'trainable_params' in r else '')
+    rows.append(f"| {name} | {params} | {r['perplexity']:.2f} | {agree} | "
                 f"{r['wall_s']:.0f} |")
   sampled = [(n, r) for n, r in results.items() if 'sample_teacher_nll' in r]
   if sampled:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from kd import losses
+from kd import peft
 from kd.models import head_fn
 from kd.models.decoder import head_params, project_with
 from kd.models.encoder import pool
@@ -33,11 +34,27 @@ class TrainState:
   params: Any  # {'student': model variables, 'proj': feature projections (may be empty)}
   opt_state: Any
   rng: jax.Array
+  # A PEFT student's frozen base variables (params['student'] then holds only the adapters):
+  # an input of the step placed like the state, never differentiated, updated or checkpointed.
+  frozen: Any = None
 
 
-def create_state(params, tx, seed: int) -> TrainState:
+def create_state(params, tx, seed: int, frozen=None) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.key(seed)))
+                    rng=jax.random.key_data(jax.random.key(seed)), frozen=frozen)
+
+
+def student_variables(params, frozen=None):
+  """The student's full variables: params['student'], joined with a PEFT student's frozen
+  base (kd.peft.combine) when there is one."""
+  return params['student'] if frozen is None else peft.combine(params['student'], frozen)
+
+
+def eval_params(state: TrainState):
+  """state.params with the student's full variables, for eval_step."""
+  if state.frozen is None:
+    return state.params
+  return {**state.params, 'student': student_variables(state.params, state.frozen)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,17 +139,19 @@ def teacher_forward(spec: Spec, teacher_params, batch):
   return jax.lax.stop_gradient(out)
 
 
-def loss_terms(params, teacher_params, t_out, batch, spec: Spec, step) -> dict:
+def loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, frozen=None) -> dict:
   """Every configured loss term as a (sum, count) pair of float32 scalars."""
-  return _loss_terms(params, teacher_params, t_out, batch, spec, step)[0]
+  return _loss_terms(params, teacher_params, t_out, batch, spec, step, frozen=frozen)[0]
 
 
-def _loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, logit_coeffs=None):
+def _loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, logit_coeffs=None,
+                frozen=None):
   """(terms, surrogate). With `logit_coeffs` ({logit term: weight of its sum}) and chunking,
   the logit terms go through losses.fused_logit_losses: their sums come gradient-stopped and
   `surrogate` (value 0) carries the gradient of Σ coeff·sum; otherwise surrogate is 0."""
   surrogate = jnp.zeros((), jnp.float32)
-  s_out = forward(spec.student, params['student'], batch, **spec.needs())
+  student = student_variables(params, frozen)
+  s_out = forward(spec.student, student, batch, **spec.needs())
   mask = batch['loss_mask']
   if 'segment_ids' in batch:
     token_mask = batch['segment_ids'] > 0
@@ -150,14 +169,14 @@ def _loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, logit_co
   if logit_terms and spec.chunk_size and logit_coeffs is not None:
     teacher_head = None if t_out is None else head_fn(spec.teacher, teacher_params)
     terms, surrogate = losses.fused_logit_losses(
-        logit_terms, logit_coeffs, s_out['hidden'], head_params(spec.student, params['student']),
+        logit_terms, logit_coeffs, s_out['hidden'], head_params(spec.student, student),
         lambda p, h: cut(project_with(spec.student)(p, h)),
         None if t_out is None else t_out['hidden'],
         None if t_out is None else (lambda h: cut(teacher_head(h))),
         labels=batch['labels'], mask=mask, temperature=temperature, chunk_size=spec.chunk_size)
     out.update(terms)
   elif logit_terms and spec.chunk_size:
-    student_head = head_fn(spec.student, params['student'])
+    student_head = head_fn(spec.student, student)
     teacher_head = None if t_out is None else head_fn(spec.teacher, teacher_params)
     out.update(losses.chunked_logit_losses(
         logit_terms, s_out['hidden'], lambda h: cut(student_head(h)),
@@ -203,7 +222,7 @@ def _loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, logit_co
   return out, surrogate
 
 
-def _objective(params, teacher_params, t_out, batch, spec, step, counts):
+def _objective(params, teacher_params, t_out, batch, spec, step, counts, frozen=None):
   coeffs = None
   if spec.chunk_size and spec.fused_chunks and spec.logit_terms():
     # The fused path needs each logit term's weight before the backward pass: w(step) over
@@ -212,7 +231,8 @@ def _objective(params, teacher_params, t_out, batch, spec, step, counts):
       tokens = _psum(jnp.sum(batch['loss_mask'].astype(bool), dtype=jnp.float32), spec)
     coeffs = {n: spec.weights[n](step) / jnp.maximum(tokens if counts is None else counts[n], 1.0)
               for n in spec.logit_terms()}
-  terms, surrogate = _loss_terms(params, teacher_params, t_out, batch, spec, step, coeffs)
+  terms, surrogate = _loss_terms(params, teacher_params, t_out, batch, spec, step, coeffs,
+                                 frozen)
   if counts is None:
     counts = {n: c for n, (_, c) in terms.items()}
     if spec.axis_name is not None:  # normalise by the global count, not this device's
@@ -239,22 +259,23 @@ def _psum(tree, spec: Spec):
   return tree if spec.axis_name is None else jax.lax.psum(tree, spec.axis_name)
 
 
-def _grads(params, teacher_params, batch, spec: Spec, step):
+def _grads(params, teacher_params, batch, spec: Spec, step, frozen=None):
   """(grads of the objective, per-term (sum, count)) over the batch, micro-batched if asked.
 
-  With `spec.axis_name`, both are summed over the devices of that axis.
+  With `spec.axis_name`, both are summed over the devices of that axis. `frozen` (a PEFT
+  student's base) goes into the forward pass but gets no gradient.
   """
   grad_fn = jax.grad(_objective, has_aux=True)
   if spec.accum_steps == 1:
     t_out = teacher_forward(spec, teacher_params, batch)
-    return _psum(grad_fn(params, teacher_params, t_out, batch, spec, step, None), spec)
+    return _psum(grad_fn(params, teacher_params, t_out, batch, spec, step, None, frozen), spec)
   micro = _split(batch, spec.accum_steps, spec.strided_accum)
 
   # Pass 1, forward only: the global count of every term, so each micro-batch's contribution is
   # normalised by the whole batch's count (exact, for any registered loss).
   def count_body(acc, mb):
     t_out = teacher_forward(spec, teacher_params, mb)
-    terms = loss_terms(params, teacher_params, t_out, mb, spec, step)
+    terms = loss_terms(params, teacher_params, t_out, mb, spec, step, frozen)
     return jax.tree.map(jnp.add, acc, {n: c for n, (_, c) in terms.items()}), None
   zero_counts = {n: jnp.zeros((), jnp.float32) for n in spec.terms}
   counts, _ = jax.lax.scan(count_body, zero_counts, micro)
@@ -262,7 +283,7 @@ def _grads(params, teacher_params, batch, spec: Spec, step):
 
   def grad_body(acc, mb):
     t_out = teacher_forward(spec, teacher_params, mb)
-    g, terms = grad_fn(params, teacher_params, t_out, mb, spec, step, counts)
+    g, terms = grad_fn(params, teacher_params, t_out, mb, spec, step, counts, frozen)
     return jax.tree.map(jnp.add, acc, (g, terms)), None
   zero_terms = {n: (jnp.zeros((), jnp.float32),) * 2 for n in spec.terms}
   zero = (jax.tree.map(jnp.zeros_like, params), zero_terms)
@@ -273,7 +294,7 @@ def _grads(params, teacher_params, batch, spec: Spec, step):
 def train_step(state: TrainState, teacher_params, batch, spec: Spec):
   """One optimizer update. Returns (new state, metrics); term metrics are (sum, count) pairs."""
   step = state.step
-  grads, terms = _grads(state.params, teacher_params, batch, spec, step)
+  grads, terms = _grads(state.params, teacher_params, batch, spec, step, state.frozen)
   updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   loss = sum(spec.weights[n](step) * s / jnp.maximum(c, 1.0) for n, (s, c) in terms.items())

@@ -1,0 +1,146 @@
+"""LoRA students in the train step and the run: only adapters train, the base stays out of the
+optimizer and the checkpoints, and the update is the one an independent merge gives."""
+
+import functools
+import json
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from kd import peft
+from kd.train import config_check
+from kd.train import run
+from kd.train import step as step_lib
+
+V, B, T = 61, 4, 12
+LORA = peft.LoraConfig(target=r'.*_proj', rank=4, alpha=8.0)
+
+
+def _config(optimizer='sgd'):
+  c = ml_collections.ConfigDict()
+  c.losses = {'ce': 0.5, 'kl': 0.5}
+  c.loss_kwargs = {}
+  c.temperature = 2.0
+  c.chunk_size = 0
+  c.features = {'layer_map': 'uniform', 'pairs': ()}
+  c.optimizer = {'name': optimizer, 'lr': 0.1, 'warmup_steps': 0, 'schedule': 'constant'}
+  c.train = {'accum_steps': 1}
+  return c
+
+
+def _setup(config):
+  teacher = run.build_model(dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                 intermediate_size=64), V)
+  student = run.build_model(dict(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
+                                 intermediate_size=32), V)
+  teacher_params = jax.jit(run.models.init_params, static_argnums=0)(teacher.config,
+                                                                    jax.random.key(1))
+  base = run.models.init_params(student.config, jax.random.key(2))
+  model = peft.lora_model(student, LORA)
+  lora = peft.init_lora(model, base, jax.random.key(3), LORA)
+  # B starts at zero; make it non-zero so that A gets a gradient too.
+  lora = jax.tree_util.tree_map_with_path(
+      lambda p, x: 0.1 * jax.random.normal(jax.random.key(len(jax.tree_util.keystr(p))),
+                                           x.shape) if 'lora_b' in jax.tree_util.keystr(p)
+      else x, lora)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, V, size=(B, T + 1)).astype(np.int32)
+  batch = {'input_ids': ids[:, :-1], 'labels': ids[:, 1:],
+           'loss_mask': np.ones((B, T), np.float32)}
+  spec = run.make_spec(config, model, teacher, dict(config.losses), 10)
+  plain_spec = run.make_spec(config, student, teacher, dict(config.losses), 10)
+  return spec, plain_spec, teacher_params, base, lora, batch
+
+
+def _merged_by_hand(lora, base):
+  """W + (alpha / rank) A @ B per adapted kernel, written here apart from kd.peft.merge."""
+  flat = dict(flax.traverse_util.flatten_dict(base))
+  for k, a in flax.traverse_util.flatten_dict(lora).items():
+    if k[-1] == 'kernel_lora_a':
+      b = flax.traverse_util.flatten_dict(lora)[(*k[:-1], 'kernel_lora_b')]
+      flat[(*k[:-1], 'kernel')] = flat[(*k[:-1], 'kernel')] + LORA.alpha / LORA.rank * a @ b
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def test_lora_step_is_sgd_on_the_gradient_of_an_independently_merged_model():
+  config = _config('sgd')
+  spec, plain_spec, tp, base, lora, batch = _setup(config)
+  state = step_lib.create_state({'student': lora, 'proj': {}}, spec.tx, 0, frozen=base)
+  base_copy = jax.tree.map(np.array, base)
+  new, metrics = jax.jit(functools.partial(step_lib.train_step, spec=spec))(state, tp, batch)
+
+  def reference_loss(adapters):  # the plain model's objective on merged weights
+    params = {'student': _merged_by_hand(adapters, base_copy), 'proj': {}}
+    t_out = step_lib.teacher_forward(plain_spec, tp, batch)
+    terms = step_lib.loss_terms(params, tp, t_out, batch, plain_spec, 0)
+    return sum(plain_spec.weights[n](0) * s / c for n, (s, c) in terms.items())
+
+  loss, grads = jax.value_and_grad(reference_loss)(lora)
+  np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-5)
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+  expected = jax.tree.map(lambda p, g: p - 0.1 * g, lora, grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               new.params['student'], expected)
+  # The base went through the step untouched.
+  jax.tree.map(np.testing.assert_array_equal, new.frozen, base_copy)
+
+
+def test_optimizer_state_holds_only_the_adapters():
+  config = _config('adamw')
+  spec, _, tp, base, lora, batch = _setup(config)
+  state = step_lib.create_state({'student': lora, 'proj': {}}, spec.tx, 0, frozen=base)
+  moments = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
+  assert sum(x.size for x in moments) == 2 * peft.count(lora)  # Adam's mu and nu
+
+
+def test_eval_sees_the_adapters():
+  config = _config('sgd')
+  spec, plain_spec, tp, base, lora, batch = _setup(config)
+  state = step_lib.create_state({'student': lora, 'proj': {}}, spec.tx, 0, frozen=base)
+  got = step_lib.eval_step(step_lib.eval_params(state), tp, batch, spec)
+  merged = {'student': _merged_by_hand(lora, base), 'proj': {}}
+  want = step_lib.eval_step(merged, tp, batch, plain_spec)
+  np.testing.assert_allclose(got['ce'][0], want['ce'][0], rtol=1e-5)
+
+
+def test_config_errors_say_what_to_do(shakespeare_config):
+  student = run.build_model(dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                 intermediate_size=32), V)
+  c = shakespeare_config('tiny,lora')
+  c.peft.method = 'qlora'
+  with pytest.raises(config_check.ConfigError, match=r"peft.method='qlora'; valid"):
+    config_check.check_peft(c, student)
+  c = shakespeare_config('tiny,lora')
+  c.peft.target = 'attn'
+  with pytest.raises(config_check.ConfigError, match=r'matches no projection.*layers_0/attn/'):
+    config_check.check_peft(c, student)
+  c = shakespeare_config('tiny,lora,dialogue')
+  c.on_policy.fraction = 0.5
+  with pytest.raises(config_check.ConfigError, match='on_policy.fraction=0'):
+    config_check.check_peft(c, student)
+
+
+def test_lora_run_trains_adapters_only_checkpoints_them_and_restores(shakespeare_config,
+                                                                     tmp_path):
+  config = shakespeare_config('tiny,lora')
+  config.baseline = False
+  results = run.main(config, str(tmp_path))
+  r = results['student_kd']
+  assert 0 < r['trainable_params'] < r['params']
+  # The checkpoint holds the adapters and their optimizer state, not the base.
+  ckpt = tmp_path / 'student_kd' / 'checkpoints'
+  last = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  saved = ocp.StandardCheckpointer().restore(ckpt / str(last) / 'state')
+  leaves = flax.traverse_util.flatten_dict(saved['params']['student'])
+  assert leaves and all(peft.is_lora(k) for k in leaves)
+  assert saved.get('frozen') is None
+  # A second run of the finished workdir restores the adapters onto the same base.
+  again = run.main(config, str(tmp_path))
+  drop_time = lambda d: json.dumps({k: v for k, v in d.items() if k != 'wall_s'}, sort_keys=True)
+  assert drop_time(again['student_kd']) == drop_time(r)
