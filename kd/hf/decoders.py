@@ -213,6 +213,12 @@ def _check_exportable(c: DecoderConfig) -> None:
   wrong = {k: getattr(c, k) for k, v in _FIXED[c.model_type].items() if getattr(c, k) != v}
   if c.model_type in ('llama', 'qwen3', 'gemma') and c.qkv_bias != c.attn_out_bias:
     wrong['qkv_bias != attn_out_bias'] = (c.qkv_bias, c.attn_out_bias)
+  peft_fields = {k: getattr(c, k) for k in ('adapter_size', 'prefix_len', 'prompt_len')
+                 if getattr(c, k)}
+  if peft_fields:  # no HF architecture holds them; saving would silently drop them
+    raise ValueError(f'{peft_fields}: adapters, prefixes and soft prompts have no place in a '
+                     f'{c.model_type} checkpoint; save the variables with orbax instead, or '
+                     'train a LoRA student (merged into the base on export)')
   if c.model_type == 'gpt2' and (c.num_kv_heads != c.num_heads
                                  or c.head_dim * c.num_heads != c.hidden_size
                                  or c.attn_scale not in (None, 1.0)):

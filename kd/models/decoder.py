@@ -15,6 +15,10 @@ Parameter names follow the layer roles (`layers_{i}/attn/q_proj/kernel`, ...) so
 checkpoint maps onto them by renaming and transposing linear weights. Softmax, norms and RoPE are
 always computed in float32 whatever the compute dtype. Pass `cache=` (kd.models.cache) to decode
 incrementally.
+
+Three parameter-efficient extensions, off by default (kd.peft.adapters selects, adds and strips
+their params): `adapter_size` (bottleneck adapters), `prefix_len` (prefix tuning), `prompt_len`
+(prompt tuning); see DecoderConfig.
 """
 
 from __future__ import annotations
@@ -107,6 +111,22 @@ class DecoderConfig:
   # transformers' rope_parameters without rope_theta, e.g. {'rope_type': 'linear', 'factor': 2.0};
   # a dict is stored as sorted (key, value) pairs so the config stays hashable.
   rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  # Parameter-efficient students (kd.peft.adapters); 0 = off and the param tree is unchanged.
+  # Bottleneck adapters (Houlsby et al. 2019): x + up(act(down(x))) on the attention output and
+  # on the MLP output, before each residual add; width adapter_size, act = mlp_activation,
+  # `up` zero-initialised so a fresh adapter is the identity.
+  adapter_size: int = 0
+  # Prefix tuning (Li & Liang 2021): per layer, prefix_len learned keys and values
+  # [prefix_len, num_kv_heads, head_dim] that every query sees (also past sliding windows and
+  # segment/padding masks, which apply to the real keys only). They are used as stored: no
+  # norm, no rotation (RoPE at position 0 is the identity, so they sit at position 0). Always the
+  # XLA attention kernel, even with attention_impl='cudnn'. Works with the KV cache.
+  prefix_len: int = 0
+  # Prompt tuning (Lester et al. 2021): prompt_len learned embeddings in front of the token
+  # embeddings (embed_scale applies to them too), at positions 0..prompt_len-1; real tokens move
+  # up by prompt_len and see the whole prompt. Outputs are sliced back to the T real positions.
+  # prompt_len + T must fit max_seq_len. Not with a KV cache (no generation) yet.
+  prompt_len: int = 0
 
   def __post_init__(self):
     if hasattr(self.rope_scaling, 'items'):  # a dict or ConfigDict
@@ -137,6 +157,13 @@ class DecoderConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f'DecoderConfig.{name} must be a positive int, got {value!r}.')
+    for name in ('adapter_size', 'prefix_len', 'prompt_len'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f'DecoderConfig.{name} must be an int >= 0 (0 = off), got {value!r}.')
+    if self.prompt_len >= self.max_seq_len:
+      raise ValueError(f'prompt_len={self.prompt_len} leaves no room for tokens in max_seq_len='
+                       f'{self.max_seq_len}; raise max_seq_len or shorten the prompt.')
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f'num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} '
@@ -386,13 +413,57 @@ def attention_impl(c: DecoderConfig, dtype, mask, causal: bool) -> str | None:
 
   jax.nn.dot_product_attention's own default is the XLA path (2.7x slower for a whole KD step
   at 1b-160m-32k on an H100, experiments/bench_vs_peer.py), so kd asks for cuDNN itself.
+  Prefix tuning always gets 'xla'.
   """
+  if c.prefix_len:  # the prefix needs an explicit mask; kd sends those to XLA
+    return 'xla'
   if c.attention_impl is not None:
     return c.attention_impl
   if (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
       and mask is None and causal and c.head_dim <= 128 and c.head_dim % 8 == 0):
     return 'cudnn'
   return 'xla'
+
+
+def with_prefix_keys(mask_Bx1xTxS, causal: bool, t: int, s: int, p: int):
+  """The mask [B|1,1,T,P+S] for P always-visible prefix keys in front of S keys.
+
+  Causality (T == S, top-left aligned) is folded into the real-key part, since the fused call's
+  is_causal would align it with the prefix instead.
+  """
+  real = jnp.tril(jnp.ones((t, s), bool))[None, None] if causal else None
+  if mask_Bx1xTxS is not None:
+    real = mask_Bx1xTxS if real is None else real & mask_Bx1xTxS
+  if real is None:
+    real = jnp.ones((1, 1, t, s), bool)
+  return jnp.concatenate([jnp.ones(real.shape[:2] + (t, p), bool), real], axis=-1)
+
+
+def with_prompt_queries(mask_Bx1xTxT, p: int):
+  """A real-token mask grown to [B|1,1,P+T,P+T] for P prompt slots in front (None stays None).
+
+  Real queries see every prompt slot; prompt queries see the prompt (causality is the caller's).
+  """
+  if mask_Bx1xTxT is None:
+    return None
+  lead, t = mask_Bx1xTxT.shape[:2], mask_Bx1xTxT.shape[-1]
+  real_rows = jnp.concatenate([jnp.ones(lead + (t, p), bool), mask_Bx1xTxT], axis=-1)
+  return jnp.concatenate([jnp.ones(lead + (p, p + t), bool), real_rows], axis=-2)
+
+
+class Adapter(nn.Module):
+  """Bottleneck adapter: x + up(act(down(x))), `up` zero-initialised (identity at init)."""
+
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    c = self.config
+    dense = functools.partial(nn.Dense, use_bias=True, dtype=DTYPES[c.dtype],
+                              param_dtype=DTYPES[c.param_dtype])
+    z_BxTxR = ACTIVATIONS[c.mlp_activation](
+        dense(c.adapter_size, kernel_init=_INIT, name='down')(x_BxTxD))
+    return x_BxTxD + dense(c.hidden_size, kernel_init=nn.initializers.zeros, name='up')(z_BxTxR)
 
 
 class Attention(nn.Module):
@@ -429,10 +500,21 @@ class Attention(nn.Module):
                 'v': kv_cache.write(kv['v'], v_BxTxKxH, cache_index)}
       keys_BxSxKxH, values_BxSxKxH = new_kv['k'].astype(dtype), new_kv['v'].astype(dtype)
     scale = c.attn_scale if c.attn_scale is not None else h ** -0.5
+    p = c.prefix_len
+    if p:
+      prefix_k = self.param('prefix_k', _INIT, (p, k, h), param_dtype).astype(keys_BxSxKxH.dtype)
+      prefix_v = self.param('prefix_v', _INIT, (p, k, h), param_dtype).astype(
+          values_BxSxKxH.dtype)
+      mask = with_prefix_keys(mask, causal, t, keys_BxSxKxH.shape[1], p)
+      causal = False  # in the mask
+      keys_BxSxKxH = jnp.concatenate([jnp.broadcast_to(prefix_k, (b, p, k, h)), keys_BxSxKxH], 1)
+      values_BxSxKxH = jnp.concatenate(
+          [jnp.broadcast_to(prefix_v, (b, p, k, h)), values_BxSxKxH], 1)
 
     if want_probs:
       out_BxTxNxH, probs = explicit_attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, mask,
                                               scale, causal)
+      probs = probs[..., p:]  # the real keys only: rows sum to 1 minus the prefix's share
     else:
       # A fused kernel where the backend has one; handles GQA without repeats.
       out_BxTxNxH = jax.nn.dot_product_attention(
@@ -470,7 +552,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: h + attn(norm(h)), then h + mlp(norm(h))."""
+  """Pre-norm residual block: h + attn(norm(h)), then h + mlp(norm(h)).
+
+  With config.adapter_size, each sublayer output passes an Adapter before its residual add.
+  """
 
   config: DecoderConfig
 
@@ -481,8 +566,13 @@ class Block(nn.Module):
     attn_BxTxD, probs, qkv, new_kv = Attention(c, name='attn')(
         _norm(c, 'input_norm')(h_BxTxD), cos_BxTxH, sin_BxTxH, mask, want_probs, want_qkv,
         causal, kv, cache_index)
+    if c.adapter_size:
+      attn_BxTxD = Adapter(c, name='attn_adapter')(attn_BxTxD)
     h_BxTxD = h_BxTxD + attn_BxTxD
-    h_BxTxD = h_BxTxD + MLP(c, name='mlp')(_norm(c, 'post_attn_norm')(h_BxTxD))
+    mlp_BxTxD = MLP(c, name='mlp')(_norm(c, 'post_attn_norm')(h_BxTxD))
+    if c.adapter_size:
+      mlp_BxTxD = Adapter(c, name='mlp_adapter')(mlp_BxTxD)
+    h_BxTxD = h_BxTxD + mlp_BxTxD
     return h_BxTxD, probs, qkv, new_kv
 
 
@@ -504,6 +594,8 @@ class Decoder(nn.Module):
              if c.remat else Block)
     self.layers = [block(c) for _ in range(c.num_layers)]  # Named layers_0, layers_1, ...
     self.final_norm = _norm(c, None)
+    if c.prompt_len:
+      self.prompt = self.param('prompt', _INIT, (c.prompt_len, c.hidden_size), param_dtype)
     if not c.tie_embeddings:
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                               kernel_init=_INIT)
@@ -535,6 +627,10 @@ class Decoder(nn.Module):
     Returns:
       dict with 'hidden' [B,T,D] (after the final norm), 'logits' [B,T,V] in the compute dtype,
       'cache' when one was given, and the optional entries above.
+
+    With config.prompt_len = P the model runs on P + T positions and every output is sliced
+    back to the T real ones ('attentions' to real queries and real keys, so a row sums to 1
+    minus its mass on the prompt; likewise for prefix_len and the prefix keys).
     """
     c = self.config
     b, t = input_ids_BxT.shape
@@ -543,9 +639,11 @@ class Decoder(nn.Module):
       if arr is not None and arr.shape != (b, t):
         raise ValueError(f'{name} has shape {arr.shape}; expected {(b, t)} like input_ids.')
 
+    p = c.prompt_len
     if cache is None:
-      if t > c.max_seq_len:
-        raise ValueError(f'Sequence length {t} exceeds max_seq_len={c.max_seq_len}; '
+      if t + p > c.max_seq_len:
+        prompt = f' + prompt_len {p}' if p else ''
+        raise ValueError(f'Sequence length {t}{prompt} exceeds max_seq_len={c.max_seq_len}; '
                          'raise DecoderConfig.max_seq_len or truncate the inputs.')
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -553,13 +651,24 @@ class Decoder(nn.Module):
       masks = {'full_attention': full_mask, 'sliding_attention': None}
       if c.sliding_window is not None:
         masks['sliding_attention'] = sliding_window_mask(full_mask, t, c.sliding_window)
+      if p:  # the prompt takes positions 0..P-1; real tokens keep their offsets, shifted by P
+        masks = {kind: with_prompt_queries(m, p) for kind, m in masks.items()}
+        positions = jnp.concatenate(
+            [jnp.broadcast_to(jnp.arange(p, dtype=positions.dtype), (b, p)), positions + p], 1)
       causal, cache_index = True, None
+    elif p:
+      raise ValueError(f'prompt_len={p}: cached decoding (kd.models.sample.generate) with prompt '
+                       'tuning is not supported yet; generate with the base model, or use '
+                       'prefix tuning (prefix_len) or adapters, which work with the cache.')
     else:
       masks, positions, cache_index, key_mask = self._cache_inputs(
           cache, t, segment_ids, positions, attention_mask)
       causal = False  # in the masks
 
     h_BxTxD = self.embed(input_ids_BxT)
+    if p:  # before the scale, like the token embeddings
+      prompt_BxPxD = jnp.broadcast_to(self.prompt.astype(h_BxTxD.dtype), (b, p, c.hidden_size))
+      h_BxTxD = jnp.concatenate([prompt_BxPxD, h_BxTxD], axis=1)
     if c.embed_scale:  # in the compute dtype, as transformers' Gemma does
       h_BxTxD = h_BxTxD * jnp.asarray(c.hidden_size ** 0.5, h_BxTxD.dtype)
     cos_BxTxH = sin_BxTxH = None
@@ -578,15 +687,15 @@ class Decoder(nn.Module):
       qkvs.append(qkv)
       new_kvs.append(new_kv)
 
-    out = {'hidden': self.final_norm(h_BxTxD)}
+    out = {'hidden': self.final_norm(h_BxTxD[:, p:])}
     if not return_hidden_only:
       out['logits'] = self.project(out['hidden'])
     if output_hidden_states:  # as in transformers, the last entry is after the final norm
-      out['hidden_states'] = tuple(hidden_states[:-1]) + (out['hidden'],)
+      out['hidden_states'] = tuple(x[:, p:] for x in hidden_states[:-1]) + (out['hidden'],)
     if output_attentions:
-      out['attentions'] = tuple(attentions)
+      out['attentions'] = tuple(a[:, :, p:, p:] for a in attentions)
     if output_qkv:
-      out['qkv'] = tuple(qkvs)
+      out['qkv'] = tuple({name: x[:, p:] for name, x in qkv.items()} for qkv in qkvs)
     if cache is not None:
       out['cache'] = {'index': cache_index + t, 'mask': key_mask, 'layers': tuple(new_kvs)}
     return out
@@ -623,7 +732,7 @@ def init_params(config: DecoderConfig, rng, seq_len: int = 8) -> dict[str, Any]:
   Pure in (config, rng): `jax.eval_shape(functools.partial(init_params, config), rng)` gives
   shapes without allocating, and `jax.jit(init_params, static_argnums=(0, 2))` works.
   """
-  ids_1xT = jnp.zeros((1, min(seq_len, config.max_seq_len)), jnp.int32)
+  ids_1xT = jnp.zeros((1, min(seq_len, config.max_seq_len - config.prompt_len)), jnp.int32)
   return dict(Decoder(config).init(rng, ids_1xT, return_hidden_only=False))
 
 

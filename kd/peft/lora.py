@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 
+from kd.peft import trees
+
 LORA_SUFFIXES = ('_lora_a', '_lora_b')
 # The model methods that run projections: `project` is the LM head alone, which the chunked
 # logit losses call by name (see kd.models.decoder.project_with).
@@ -73,16 +75,16 @@ class _LoraProvider(qwix.LoraProvider):
     return out.astype(preferred_element_type or lhs.dtype)
 
 
-METHODS_BY_NAME = ('none', 'lora')
+METHODS_BY_NAME = ('none', 'lora', 'adapter', 'prefix', 'prompt')  # see kd.peft.adapters
 
 
 def from_config(cfg) -> LoraConfig | None:
-  """`config.peft` ({method, target, rank, alpha}) -> a LoraConfig, or None for method 'none'
-  (or no config.peft)."""
+  """`config.peft` ({method, target, rank, alpha}) -> a LoraConfig for method 'lora', else
+  None (after checking that the method exists)."""
   method = (cfg or {}).get('method', 'none')
   if method not in METHODS_BY_NAME:
     raise ValueError(f'config.peft.method={method!r}; valid: {METHODS_BY_NAME}')
-  if method == 'none':
+  if method != 'lora':
     return None
   return LoraConfig(target=cfg.target, rank=cfg.rank, alpha=float(cfg.alpha))
 
@@ -99,20 +101,10 @@ def is_lora(path: tuple[str, ...]) -> bool:
 
 def split(variables) -> tuple[dict, dict]:
   """{'params': ...} -> (LoRA leaves only, everything else), both nested dicts."""
-  flat = flax.traverse_util.flatten_dict(variables)
-  lora = {k: v for k, v in flat.items() if is_lora(k)}
-  frozen = {k: v for k, v in flat.items() if not is_lora(k)}
-  return flax.traverse_util.unflatten_dict(lora), flax.traverse_util.unflatten_dict(frozen)
+  return trees.split_by(is_lora, variables)
 
 
-def combine(lora, frozen) -> dict:
-  """The inverse of `split`; raises if the two trees share a path."""
-  flat_lora, flat_frozen = (flax.traverse_util.flatten_dict(t) for t in (lora, frozen))
-  both = sorted('/'.join(k) for k in set(flat_lora) & set(flat_frozen))
-  if both:
-    raise ValueError(f'LoRA and frozen params overlap at {both[:5]}; pass the trees `split` '
-                     'returned (frozen base without adapters).')
-  return flax.traverse_util.unflatten_dict({**flat_frozen, **flat_lora})
+combine = trees.combine  # the inverse of `split`; raises if the two trees share a path
 
 
 def target_kernels(variables, config: LoraConfig) -> list[str]:
