@@ -33,6 +33,7 @@ import re
 from typing import Any
 
 import flax
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -123,6 +124,14 @@ class QuantizedParams:
   config: QuantConfig
   kernels: dict[str, QuantizedKernel]  # module path ('layers_0/attn/q_proj') -> kernel
   rest: dict[str, Any]  # every other leaf, by its full '/'-joined path ('params/embed/...')
+
+
+# Pytrees, so that a quantized frozen base (QLoRA) can be an argument of a jitted step: the
+# arrays are leaves, the rest is static.
+jax.tree_util.register_dataclass(QuantizedKernel, data_fields=['values', 'scales'],
+                                 meta_fields=['bits', 'group_size', 'dtype'])
+jax.tree_util.register_dataclass(QuantizedParams, data_fields=['kernels', 'rest'],
+                                 meta_fields=['config'])
 
 
 def target_paths(variables, target: str) -> list[str]:

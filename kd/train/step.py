@@ -23,6 +23,7 @@ import optax
 
 from kd import losses
 from kd import peft
+from kd import quant
 from kd.models import head_fn
 from kd.models.decoder import head_params, project_with
 from kd.models.encoder import pool
@@ -46,8 +47,13 @@ def create_state(params, tx, seed: int, frozen=None) -> TrainState:
 
 def student_variables(params, frozen=None):
   """The student's full variables: params['student'], joined with a PEFT student's frozen
-  base (kd.peft.combine) when there is one."""
-  return params['student'] if frozen is None else peft.combine(params['student'], frozen)
+  base (kd.peft.combine) when there is one; a base stored quantized (kd.quant.QuantizedParams,
+  QLoRA) is dequantized first."""
+  if frozen is None:
+    return params['student']
+  if isinstance(frozen, quant.QuantizedParams):
+    frozen = quant.dequantize(frozen)
+  return peft.combine(params['student'], frozen)
 
 
 def eval_params(state: TrainState):
@@ -55,6 +61,11 @@ def eval_params(state: TrainState):
   if state.frozen is None:
     return state.params
   return {**state.params, 'student': student_variables(state.params, state.frozen)}
+
+
+def _seen(variables, spec):
+  """The weights the student computes with: fake-quantized under QAT (spec.quant)."""
+  return variables if spec.quant is None else quant.fake_quant(variables, spec.quant)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +89,9 @@ class Spec:
   topk_semantics: str = 'rest_bucket'  # for a cached top-k teacher, see kd/losses/topk.py
   axis_name: str | None = None  # the pmap axis to sum counts, terms and gradients over
   strided_accum: bool = False  # micro-batch i = rows i::accum_steps (set by the mesh plan)
+  # Quantization-aware training: a kd.quant.QuantConfig whose target kernels the student sees
+  # through the RTN grid (straight-through gradients, kd.quant.qat); None = float weights.
+  quant: Any = None
 
   def logit_terms(self) -> list:
     return [n for n in self.terms if losses.get(n).kind in ('ce', 'logits')]
@@ -150,7 +164,7 @@ def _loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, logit_co
   the logit terms go through losses.fused_logit_losses: their sums come gradient-stopped and
   `surrogate` (value 0) carries the gradient of Σ coeff·sum; otherwise surrogate is 0."""
   surrogate = jnp.zeros((), jnp.float32)
-  student = student_variables(params, frozen)
+  student = _seen(student_variables(params, frozen), spec)
   s_out = forward(spec.student, student, batch, **spec.needs())
   mask = batch['loss_mask']
   if 'segment_ids' in batch:
@@ -336,7 +350,7 @@ def eval_step(params, teacher_params, batch, spec: Spec, num_bins: int = 15):
     return {**{f'{prefix}/conf_{b:02d}': (conf_sum[b], n[b]) for b in range(num_bins)},
             **{f'{prefix}/hit_{b:02d}': (hit_sum[b], n[b]) for b in range(num_bins)}}
 
-  student_logits = forward(spec.student, params['student'], batch)['logits']
+  student_logits = forward(spec.student, _seen(params['student'], spec), batch)['logits']
   out = {'ce': losses.ce_sum(student_logits, batch['labels'], mask=mask)}
   count = jnp.sum(mask_f)
   out['accuracy'] = (jnp.sum((jnp.argmax(student_logits, -1) == batch['labels']) * mask), count)

@@ -1,0 +1,46 @@
+"""Quantization-aware training: the student's weights seen through the RTN grid, gradients
+passed straight through.
+
+`fake_quant(variables, config)` replaces every target kernel W by
+
+  W + stop_gradient(dequantize(quantize(W)) - W)
+
+with exactly kd.quant.rtn's grid (symmetric, scale = max|W| / qmax per group of `group_size`
+input rows and output channel, rounded to `scale_dtype`): the forward pass is the model that
+`quantize_params` + `dequantize` will export, and the backward pass is the identity (the
+straight-through estimator of Bengio et al. 2013), so the float master weights keep learning.
+Pure jnp, traced inside the train step; it works on the params tree, so it needs no method
+interception (unlike qwix's QtProvider, whose int4 grid is max|W| / 7.5: training on it and
+exporting with RTN would not give the trained model).
+"""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kd.quant import rtn
+
+
+def fake_quant_kernel(w, bits: int, group_size: int | None, scale_dtype: str = 'float16',
+                      path: str = 'kernel'):
+  """The RTN-dequantized kernel in the forward pass, the identity in the backward pass."""
+  d_in, d_out = w.shape
+  g = rtn.group_size_for(d_in, group_size, path)
+  w_GxgxF = w.astype(jnp.float32).reshape(d_in // g, g, d_out)
+  scales_GxF = rtn.scales_from_absmax(jnp.max(jnp.abs(w_GxgxF), axis=1), bits, scale_dtype,
+                                      xp=jnp).astype(jnp.float32)
+  q = jnp.clip(jnp.round(w_GxgxF / scales_GxF[:, None, :]), -rtn.qmax(bits), rtn.qmax(bits))
+  w_q = (q * scales_GxF[:, None, :]).reshape(d_in, d_out).astype(w.dtype)
+  return w + jax.lax.stop_gradient(w_q - w)
+
+
+def fake_quant(variables, config: rtn.QuantConfig) -> dict[str, Any]:
+  """`variables` with every kernel `config.target` matches fake-quantized (see module doc)."""
+  paths = rtn.target_paths(variables, config.target)
+  rtn.check_layer_bits(paths, config)
+  return rtn.replace_kernels(variables, {
+      p: fake_quant_kernel(rtn.kernel(variables, p), config.bits_for(p), config.group_size,
+                           config.scale_dtype, p) for p in paths})
