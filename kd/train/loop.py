@@ -49,7 +49,9 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
   arrive already placed by it, and `data_iter` yields this process's rows of each batch.
   `batch_fn(state, batch, step) -> batch`, if given, rewrites each batch before its step (e.g.
   kd.train.onpolicy: the student generates the responses); it must be a function of its
-  arguments only, so a resumed run rewrites the same way.
+  arguments only, so a resumed run rewrites the same way. If it has `observe_validation(ce)`
+  (kd.train.replay's adaptive off-policy), every periodic eval's held-out CE is passed to it;
+  its buffer and schedule are not checkpointed yet, so a resumed run starts them afresh.
   """
   plan = plan or parallel.SinglePlan()
   mngr = checkpoint.manager(f'{workdir}/checkpoints', max_to_keep=keep)
@@ -97,8 +99,10 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
         acc, t0, tokens = metrics_lib.Accumulator(), time.perf_counter(), 0
       bar.update(1)
       if eval_every and done % eval_every == 0 and done != total_steps:
-        writer.write(done, evaluate(eval_fn, step_lib.eval_params(state), teacher_params,
-                                    eval_batches), 'eval')
+        ev = evaluate(eval_fn, step_lib.eval_params(state), teacher_params, eval_batches)
+        if hasattr(batch_fn, 'observe_validation'):  # adaptive off-policy (kd/train/replay.py)
+          ev['sgo_probability'] = batch_fn.observe_validation(ev['ce'])
+        writer.write(done, ev, 'eval')
       if (checkpoint_every and done % checkpoint_every == 0) or done == total_steps:
         if pending is not None:  # never save a state whose metrics were not checked
           pull(*pending)
