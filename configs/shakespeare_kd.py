@@ -13,6 +13,11 @@ student). Variants (`:variant`, comma separated):
          speaker); losses = {NAME: 1} on the response tokens, the prompt masked
   onpolicy=L   with dialogue: GKD, each batch's responses are the student's own samples with
          probability L (config.on_policy; kd/train/onpolicy.py)
+  adaptive   with dialogue: DistiLLM's adaptive off-policy instead (config.on_policy.adaptive)
+  peft=M  like lora, with M = adapter, prefix or prompt (config.peft.size = 8) instead
+  qat=B  quantization-aware KD: the student trains through B-bit (4 or 8) weights, one scale
+         per 32 input rows (config.quant)
+  qlora  with lora: the frozen base is stored as 4-bit RTN weights, groups of 32 (QLoRA-style)
   lora   a LoRA student: the student starts from the teacher's layers (every other one, cut to
          the student's widths) and only rank-8 adapters on its attention and MLP projections
          train (config.peft; kd/peft); the no-KD baseline is LoRA too
@@ -44,7 +49,8 @@ Two hosts (run on each, with its own process_id):
 import ml_collections
 
 
-VARIANTS = ('tiny', 'long', 'objective', 'dialogue', 'onpolicy', 'seqkd', 'lora')
+VARIANTS = ('tiny', 'long', 'objective', 'dialogue', 'onpolicy', 'adaptive', 'seqkd', 'lora',
+            'peft', 'qat', 'qlora')
 # The kwargs each objective takes (their defaults), so that the command line can set them.
 OBJECTIVE_KWARGS = {'jsd': {'beta': 0.5}, 'skew_kl': {'alpha': 0.1},
                     'skew_reverse_kl': {'alpha': 0.1}}
@@ -73,6 +79,13 @@ def get_config(arg=None):
   # GKD: the fraction of KD batches whose responses the student samples (dialogue task only).
   c.on_policy = ml_collections.ConfigDict(dict(fraction=0.0, temperature=1.0, top_k=0,
                                                top_p=1.0))
+  # DistiLLM's adaptive off-policy (kd/train/replay.py; instead of `fraction`): a batch uses the
+  # student's samples with probability p, which starts at p0 and grows by delta (up to p_max)
+  # whenever the held-out CE rises by more than eps; samples are kept in a replay buffer of
+  # `capacity` rows and reused (more often as training goes on, replay_schedule 'linear').
+  c.on_policy.adaptive = ml_collections.ConfigDict(dict(
+      enabled=False, p0=0.0, delta=0.1, p_max=1.0, eps=0.1, capacity=1000, replay_fraction=1.0,
+      replay_schedule='linear', fill_first=True))
   # SeqKD: the KD student's responses are the teacher's (temperature 0 = greedy), made once.
   c.seqkd = ml_collections.ConfigDict(dict(enabled=False, temperature=0.0, top_k=0, top_p=1.0,
                                            batch_size=64))
@@ -107,8 +120,17 @@ def get_config(arg=None):
   # A parameter-efficient student: method 'lora' trains only adapters (rank, alpha: scale
   # alpha/rank) on the projections whose module path `target` fully matches; the student's
   # starting weights (student_init) stay frozen and the saved student is the merged model.
+  # 'adapter', 'prefix' and 'prompt' add bottleneck adapters of width `size` to every block, a
+  # learned key/value prefix of `size` positions to every attention layer, or `size` learned
+  # input embeddings (kd.peft.adapters); only those train, and they stay in the saved student.
   c.peft = ml_collections.ConfigDict(dict(
-      method='none', target=r'.*_proj', rank=8, alpha=16.0))
+      method='none', target=r'.*_proj', rank=8, alpha=16.0, size=8))
+  # A quantized student (kd/quant): 'qat' trains through weights fake-quantized to `bits` (4 or
+  # 8) on kd.quant's RTN grid, one scale per `group_size` input rows (0 = per output channel),
+  # gradients straight through; 'qlora' (with peft.method='lora') stores the frozen base
+  # quantized. The saved student is the quantized model.
+  c.quant = ml_collections.ConfigDict(dict(method='none', bits=8, group_size=0,
+                                           target=r'.*_proj'))
 
   # alpha * CE + (1 - alpha) * T^2 * KL: 'kl' already carries T^2.
   c.alpha = 0.5
@@ -146,14 +168,24 @@ def get_config(arg=None):
     if 'dialogue' not in variants:
       raise ValueError('seqkd needs the dialogue variant (prompts for the teacher to answer).')
     c.seqkd.enabled = True
+  if 'adaptive' in variants:
+    if 'dialogue' not in variants:
+      raise ValueError('adaptive needs the dialogue variant (prompts to answer).')
+    c.on_policy.adaptive.enabled = True
   if 'onpolicy' in options:
     if 'dialogue' not in variants:
       raise ValueError('onpolicy=L needs the dialogue variant (prompts to answer).')
     c.on_policy.fraction = float(options['onpolicy'])
-  if 'lora' in variants:
-    c.peft.method = 'lora'
+  if 'lora' in variants or 'peft' in options:
+    c.peft.method = options.get('peft', 'lora')
     c.student_init.source = 'teacher'
     c.optimizer.weight_decay = 0.0  # decay would pull the adapters, not the base, to zero
+  if 'qat' in options:
+    c.quant.update(method='qat', bits=int(options['qat']), group_size=32)
+  if 'qlora' in variants:
+    if 'lora' not in variants:
+      raise ValueError('qlora needs the lora variant (adapters on the quantized base).')
+    c.quant.update(method='qlora', bits=4, group_size=32)
   if 'tiny' in variants:
     c.data.update(vocab_size=300, seq_len=32, batch_size=8, eval_batch_size=8,
                   max_eval_batches=2)
@@ -163,6 +195,8 @@ def get_config(arg=None):
                      intermediate_size=32)
     c.teacher.steps = 4
     c.train.update(steps=4, log_every=2, checkpoint_every=2, progress=False)
+    if c.quant.group_size:
+      c.quant.group_size = 8  # the tiny student's widths are 16 and 32
     if 'dialogue' in variants:
       c.data.update(prompt_len=16, response_len=8, sample_eval_batches=1)
   if 'long' in variants:

@@ -81,7 +81,7 @@ def test_lora_step_is_sgd_on_the_gradient_of_an_independently_merged_model():
     terms = step_lib.loss_terms(params, tp, t_out, batch, plain_spec, 0)
     return sum(plain_spec.weights[n](0) * s / c for n, (s, c) in terms.items())
 
-  loss, grads = jax.value_and_grad(reference_loss)(lora)
+  loss, grads = jax.jit(jax.value_and_grad(reference_loss))(lora)
   np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-5)
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
   expected = jax.tree.map(lambda p, g: p - 0.1 * g, lora, grads)
@@ -144,3 +144,42 @@ def test_lora_run_trains_adapters_only_checkpoints_them_and_restores(shakespeare
   again = run.main(config, str(tmp_path))
   drop_time = lambda d: json.dumps({k: v for k, v in d.items() if k != 'wall_s'}, sort_keys=True)
   assert drop_time(again['student_kd']) == drop_time(r)
+
+
+@pytest.mark.parametrize('method', ['adapter', 'prefix', 'prompt'])
+def test_adapter_prefix_prompt_steps_are_sgd_on_the_full_models_gradient(method):
+  config = _config('sgd')
+  _, plain_spec, tp, base, _, batch = _setup(config)
+  cfg, full = peft.adapters.add_peft_params(plain_spec.student.config, base, method, 4,
+                                            jax.random.key(5))
+  if method == 'adapter':  # `up` starts at zero; make it non-zero so that `down` learns too
+    full = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.1 if 'up' in jax.tree_util.keystr(p) else x, full)
+  student = run.models.Decoder(cfg)
+  spec = run.make_spec(config, student, plain_spec.teacher, dict(config.losses), 10)
+  trainable, frozen = peft.adapters.split(method, full)
+  state = step_lib.create_state({'student': trainable, 'proj': {}}, spec.tx, 0, frozen=frozen)
+  new, _ = jax.jit(functools.partial(step_lib.train_step, spec=spec))(state, tp, batch)
+
+  def loss_of_full(variables):  # the plain objective of the whole model
+    params = {'student': variables, 'proj': {}}
+    t_out = step_lib.teacher_forward(spec, tp, batch)
+    terms = step_lib.loss_terms(params, tp, t_out, batch, spec, 0)
+    return sum(spec.weights[n](0) * s / c for n, (s, c) in terms.items())
+
+  grads = jax.jit(jax.grad(loss_of_full))(full)
+  want = {k: v - 0.1 * flax.traverse_util.flatten_dict(grads)[k]
+          for k, v in flax.traverse_util.flatten_dict(trainable).items()}
+  got = flax.traverse_util.flatten_dict(new.params['student'])
+  assert set(got) == set(want) and all(method in '/'.join(k) for k in got)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6)
+  assert any(np.abs(got[k] - flax.traverse_util.flatten_dict(trainable)[k]).max() > 0
+             for k in got)
+
+
+def test_prompt_tuned_run_trains_only_the_prompt(shakespeare_config, tmp_path):
+  config = shakespeare_config('tiny,peft=prompt')
+  config.baseline = False
+  results = run.main(config, str(tmp_path))
+  assert results['student_kd']['trainable_params'] == 8 * config.student.hidden_size

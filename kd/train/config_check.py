@@ -92,6 +92,20 @@ def check_on_policy(config) -> None:
   fraction = float((config.get('on_policy') or {}).get('fraction', 0.0))
   if not 0.0 <= fraction <= 1.0:
     raise ConfigError(f'config.on_policy.fraction must be in [0, 1], got {fraction}')
+  adaptive = dict((config.get('on_policy') or {}).get('adaptive') or {})
+  if adaptive.get('enabled', False):
+    if fraction:
+      raise ConfigError('config.on_policy.adaptive.enabled replaces batches itself: set '
+                        'on_policy.fraction=0 (or disable adaptive)')
+    if not int(config.train.get('eval_every', 0)):
+      raise ConfigError('adaptive off-policy raises its sampling probability on validation '
+                        'losses: set config.train.eval_every > 0')
+    from kd.train import replay  # pylint: disable=g-import-not-at-top
+    try:
+      replay.AdaptiveOffPolicy.from_config(adaptive, 0, int(config.train.steps))
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f'config.on_policy.adaptive: {e}') from None
+    fraction = 1.0  # the checks below hold for it as for GKD
   if fraction == 0.0:
     return
   if task != 'dialogue':
@@ -202,6 +216,7 @@ def check_models(config, student, teacher) -> None:
   vocab_slice(student.config.vocab_size, teacher.config.vocab_size,
               same_tokenizer=config.get('same_tokenizer', True))
   check_peft(config, student)
+  check_quant(config, student)
 
 
 def check_peft(config, student) -> None:
@@ -212,19 +227,74 @@ def check_peft(config, student) -> None:
     lora = peft.from_config(config.get('peft'))
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if lora is None:
+  method = config.peft.method if lora is None else 'lora'
+  if method == 'none':
     return
+  if method != 'lora':  # adapter / prefix / prompt
+    size = config.peft.get('size', 0)
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+      raise ConfigError(f'config.peft.size must be a positive int (the {method} '
+                        f'{"bottleneck width" if method == "adapter" else "length"}), got {size!r}')
+    if method == 'prompt' and int(config.data.get('sample_eval_batches', 0)):
+      raise ConfigError('prompt tuning cannot sample with a KV cache yet: set '
+                        'data.sample_eval_batches=0 or use peft.method adapter/prefix/lora')
   if student.config.scan_layers:
     raise ConfigError('config.peft: LoRA targets per-layer projections; set '
                       'config.student.scan_layers=False')
-  if float((config.get('on_policy') or {}).get('fraction', 0.0)) > 0:
+  oc = config.get('on_policy') or {}
+  if float(oc.get('fraction', 0.0)) > 0 or (oc.get('adaptive') or {}).get('enabled', False):
     raise ConfigError('config.peft with on-policy batches is not supported yet: set '
-                      "on_policy.fraction=0 or peft.method='none'")
+                      "on_policy.fraction=0 (and adaptive.enabled=False) or peft.method='none'")
+  if lora is None:
+    return
   shapes = jax.eval_shape(lambda: models.init_params(student.config, jax.random.key(0)))
   if not peft.target_kernels(shapes, lora):
     names = sorted({'/'.join(k[1:-1]) for k in _flat_paths(shapes) if k[-1] == 'kernel'})
     raise ConfigError(f'config.peft.target={lora.target!r} matches no projection of the student; '
                       f'module paths look like {names[:6]} (the regex must match the whole path)')
+
+
+QUANT_METHODS = ('none', 'qat', 'qlora')
+
+
+def quant_config(config):
+  """config.quant -> (method, kd.quant.QuantConfig or None)."""
+  from kd import quant  # pylint: disable=g-import-not-at-top
+  qc = config.get('quant') or {}
+  method = qc.get('method', 'none')
+  if method not in QUANT_METHODS:
+    raise ConfigError(f'config.quant.method={method!r}; valid: {QUANT_METHODS} (qat: the '
+                      'student trains through fake-quantized weights; qlora: with peft.method='
+                      "'lora', the frozen base is stored quantized)")
+  if method == 'none':
+    return method, None
+  try:
+    return method, quant.QuantConfig(target=qc.target, bits=int(qc.bits),
+                                      group_size=int(qc.group_size) or None)
+  except ValueError as e:
+    raise ConfigError(f'config.quant: {e}') from None
+
+
+def check_quant(config, student) -> None:
+  """config.quant fits config.peft and the student's kernels (target, group size)."""
+  from kd import peft  # pylint: disable=g-import-not-at-top
+  from kd import quant  # pylint: disable=g-import-not-at-top
+  method, qcfg = quant_config(config)
+  if qcfg is None:
+    return
+  lora = peft.from_config(config.get('peft'))
+  if method == 'qat' and lora is not None:
+    raise ConfigError("config.quant.method='qat' trains every student weight; with "
+                      "peft.method='lora' use quant.method='qlora' (a quantized frozen base)")
+  if method == 'qlora' and lora is None:
+    raise ConfigError("config.quant.method='qlora' quantizes a LoRA student's frozen base: set "
+                      "config.peft.method='lora', or use quant.method='qat'")
+  shapes = jax.eval_shape(lambda: models.init_params(student.config, jax.random.key(0)))
+  try:
+    for path in quant.target_paths(shapes, qcfg.target):
+      quant.rtn.group_size_for(quant.rtn.kernel(shapes, path).shape[0], qcfg.group_size, path)
+  except ValueError as e:
+    raise ConfigError(f'config.quant: {e}') from None
 
 
 def _flat_paths(tree) -> list:

@@ -28,11 +28,13 @@ from kd import losses
 from kd import models
 from kd import parallel
 from kd import peft
+from kd import quant
 from kd.eval import generation as generation_eval
 from kd.models import ensemble
 from kd.train import config_check
 from kd.train import loop
 from kd.train import onpolicy
+from kd.train import replay
 from kd.train import optim
 from kd.train import schedules
 from kd.train import step as step_lib
@@ -66,15 +68,26 @@ def make_spec(config, student, teacher, terms, total_steps):
           student.config.vocab_size, teacher.config.vocab_size,
           same_tokenizer=config.get('same_tokenizer', True)),
       accum_steps=int(config.train.get('accum_steps', 1)),
-      topk_semantics=(config.get('teacher') or {}).get('topk_semantics', 'rest_bucket'))
+      topk_semantics=(config.get('teacher') or {}).get('topk_semantics', 'rest_bucket'),
+      quant=qat_config(config))
+
+
+def qat_config(config):
+  """The kd.quant.QuantConfig the student trains through (config.quant.method 'qat'), or None."""
+  method, qcfg = config_check.quant_config(config)
+  return qcfg if method == 'qat' else None
+
+
+def _model_key(seed: int):
+  return jax.random.split(jax.random.key(seed))[0]
 
 
 def init_student(spec: step_lib.Spec, seed: int, variables=None):
   """The student's trainable params: `variables` (e.g. taken from the teacher) or a random
   init, plus feature projections when a hidden-state loss compares different widths."""
-  key_model, key_proj = jax.random.split(jax.random.key(seed))
+  key_proj = jax.random.split(jax.random.key(seed))[1]
   if variables is None:
-    variables = models.init_params(spec.student.config, key_model)
+    variables = models.init_params(spec.student.config, _model_key(seed))
   params = {'student': variables, 'proj': {}}
   uses_hidden = any(losses.get(n).kind == 'hidden' for n in spec.terms)
   d_s = spec.student.config.hidden_size
@@ -128,13 +141,19 @@ class Data:
 
 def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params, terms,
               *, steps: int, seed: int, name: str, teacher_cache: str = '',
-              init_variables=None, batch_fn=None, train_arrays=None, lora=None):
+              init_variables=None, batch_fn=None, train_arrays=None):
   """One training run (teacher training is a run with no teacher and `ce` only).
 
-  With `lora` (a kd.peft.LoraConfig) only LoRA adapters train: the student's starting variables
-  (`init_variables`, or a random init) are its frozen base, which rides in `state.frozen`
-  (never updated nor checkpointed), and the returned params are the merged plain model.
+  A PEFT student (config.peft.method) trains only its adapters: the rest of its starting
+  variables (`init_variables`, or a random init) is a frozen base that rides in `state.frozen`
+  (never updated nor checkpointed; with config.quant.method 'qlora' stored RTN-quantized).
+  LoRA returns the merged plain model; adapters, prefixes and prompts (whose fields are already
+  in `student`'s config, see `peft_student`) return the base with them. Under QAT
+  (config.quant.method 'qat') the returned params are the quantized student (RTN,
+  dequantized), the model that was evaluated.
   """
+  method = (config.get('peft') or {}).get('method', 'none')
+  lora = peft.from_config(config.get('peft'))
   model = student if lora is None else peft.lora_model(student, lora)
   spec = make_spec(config, model, teacher, terms, steps)
   plan = parallel.make(config.get('parallel'))
@@ -142,12 +161,18 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
   if lora is not None:
     base = init_variables
     if base is None:  # init_student's random init of the same seed
-      key = jax.random.split(jax.random.key(seed))[0]
-      base = jax.jit(models.init_params, static_argnums=0)(student.config, key)
+      base = jax.jit(models.init_params, static_argnums=0)(student.config, _model_key(seed))
     trainable = peft.init_lora(model, base, jax.random.key(seed + 7), lora)
+  elif method != 'none':  # adapter / prefix / prompt params are in init_variables already
+    trainable, base = peft.adapters.split(method, init_variables)
+  if trainable is not None:  # a copy: the step donates the state; the caller keeps its arrays
+    trainable = jax.tree.map(jnp.array, trainable)
   state = plan.init_state(
       lambda: step_lib.create_state(init_student(spec, seed, trainable), spec.tx, seed))
-  if base is not None:  # a copy: the step donates the state, and the caller keeps `base`
+  if base is not None:  # (a copy, likewise)
+    qmethod, qcfg = config_check.quant_config(config)
+    if qmethod == 'qlora':
+      base = quant.quantize_params(base, qcfg)
     state = state.replace(frozen=plan.place_state(jax.tree.map(jnp.array, base)))
   tc = config.train
   t0 = time.perf_counter()
@@ -160,10 +185,16 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
       batch_fn=batch_fn)
   final['wall_s'] = time.perf_counter() - t0
   student_params = plan.unreplicate(state.replace(frozen=None)).params['student']
-  if lora is not None:  # (the state was donated to the step: read the base back from it)
+  if base is not None:  # (the state was donated to the step: read the base back from it)
     final['trainable_params'] = peft.count(student_params)
     base = plan.unreplicate(state.frozen)
-    student_params = peft.merge(peft.combine(student_params, base), lora)
+    if isinstance(base, quant.QuantizedParams):
+      base = quant.dequantize(base)
+    student_params = peft.combine(student_params, base)
+    if lora is not None:
+      student_params = peft.merge(student_params, lora)
+  if spec.quant is not None:
+    student_params = quant.dequantize(quant.quantize_params(student_params, spec.quant))
   final['params'] = models.count_params(student_params)
   if batch_fn is not None and getattr(batch_fn, 'stats', None):
     st = batch_fn.stats
@@ -231,6 +262,9 @@ def train_teacher(config, data: Data, teacher, workdir: str, member: int | None 
   teacher_cfg = config.copy_and_resolve_references()
   with teacher_cfg.unlocked():
     teacher_cfg.optimizer = config.teacher.get('optimizer', config.optimizer)
+    # Compressing the student is not the teacher's job.
+    teacher_cfg.quant = {'method': 'none'}
+    teacher_cfg.peft = {'method': 'none'}
   where = teacher_workdir(config, workdir)
   if member is not None:
     where = f'{where}/member_{member}'
@@ -273,6 +307,21 @@ def student_init(config, student, teacher, teacher_params):
   return init.params
 
 
+def peft_student(config, student, init):
+  """(student, starting variables) for config.peft: for 'adapter', 'prefix' and 'prompt' the
+  student's config gains the method's field (= peft.size) and its starting variables (`init`, or
+  the random init run_stage would make) gain the new params; other methods pass through."""
+  method = (config.get('peft') or {}).get('method', 'none')
+  if method not in peft.adapters.CONFIG_FIELDS:
+    return student, init
+  if init is None:
+    init = models.init_params(student.config, _model_key(config.seed))
+  cfg, variables = peft.adapters.add_peft_params(student.config, init, method,
+                                                 int(config.peft.size),
+                                                 jax.random.key(config.seed + 7))
+  return models.Decoder(cfg), variables
+
+
 def seqkd_arrays(config, data: Data, teacher, teacher_params, workdir: str):
   """config.seqkd: the train prompts answered by the teacher (made once, stored beside the
   teacher), or None when off."""
@@ -290,8 +339,16 @@ def seqkd_arrays(config, data: Data, teacher, teacher_params, workdir: str):
 
 
 def on_policy_fn(config, student):
-  """loop.fit's batch_fn for config.on_policy (GKD), or None when its fraction is 0."""
-  op = onpolicy.OnPolicy.from_config(config.get('on_policy'), config.seed)
+  """loop.fit's batch_fn for config.on_policy: GKD with probability `fraction`, or with
+  `adaptive.enabled` DistiLLM's adaptive off-policy (kd/train/replay.py: a replay buffer of the
+  student's samples, used more often each time the validation loss rises); None when off."""
+  oc = config.get('on_policy') or {}
+  adaptive = dict(oc.get('adaptive') or {})
+  if adaptive.get('enabled', False):
+    sampling = {k: oc.get(k, d) for k, d in (('temperature', 1.0), ('top_k', 0), ('top_p', 1.0))}
+    return replay.AdaptiveOffPolicy.from_config(
+        {**adaptive, **sampling}, config.seed, config.train.steps).batch_fn(student)
+  op = onpolicy.OnPolicy.from_config(oc, config.seed)
   return op.batch_fn(student) if op.fraction > 0 else None
 
 
@@ -308,13 +365,13 @@ def main(config, workdir: str) -> dict:
   results = {}
   teacher, teacher_params = train_teachers(config, data, teacher, workdir, results)
   init = student_init(config, student, teacher, teacher_params)  # both students start alike
-  lora = peft.from_config(config.get('peft'))  # None: every student weight trains
+  student, init = peft_student(config, student, init)
   student_params, results['student_kd'] = run_stage(
       config, data, f'{workdir}/student_kd', student, teacher, teacher_params,
       dict(config.losses), steps=config.train.steps, seed=config.seed, name='student_kd',
       teacher_cache=config.teacher.get('cache', ''), init_variables=init,
       batch_fn=on_policy_fn(config, student),
-      train_arrays=seqkd_arrays(config, data, teacher, teacher_params, workdir), lora=lora)
+      train_arrays=seqkd_arrays(config, data, teacher, teacher_params, workdir))
   trained = {'student_kd': student_params}
   # Born-again rounds (Furlanello et al. 2018): the last student teaches a fresh copy of itself.
   for r in range(1, int(config.get('born_again', 0)) + 1):
@@ -322,13 +379,12 @@ def main(config, workdir: str) -> dict:
     student_params, results[name] = run_stage(
         config, data, f'{workdir}/{name}', student, student, student_params,
         dict(config.losses), steps=config.train.steps, seed=config.seed + r, name=name,
-        init_variables=init, lora=lora)
+        init_variables=init)
     trained[name] = student_params
   if config.get('baseline', True):
     trained['student_ce'], results['student_ce'] = run_stage(
         config, data, f'{workdir}/student_ce', student, teacher, teacher_params, {'ce': 1.0},
-        steps=config.train.steps, seed=config.seed, name='student_ce', init_variables=init,
-        lora=lora)
+        steps=config.train.steps, seed=config.seed, name='student_ce', init_variables=init)
   n = int(config.data.get('sample_eval_batches', 0))
   if data.task == 'dialogue' and n:  # the models' own greedy answers, scored by the teacher
     if not isinstance(teacher, ensemble.Ensemble):
