@@ -257,3 +257,35 @@ def test_optimizer_mu_dtype_keeps_adams_first_moment_in_bfloat16():
   np.testing.assert_allclose(updates['w'], -0.1, rtol=1e-2)
   with pytest.raises(ValueError, match='mu_dtype'):
     optim.make({'name': 'sgd', 'lr': 0.1, 'mu_dtype': 'bfloat16'}, 10)
+
+
+def test_ema_self_distillation_uses_and_updates_the_average():
+  config = _config(ce=0.5, kl=0.5)
+  config.optimizer.name = 'sgd'
+  _, student = _models()
+  spec = run.make_spec(config, student, student, dict(config.losses), 10, ema_decay=0.9)
+  params = run.init_student(spec, 0)
+  ema = models.init_params(student.config, jax.random.key(7))  # a teacher unlike the student
+  state = step_lib.create_state(params, spec.tx, 0, ema=ema)
+  batch = _batch()
+  new, m = jax.jit(functools.partial(step_lib.train_step, spec=spec))(state, None, batch)
+  # The same step with the EMA passed as an ordinary teacher, and no averaging.
+  plain = dataclasses.replace(spec, ema_decay=0.0)
+  ref, m_ref = step_lib.train_step(step_lib.create_state(params, spec.tx, 0), ema, batch, plain)
+  np.testing.assert_allclose(m["loss"], m_ref["loss"], rtol=1e-5)
+  chex.assert_trees_all_close(new.params, ref.params, rtol=1e-5, atol=1e-8)
+  # ema <- 0.9 ema + 0.1 student, computed in numpy.
+  want = jax.tree.map(lambda e, p: 0.9 * np.asarray(e) + 0.1 * np.asarray(p), ema,
+                      new.params['student'])
+  chex.assert_trees_all_close(new.ema, want, rtol=1e-6, atol=1e-7)
+
+
+def test_ema_config_is_checked(shakespeare_config):
+  from kd.train import config_check  # pylint: disable=g-import-not-at-top
+  c = shakespeare_config('tiny,ema')
+  c.self_distill.ema_decay = 1.0
+  with pytest.raises(config_check.ConfigError, match=r'ema_decay must be in \[0, 1\)'):
+    config_check.check(c)
+  c = shakespeare_config('tiny,ema,lora')
+  with pytest.raises(config_check.ConfigError, match="set peft.method='none'"):
+    config_check.check(c)

@@ -46,6 +46,15 @@ def check(config) -> None:
     raise ConfigError('config.chunk_size must be >= 0 (0 = no chunking)')
   check_on_policy(config)
   check_ensemble(config)
+  decay = float((config.get('self_distill') or {}).get('ema_decay', 0.0))
+  if not 0.0 <= decay < 1.0:
+    raise ConfigError(f'config.self_distill.ema_decay must be in [0, 1) (0 = off), got {decay}')
+  if decay and (config.get('peft') or {}).get('method', 'none') != 'none':
+    raise ConfigError('EMA self-distillation averages every student weight: set '
+                      "peft.method='none' or self_distill.ema_decay=0")
+  if decay and config.teacher.get('cache', ''):
+    raise ConfigError('an EMA teacher runs online: unset config.teacher.cache or set '
+                      'self_distill.ema_decay=0')
   rounds = config.get('born_again', 0)
   if not isinstance(rounds, int) or rounds < 0:
     raise ConfigError(f'config.born_again must be an int >= 0 (extra self-distillation rounds), '

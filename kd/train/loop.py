@@ -29,6 +29,11 @@ def check_finite(step: int, m: dict) -> None:
         'optimizer.lr, set optimizer.grad_clip_norm, or check the inputs of that term.')
 
 
+def _teacher(state, teacher_params):
+  """The teacher the student is measured against: its EMA under EMA self-distillation."""
+  return teacher_params if state.ema is None else state.ema
+
+
 def evaluate(eval_fn, params, teacher_params, batches) -> dict:
   totals = {}
   for batch in batches:
@@ -99,7 +104,8 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
         acc, t0, tokens = metrics_lib.Accumulator(), time.perf_counter(), 0
       bar.update(1)
       if eval_every and done % eval_every == 0 and done != total_steps:
-        ev = evaluate(eval_fn, step_lib.eval_params(state), teacher_params, eval_batches)
+        ev = evaluate(eval_fn, step_lib.eval_params(state), _teacher(state, teacher_params),
+                      eval_batches)
         if hasattr(batch_fn, 'observe_validation'):  # adaptive off-policy (kd/train/replay.py)
           ev['sgo_probability'] = batch_fn.observe_validation(ev['ce'])
         writer.write(done, ev, 'eval')
@@ -109,7 +115,8 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
           pending = None
         checkpoint.save(mngr, done, plan.unreplicate(state.replace(frozen=None)), data_iter)
     mngr.wait_until_finished()
-    final = evaluate(eval_fn, step_lib.eval_params(state), teacher_params, eval_batches)
+    final = evaluate(eval_fn, step_lib.eval_params(state), _teacher(state, teacher_params),
+                     eval_batches)
     writer.write(total_steps, final, 'eval')
   finally:  # also on errors, so that pending writes end before the interpreter does
     bar.close()

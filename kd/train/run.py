@@ -46,7 +46,7 @@ def build_model(model_cfg, vocab_size: int):
   return models.Decoder(cfg)
 
 
-def make_spec(config, student, teacher, terms, total_steps):
+def make_spec(config, student, teacher, terms, total_steps, ema_decay: float = 0.0):
   tx, lr_fn = optim.make(config.optimizer, total_steps)
   kwargs = dict(config.get('loss_kwargs', {}) or {})
   feats = config.get('features', {}) or {}
@@ -69,7 +69,7 @@ def make_spec(config, student, teacher, terms, total_steps):
           same_tokenizer=config.get('same_tokenizer', True)),
       accum_steps=int(config.train.get('accum_steps', 1)),
       topk_semantics=(config.get('teacher') or {}).get('topk_semantics', 'rest_bucket'),
-      quant=qat_config(config))
+      quant=qat_config(config), ema_decay=ema_decay)
 
 
 def qat_config(config):
@@ -141,7 +141,7 @@ class Data:
 
 def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params, terms,
               *, steps: int, seed: int, name: str, teacher_cache: str = '',
-              init_variables=None, batch_fn=None, train_arrays=None):
+              init_variables=None, batch_fn=None, train_arrays=None, ema_decay: float = 0.0):
   """One training run (teacher training is a run with no teacher and `ce` only).
 
   A PEFT student (config.peft.method) trains only its adapters: the rest of its starting
@@ -150,12 +150,13 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
   LoRA returns the merged plain model; adapters, prefixes and prompts (whose fields are already
   in `student`'s config, see `peft_student`) return the base with them. Under QAT
   (config.quant.method 'qat') the returned params are the quantized student (RTN,
-  dequantized), the model that was evaluated.
+  dequantized), the model that was evaluated. With `ema_decay` > 0 (and `teacher` the student's
+  own module) the teacher is the student's EMA, which starts as the student (state.ema).
   """
   method = (config.get('peft') or {}).get('method', 'none')
   lora = peft.from_config(config.get('peft'))
   model = student if lora is None else peft.lora_model(student, lora)
-  spec = make_spec(config, model, teacher, terms, steps)
+  spec = make_spec(config, model, teacher, terms, steps, ema_decay)
   plan = parallel.make(config.get('parallel'))
   trainable, base = init_variables, None
   if lora is not None:
@@ -169,6 +170,8 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
     trainable = jax.tree.map(jnp.array, trainable)
   state = plan.init_state(
       lambda: step_lib.create_state(init_student(spec, seed, trainable), spec.tx, seed))
+  if spec.ema_decay:  # the EMA teacher starts as the student
+    state = state.replace(ema=jax.tree.map(jnp.array, state.params['student']))
   if base is not None:  # (a copy, likewise)
     qmethod, qcfg = config_check.quant_config(config)
     if qmethod == 'qlora':
@@ -373,6 +376,15 @@ def main(config, workdir: str) -> dict:
       batch_fn=on_policy_fn(config, student),
       train_arrays=seqkd_arrays(config, data, teacher, teacher_params, workdir))
   trained = {'student_kd': student_params}
+  decay = float((config.get('self_distill') or {}).get('ema_decay', 0.0))
+  if decay:
+    # Self-distillation from the student's own EMA (Tarvainen & Valpola 2017; the "teacher"
+    # of DINO-style training): same losses, the EMA in the teacher's place.
+    name = 'student_ema_self'
+    trained[name], results[name] = run_stage(
+        config, data, f'{workdir}/{name}', student, student, None, dict(config.losses),
+        steps=config.train.steps, seed=config.seed, name=name, init_variables=init,
+        ema_decay=decay)
   # Born-again rounds (Furlanello et al. 2018): the last student teaches a fresh copy of itself.
   for r in range(1, int(config.get('born_again', 0)) + 1):
     name = f'student_born_again_{r}'

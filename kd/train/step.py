@@ -38,11 +38,14 @@ class TrainState:
   # A PEFT student's frozen base variables (params['student'] then holds only the adapters):
   # an input of the step placed like the state, never differentiated, updated or checkpointed.
   frozen: Any = None
+  # Self-distillation from an EMA of the student (Spec.ema_decay > 0): the teacher's variables,
+  # updated after every step and checkpointed with the state.
+  ema: Any = None
 
 
-def create_state(params, tx, seed: int, frozen=None) -> TrainState:
+def create_state(params, tx, seed: int, frozen=None, ema=None) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.key(seed)), frozen=frozen)
+                    rng=jax.random.key_data(jax.random.key(seed)), frozen=frozen, ema=ema)
 
 
 def student_variables(params, frozen=None):
@@ -92,6 +95,9 @@ class Spec:
   # Quantization-aware training: a kd.quant.QuantConfig whose target kernels the student sees
   # through the RTN grid (straight-through gradients, kd.quant.qat); None = float weights.
   quant: Any = None
+  # > 0: the teacher is an exponential moving average of the student (state.ema, updated as
+  # ema <- d * ema + (1 - d) * student after each step); the teacher_params argument is unused.
+  ema_decay: float = 0.0
 
   def logit_terms(self) -> list:
     return [n for n in self.terms if losses.get(n).kind in ('ce', 'logits')]
@@ -308,6 +314,8 @@ def _grads(params, teacher_params, batch, spec: Spec, step, frozen=None):
 def train_step(state: TrainState, teacher_params, batch, spec: Spec):
   """One optimizer update. Returns (new state, metrics); term metrics are (sum, count) pairs."""
   step = state.step
+  if spec.ema_decay:
+    teacher_params = state.ema
   grads, terms = _grads(state.params, teacher_params, batch, spec, step, state.frozen)
   updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -323,6 +331,11 @@ def train_step(state: TrainState, teacher_params, batch, spec: Spec):
       **{f'weight/{n}': spec.weights[n](step) for n in spec.terms},
   }
   new_state = state.replace(step=step + 1, params=params, opt_state=opt_state)
+  if spec.ema_decay:
+    d = spec.ema_decay
+    new_state = new_state.replace(ema=jax.tree.map(
+        lambda e, p: (d * e.astype(jnp.float32) + (1 - d) * p.astype(jnp.float32)).astype(e.dtype),
+        state.ema, params['student']))
   return new_state, metrics
 
 
