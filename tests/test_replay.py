@@ -260,3 +260,26 @@ def test_adaptive_off_policy_run_generates_and_sees_every_validation(shakespeare
   assert r['buffer_rows'] == 6 * config.data.batch_size
   rows = [json.loads(l) for l in open(tmp_path / 'student_kd' / 'metrics.jsonl')]
   assert [x['step'] for x in rows if 'sgo_probability' in x] == [2, 4]  # fit observed both
+
+
+def test_a_resumed_adaptive_run_continues_with_its_buffer(shakespeare_config, tmp_path):
+  """Straight vs stopped after step 4 and resumed: same batches, so the same student. A
+  one-batch buffer is full after step 1, so later steps replay it: a resume that lost the
+  buffer would have to generate instead."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from kd.train import run  # pylint: disable=g-import-not-at-top
+  config = shakespeare_config('tiny,dialogue,adaptive,objective=jsd')
+  config.baseline = False
+  config.data.sample_eval_batches = 0
+  config.train.update(steps=6, eval_every=2, checkpoint_every=2)
+  config.on_policy.adaptive.update(p0=1.0, capacity=config.data.batch_size)
+  straight = run.main(config, str(tmp_path / 'a'))['student_kd']
+  assert straight['replayed_batches'] > 0
+  # The same workdir stopped at step 4: drop the last checkpoint, its buffer file and results.
+  shutil.copytree(tmp_path / 'a', tmp_path / 'b')
+  shutil.rmtree(tmp_path / 'b' / 'student_kd' / 'checkpoints' / '6')
+  (tmp_path / 'b' / 'student_kd' / 'batch_fn' / '6.npz').unlink()
+  resumed = run.main(config, str(tmp_path / 'b'))['student_kd']
+  for key in ('perplexity', 'agreement', 'replayed_batches', 'generated_batches',
+              'sgo_probability', 'buffer_rows'):
+    assert resumed[key] == straight[key], key

@@ -10,8 +10,11 @@ the `state` it restores into. The data iterator's position is one file per proce
 (`data/process_<i>-of-<n>.json`), since every process reads its own documents.
 """
 
+import os
+
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -45,3 +48,38 @@ def restore_latest(mngr: ocp.CheckpointManager, state, data_iter=None):
     items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
   restored = mngr.restore(step, args=ocp.args.Composite(**items))
   return restored['state']
+
+
+def save_host_state(path: str, tree: dict) -> None:
+  """A nested dict of numpy arrays and Python scalars (e.g. a replay buffer) as one .npz,
+  written atomically (a reader sees the old file or the new one)."""
+  flat = {}
+
+  def walk(prefix, node):
+    if isinstance(node, dict):
+      if not node:
+        flat[prefix + '/{}'] = np.zeros(0)
+      for k, v in node.items():
+        walk(f'{prefix}/{k}', v)
+    else:
+      flat[prefix] = np.asarray(node)
+  walk('', tree)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}.npz'
+  np.savez(tmp, **flat)
+  os.replace(tmp, path)
+
+
+def load_host_state(path: str) -> dict:
+  """The inverse of `save_host_state` (0-d arrays come back as Python scalars)."""
+  out = {}
+  with np.load(path) as f:
+    for key in f.files:
+      *parents, leaf = key.strip('/').split('/')
+      node = out
+      for p in parents:
+        node = node.setdefault(p, {})
+      if leaf != '{}':
+        value = f[key]
+        node[leaf] = value.item() if value.ndim == 0 else value
+  return out

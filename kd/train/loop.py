@@ -29,6 +29,10 @@ def check_finite(step: int, m: dict) -> None:
         'optimizer.lr, set optimizer.grad_clip_norm, or check the inputs of that term.')
 
 
+def _host_state_path(workdir: str, step: int) -> str:
+  return f'{workdir}/batch_fn/{step}.npz'
+
+
 def _teacher(state, teacher_params):
   """The teacher the student is measured against: its EMA under EMA self-distillation."""
   return teacher_params if state.ema is None else state.ema
@@ -55,8 +59,9 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
   `batch_fn(state, batch, step) -> batch`, if given, rewrites each batch before its step (e.g.
   kd.train.onpolicy: the student generates the responses); it must be a function of its
   arguments only, so a resumed run rewrites the same way. If it has `observe_validation(ce)`
-  (kd.train.replay's adaptive off-policy), every periodic eval's held-out CE is passed to it;
-  its buffer and schedule are not checkpointed yet, so a resumed run starts them afresh.
+  (kd.train.replay's adaptive off-policy), every periodic eval's held-out CE is passed to it; if
+  it has `state_dict()` / `load_state_dict()` (its replay buffer and schedule), that state is
+  saved with every checkpoint (<workdir>/batch_fn/<step>.npz) and restored with it.
   """
   plan = plan or parallel.SinglePlan()
   mngr = checkpoint.manager(f'{workdir}/checkpoints', max_to_keep=keep)
@@ -68,6 +73,8 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
   if restored is not logical:
     state = plan.place_state(restored).replace(frozen=frozen)
   start = int(restored.step)
+  if start and hasattr(batch_fn, 'load_state_dict'):  # e.g. an adaptive off-policy buffer
+    batch_fn.load_state_dict(checkpoint.load_host_state(_host_state_path(workdir, start)))
   writer = metrics_lib.Writer(workdir, enabled=jax.process_index() == 0)
   train_fn = plan.train_step(spec, state)
   eval_fn = plan.eval_step(spec)
@@ -113,6 +120,8 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
         if pending is not None:  # never save a state whose metrics were not checked
           pull(*pending)
           pending = None
+        if hasattr(batch_fn, 'state_dict'):  # first, so every saved step has its file
+          checkpoint.save_host_state(_host_state_path(workdir, done), batch_fn.state_dict())
         checkpoint.save(mngr, done, plan.unreplicate(state.replace(frozen=None)), data_iter)
     mngr.wait_until_finished()
     final = evaluate(eval_fn, step_lib.eval_params(state), _teacher(state, teacher_params),

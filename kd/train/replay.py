@@ -13,8 +13,9 @@ how often to use SGOs at all by watching the validation loss:
   buffer) or replayed from the buffer. Every choice is a pure function of (seed, step, p,
   buffer); p and the buffer are the only state, and `state_dict()` holds both.
 
-Not wired yet: loop.fit neither calls `observe_validation` at its eval steps nor checkpoints
-`state_dict()`, so until it does p stays at p0 and a resumed run restarts with an empty buffer.
+kd.train.loop.fit calls `observe_validation` with each periodic eval's held-out CE, and saves
+`state_dict()` with every checkpoint (restored on resume), so a resumed run continues with the
+same p and buffer. Config: `config.on_policy.adaptive` (kd.train.run.on_policy_fn).
 
 Batches use kd.data.dialogue's layout (they carry `prompt_ids` / `prompt_mask`).
 """
@@ -224,10 +225,10 @@ class AdaptiveOffPolicy:
 class AdaptiveBatchFn:
   """loop.fit's `batch_fn(state, batch, step)` for `AdaptiveOffPolicy`, and its state.
 
-  `observe_validation(loss)` is meant to be called at each eval by the training loop (loop.fit
-  does not yet). `stats` counts batches by source, generated tokens and seconds, and the current
-  p and buffer size, for the run's report. `state_dict()` / `load_state_dict()` hold p, the
-  buffer and the stats, to be checkpointed beside the train state (loop.fit does not yet).
+  `observe_validation(loss)` is called at each eval by the training loop. `stats` counts
+  batches by source, generated tokens and seconds, and the current p and buffer size, for the
+  run's report. `state_dict()` / `load_state_dict()` hold p, the buffer and the stats, which
+  loop.fit checkpoints beside the train state.
   """
 
   def __init__(self, policy: AdaptiveOffPolicy, module):
