@@ -13,6 +13,7 @@ student). Variants (`:variant`, comma separated):
          speaker); losses = {NAME: 1} on the response tokens, the prompt masked
   onpolicy=L   with dialogue: GKD, each batch's responses are the student's own samples with
          probability L (config.on_policy; kd/train/onpolicy.py)
+  online also distil from a teacher trained at the same time (config.online)
   ema    also self-distil a student from its own EMA (decay 0.99, config.self_distill)
   adaptive   with dialogue: DistiLLM's adaptive off-policy instead (config.on_policy.adaptive)
   peft=M  like lora, with M = adapter, prefix or prompt (config.peft.size = 8) instead
@@ -51,7 +52,7 @@ import ml_collections
 
 
 VARIANTS = ('tiny', 'long', 'objective', 'dialogue', 'onpolicy', 'adaptive', 'seqkd', 'lora',
-            'peft', 'qat', 'qlora', 'ema')
+            'peft', 'qat', 'qlora', 'ema', 'online')
 # The kwargs each objective takes (their defaults), so that the command line can set them.
 OBJECTIVE_KWARGS = {'jsd': {'beta': 0.5}, 'skew_kl': {'alpha': 0.1},
                     'skew_reverse_kl': {'alpha': 0.1}}
@@ -156,6 +157,9 @@ def get_config(arg=None):
   # Self-distillation from an EMA of the student: > 0 adds a run whose teacher is the student's
   # own exponential moving average with this decay (updated every step), same losses.
   c.self_distill = ml_collections.ConfigDict(dict(ema_decay=0.0))
+  # Online distillation: also a run where a fresh teacher trains (CE) in the same steps as the
+  # student, which distils from the teacher's current predictions (no pre-trained teacher).
+  c.online = False
 
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adamw', lr=3e-3, warmup_steps=50, schedule='cosine', weight_decay=0.05,
@@ -172,6 +176,8 @@ def get_config(arg=None):
     if 'dialogue' not in variants:
       raise ValueError('seqkd needs the dialogue variant (prompts for the teacher to answer).')
     c.seqkd.enabled = True
+  if 'online' in variants:
+    c.online = True
   if 'ema' in variants:
     c.self_distill.ema_decay = 0.99
   if 'adaptive' in variants:

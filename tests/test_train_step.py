@@ -289,3 +289,31 @@ def test_ema_config_is_checked(shakespeare_config):
   c = shakespeare_config('tiny,ema,lora')
   with pytest.raises(config_check.ConfigError, match="set peft.method='none'"):
     config_check.check(c)
+
+
+def test_online_step_trains_the_teacher_on_ce_and_the_student_from_it():
+  config = _config(ce=0.5, kl=0.5)
+  config.optimizer.name = 'sgd'
+  teacher, student = _models()
+  spec = run.make_spec(config, student, teacher, dict(config.losses), 10, online=True)
+  tp = models.init_params(teacher.config, jax.random.key(1))
+  params = {**run.init_student(spec, 0), 'teacher': tp}
+  batch = _batch()
+  new, m = jax.jit(functools.partial(step_lib.train_step, spec=spec))(
+      step_lib.create_state(params, spec.tx, 0), None, batch)
+  # Student: the ordinary KD step from the teacher as it was before the step.
+  offline = run.make_spec(config, student, teacher, dict(config.losses), 10)
+  ref, _ = step_lib.train_step(step_lib.create_state(run.init_student(offline, 0), offline.tx, 0),
+                               tp, batch, offline)
+  chex.assert_trees_all_close(new.params['student'], ref.params['student'], rtol=1e-5, atol=1e-8)
+  # Teacher: SGD (lr 1e-2) on its own mean CE over the masked tokens.
+  def teacher_ce(p):
+    logits = teacher.apply(p, batch['input_ids'], segment_ids=batch['segment_ids'],
+                           positions=batch['positions'])['logits']
+    s, c = kd_losses.ce_sum(logits, batch['labels'], mask=batch['loss_mask'])
+    return s / c
+  g = jax.grad(teacher_ce)(tp)
+  chex.assert_trees_all_close(new.params['teacher'], jax.tree.map(lambda p, d: p - 1e-2 * d, tp, g),
+                              rtol=1e-5, atol=1e-7)
+  s, c = m['terms'][step_lib.ONLINE_TEACHER_CE]
+  np.testing.assert_allclose(s / c, teacher_ce(tp), rtol=1e-5)

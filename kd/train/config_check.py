@@ -55,6 +55,16 @@ def check(config) -> None:
   if decay and config.teacher.get('cache', ''):
     raise ConfigError('an EMA teacher runs online: unset config.teacher.cache or set '
                       'self_distill.ema_decay=0')
+  if config.get('online', False):
+    problems = [p for p, bad in (
+        ('chunk_size=0', int(config.get('chunk_size', 0))),
+        ('train.accum_steps=1', int(config.train.get('accum_steps', 1)) != 1),
+        ("peft.method='none'", (config.get('peft') or {}).get('method', 'none') != 'none'),
+        ("teacher.cache=''", config.teacher.get('cache', '')),
+        ('teacher.count=1', int(config.teacher.get('count', 1)) != 1)) if bad]
+    if problems:
+      raise ConfigError('online distillation (config.online) trains the teacher in the student '
+                        f"step, which needs {', '.join(problems)}")
   rounds = config.get('born_again', 0)
   if not isinstance(rounds, int) or rounds < 0:
     raise ConfigError(f'config.born_again must be an int >= 0 (extra self-distillation rounds), '

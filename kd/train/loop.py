@@ -34,8 +34,11 @@ def _host_state_path(workdir: str, step: int) -> str:
 
 
 def _teacher(state, teacher_params):
-  """The teacher the student is measured against: its EMA under EMA self-distillation."""
-  return teacher_params if state.ema is None else state.ema
+  """The teacher the student is measured against: its EMA under EMA self-distillation, the
+  co-trained one under online distillation."""
+  if state.ema is not None:
+    return state.ema
+  return state.params['teacher'] if 'teacher' in state.params else teacher_params
 
 
 def evaluate(eval_fn, params, teacher_params, batches) -> dict:

@@ -46,7 +46,8 @@ def build_model(model_cfg, vocab_size: int):
   return models.Decoder(cfg)
 
 
-def make_spec(config, student, teacher, terms, total_steps, ema_decay: float = 0.0):
+def make_spec(config, student, teacher, terms, total_steps, ema_decay: float = 0.0,
+              online: bool = False):
   tx, lr_fn = optim.make(config.optimizer, total_steps)
   kwargs = dict(config.get('loss_kwargs', {}) or {})
   feats = config.get('features', {}) or {}
@@ -56,10 +57,12 @@ def make_spec(config, student, teacher, terms, total_steps, ema_decay: float = 0
   if teacher is not None:
     pairs = losses.layer_map(feats.get('layer_map', 'uniform'), n_s, n_t,
                              pairs=tuple(tuple(p) for p in feats.get('pairs', ())) or None)
+  weights = {n: schedules.make(w, f'losses.{n}') for n, w in terms.items()}
+  if online:  # the co-trained teacher's own CE, weight 1
+    weights[step_lib.ONLINE_TEACHER_CE] = schedules.make(1.0, 'online teacher CE')
   return step_lib.Spec(
       student=student, teacher=teacher, tx=tx,
-      terms={n: dict(kwargs.get(n, {})) for n in terms},
-      weights={n: schedules.make(w, f'losses.{n}') for n, w in terms.items()},
+      terms={n: dict(kwargs.get(n, {})) for n in terms}, weights=weights,
       temperature=schedules.make(config.temperature, 'temperature'), lr=lr_fn,
       feature_pairs=pairs, attention_pairs=tuple(p for p in pairs if p[0] > 0 and p[1] > 0),
       chunk_size=int(config.get('chunk_size', 0)),
@@ -69,7 +72,7 @@ def make_spec(config, student, teacher, terms, total_steps, ema_decay: float = 0
           same_tokenizer=config.get('same_tokenizer', True)),
       accum_steps=int(config.train.get('accum_steps', 1)),
       topk_semantics=(config.get('teacher') or {}).get('topk_semantics', 'rest_bucket'),
-      quant=qat_config(config), ema_decay=ema_decay)
+      quant=qat_config(config), ema_decay=ema_decay, online=online)
 
 
 def qat_config(config):
@@ -141,7 +144,8 @@ class Data:
 
 def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params, terms,
               *, steps: int, seed: int, name: str, teacher_cache: str = '',
-              init_variables=None, batch_fn=None, train_arrays=None, ema_decay: float = 0.0):
+              init_variables=None, batch_fn=None, train_arrays=None, ema_decay: float = 0.0,
+              online: bool = False):
   """One training run (teacher training is a run with no teacher and `ce` only).
 
   A PEFT student (config.peft.method) trains only its adapters: the rest of its starting
@@ -151,12 +155,14 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
   in `student`'s config, see `peft_student`) return the base with them. Under QAT
   (config.quant.method 'qat') the returned params are the quantized student (RTN,
   dequantized), the model that was evaluated. With `ema_decay` > 0 (and `teacher` the student's
-  own module) the teacher is the student's EMA, which starts as the student (state.ema).
+  own module) the teacher is the student's EMA, which starts as the student (state.ema). With
+  `online` the teacher (a random init) trains in the same steps with CE (state.params['teacher'])
+  while the student distils from it; `final` then also holds the teacher's held-out metrics.
   """
   method = (config.get('peft') or {}).get('method', 'none')
   lora = peft.from_config(config.get('peft'))
   model = student if lora is None else peft.lora_model(student, lora)
-  spec = make_spec(config, model, teacher, terms, steps, ema_decay)
+  spec = make_spec(config, model, teacher, terms, steps, ema_decay, online)
   plan = parallel.make(config.get('parallel'))
   trainable, base = init_variables, None
   if lora is not None:
@@ -168,8 +174,12 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
     trainable, base = peft.adapters.split(method, init_variables)
   if trainable is not None:  # a copy: the step donates the state; the caller keeps its arrays
     trainable = jax.tree.map(jnp.array, trainable)
-  state = plan.init_state(
-      lambda: step_lib.create_state(init_student(spec, seed, trainable), spec.tx, seed))
+  def params():
+    out = init_student(spec, seed, trainable)
+    if online:
+      out['teacher'] = models.init_params(teacher.config, jax.random.key(seed + 1000))
+    return out
+  state = plan.init_state(lambda: step_lib.create_state(params(), spec.tx, seed))
   if spec.ema_decay:  # the EMA teacher starts as the student
     state = state.replace(ema=jax.tree.map(jnp.array, state.params['student']))
   if base is not None:  # (a copy, likewise)
@@ -377,6 +387,12 @@ def main(config, workdir: str) -> dict:
       train_arrays=seqkd_arrays(config, data, teacher, teacher_params, workdir))
   trained = {'student_kd': student_params}
   decay = float((config.get('self_distill') or {}).get('ema_decay', 0.0))
+  if config.get('online', False):
+    # Online distillation: a teacher trained from scratch in the same steps as the student.
+    name = 'student_online'
+    trained[name], results[name] = run_stage(
+        config, data, f'{workdir}/{name}', student, teacher, None, dict(config.losses),
+        steps=config.train.steps, seed=config.seed, name=name, init_variables=init, online=True)
   if decay:
     # Self-distillation from the student's own EMA (Tarvainen & Valpola 2017; the "teacher"
     # of DINO-style training): same losses, the EMA in the teacher's place.
@@ -430,6 +446,9 @@ def report(results: dict) -> str:
     rows.append('\nGreedy answers to held-out prompts, per-token NLL under the teacher: '
                 + ', '.join(f"{n} {r['sample_teacher_nll']:.3f} ({r['sample_tokens']:.1f} "
                             'tokens)' for n, r in sampled) + '.')
+  if 'student_online' in results and 'teacher_perplexity' in results['student_online']:
+    rows.append('\nstudent_online distilled from a teacher trained in the same steps; that '
+                f"teacher's held-out ppl: {results['student_online']['teacher_perplexity']:.2f}.")
   for name, r in results.items():
     if r.get('generated_batches'):
       rows.append(f"\n{name}: {r['generated_batches']} batches on-policy, "

@@ -98,6 +98,9 @@ class Spec:
   # > 0: the teacher is an exponential moving average of the student (state.ema, updated as
   # ema <- d * ema + (1 - d) * student after each step); the teacher_params argument is unused.
   ema_decay: float = 0.0
+  # Online distillation: the teacher trains in the same step (params['teacher'], CE on the
+  # labels, term ONLINE_TEACHER_CE) while the student distils from its current predictions.
+  online: bool = False
 
   def logit_terms(self) -> list:
     return [n for n in self.terms if losses.get(n).kind in ('ce', 'logits')]
@@ -242,7 +245,14 @@ def _loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, logit_co
   return out, surrogate
 
 
+ONLINE_TEACHER_CE = 'online_teacher_ce'
+
+
 def _objective(params, teacher_params, t_out, batch, spec, step, counts, frozen=None):
+  if spec.online:  # the live teacher: its CE trains it, its stopped outputs teach the student
+    teacher_params = params['teacher']
+    live = forward(spec.teacher, teacher_params, batch, **spec.needs())
+    t_out = jax.lax.stop_gradient(live)
   coeffs = None
   if spec.chunk_size and spec.fused_chunks and spec.logit_terms():
     # The fused path needs each logit term's weight before the backward pass: w(step) over
@@ -253,6 +263,9 @@ def _objective(params, teacher_params, t_out, batch, spec, step, counts, frozen=
               for n in spec.logit_terms()}
   terms, surrogate = _loss_terms(params, teacher_params, t_out, batch, spec, step, coeffs,
                                  frozen)
+  if spec.online:
+    terms[ONLINE_TEACHER_CE] = losses.ce_sum(live['logits'], batch['labels'],
+                                             mask=batch['loss_mask'])
   if counts is None:
     counts = {n: c for n, (_, c) in terms.items()}
     if spec.axis_name is not None:  # normalise by the global count, not this device's
@@ -287,7 +300,7 @@ def _grads(params, teacher_params, batch, spec: Spec, step, frozen=None):
   """
   grad_fn = jax.grad(_objective, has_aux=True)
   if spec.accum_steps == 1:
-    t_out = teacher_forward(spec, teacher_params, batch)
+    t_out = None if spec.online else teacher_forward(spec, teacher_params, batch)
     return _psum(grad_fn(params, teacher_params, t_out, batch, spec, step, None, frozen), spec)
   micro = _split(batch, spec.accum_steps, spec.strided_accum)
 
