@@ -76,6 +76,7 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict(dict(
       name='tiny_shakespeare', vocab_size=512, seq_len=128, batch_size=16, eval_batch_size=32,
       eval_split='validation', max_eval_batches=0,
+      train_split='train',  # what the students train on (e.g. 'train[:30%]', a stream's shard)
       task='lm', prompt_len=0, response_len=0,  # task 'dialogue': see the variant
       sample_eval_batches=0))  # dialogue: eval batches whose greedy answers the teacher scores
   # GKD: the fraction of KD batches whose responses the student samples (dialogue task only).
@@ -117,8 +118,10 @@ def get_config(arg=None):
 
   # 'random', or 'teacher': start from the teacher's layers `layers` ('every_k' with stride k,
   # 'first_last', or the list `layers_list`), weights cut to the student's widths.
+  # ... or 'run': the student of an earlier run, `path` = that run's <workdir>/student_kd
+  # (continual distillation: each phase starts from the last).
   c.student_init = ml_collections.ConfigDict(dict(source='random', layers='every_k', k=2,
-                                                  layers_list=()))
+                                                  layers_list=(), path=''))
   # A parameter-efficient student: method 'lora' trains only adapters (rank, alpha: scale
   # alpha/rank) on the projections whose module path `target` fully matches; the student's
   # starting weights (student_init) stay frozen and the saved student is the merged model.

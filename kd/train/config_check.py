@@ -216,8 +216,12 @@ def check_models(config, student, teacher) -> None:
     raise ConfigError(f'config.features: {e}') from None
   check_teacher_cache(config, teacher)
   si = config.get('student_init') or {}
-  if si.get('source', 'random') not in ('random', 'teacher'):
-    raise ConfigError(f"config.student_init.source={si.get('source')!r}; use 'random' or 'teacher'")
+  if si.get('source', 'random') not in ('random', 'teacher', 'run'):
+    raise ConfigError(f"config.student_init.source={si.get('source')!r}; use 'random', 'teacher' "
+                      "or 'run' (with student_init.path, an earlier run's student workdir)")
+  if si.get('source') == 'run' and not si.get('path', ''):
+    raise ConfigError("config.student_init.source='run' needs student_init.path (e.g. "
+                      '<earlier workdir>/student_kd)')
   if si.get('source') == 'teacher':
     try:
       kept = student_init_layers(config, teacher.config.num_layers)

@@ -107,6 +107,11 @@ class Data:
   def __init__(self, config, workdir: str):
     dc = config.data
     self.train_source = data_lib.load_text_split(dc.name, 'train')
+    # The students' part of it (e.g. one shard of a stream, 'train[:30%]'); the teacher and the
+    # tokenizer always see the whole train split.
+    split = dc.get('train_split', 'train') or 'train'
+    self.student_source = (self.train_source if split == 'train'
+                           else data_lib.load_text_split(dc.name, split))
     self.tokenizer = data_lib.get_or_train(
         workdir, lambda: (self.train_source[i] for i in range(len(self.train_source))),
         dc.vocab_size)
@@ -126,7 +131,7 @@ class Data:
       self.eval_batches = self.eval_batches[:dc.max_eval_batches]
     self.config = dc
 
-  def iterator(self, seed: int, teacher_cache: str = '', arrays=None):
+  def iterator(self, seed: int, teacher_cache: str = '', arrays=None, student: bool = True):
     """This process's rows of every batch: `data.batch_size` is the global batch.
 
     With `teacher_cache`, rows come from that offline-teacher cache (rows + teacher top-k);
@@ -138,8 +143,8 @@ class Data:
       return teacher_cache_lib.make_iterator(teacher_cache, **shard)
     if self.task == 'dialogue':
       return dialogue.make_iterator(self.train_arrays if arrays is None else arrays, **shard)
-    return data_lib.make_iterator(self.train_source, self.tokenizer,
-                                  seq_len=self.config.seq_len, **shard)
+    return data_lib.make_iterator(self.student_source if student else self.train_source,
+                                  self.tokenizer, seq_len=self.config.seq_len, **shard)
 
 
 def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params, terms,
@@ -191,7 +196,7 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
   t0 = time.perf_counter()
   state, final = loop.fit(
       spec, state, plan.place_teacher(teacher_params),
-      data.iterator(seed, teacher_cache, train_arrays),
+      data.iterator(seed, teacher_cache, train_arrays, student=teacher is not None),
       data.eval_batches, workdir=workdir, total_steps=steps, log_every=tc.log_every,
       eval_every=tc.get('eval_every', 0), checkpoint_every=tc.checkpoint_every,
       keep=tc.get('keep', 2), progress=tc.get('progress', True), name=name, plan=plan,
@@ -307,6 +312,8 @@ def student_init(config, student, teacher, teacher_params):
   si = config.get('student_init') or {}
   if si.get('source', 'random') == 'random':
     return None
+  if si.source == 'run':  # continual training: the student of an earlier run
+    return restore_student(config, student, si.path)
   sc = student.config
   init = models.student_from_teacher(
       models.Model(teacher, teacher_params),
@@ -318,6 +325,19 @@ def student_init(config, student, teacher, teacher_params):
         f'the student taken from the teacher has config {init.config}, but config.student '
         f'builds {sc}; make config.student match')
   return init.params
+
+
+def restore_student(config, student, run_dir: str):
+  """The student params of the newest checkpoint in `<run_dir>/checkpoints` (a run of the same
+  student and optimizer, e.g. <workdir>/student_kd of an earlier phase)."""
+  from kd.train import checkpoint  # pylint: disable=g-import-not-at-top
+  spec = make_spec(config, student, None, {'ce': 1.0}, 1)
+  shapes = jax.eval_shape(lambda: step_lib.create_state(init_student(spec, 0), spec.tx, 0))
+  mngr = checkpoint.manager(os.path.join(run_dir, 'checkpoints'))
+  if mngr.latest_step() is None:
+    raise config_check.ConfigError(f'config.student_init.path={run_dir} holds no checkpoint; '
+                                   'give the workdir of a finished run (e.g. .../student_kd)')
+  return checkpoint.restore_latest(mngr, shapes).params['student']
 
 
 def peft_student(config, student, init):

@@ -1,0 +1,153 @@
+r"""Continual distillation on a stream: does the student keep what it learned on earlier shards?
+
+  KD_DATA_DIR=../shared/data .venv/bin/python experiments/continual.py \
+      --seeds=0,1,2 --workdir=/tmp/kd/continual [--shards=3] [--config_arg=tiny] [--out=DIR]
+
+Tiny Shakespeare's train split arrives as `shards` contiguous shards (in text order, so each
+holds other plays and speakers); the last 10% of each shard is held out. Phase k trains the
+student on shard k only, starting from phase k-1's student (`student_init.source='run'`), for
+configs/shakespeare_kd.py's steps, with KD from one teacher trained once on the whole train
+split (`kd`: 0.5·CE + 0.5·T²·KL, T = 2) or with hard labels only (`ce`). After every phase the
+student is evaluated on every shard's held-out part. Table: held-out perplexity per (method,
+phase, shard), mean ± std over seeds, and forgetting = perplexity on shard 1 after the last
+phase minus after phase 1. Writes <out>/continual.md and .png.
+Smoke test: --config_arg=tiny --seeds=0 --shards=2 --workdir=/tmp/cont_tiny --out=/tmp/cont_out.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import objectives  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from kd import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.eval import report  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.train import run  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+METHODS = {'kd': 'kl', 'ce': 'ce'}  # method -> configs/shakespeare_kd.py objective
+
+
+def shard_splits(shards: int, held_out: float = 0.1) -> list[tuple[str, str]]:
+  """(train split, held-out split) of each shard, as TFDS percent slices of 'train'."""
+  edges = np.linspace(0, 100, shards + 1).round().astype(int)
+  out = []
+  for a, b in zip(edges[:-1], edges[1:]):
+    cut = int(round(b - (b - a) * held_out))
+    out.append((f'train[{a}%:{cut}%]', f'train[{cut}%:{b}%]'))
+  return out
+
+
+def phase_dir(workdir, seed, method, k) -> str:
+  return os.path.join(workdir, f'seed_{seed}', method, f'phase_{k}')
+
+
+def command(workdir, seed, method, k, split, config_arg) -> list[str]:
+  arg = ','.join([a for a in config_arg.split(',') if a] + [f'objective={METHODS[method]}'])
+  cmd = [sys.executable, '-m', 'kd.main', f'--config=configs/shakespeare_kd.py:{arg}',
+         f'--workdir={phase_dir(workdir, seed, method, k)}', f'--config.seed={seed}',
+         '--config.baseline=False', '--config.train.progress=False',
+         f'--config.data.train_split={split}',
+         f'--config.teacher.workdir={os.path.join(workdir, f"seed_{seed}", "teacher")}']
+  if k > 0:
+    cmd += ['--config.student_init.source=run', '--config.student_init.path='
+            + os.path.join(phase_dir(workdir, seed, method, k - 1), 'student_kd')]
+  return cmd
+
+
+def evaluate_phase(workdir, seed, method, k, splits, config_arg) -> list[float]:
+  """Held-out perplexity on every shard of phase k's student (cached in eval.json)."""
+  where = phase_dir(workdir, seed, method, k)
+  cache = os.path.join(where, 'shards_eval.json')
+  if os.path.exists(cache):
+    return json.load(open(cache))
+  config = sweep.load(os.path.join(objectives.REPO, 'configs', 'shakespeare_kd.py'))[0]
+  config = config.get_config(config_arg)
+  tokenizer = data_lib.get_or_train(where, None, config.data.vocab_size)
+  student = run.build_model(config.student, tokenizer.get_vocab_size())
+  params = run.restore_student(config, student, os.path.join(where, 'student_kd'))
+  spec = run.make_spec(config, student, None, {'ce': 1.0}, 1)
+  fn = jax.jit(lambda p, t, b: run.step_lib.eval_step(p, t, b, spec))
+  out = []
+  for _, held in splits:
+    batches = data_lib.make_eval_batches(
+        data_lib.load_text_split(config.data.name, held), tokenizer,
+        seq_len=config.data.seq_len, batch_size=config.data.eval_batch_size)
+    out.append(loop.evaluate(fn, {'student': params, 'proj': {}}, None, batches)['perplexity'])
+  with open(cache, 'w') as f:
+    json.dump(out, f)
+  return out
+
+
+def table(ppl: dict, shards: int) -> str:
+  """ppl[method] = array [seeds, phases, shards]."""
+  n = next(iter(ppl.values())).shape[0]
+  lines = [f'Tiny Shakespeare train split as a stream of {shards} shards; held-out perplexity on '
+           f'each shard after each phase, {n} seed(s), mean ± std. `kd`: KD from a teacher '
+           'trained on the whole split; `ce`: labels only.', '',
+           '| method | after phase | ' + ' | '.join(f'shard {j + 1}' for j in range(shards))
+           + ' |', '|---|---:|' + '---:|' * shards]
+  for method, p in ppl.items():
+    for k in range(shards):
+      cells = [report.mean_std(p[:, k, j], 1.0, 2) for j in range(shards)]
+      lines.append(f'| {method} | {k + 1} | ' + ' | '.join(cells) + ' |')
+  lines += ['', '| method | forgetting on shard 1 (ppl after the last phase − after phase 1) |',
+            '|---|---:|']
+  lines += [f'| {m} | {report.mean_std(p[:, -1, 0] - p[:, 0, 0], 1.0, 2)} |'
+            for m, p in ppl.items()]
+  return '\n'.join(lines)
+
+
+def plot(ppl: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  shards = next(iter(ppl.values())).shape[2]
+  fig, axes = plt.subplots(1, shards, figsize=(3.6 * shards, 3.2), sharey=True)
+  for j, ax in enumerate(np.atleast_1d(axes)):
+    for method, p in ppl.items():
+      ax.plot(range(1, shards + 1), p[:, :, j].mean(0), marker='o', label=method)
+    ax.set_title(f'held-out shard {j + 1}', fontsize=10)
+    ax.set_xlabel('after phase')
+    ax.grid(alpha=0.3)
+  np.atleast_1d(axes)[0].set_ylabel('perplexity')
+  np.atleast_1d(axes)[0].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  splits = shard_splits(f.shards)
+  ppl = {}
+  for method in METHODS:
+    per_seed = []
+    for seed in f.seeds:
+      for k, (train, _) in enumerate(splits):
+        done = os.path.join(phase_dir(f.workdir, seed, method, k), 'results.json')
+        if not os.path.exists(done):
+          subprocess.run(command(f.workdir, seed, method, k, train, f.config_arg), check=True,
+                         cwd=objectives.REPO)
+      per_seed.append([evaluate_phase(f.workdir, seed, method, k, splits, f.config_arg)
+                       for k in range(len(splits))])
+    ppl[method] = np.asarray(per_seed)
+  report.write(f.out, 'continual', table(ppl, f.shards), lambda path: plot(ppl, path))
+
+
+if __name__ == '__main__':
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to run.')
+  flags.DEFINE_integer('shards', 3, 'Shards of the stream (= phases).')
+  flags.DEFINE_string('workdir', '/tmp/kd/continual', 'Root of the runs.')
+  flags.DEFINE_string('out', 'experiments/results', 'Where the table and plot go.')
+  flags.DEFINE_string('config_arg', '', 'Variant passed to the config (e.g. tiny).')
+  app.run(main)
