@@ -99,9 +99,7 @@ def restore_full(seed: str, workdir: str, config_arg: str):
   teacher = run.build_model(config.teacher.model, data.vocab_size)
   student = run.build_model(config.student, data.vocab_size)
   teacher_params, _ = run.train_teacher(config, data, teacher, where)  # restored
-  params, _ = run.run_stage(config, data, f'{where}/student_kd', student, teacher,
-                            teacher_params, dict(config.losses), steps=config.train.steps,
-                            seed=config.seed, name='restore')  # finished: restored, not rerun
+  params = run.restore_student(config, student, f'{where}/student_kd')
   return config, data, student, params, teacher, teacher_params
 
 

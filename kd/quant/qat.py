@@ -27,13 +27,9 @@ from kd.quant import rtn
 def fake_quant_kernel(w, bits: int, group_size: int | None, scale_dtype: str = 'float16',
                       path: str = 'kernel'):
   """The RTN-dequantized kernel in the forward pass, the identity in the backward pass."""
-  d_in, d_out = w.shape
-  g = rtn.group_size_for(d_in, group_size, path)
-  w_GxgxF = w.astype(jnp.float32).reshape(d_in // g, g, d_out)
-  scales_GxF = rtn.scales_from_absmax(jnp.max(jnp.abs(w_GxgxF), axis=1), bits, scale_dtype,
-                                      xp=jnp).astype(jnp.float32)
-  q = jnp.clip(jnp.round(w_GxgxF / scales_GxF[:, None, :]), -rtn.qmax(bits), rtn.qmax(bits))
-  w_q = (q * scales_GxF[:, None, :]).reshape(d_in, d_out).astype(w.dtype)
+  g = rtn.group_size_for(w.shape[0], group_size, path)
+  q_GxgxF, scales_GxF = rtn.round_to_grid(w, bits, g, scale_dtype, xp=jnp)
+  w_q = (q_GxgxF * scales_GxF.astype(jnp.float32)[:, None, :]).reshape(w.shape).astype(w.dtype)
   return w + jax.lax.stop_gradient(w_q - w)
 
 

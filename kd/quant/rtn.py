@@ -180,13 +180,21 @@ def quantize_kernel(w, bits: int, group_size: int | None = None,
   w = np.asarray(w)
   if w.ndim != 2:
     raise ValueError(f'{path} has shape {w.shape}; only 2-D [in, out] kernels are supported.')
+  g = group_size_for(w.shape[0], group_size, path)
+  q_GxgxF, scales_GxF = round_to_grid(w, bits, g, scale_dtype)
+  return QuantizedKernel(q_GxgxF.astype(np.int8).reshape(w.shape), scales_GxF, bits, g,
+                         w.dtype.name)
+
+
+def round_to_grid(w, bits: int, g: int, scale_dtype: str, xp=np):
+  """The RTN grid of a kernel [in, out] in groups of g input rows: (q [in/g, g, out] float32
+  integers in [-qmax, qmax], scales [in/g, out] in scale_dtype). `xp`: numpy, or jax.numpy to
+  trace it (kd.quant.qat)."""
   d_in, d_out = w.shape
-  g = group_size_for(d_in, group_size, path)
-  w_GxgxF = w.astype(np.float32).reshape(d_in // g, g, d_out)
-  scales_GxF = scales_from_absmax(np.abs(w_GxgxF).max(axis=1), bits, scale_dtype)
-  q = np.round(w_GxgxF / scales_GxF[:, None, :].astype(np.float32))
-  q = np.clip(q, -qmax(bits), qmax(bits)).astype(np.int8).reshape(d_in, d_out)
-  return QuantizedKernel(q, scales_GxF, bits, g, w.dtype.name)
+  w_GxgxF = w.astype(xp.float32).reshape(d_in // g, g, d_out)
+  scales_GxF = scales_from_absmax(xp.abs(w_GxgxF).max(axis=1), bits, scale_dtype, xp)
+  q = xp.round(w_GxgxF / scales_GxF[:, None, :].astype(xp.float32))
+  return xp.clip(q, -qmax(bits), qmax(bits)), scales_GxF
 
 
 def dequantize_kernel(qk: QuantizedKernel):

@@ -33,14 +33,6 @@ def _host_state_path(workdir: str, step: int) -> str:
   return f'{workdir}/batch_fn/{step}.npz'
 
 
-def _teacher(state, teacher_params):
-  """The teacher the student is measured against: its EMA under EMA self-distillation, the
-  co-trained one under online distillation."""
-  if state.ema is not None:
-    return state.ema
-  return state.params['teacher'] if 'teacher' in state.params else teacher_params
-
-
 def evaluate(eval_fn, params, teacher_params, batches) -> dict:
   totals = {}
   for batch in batches:
@@ -114,7 +106,8 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
         acc, t0, tokens = metrics_lib.Accumulator(), time.perf_counter(), 0
       bar.update(1)
       if eval_every and done % eval_every == 0 and done != total_steps:
-        ev = evaluate(eval_fn, step_lib.eval_params(state), _teacher(state, teacher_params),
+        ev = evaluate(eval_fn, step_lib.eval_params(state),
+                      step_lib.current_teacher(state, teacher_params),
                       eval_batches)
         if hasattr(batch_fn, 'observe_validation'):  # adaptive off-policy (kd/train/replay.py)
           ev['sgo_probability'] = batch_fn.observe_validation(ev['ce'])
@@ -127,7 +120,8 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
           checkpoint.save_host_state(_host_state_path(workdir, done), batch_fn.state_dict())
         checkpoint.save(mngr, done, plan.unreplicate(state.replace(frozen=None)), data_iter)
     mngr.wait_until_finished()
-    final = evaluate(eval_fn, step_lib.eval_params(state), _teacher(state, teacher_params),
+    final = evaluate(eval_fn, step_lib.eval_params(state),
+                     step_lib.current_teacher(state, teacher_params),
                      eval_batches)
     writer.write(total_steps, final, 'eval')
   finally:  # also on errors, so that pending writes end before the interpreter does

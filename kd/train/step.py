@@ -48,6 +48,14 @@ def create_state(params, tx, seed: int, frozen=None, ema=None) -> TrainState:
                     rng=jax.random.key_data(jax.random.key(seed)), frozen=frozen, ema=ema)
 
 
+def current_teacher(state: TrainState, teacher_params):
+  """The teacher's variables: the student's EMA under EMA self-distillation, the co-trained
+  teacher under online distillation, else the `teacher_params` passed in."""
+  if state.ema is not None:
+    return state.ema
+  return state.params['teacher'] if 'teacher' in state.params else teacher_params
+
+
 def student_variables(params, frozen=None):
   """The student's full variables: params['student'], joined with a PEFT student's frozen
   base (kd.peft.combine) when there is one; a base stored quantized (kd.quant.QuantizedParams,
@@ -327,8 +335,7 @@ def _grads(params, teacher_params, batch, spec: Spec, step, frozen=None):
 def train_step(state: TrainState, teacher_params, batch, spec: Spec):
   """One optimizer update. Returns (new state, metrics); term metrics are (sum, count) pairs."""
   step = state.step
-  if spec.ema_decay:
-    teacher_params = state.ema
+  teacher_params = current_teacher(state, teacher_params)
   grads, terms = _grads(state.params, teacher_params, batch, spec, step, state.frozen)
   updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
