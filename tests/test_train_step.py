@@ -317,3 +317,34 @@ def test_online_step_trains_the_teacher_on_ce_and_the_student_from_it():
                               rtol=1e-5, atol=1e-7)
   s, c = m['terms'][step_lib.ONLINE_TEACHER_CE]
   np.testing.assert_allclose(s / c, teacher_ce(tp), rtol=1e-5)
+
+
+def test_a_checkpoint_from_before_a_state_field_existed_restores(tmp_path):
+  """A state saved without `frozen`/`ema` (as runs did before those fields existed) restores
+  into today's TrainState when the run leaves them None, and is refused when it needs them."""
+  import flax.struct
+  import optax
+  from kd.train import checkpoint
+
+  @flax.struct.dataclass
+  class OldState:  # TrainState as it was: four fields.
+    step: jax.Array
+    params: dict
+    opt_state: object
+    rng: jax.Array
+
+  tx = optax.adam(1e-3)
+  params = {'student': {'w': jnp.arange(6.0).reshape(2, 3)}, 'proj': {}}
+  new = step_lib.create_state(params, tx, seed=3)
+  old = OldState(step=jnp.asarray(7, jnp.int32), params=jax.tree.map(lambda x: x + 1, params),
+                 opt_state=tx.init(params), rng=new.rng + 1)
+  mngr = checkpoint.manager(str(tmp_path / 'ckpt'))
+  checkpoint.save(mngr, 7, old)
+  mngr.wait_until_finished()
+  restored = checkpoint.restore_latest(mngr, new)
+  assert isinstance(restored, step_lib.TrainState) and restored.ema is None
+  assert int(restored.step) == 7
+  np.testing.assert_array_equal(restored.params['student']['w'], np.arange(6.0).reshape(2, 3) + 1)
+  np.testing.assert_array_equal(restored.rng, np.asarray(new.rng) + 1)
+  with pytest.raises(ValueError, match=r"no \['ema'\].*fresh --workdir"):
+    checkpoint.restore_latest(mngr, new.replace(ema=params['student']))

@@ -10,6 +10,7 @@ the `state` it restores into. The data iterator's position is one file per proce
 (`data/process_<i>-of-<n>.json`), since every process reads its own documents.
 """
 
+import dataclasses
 import os
 
 import grain
@@ -37,17 +38,30 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iter=None) -> None:
 def restore_latest(mngr: ocp.CheckpointManager, state, data_iter=None):
   """Restores the newest checkpoint into the structure of `state` (and `data_iter` in place).
 
-  Returns the restored state, or `state` unchanged when the directory holds no checkpoint.
+  Returns the restored state, or `state` unchanged when the directory holds no checkpoint. A
+  dataclass state (TrainState) restores field by field, so a checkpoint written before a field
+  was added (e.g. `ema`) still restores when this run leaves that field None.
   """
   step = mngr.latest_step()
   if step is None:
     return state
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  target = state
+  if dataclasses.is_dataclass(state):
+    saved = set(mngr.item_metadata(step)['state'].keys())
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    missing = sorted(k for k, v in fields.items() if k not in saved and v is not None)
+    if missing:
+      raise ValueError(
+          f'the checkpoint at step {step} in {mngr.directory} has no {missing}, which this run '
+          'trains (a run that changed its method midway?). Resume with the settings it was '
+          'started with, or start in a fresh --workdir.')
+    target = {k: v for k, v in fields.items() if k in saved}
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   items = {'state': ocp.args.StandardRestore(abstract)}
   if data_iter is not None:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
-  restored = mngr.restore(step, args=ocp.args.Composite(**items))
-  return restored['state']
+  restored = mngr.restore(step, args=ocp.args.Composite(**items))['state']
+  return dataclasses.replace(state, **restored) if target is not state else restored
 
 
 def save_host_state(path: str, tree: dict) -> None:
