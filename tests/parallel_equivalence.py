@@ -20,6 +20,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from kd import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -153,7 +154,35 @@ def main():
       resumed = jax.device_get(plan.unreplicate(state).params)
       out['pmap/fit_resumed'] = dict(same=all(
           np.array_equal(a, b) for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(params))))
+  out['generate'] = generation(student, state0.params['student'])
   json.dump(out, sys.stdout)
+
+
+def generation(module, params):
+  """Each plan's `generate` against one device: greedy and sampled tokens, as lists."""
+  rng = np.random.default_rng(7)
+  lengths = rng.integers(1, 7, size=B)  # left-padded prompts of 1..6 tokens
+  mask = (np.arange(6)[None] >= 6 - lengths[:, None]).astype(np.int32)
+  ids = np.where(mask, rng.integers(3, V, size=(B, 6)), 0).astype(np.int32)
+  kw = dict(max_new_tokens=8, eos_id=7, pad_id=0)
+  sampled = dict(temperature=1.0, top_k=20, top_p=0.9, rng=jax.random.key(11))
+  mesh = parallel.MeshPlan(parallel.make_mesh(2, 2, 2), ('data', 'fsdp'))
+  pmap = parallel.PmapPlan()
+  got = {}
+  for name, plan in (('single', parallel.SinglePlan()), ('mesh2x2x2', mesh),
+                     ('mesh8x1x1', parallel.MeshPlan(parallel.make_mesh(8, 1, 1))),
+                     ('pmap', pmap)):
+    placed = plan.place_state(step_lib.create_state(
+        {'student': jax.tree.map(np.copy, params)}, optax.sgd(0.1), 0)).params['student']
+    got[name] = {k: np.asarray(plan.generate((module, placed), ids, mask, **kw, **extra)).tolist()
+                 for k, extra in (('greedy', {'temperature': 0.0}), ('sampled', sampled))}
+  # pmap's reference: device i's rows sampled alone on one device with key split(key, 8)[i].
+  keys = jax.random.split(sampled['rng'], 8)
+  rows = B // 8
+  got['pmap_reference'] = np.concatenate([np.asarray(parallel.SinglePlan().generate(
+      (module, params), ids[i * rows:(i + 1) * rows], mask[i * rows:(i + 1) * rows], **kw,
+      **dict(sampled, rng=keys[i]))) for i in range(8)]).tolist()
+  return got
 
 
 if __name__ == '__main__':

@@ -110,8 +110,8 @@ def test_on_policy_job_trains_the_kd_student_on_its_own_samples(tmp_path, monkey
   calls = []
   real = onpolicy.OnPolicy.student_batch
 
-  def spy(self, module, params, batch, step):
-    out = real(self, module, params, batch, step)
+  def spy(self, module, params, batch, step, plan=None):
+    out = real(self, module, params, batch, step, plan)
     calls.append((step, float(np.sum(out['loss_mask'])), float(np.sum(batch['loss_mask']))))
     return out
 
@@ -128,11 +128,20 @@ def test_on_policy_job_trains_the_kd_student_on_its_own_samples(tmp_path, monkey
   assert 'batches on-policy' in run.report(results)
 
 
+def test_on_policy_runs_in_one_process_under_any_plan(shakespeare_config, monkeypatch):
+  from kd.train import config_check  # pylint: disable=g-import-not-at-top
+  config = shakespeare_config('tiny,dialogue,onpolicy=0.5')
+  config.parallel.mode = 'pmap'
+  config_check.check(config)  # one process, any plan (tests/test_parallel.py runs it)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(config_check.ConfigError, match='on-policy generation runs in one process'):
+    config_check.check_on_policy(config)
+
+
 @pytest.mark.parametrize('arg,edit,message', [
     ('tiny,dialogue,onpolicy=0.5', lambda c: c.losses.update({'ce': 0.5}), "'ce' loss"),
     ('tiny', lambda c: c.on_policy.update(fraction=0.5), "task='dialogue'"),
     ('tiny', lambda c: c.seqkd.update(enabled=True), "prompts for the teacher"),
-    ('tiny,dialogue,onpolicy=0.5', lambda c: c.parallel.update(mode='pmap'), 'one device'),
     ('tiny,dialogue', lambda c: c.data.update(response_len=1), 'response_len'),
     ('tiny,dialogue', lambda c: c.on_policy.update(fraction=2.0), r'\[0, 1\]'),
 ])

@@ -102,6 +102,23 @@ def test_config_check_refuses_a_bad_parallel_config(edit, message):
     config_check.check(config)
 
 
+def test_on_policy_run_generates_on_a_pmap_state(tmp_path):
+  """GKD with every batch generated, under pmap on 2 devices: the student samples with its
+  replicated params (one device's generate would reject their leading device axis)."""
+  workdir = tmp_path / 'w'
+  env = _env()
+  env['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=2'
+  cmd = [sys.executable, '-m', 'kd.main', '--config=configs/shakespeare_kd.py:tiny,dialogue,'
+         'onpolicy=1.0', f'--workdir={workdir}', '--config.parallel.mode=pmap',
+         '--config.baseline=False', '--config.train.progress=False']
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert out.returncode == 0, out.stderr[-3000:]
+  kd = json.loads((workdir / 'results.json').read_text())['student_kd']
+  steps = _tiny_config().train.steps
+  assert kd['generated_batches'] == steps and kd['generated_tokens'] > 0
+  assert np.isfinite(kd['perplexity'])
+
+
 # --- 8 simulated devices, in a subprocess -------------------------------------------------------
 
 def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
@@ -112,6 +129,7 @@ def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
   runs = json.loads(out.stdout)
   ref = runs.pop('single/accum2')
   shardings, init = runs.pop('shardings'), runs.pop('init')
+  gen = runs.pop('generate')
   # Stopped and resumed through loop.fit (unreplicated checkpoint, replicated on restore).
   assert runs.pop('pmap/fit_resumed')['same']
   assert set(runs) == {'pmap/accum1', 'pmap/accum2', 'mesh2x2x2/accum2', 'mesh8x1x1/accum1'}
@@ -136,6 +154,18 @@ def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
   assert teacher['params/layers_1/attn/q_proj/kernel'] == ["P(('data', 'fsdp'), 'tensor')", False]
   assert teacher['params/embed/embedding'] == ["P(None, ('data', 'fsdp'))", False]
   assert init['same_shardings'] and init['err'] < 1e-6, init  # init sharded at birth
+
+  # Generation: each device decodes its rows. The mesh samples equal one device's (the same key
+  # gives the same random bits however the batch is split); pmap samples device i's rows with
+  # key split(key, 8)[i], so they equal those rows decoded alone with that key.
+  single = gen['single']
+  assert len(single['sampled']) == 16 and len(single['sampled'][0]) == 8
+  assert single['sampled'] != single['greedy']
+  for name in ('mesh2x2x2', 'mesh8x1x1', 'pmap'):
+    assert gen[name]['greedy'] == single['greedy'], name
+  assert gen['mesh2x2x2']['sampled'] == single['sampled']
+  assert gen['mesh8x1x1']['sampled'] == single['sampled']
+  assert gen['pmap']['sampled'] == gen['pmap_reference']
 
 
 # --- two processes over loopback ----------------------------------------------------------------

@@ -166,9 +166,9 @@ def spy(monkeypatch):
   calls = []
   real = onpolicy.OnPolicy.student_batch
 
-  def student_batch(self, module, params, batch, step):
+  def student_batch(self, module, params, batch, step, plan=None):
     calls.append(step)
-    return real(self, module, params, batch, step)
+    return real(self, module, params, batch, step, plan)
 
   monkeypatch.setattr(onpolicy.OnPolicy, 'student_batch', student_batch)
   return calls

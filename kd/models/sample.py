@@ -55,9 +55,10 @@ def _next_token(logits_BxV, rng, temperature, top_p, *, greedy: bool, top_k: int
 # Static: what changes the program. Traced: temperature, top_p, eos and pad ids (no recompiles).
 @functools.partial(jax.jit, static_argnames=('module', 'max_new_tokens', 'greedy', 'top_k',
                                              'use_top_p', 'use_eos'))
-def _generate(module, params, prompt_ids_BxT, prompt_mask_BxT, rng, temperature, top_p, eos_id,
-              pad_id, *, max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool,
-              use_eos: bool):
+def decode(module, params, prompt_ids_BxT, prompt_mask_BxT, rng, temperature, top_p, eos_id,
+           pad_id, *, max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool,
+           use_eos: bool):
+  """The compiled prefill + decode loop behind `generate` (unchecked; see `settings`)."""
   b, t = prompt_ids_BxT.shape
   n = max_new_tokens
   cache = kv_cache.init_cache(module.config, b, t + n)
@@ -90,9 +91,43 @@ def _generate(module, params, prompt_ids_BxT, prompt_mask_BxT, rng, temperature,
   return jax.lax.while_loop(cond, body, carry)[3]
 
 
+def check_prompts(prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float,
+                  top_k: int, top_p: float, rng) -> tuple[np.ndarray, np.ndarray, jax.Array]:
+  """(ids, mask, rng) as host arrays and a key, after the checks `generate` documents."""
+  prompt_ids = np.asarray(prompt_ids, np.int32)
+  prompt_mask = (np.ones_like(prompt_ids) if prompt_mask is None
+                 else np.asarray(prompt_mask, np.int32))
+  if prompt_mask.shape != prompt_ids.shape:
+    raise ValueError(f'prompt_mask shape {prompt_mask.shape} != prompt_ids shape '
+                     f'{prompt_ids.shape}.')
+  if not np.all(prompt_mask[:, -1]):
+    raise ValueError('prompts must be left-padded: the last column of prompt_mask must be 1 for '
+                     'every row (pad on the left, e.g. tokenizer.padding_side = "left").')
+  if max_new_tokens <= 0:
+    raise ValueError(f'max_new_tokens must be > 0, got {max_new_tokens}.')
+  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    raise ValueError(f'need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, '
+                     f'{top_p}, {top_k}.')
+  if rng is None:
+    if temperature > 0:
+      raise ValueError('sampling (temperature > 0) needs rng=jax.random.key(...).')
+    rng = jax.random.key(0)
+  return prompt_ids, prompt_mask, rng
+
+
+def settings(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+             eos_id: int | None, pad_id: int) -> tuple[tuple, dict]:
+  """(traced scalars, static keywords) of `decode` for these settings."""
+  traced = (jnp.float32(temperature), jnp.float32(top_p),
+            jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id))
+  static = dict(max_new_tokens=max_new_tokens, greedy=temperature == 0, top_k=int(top_k),
+                use_top_p=top_p < 1.0, use_eos=eos_id is not None)
+  return traced, static
+
+
 def generate(model, prompt_ids, prompt_mask=None, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | None = None, pad_id: int = 0, rng=None) -> jax.Array:
+             eos_id: int | None = None, pad_id: int = 0, rng=None, place=None) -> jax.Array:
   """New tokens [B, max_new_tokens] after left-padded prompts; `pad_id` after a row's eos.
 
   Args:
@@ -106,27 +141,14 @@ def generate(model, prompt_ids, prompt_mask=None, *, max_new_tokens: int,
     eos_id: a row stops after producing it; the loop stops when every row has.
     pad_id: what fills a row after its eos.
     rng: a jax PRNG key for sampling (unused when greedy).
+    place: `place((ids, mask))` puts the checked host prompts on the devices, e.g. a mesh plan's
+      `shard_batch`, so rows, KV cache and sampling are split like a train batch (the result is
+      then a global array); default: the default device.
   """
   module, params = (model.module, model.params) if hasattr(model, 'module') else model
-  prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-  prompt_mask = (jnp.ones_like(prompt_ids) if prompt_mask is None
-                 else jnp.asarray(prompt_mask, jnp.int32))
-  if prompt_mask.shape != prompt_ids.shape:
-    raise ValueError(f'prompt_mask shape {prompt_mask.shape} != prompt_ids shape '
-                     f'{prompt_ids.shape}.')
-  if not np.all(np.asarray(prompt_mask)[:, -1]):
-    raise ValueError('prompts must be left-padded: the last column of prompt_mask must be 1 for '
-                     'every row (pad on the left, e.g. tokenizer.padding_side = "left").')
-  if max_new_tokens <= 0:
-    raise ValueError(f'max_new_tokens must be > 0, got {max_new_tokens}.')
-  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-    raise ValueError(f'need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, '
-                     f'{top_p}, {top_k}.')
-  if rng is None:
-    if temperature > 0:
-      raise ValueError('sampling (temperature > 0) needs rng=jax.random.key(...).')
-    rng = jax.random.key(0)
-  return _generate(module, params, prompt_ids, prompt_mask, rng, jnp.float32(temperature),
-                   jnp.float32(top_p), jnp.int32(-1 if eos_id is None else eos_id),
-                   jnp.int32(pad_id), max_new_tokens=max_new_tokens, greedy=temperature == 0,
-                   top_k=int(top_k), use_top_p=top_p < 1.0, use_eos=eos_id is not None)
+  ids, mask, rng = check_prompts(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
+  ids, mask = place((ids, mask)) if place is not None else (jnp.asarray(ids), jnp.asarray(mask))
+  traced, static = settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, eos_id=eos_id, pad_id=pad_id)
+  return decode(module, params, ids, mask, rng, *traced, **static)

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kd.models import sample
 from kd.parallel import rules
 from kd.train import step as step_lib
 
@@ -149,3 +150,13 @@ class MeshPlan:
     fn = jax.jit(functools.partial(step_lib.eval_step, spec=spec), out_shardings=self.replicated)
     return lambda params, teacher_params, batch: fn(params, teacher_params,
                                                     self.shard_global_batch(batch))
+
+  def generate(self, model, prompt_ids, prompt_mask=None, **kw):
+    """kd.models.sample.generate on the sharded params with the prompt rows split over
+    ('data', 'fsdp') like a train batch: each device decodes its rows (XLA partitions the KV
+    cache and the loop the same way), and the samples equal one device's for the same key (the
+    random bits do not depend on the sharding). One process: its rows are all the rows."""
+    if jax.process_count() > 1:
+      raise NotImplementedError('sharded generation runs in one process (any number of '
+                                'devices); use one process for on-policy distillation')
+    return sample.generate(model, prompt_ids, prompt_mask, place=self.shard_batch, **kw)

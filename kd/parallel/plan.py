@@ -8,6 +8,8 @@ Every plan has the same small interface, so the loop never asks which one it hol
   unreplicate(tree)          one logical copy, what checkpoints hold (identity but for pmap)
   train_step(spec, state)    fn(state, teacher_params, this process's batch) -> (state, metrics)
   eval_step(spec)            fn(params, teacher_params, eval batch) -> {name: (sum, count)}
+  generate(model, ids, ...)  kd.models.sample.generate with the placed params, the prompt rows
+                             split like a train batch; returns this process's rows
 The step they wrap is always `kd.train.step.train_step`; only the wrapper differs.
 """
 
@@ -15,6 +17,7 @@ import functools
 
 import jax
 
+from kd.models import sample
 from kd.parallel import mesh as mesh_lib
 from kd.parallel import pmap as pmap_lib
 from kd.train import step as step_lib
@@ -44,6 +47,9 @@ class SinglePlan:
 
   def eval_step(self, spec: step_lib.Spec):
     return jax.jit(functools.partial(step_lib.eval_step, spec=spec))
+
+  def generate(self, model, prompt_ids, prompt_mask=None, **kw):
+    return sample.generate(model, prompt_ids, prompt_mask, **kw)
 
 
 def _axes(names: str) -> tuple:

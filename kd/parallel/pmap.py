@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kd.models import sample
 from kd.train import step as step_lib
 
 AXIS = 'batch'
@@ -42,6 +43,15 @@ def shard_batch(batch, n: int | None = None):
   """[B, ...] host arrays -> [n, B/n, ...]: device i gets rows i*B/n ... (i+1)*B/n - 1."""
   n = n or jax.local_device_count()
   return jax.tree.map(lambda x: np.reshape(x, (n, x.shape[0] // n) + x.shape[1:]), batch)
+
+
+@functools.lru_cache(maxsize=32)
+def _pmapped_generate(module, devices: tuple, static: tuple):
+  """sample.decode over the devices: replicated params, rows and keys split, settings
+  broadcast (cached, so a run compiles it once per setting)."""
+  fn = functools.partial(sample.decode, module, **dict(static))
+  return jax.pmap(fn, axis_name=AXIS, devices=list(devices),
+                  in_axes=(0, 0, 0, 0, None, None, None, None))
 
 
 def _eval_sums(params, teacher_params, batch, spec):
@@ -88,3 +98,23 @@ class PmapPlan:
     fn = jax.pmap(functools.partial(_eval_sums, spec=spec), axis_name=AXIS, devices=self.devices)
     return lambda params, teacher_params, batch: unreplicate(
         fn(params, teacher_params, self.shard_batch(batch)))
+
+  def generate(self, model, prompt_ids, prompt_mask=None, *, max_new_tokens: int,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               eos_id: int | None = None, pad_id: int = 0, rng=None) -> np.ndarray:
+    """kd.models.sample.generate with replicated params (a pmap state's): device i decodes
+    rows i*B/n ... with its own key, `jax.random.split(rng, n)[i]` (so samples differ from one
+    device's; greedy decoding is the same). Returns [B, max_new_tokens] on the host."""
+    module, params = (model.module, model.params) if hasattr(model, 'module') else model
+    ids, mask, rng = sample.check_prompts(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
+                                          temperature=temperature, top_k=top_k, top_p=top_p,
+                                          rng=rng)
+    n = len(self.devices)
+    if ids.shape[0] % n:
+      raise ValueError(f'{ids.shape[0]} prompts do not split over {n} devices; use a batch '
+                       f'that is a multiple of {n}')
+    traced, static = sample.settings(max_new_tokens=max_new_tokens, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id)
+    fn = _pmapped_generate(module, tuple(self.devices), tuple(sorted(static.items())))
+    out = fn(params, *self.shard_batch((ids, mask)), jax.random.split(rng, n), *traced)
+    return np.asarray(out).reshape(ids.shape[0], max_new_tokens)

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from kd.data import dialogue
+from kd.models import sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +47,17 @@ class OnPolicy:
       return False
     return bool(np.random.default_rng([self.seed, step, 0x6b64]).random() < self.fraction)
 
-  def student_batch(self, module, params, batch: dict, step: int) -> dict:
-    """`batch` with its responses replaced by the student's samples (same length)."""
-    return dialogue.answered((module, params), batch, temperature=self.temperature,
+  def student_batch(self, module, params, batch: dict, step: int, plan=None) -> dict:
+    """`batch` with its responses replaced by the student's samples (same length), generated
+    by `plan` (a kd.parallel plan holding `params` as its state's; default one device)."""
+    generate = plan.generate if plan is not None else sample.generate
+    return dialogue.answered((module, params), batch, generate, temperature=self.temperature,
                              top_k=self.top_k, top_p=self.top_p,
                              rng=jax.random.fold_in(jax.random.key(self.seed), step))
 
-  def batch_fn(self, module):
-    """loop.fit's `batch_fn(state, batch, step)`: generates the chosen batches.
+  def batch_fn(self, module, plan=None):
+    """loop.fit's `batch_fn(state, batch, step)`: generates the chosen batches, with the
+    state placed by `plan` (the run's kd.parallel plan; default one device).
 
     `fn.stats` counts what was generated (batches, tokens up to each <eos>, seconds), for the
     run's report only; the batches do not depend on it.
@@ -64,7 +68,7 @@ class OnPolicy:
       if not self.use_student(step):
         return batch
       t0 = time.perf_counter()
-      out = self.student_batch(module, state.params['student'], batch, step)
+      out = self.student_batch(module, state.params['student'], batch, step, plan)
       stats['generated_tokens'] += int(jax.device_get(out['loss_mask']).sum())
       stats['generation_s'] += time.perf_counter() - t0
       stats['generated_batches'] += 1

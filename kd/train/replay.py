@@ -218,8 +218,8 @@ class AdaptiveOffPolicy:
     return onpolicy.OnPolicy(fraction=1.0, temperature=self.temperature, top_k=self.top_k,
                              top_p=self.top_p, seed=self.seed)
 
-  def batch_fn(self, module) -> AdaptiveBatchFn:
-    return AdaptiveBatchFn(self, module)
+  def batch_fn(self, module, plan=None) -> AdaptiveBatchFn:
+    return AdaptiveBatchFn(self, module, plan)
 
 
 class AdaptiveBatchFn:
@@ -231,8 +231,8 @@ class AdaptiveBatchFn:
   loop.fit checkpoints beside the train state.
   """
 
-  def __init__(self, policy: AdaptiveOffPolicy, module):
-    self.policy, self.module = policy, module
+  def __init__(self, policy: AdaptiveOffPolicy, module, plan=None):
+    self.policy, self.module, self.plan = policy, module, plan
     self.sampler = policy.sampler()
     self.buffer = ReplayBuffer(policy.capacity, policy.seed)
     self.schedule = policy.schedule.init()
@@ -258,7 +258,8 @@ class AdaptiveBatchFn:
       out = self.buffer.sample(b, step)
     else:
       t0 = time.perf_counter()
-      out = self.sampler.student_batch(self.module, state.params['student'], batch, step)
+      out = self.sampler.student_batch(self.module, state.params['student'], batch, step,
+                                        self.plan)
       host = jax.device_get(out)
       self.buffer.add(host)
       self.stats['generated_tokens'] += int(host['loss_mask'].sum())

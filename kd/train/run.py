@@ -374,15 +374,17 @@ def seqkd_arrays(config, data: Data, teacher, teacher_params, workdir: str):
 def on_policy_fn(config, student):
   """loop.fit's batch_fn for config.on_policy: GKD with probability `fraction`, or with
   `adaptive.enabled` DistiLLM's adaptive off-policy (kd/train/replay.py: a replay buffer of the
-  student's samples, used more often each time the validation loss rises); None when off."""
+  student's samples, used more often each time the validation loss rises); None when off. The
+  student samples under the run's parallel plan (its rows split like the train batch)."""
   oc = config.get('on_policy') or {}
   adaptive = dict(oc.get('adaptive') or {})
   if adaptive.get('enabled', False):
     sampling = {k: oc.get(k, d) for k, d in (('temperature', 1.0), ('top_k', 0), ('top_p', 1.0))}
     return replay.AdaptiveOffPolicy.from_config(
-        {**adaptive, **sampling}, config.seed, config.train.steps).batch_fn(student)
+        {**adaptive, **sampling}, config.seed, config.train.steps).batch_fn(
+            student, parallel.make(config.get('parallel')))
   op = onpolicy.OnPolicy.from_config(oc, config.seed)
-  return op.batch_fn(student) if op.fraction > 0 else None
+  return op.batch_fn(student, parallel.make(config.get('parallel'))) if op.fraction > 0 else None
 
 
 def main(config, workdir: str) -> dict:
