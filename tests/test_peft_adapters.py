@@ -249,12 +249,8 @@ def test_prompt_sampled_vocab_init_is_real_token_embeddings():
                              atol=2e-5)
 
 
-def test_prompt_refuses_the_cache_and_overlong_inputs():
+def test_prompt_refuses_overlong_inputs():
   cfg, variables = _peft('prompt')
-  with pytest.raises(ValueError, match='prompt tuning is not supported yet'):
-    Decoder(cfg).apply(variables, IDS, cache=kv_cache.init_cache(cfg, B, T))
-  with pytest.raises(ValueError, match='prompt tuning is not supported yet'):
-    sample.generate((Decoder(cfg), variables), IDS, max_new_tokens=2, temperature=0.0)
   with pytest.raises(ValueError, match=r'14 \+ prompt_len 3 exceeds max_seq_len=16'):
     Decoder(cfg).apply(variables, jnp.zeros((1, 14), jnp.int32))
 
@@ -262,15 +258,18 @@ def test_prompt_refuses_the_cache_and_overlong_inputs():
 # ----------------------------------------------------------------------------- KV cache
 
 
-@pytest.mark.parametrize('method', ['adapter', 'prefix'])
-def test_cached_decoding_equals_full_forward(method):
-  cfg, variables = _peft(method, seed=8)
+@pytest.mark.parametrize('method,window', [('adapter', None), ('prefix', None), ('prompt', None),
+                                           ('prompt', 2)])
+def test_cached_decoding_equals_full_forward(method, window):
+  """Prefill + one token at a time, and generate, against full forwards (for the prompt: the
+  learned prompt enters the cache on the first call; a sliding window never hides it)."""
+  cfg, variables = _peft(method, dataclasses.replace(CFG, sliding_window=window), seed=8)
   mask = jnp.array([[1] * T, [0] * 3 + [1] * (T - 3)], jnp.int32)  # left-padded
   positions = kv_cache.default_positions(jnp.zeros((B, 0), bool), mask)
   full = _fwd(cfg)(variables, IDS, attention_mask=mask, positions=positions)['logits']
   apply, t0 = _fwd(cfg), 5
-  out = apply(variables, IDS[:, :t0], attention_mask=mask[:, :t0],
-              cache=kv_cache.init_cache(cfg, B, T))
+  out = _fwd(cfg, prefill=True)(variables, IDS[:, :t0], attention_mask=mask[:, :t0],
+                                cache=kv_cache.init_cache(cfg, B, T))
   real = np.asarray(mask[:, :t0], bool)
   np.testing.assert_allclose(np.asarray(out['logits'])[real], np.asarray(full[:, :t0])[real],
                              atol=1e-5)

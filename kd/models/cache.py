@@ -20,8 +20,10 @@ import jax.numpy as jnp
 
 
 def init_cache(config, batch: int, max_len: int, dtype=None) -> dict[str, Any]:
-  """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""
+  """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated), plus the
+  learned prompt's slots of a prompt-tuned config (config.prompt_len)."""
   dtype = jnp.dtype(dtype or config.dtype)
+  max_len += getattr(config, 'prompt_len', 0)
   shape = (batch, max_len, config.num_kv_heads, config.head_dim)
   return {'index': jnp.zeros((), jnp.int32),
           'mask': jnp.zeros((batch, max_len), bool),
@@ -43,16 +45,19 @@ def default_positions(cache_mask_BxS, new_mask_BxT):
   return jnp.maximum(before_Bx1 + jnp.cumsum(new_mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def attention_masks(key_mask_BxS, index, num_queries: int, sliding_window: int | None):
+def attention_masks(key_mask_BxS, index, num_queries: int, sliding_window: int | None,
+                    always_visible: int = 0):
   """Masks [B,1,T,S] (True = may attend) for T new queries at slots index..index+T-1.
 
   A query sees real keys at or before its own slot, and always itself (so padded queries stay
-  finite). Returns {'full_attention': ..., 'sliding_attention': ... or None}.
+  finite). The first `always_visible` slots (a prompt-tuned model's learned prompt) are outside
+  every sliding window. Returns {'full_attention': ..., 'sliding_attention': ... or None}.
   """
   q_T1 = index + jnp.arange(num_queries)[:, None]
   k_1S = jnp.arange(key_mask_BxS.shape[1])[None, :]
   allowed_BxTxS = ((k_1S <= q_T1)[None] & key_mask_BxS[:, None, :]) | (k_1S == q_T1)[None]
   masks = {'full_attention': allowed_BxTxS[:, None], 'sliding_attention': None}
   if sliding_window is not None:  # transformers: key slot > query slot - window
-    masks['sliding_attention'] = (allowed_BxTxS & (q_T1 - k_1S < sliding_window)[None])[:, None]
+    in_window = (q_T1 - k_1S < sliding_window) | (k_1S < always_visible)
+    masks['sliding_attention'] = (allowed_BxTxS & in_window[None])[:, None]
   return masks

@@ -125,7 +125,8 @@ class DecoderConfig:
   # Prompt tuning (Lester et al. 2021): prompt_len learned embeddings in front of the token
   # embeddings (embed_scale applies to them too), at positions 0..prompt_len-1; real tokens move
   # up by prompt_len and see the whole prompt. Outputs are sliced back to the T real positions.
-  # prompt_len + T must fit max_seq_len. Not with a KV cache (no generation) yet.
+  # prompt_len + T must fit max_seq_len. With a KV cache the prompt fills the first prompt_len
+  # slots on the call with prefill=True (kd.models.sample.generate does this).
   prompt_len: int = 0
 
   def __post_init__(self):
@@ -602,7 +603,8 @@ class Decoder(nn.Module):
 
   def __call__(self, input_ids_BxT, *, segment_ids=None, positions=None, attention_mask=None,
                cache=None, output_hidden_states: bool = False, output_attentions: bool = False,
-               output_qkv: bool = False, return_hidden_only: bool = False) -> dict[str, Any]:
+               output_qkv: bool = False, return_hidden_only: bool = False,
+               prefill: bool = False) -> dict[str, Any]:
     """Runs the model.
 
     Args:
@@ -616,6 +618,8 @@ class Decoder(nn.Module):
       cache: a kd.models.cache.init_cache pytree. The T tokens are written at slots
         cache['index']...+T-1 and attend to every real earlier slot; the updated cache is
         returned as out['cache']. Prefill a left-padded prompt, then feed one token at a time.
+        With config.prompt_len P the cache needs P more slots (kd.models.cache.init_cache adds
+        them) and the first call must pass `prefill=True`.
       output_hidden_states: add 'hidden_states', num_layers + 1 arrays [B,T,D]: the embeddings,
         then each layer's output (the last one after the final norm, as in transformers).
       output_attentions: add 'attentions', num_layers float32 arrays [B,H,T,T] (with a cache
@@ -623,6 +627,9 @@ class Decoder(nn.Module):
       output_qkv: add 'qkv', num_layers dicts {'q','k','v'} of [B,T,H*head_dim] pre-RoPE
         projections, k and v repeated up to num_heads.
       return_hidden_only: skip the LM head (no 'logits'); use `project` on 'hidden' later.
+      prefill: with a cache and config.prompt_len P, this call starts the sequence: the learned
+        prompt goes into slots 0..P-1 before the T tokens (later calls attend to it there).
+        Ignored without prompt tuning.
 
     Returns:
       dict with 'hidden' [B,T,D] (after the final norm), 'logits' [B,T,V] in the compute dtype,
@@ -640,6 +647,7 @@ class Decoder(nn.Module):
         raise ValueError(f'{name} has shape {arr.shape}; expected {(b, t)} like input_ids.')
 
     p = c.prompt_len
+    lead = p if cache is None or prefill else 0  # prompt positions in front of this call's T
     if cache is None:
       if t + p > c.max_seq_len:
         prompt = f' + prompt_len {p}' if p else ''
@@ -656,17 +664,21 @@ class Decoder(nn.Module):
         positions = jnp.concatenate(
             [jnp.broadcast_to(jnp.arange(p, dtype=positions.dtype), (b, p)), positions + p], 1)
       causal, cache_index = True, None
-    elif p:
-      raise ValueError(f'prompt_len={p}: cached decoding (kd.models.sample.generate) with prompt '
-                       'tuning is not supported yet; generate with the base model, or use '
-                       'prefix tuning (prefix_len) or adapters, which work with the cache.')
     else:
+      if lead:  # the prompt as P real slots in front: positions 0..P-1, tokens counted after
+        real = (jnp.ones((b, t), jnp.int32) if attention_mask is None
+                else attention_mask.astype(jnp.int32))
+        attention_mask = jnp.concatenate([jnp.ones((b, lead), jnp.int32), real], 1)
+        if positions is not None:
+          positions = jnp.concatenate(
+              [jnp.broadcast_to(jnp.arange(lead, dtype=positions.dtype), (b, lead)),
+               positions + lead], 1)
       masks, positions, cache_index, key_mask = self._cache_inputs(
-          cache, t, segment_ids, positions, attention_mask)
+          cache, t + lead, segment_ids, positions, attention_mask)
       causal = False  # in the masks
 
     h_BxTxD = self.embed(input_ids_BxT)
-    if p:  # before the scale, like the token embeddings
+    if lead:  # before the scale, like the token embeddings
       prompt_BxPxD = jnp.broadcast_to(self.prompt.astype(h_BxTxD.dtype), (b, p, c.hidden_size))
       h_BxTxD = jnp.concatenate([prompt_BxPxD, h_BxTxD], axis=1)
     if c.embed_scale:  # in the compute dtype, as transformers' Gemma does
@@ -687,17 +699,19 @@ class Decoder(nn.Module):
       qkvs.append(qkv)
       new_kvs.append(new_kv)
 
-    out = {'hidden': self.final_norm(h_BxTxD[:, p:])}
+    out = {'hidden': self.final_norm(h_BxTxD[:, lead:])}
     if not return_hidden_only:
       out['logits'] = self.project(out['hidden'])
     if output_hidden_states:  # as in transformers, the last entry is after the final norm
-      out['hidden_states'] = tuple(x[:, p:] for x in hidden_states[:-1]) + (out['hidden'],)
-    if output_attentions:
-      out['attentions'] = tuple(a[:, :, p:, p:] for a in attentions)
+      out['hidden_states'] = tuple(x[:, lead:] for x in hidden_states[:-1]) + (out['hidden'],)
+    if output_attentions:  # (with a cache: every key slot, the prompt's included)
+      out['attentions'] = tuple(a[:, :, lead:, lead if cache is None else 0:]
+                                for a in attentions)
     if output_qkv:
-      out['qkv'] = tuple({name: x[:, p:] for name, x in qkv.items()} for qkv in qkvs)
+      out['qkv'] = tuple({name: x[:, lead:] for name, x in qkv.items()} for qkv in qkvs)
     if cache is not None:
-      out['cache'] = {'index': cache_index + t, 'mask': key_mask, 'layers': tuple(new_kvs)}
+      out['cache'] = {'index': cache_index + t + lead, 'mask': key_mask,
+                      'layers': tuple(new_kvs)}
     return out
 
   def _cache_inputs(self, cache, t, segment_ids, positions, attention_mask):
@@ -716,7 +730,8 @@ class Decoder(nn.Module):
       positions = kv_cache.default_positions(cache['mask'], new_mask_BxT)
     index = cache['index']
     key_mask_BxS = kv_cache.write(cache['mask'], new_mask_BxT, index)
-    masks = kv_cache.attention_masks(key_mask_BxS, index, t, c.sliding_window)
+    masks = kv_cache.attention_masks(key_mask_BxS, index, t, c.sliding_window,
+                                     always_visible=c.prompt_len)
     return masks, positions, index, key_mask_BxS
 
   def project(self, hidden_BxTxD):

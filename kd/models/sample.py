@@ -64,13 +64,15 @@ def decode(module, params, prompt_ids_BxT, prompt_mask_BxT, rng, temperature, to
   cache = kv_cache.init_cache(module.config, b, t + n)
   pick = functools.partial(_next_token, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
 
-  def step(ids_BxT, mask_BxT, cache):
+  def step(ids_BxT, mask_BxT, cache, **kw):
     out = module.apply(params, ids_BxT, attention_mask=mask_BxT, cache=cache,
-                       return_hidden_only=True)
+                       return_hidden_only=True, **kw)
     logits_BxV = module.apply(params, out['hidden'][:, -1], method='project')
     return logits_BxV, out['cache']
 
-  logits_BxV, cache = step(prompt_ids_BxT, prompt_mask_BxT, cache)
+  # A prompt-tuned decoder writes its learned prompt into the cache's first slots.
+  prefill = {'prefill': True} if getattr(module.config, 'prompt_len', 0) else {}
+  logits_BxV, cache = step(prompt_ids_BxT, prompt_mask_BxT, cache, **prefill)
 
   def cond(carry):
     i, _, _, _, done_B = carry
