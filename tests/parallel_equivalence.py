@@ -24,6 +24,7 @@ import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from kd import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd import peft  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import run  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import step as step_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -155,7 +156,45 @@ def main():
       out['pmap/fit_resumed'] = dict(same=all(
           np.array_equal(a, b) for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(params))))
   out['generate'] = generation(student, state0.params['student'])
+  out['lora'] = lora_runs(student, teacher, teacher_params, batches)
   json.dump(out, sys.stdout)
+
+
+def lora_runs(student, teacher, teacher_params, batches):
+  """A LoRA student (adapters trained, base frozen in state.frozen) through each plan: losses
+  and the trained adapters' largest deviation from one device's."""
+  lcfg = peft.LoraConfig(target=r'.*/(q_proj|v_proj|up_proj)', rank=2, alpha=4.0)
+  model = peft.lora_model(student, lcfg)
+  base = models.init_params(student.config, jax.random.key(5))
+  lora = peft.init_lora(model, base, jax.random.key(6), lcfg)
+  # B starts at zero; a random B makes A's gradient non-zero from the first step.
+  lora = jax.tree_util.tree_map_with_path(
+      lambda p, x: 0.1 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+      if str(p[-1]).endswith("_lora_b']") else x, lora)
+  spec = run.make_spec(_config(1), model, teacher, LOSSES, 10)
+  state0 = jax.device_get(step_lib.create_state(run.init_student(spec, 0, lora), spec.tx, 0,
+                                                frozen=base))
+  got, ref = {}, None
+  for name, plan in (('single', parallel.SinglePlan()), ('pmap', parallel.PmapPlan()),
+                     ('mesh2x2x2', parallel.MeshPlan(parallel.make_mesh(2, 2, 2)))):
+    state = plan.place_state(jax.tree.map(np.copy, state0))
+    tp = plan.place_teacher(teacher_params)
+    fn = plan.train_step(spec, state)
+    losses = []
+    for b in batches:
+      state, m = fn(state, tp, b)
+      losses.append(float(m['loss']))
+    params = jax.device_get(plan.unreplicate(state.params)['student'])
+    ref = params if ref is None else ref
+    got[name] = dict(losses=losses, param_abs=max(
+        float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(params),
+                                                     jax.tree.leaves(ref))),
+                     moved=max(float(np.max(np.abs(a - b))) for a, b in zip(
+                         jax.tree.leaves(params), jax.tree.leaves(state0.params['student']))),
+                     frozen_kept=all(np.array_equal(a, b) for a, b in zip(
+                         jax.tree.leaves(jax.device_get(plan.unreplicate(state.frozen))),
+                         jax.tree.leaves(base))))
+  return got
 
 
 def generation(module, params):

@@ -129,7 +129,7 @@ def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
   runs = json.loads(out.stdout)
   ref = runs.pop('single/accum2')
   shardings, init = runs.pop('shardings'), runs.pop('init')
-  gen = runs.pop('generate')
+  gen, lora = runs.pop('generate'), runs.pop('lora')
   # Stopped and resumed through loop.fit (unreplicated checkpoint, replicated on restore).
   assert runs.pop('pmap/fit_resumed')['same']
   assert set(runs) == {'pmap/accum1', 'pmap/accum2', 'mesh2x2x2/accum2', 'mesh8x1x1/accum1'}
@@ -166,6 +166,12 @@ def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
   assert gen['mesh2x2x2']['sampled'] == single['sampled']
   assert gen['mesh8x1x1']['sampled'] == single['sampled']
   assert gen['pmap']['sampled'] == gen['pmap_reference']
+
+  # A LoRA student (frozen base in state.frozen): the adapters train alike under every plan.
+  assert lora['single']['moved'] > 1e-3 and all(r['frozen_kept'] for r in lora.values())
+  for name in ('pmap', 'mesh2x2x2'):
+    np.testing.assert_allclose(lora[name]['losses'], lora['single']['losses'], rtol=1e-5)
+    assert lora[name]['param_abs'] < 1e-5, (name, lora[name]['param_abs'])
 
 
 # --- two processes over loopback ----------------------------------------------------------------
