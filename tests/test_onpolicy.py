@@ -91,6 +91,30 @@ def test_student_batch_is_the_students_own_sample(tokenizer):
   assert all(v.shape == np.shape(batch[k]) for k, v in got.items())
 
 
+def test_a_lora_student_samples_with_its_adapters(tokenizer):
+  """The batch_fn of a LoRA student (adapters in state.params, base in state.frozen) samples
+  what the plain model with the merged weights samples."""
+  from kd import peft  # pylint: disable=g-import-not-at-top
+  from kd.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  module, base = _tiny_student(300)
+  lcfg = peft.LoraConfig(target=r'.*_proj', rank=2, alpha=4.0)
+  lora_module = peft.lora_model(module, lcfg)
+  lora = jax.tree.map(lambda x: 0.5 * jax.random.normal(jax.random.key(x.size), x.shape),
+                      peft.init_lora(lora_module, base, jax.random.key(1), lcfg))
+  pairs = [('A:\nhello there\n\nB:\n', 'hi'), ('A:\nwhat\n\nB:\n', 'no more')]
+  batch = dialogue.to_batch(*dialogue.encode(pairs, tokenizer, prompt_len=10,
+                                             response_len=7).values())
+  state = step_lib.TrainState(step=0, params={'student': lora}, opt_state=None, rng=None,
+                              frozen=base)
+  op = onpolicy.OnPolicy(fraction=1.0, temperature=0.05, seed=3)  # random init: flat logits
+  got = jax.device_get(op.batch_fn(lora_module)(state, batch, 4))
+  merged = peft.merge(peft.combine(lora, base), lcfg)
+  want = jax.device_get(op.student_batch(module, merged, batch, 4))
+  np.testing.assert_array_equal(got['labels'], want['labels'])
+  without = jax.device_get(op.student_batch(module, base, batch, 4))  # the adapters matter
+  assert not np.array_equal(got['labels'], without['labels'])
+
+
 def test_use_student_is_a_bernoulli_of_seed_and_step():
   op = onpolicy.OnPolicy(fraction=0.3, seed=1)
   draws = [op.use_student(s) for s in range(2000)]

@@ -66,6 +66,10 @@ def test_rtn_hand_computed():
   per_channel = quant.quantize_kernel(w, bits=8, group_size=None, scale_dtype='float32')
   assert per_channel.scales.shape == (1, 2) and per_channel.group_size == 4
   np.testing.assert_array_equal(per_channel.values[:, 1], [-127, 70, 32, -51])  # x * 127
+  # Replicated on a leading (device) axis, as a pmap state holds it: each copy alike.
+  stacked = jax.tree.map(lambda x: np.stack([x, x, x]), qk)
+  np.testing.assert_array_equal(np.asarray(quant.dequantize_kernel(stacked)),
+                                np.stack([np.asarray(quant.dequantize_kernel(qk))] * 3))
 
 
 @pytest.mark.parametrize('bits,group', [(4, 16), (4, None), (8, 8), (8, None)])

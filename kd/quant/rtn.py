@@ -198,12 +198,13 @@ def round_to_grid(w, bits: int, g: int, scale_dtype: str, xp=np):
 
 
 def dequantize_kernel(qk: QuantizedKernel):
-  """values * scales in float32, cast to the original kernel dtype (a jax array)."""
-  d_in, d_out = qk.shape
-  q_GxgxF = jnp.asarray(qk.values, jnp.float32).reshape(d_in // qk.group_size, qk.group_size,
-                                                         d_out)
-  w = q_GxgxF * jnp.asarray(qk.scales, jnp.float32)[:, None, :]
-  return w.reshape(d_in, d_out).astype(qk.dtype)
+  """values * scales in float32, cast to the original kernel dtype (a jax array). Leading axes
+  (e.g. a pmap state's device axis) are kept."""
+  *lead, d_in, d_out = qk.values.shape
+  q_GxgxF = jnp.asarray(qk.values, jnp.float32).reshape(
+      (*lead, d_in // qk.group_size, qk.group_size, d_out))
+  w = q_GxgxF * jnp.expand_dims(jnp.asarray(qk.scales, jnp.float32), -2)
+  return w.reshape((*lead, d_in, d_out)).astype(qk.dtype)
 
 
 def check_layer_bits(paths, config: QuantConfig) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from kd.data import dialogue
 from kd.models import sample
+from kd.train import step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,8 @@ class OnPolicy:
 
   def batch_fn(self, module, plan=None):
     """loop.fit's `batch_fn(state, batch, step)`: generates the chosen batches, with the
-    state placed by `plan` (the run's kd.parallel plan; default one device).
+    state placed by `plan` (the run's kd.parallel plan; default one device). `module` is the
+    train step's student (a PEFT student's: LoRA-wrapped, its params joined with state.frozen).
 
     `fn.stats` counts what was generated (batches, tokens up to each <eos>, seconds), for the
     run's report only; the batches do not depend on it.
@@ -68,7 +70,8 @@ class OnPolicy:
       if not self.use_student(step):
         return batch
       t0 = time.perf_counter()
-      out = self.student_batch(module, state.params['student'], batch, step, plan)
+      variables = step_lib.student_variables(state.params, state.frozen)  # a PEFT base joined
+      out = self.student_batch(module, variables, batch, step, plan)
       stats['generated_tokens'] += int(jax.device_get(out['loss_mask']).sum())
       stats['generation_s'] += time.perf_counter() - t0
       stats['generated_batches'] += 1
