@@ -16,9 +16,16 @@ the teacher's 86.72; experiments/results/minilm_sts.md has the seeds.
 Variants (`:variant`, comma separated):
   2l     a 2-layer student (teacher layers 0 and 5)
   recipe=NAME  the loss set, one of RECIPES below (default DEFAULT_RECIPE)
+  lora   a LoRA student: only rank-8 adapters (alpha 16) on every attention and MLP projection
+         train, at lr 1e-3 without weight decay; the truncated teacher stays frozen and the
+         exported student is the merged encoder (config.peft; kd/peft)
+  qat=B  quantization-aware KD: the student trains through B-bit (4 or 8) weights on kd.quant's
+         RTN grid, one scale per 32 input rows (config.quant); exported on that grid
+  qlora  with lora: the frozen base is stored as 4-bit RTN weights, groups of 32 (QLoRA-style)
   tiny   a few steps on a few sentences, for tests (pass a tiny teacher with
          --config.teacher.path)
-Ablations and seeds: experiments/minilm_sts.py.
+Ablations and seeds: experiments/minilm_sts.py; compressed students (full, LoRA, QAT, QLoRA,
+post-training int8/int4/GPTQ): experiments/compressed.py --task=minilm.
 """
 
 import ml_collections
@@ -47,9 +54,15 @@ def get_config(arg=None):
   options = dict(v.split('=', 1) for v in variants if '=' in v)
   variants -= {f'{k}={v}' for k, v in options.items()}
   recipe = options.pop('recipe', DEFAULT_RECIPE)
-  if recipe not in RECIPES or options or variants - {'2l', 'tiny'}:
-    raise ValueError(f'unknown variant in {arg!r}; use 2l, tiny and recipe=<one of '
-                     f'{sorted(RECIPES)}>, comma separated.')
+  qat = options.pop('qat', None)
+  if (recipe not in RECIPES or options or variants - {'2l', 'tiny', 'lora', 'qlora'}
+      or qat not in (None, '4', '8')):
+    raise ValueError(f'unknown variant in {arg!r}; use 2l, tiny, lora, qlora, qat=<4 or 8> and '
+                     f'recipe=<one of {sorted(RECIPES)}>, comma separated.')
+  if 'qlora' in variants and 'lora' not in variants:
+    raise ValueError('qlora needs the lora variant (adapters on the quantized base).')
+  if qat and 'lora' in variants:
+    raise ValueError('qat=B trains every weight; with lora use qlora (a quantized frozen base).')
   c = ml_collections.ConfigDict()
   c.job = 'sentence_embedding'
   c.seed = 0
@@ -73,6 +86,16 @@ def get_config(arg=None):
   # 'kept': student layer i <-> the teacher layer it was copied from; attention / relation
   # losses on the 'last' pair or on 'all' of them.
   c.features = ml_collections.ConfigDict(dict(layer_map='kept', pairs=(), attention_layers='last'))
+  # A parameter-efficient student (kd.train.compress, as in configs/shakespeare_kd.py): method
+  # 'lora' trains only adapters (rank, alpha: scale alpha/rank) on the projections whose module
+  # path `target` fully matches (the encoder's are layers_<i>/attn/{q,k,v,o}_proj and
+  # layers_<i>/{up,down}_proj); the kept teacher layers stay frozen, the export is merged.
+  c.peft = ml_collections.ConfigDict(dict(method='none', target=r'.*_proj', rank=8, alpha=16.0))
+  # A quantized student (kd/quant): 'qat' trains through weights fake-quantized to `bits` (4 or
+  # 8) on the RTN grid, one scale per `group_size` input rows (0 = per output channel), gradients
+  # straight through; 'qlora' (with peft.method='lora') stores the frozen base quantized.
+  c.quant = ml_collections.ConfigDict(dict(method='none', bits=8, group_size=0,
+                                           target=r'.*_proj'))
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adamw', lr=3e-4, warmup_steps=60, schedule='cosine', weight_decay=0.01,
       grad_clip_norm=1.0))
@@ -89,6 +112,15 @@ def get_config(arg=None):
     c.optimizer.update(lr=2e-5, warmup_steps=144)
   if '2l' in variants:
     c.student.layers = (0, 5)
+  if 'lora' in variants:
+    c.peft.method = 'lora'
+    # Adapters start at zero and move only a rank-8 update: a larger step, and no decay (it
+    # would pull the adapters, not the base, to zero).
+    c.optimizer.update(lr=1e-3, weight_decay=0.0)
+  if qat:
+    c.quant.update(method='qat', bits=int(qat), group_size=32)
+  if 'qlora' in variants:
+    c.quant.update(method='qlora', bits=4, group_size=32)
   if 'tiny' in variants:
     c.data.update(max_sentences=48, batch_size=16)
     c.train.update(epochs=1, log_every=1, checkpoint_every=2, progress=False)

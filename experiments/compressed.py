@@ -18,11 +18,27 @@ byte, scales in float16); trained parameters; forward tokens/s at batch 1 and 32
 machine, best of 3; quantized rows run on dequantized weights here, so their speed is that of
 the float model: the size is what they save). Writes <out>/compressed.md and .png.
 Smoke test: --config_arg=tiny --seeds=0 --workdir=/tmp/comp_tiny --out=/tmp/comp_tiny_out.
+
+--task=minilm: the same for the sentence encoder (configs/minilm_sts.py: all-MiniLM-L6-v2 into
+its layers 0, 3, 5, offline teacher features shared by every run in <workdir>/teacher_cache).
+Trained rows (MINILM_TRAINED, one `kd.main` run each): full (the normal job), LoRA r = 8 on every
+attention and MLP projection, QAT int8 (per channel) and int4 (groups of 32), QLoRA (LoRA on an
+int4 base, groups of 32); post-training rows ptq8, ptq4, gptq4 quantize the full row's exported
+student (GPTQ calibrated on 8 batches of 32 train sentences). Columns: STS-B dev Spearman (mean
+± std over seeds), stored size (float32; quantized rows kd.quant's packed file, QLoRA its
+packed base plus float32 adapters; the embeddings stay float32), trained parameters, encode
+sentences/s at batch 1 and 32 (kd.eval.speed, on dequantized weights). Writes
+<out>/compressed_minilm.md and .png. Smoke test (a tiny random BERT teacher; ~4 min on 2 cores):
+  --task=minilm --config_arg=tiny --seeds=0 --workdir=/tmp/comp_minilm_tiny \
+      --out=/tmp/comp_minilm_tiny_out --override=teacher.path=DIR --override=student.layers=0,3
+where DIR holds a small HF BERT checkpoint with a tokenizer (e.g. tests/conftest.py's tiny_bert).
 """
 
+import ast
 import functools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,12 +52,17 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import objectives  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from kd import hf  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd import quant  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.data import sentences  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.eval import report  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.eval import speed  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.eval import sts  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import run  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.train import sentence  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FROM_TEACHER = {'student_init.source': 'teacher'}
 # name -> (label, objective, {config key: value}, config variants): trained rows.
@@ -64,6 +85,17 @@ POST = {
 }
 TARGET = r'.*_proj'
 CALIBRATION_BATCHES = 8
+# --task=minilm: name -> (configs/minilm_sts.py variants, {config key: value}) of trained rows
+# (labels as in TRAINED), and the post-training rows (as in POST).
+MINILM_TRAINED = {
+    'full': ('', {}),
+    'lora': ('lora', {}),
+    'qat8': ('qat=8', {'quant.group_size': 0}),
+    'qat4': ('qat=4', {}),
+    'qlora': ('lora,qlora', {}),
+}
+MINILM_POST = ('ptq8', 'ptq4', 'gptq4')
+MINILM_CALIBRATION_BATCH = 32
 
 
 def tiny_group(config) -> int:
@@ -195,28 +227,44 @@ def speed_and_size(seed: str, workdir: str, config_arg: str, row: str, result: d
 COLUMNS = (('perplexity', 'held-out ppl', 1.0, 2), ('agreement', 'agreement (%)', 100.0, 1),
            ('stored_bytes', 'stored KB', 1 / 1024, 0), ('trainable_params', 'trained params', 1, 0),
            ('tokens_per_s_b1', 'tok/s b=1', 1, 0), ('tokens_per_s_b32', 'tok/s b=32', 1, 0))
+MINILM_COLUMNS = (('spearman', 'STS-B dev Spearman', 1.0, 2),
+                  ('stored_bytes', 'stored MB', 1 / 2**20, 2),
+                  ('trainable_params', 'trained params', 1, 0),
+                  ('sentences_per_s_b1', 'sent/s b=1', 1, 0),
+                  ('sentences_per_s_b32', 'sent/s b=32', 1, 0))
+MINILM_CAPTION = (
+    'STS-B dev Spearman ×100 (cosine of mean-pooled embeddings), {n} seed(s), mean ± std. '
+    "Students keep the teacher's layers 0, 3, 5 and distil from cached teacher features "
+    '(embedding MSE + 0.1 hidden MSE + 0.1 MiniLM relations). Only the attention and MLP '
+    'projections are quantized (the embeddings stay float32); quantized rows are evaluated and '
+    'timed on their dequantized weights (exactly the stored model).')
 
 
-def table(results: dict) -> str:
+def table(results: dict, columns=COLUMNS, caption: str | None = None) -> str:
+  """Markdown: one row per entry of `results` ({row: [result of each seed]}), `columns` of
+  (key, title, scale, digits) as mean ± std over seeds; `caption` may use {n} (seeds)."""
   n = max(len(v) for v in results.values())
-  lines = [f'Tiny Shakespeare validation split, {n} seed(s), mean ± std. Students start from the '
-           "teacher's layers; KD loss 0.5·CE + 0.5·T²·KL, T = 2. Quantized rows are evaluated "
-           'on their dequantized weights (exactly the stored model).', '',
-           '| student | ' + ' | '.join(c[1] for c in COLUMNS) + ' |',
-           '|---|' + '---:|' * len(COLUMNS)]
+  if caption is None:
+    caption = ('Tiny Shakespeare validation split, {n} seed(s), mean ± std. Students start from '
+               "the teacher's layers; KD loss 0.5·CE + 0.5·T²·KL, T = 2. Quantized rows are "
+               'evaluated on their dequantized weights (exactly the stored model).')
+  lines = [caption.format(n=n), '',
+           '| student | ' + ' | '.join(c[1] for c in columns) + ' |',
+           '|---|' + '---:|' * len(columns)]
   labels = {**{k: v[0] for k, v in TRAINED.items()}, **{k: v[0] for k, v in POST.items()},
             'teacher': 'teacher'}
   for row, runs in results.items():
     if not runs:
       continue
     cells = [report.mean_std([r[k] for r in runs], s, d) if k in runs[0] else '-'
-             for k, _, s, d in COLUMNS]
+             for k, _, s, d in columns]
     lines.append(f'| {labels[row]} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
-def plot(results: dict, path: str) -> None:
-  """Perplexity against stored size, one point per row (mean over seeds)."""
+def plot(results: dict, path: str, metric: str = 'perplexity',
+         ylabel: str = 'held-out perplexity') -> None:
+  """`metric` (perplexity) against stored size, one point per row (mean over seeds)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -224,21 +272,219 @@ def plot(results: dict, path: str) -> None:
   for row, runs in results.items():
     if runs and 'stored_bytes' in runs[0]:
       x = np.mean([r['stored_bytes'] for r in runs]) / 1024
-      y = np.mean([r['perplexity'] for r in runs])
+      y = np.mean([r[metric] for r in runs])
       ax.scatter(x, y)
       ax.annotate(row, (x, y), fontsize=8, xytext=(3, 3), textcoords='offset points')
   ax.set_xscale('log')
   ax.set_xlabel('stored student (KB, log scale)')
-  ax.set_ylabel('held-out perplexity')
+  ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- --task=minilm
+
+
+def _set(config, key: str, value) -> None:
+  node = config
+  *parents, leaf = key.split('.')
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def _parse(value: str):
+  """An override's value as kd.main's flags would read it: a Python literal, else the string
+  ('0,3' -> (0, 3), '1e-3' -> 0.001, 'DIR' -> 'DIR')."""
+  try:
+    return ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return value
+
+
+def minilm_config(row: str, seed: str, workdir: str, config_arg: str, overrides=()):
+  """The config a trained row's run gets (its command's overrides applied here too)."""
+  extra, settings = MINILM_TRAINED[row]
+  arg = ','.join(a for a in [*config_arg.split(','), *extra.split(',')] if a)
+  module = sweep.load(os.path.join(objectives.REPO, 'configs', 'minilm_sts.py'))[0]
+  config = module.get_config(arg or None)
+  config.seed = int(seed)
+  config.train.progress = False
+  config.teacher.cache_dir = os.path.join(workdir, 'teacher_cache')
+  with config.ignore_type():
+    for key, value in [*settings.items(),
+                       *(o.split('=', 1) for o in overrides)]:
+      _set(config, key, _parse(value) if isinstance(value, str) else value)
+  return config
+
+
+def minilm_command(row: str, seed: str, workdir: str, config_arg: str, overrides=()):
+  """The `kd.main` command of a trained row; its runs share one teacher cache."""
+  extra, settings = MINILM_TRAINED[row]
+  arg = ','.join(a for a in [*config_arg.split(','), *extra.split(',')] if a)
+  return [sys.executable, '-m', 'kd.main',
+          '--config=configs/minilm_sts.py' + (f':{arg}' if arg else ''),
+          f'--workdir={os.path.join(workdir, f"seed_{seed}", row)}', f'--config.seed={seed}',
+          '--config.train.progress=False',
+          f'--config.teacher.cache_dir={os.path.join(workdir, "teacher_cache")}',
+          *[f'--config.{k}={v}' for k, v in settings.items()],
+          *[f'--config.{o}' for o in overrides]]
+
+
+def minilm_run(row: str, seed: str, workdir: str, config_arg: str, overrides=(),
+               collect_only: bool = False) -> dict | None:
+  """results.json of a trained row's run (run first unless present or `collect_only`)."""
+  result = os.path.join(workdir, f'seed_{seed}', row, 'results.json')
+  if not collect_only and not os.path.exists(result):
+    t0 = time.perf_counter()
+    subprocess.run(minilm_command(row, seed, workdir, config_arg, overrides), check=True,
+                   cwd=objectives.REPO)
+    print(f'{row} seed {seed}: {time.perf_counter() - t0:.0f} s', flush=True)
+  if not os.path.exists(result):
+    return None
+  with open(result) as f:
+    return json.load(f)
+
+
+def speed_sentences(config) -> list[str]:
+  s1, s2, _ = sts.read_sts(sentence.eval_path(config))
+  return list(dict.fromkeys(s1 + s2))[:config.eval.get('speed_sentences', 0) or None]
+
+
+def encode_speeds(model, config) -> dict:
+  """sentences/s of kd.eval.speed.encode_throughput at batch 1 and 32."""
+  sents = speed_sentences(config)
+  return {f'sentences_per_s_b{b}': speed.encode_throughput(model, sents, batch_size=b,
+                                                           runs=config.eval.speed_runs)
+          for b in (1, 32)}
+
+
+def minilm_base(config):
+  """The LoRA students' frozen base: the teacher's kept layers (sentence.main's student)."""
+  teacher = hf.load(sentence.teacher_path(config.teacher.path))
+  keep, _, _ = sentence.plan_layers(config, teacher.config.num_layers)
+  return models.student_from_teacher(teacher, keep).params
+
+
+def minilm_trained_extras(row: str, seed: str, workdir: str, config, result: dict) -> dict:
+  """Stored size and encode speeds of a trained row's exported student (cached in speed.json).
+
+  Stored: float32; QAT: kd.quant's packed file of the (on-grid) export; QLoRA: the packed
+  quantized base plus its float32 adapters (the model it evaluates is base + A·B)."""
+  cache = os.path.join(workdir, f'seed_{seed}', row, 'speed.json')
+  if os.path.exists(cache):
+    return dict(result, **json.load(open(cache)))
+  model = hf.load(os.path.join(workdir, f'seed_{seed}', row, 'hf'))
+  method, qcfg = run.config_check.quant_config(config)
+  if method == 'qat':
+    size = stored_bytes(qparams=quant.quantize_params(model.params, qcfg))
+  elif method == 'qlora':
+    size = (stored_bytes(qparams=quant.quantize_params(minilm_base(config), qcfg))
+            + 4 * result['trainable_params'])
+  else:
+    size = stored_bytes(model.params)
+  extra = dict(stored_bytes=size, **encode_speeds(model, config))
+  with open(cache, 'w') as f:
+    json.dump(extra, f)
+  return dict(result, **extra)
+
+
+def calibration_batches(config, tokenizer, n: int = CALIBRATION_BATCHES,
+                        batch_size: int = MINILM_CALIBRATION_BATCH) -> list[dict]:
+  """`n` padded batches {'input_ids', 'attention_mask'} of train sentences, for GPTQ."""
+  sents = sentences.load(tuple(config.data.train))[:n * batch_size]
+  out = []
+  for i in range(0, len(sents), batch_size):
+    enc = tokenizer(sents[i:i + batch_size], truncation=True, max_length=config.data.max_length,
+                    padding=True, return_tensors='np')
+    out.append({'input_ids': enc['input_ids'].astype(np.int32),
+                'attention_mask': enc['attention_mask'].astype(np.int32)})
+  return out
+
+
+def minilm_post_training(seed: str, workdir: str, config, rows) -> dict:
+  """{row: result} of the post-training rows made from the full row's exported student, cached
+  in <workdir>/seed_<s>/post.json."""
+  cache = os.path.join(workdir, f'seed_{seed}', 'post.json')
+  done = json.load(open(cache)) if os.path.exists(cache) else {}
+  todo = [r for r in rows if r not in done]
+  full = os.path.join(workdir, f'seed_{seed}', 'full', 'hf')
+  if not todo or not os.path.exists(os.path.join(full, 'config.json')):
+    return {r: done[r] for r in rows if r in done}
+  model = hf.load(full)
+  dev = sentence.eval_path(config)
+  calib = None
+  for row in todo:
+    how = POST[row][1]
+    qcfg = quant.QuantConfig(target=TARGET, bits=how['bits'], group_size=how['group_size'])
+    t0 = time.perf_counter()
+    if how.get('gptq'):
+      calib = calib or calibration_batches(config, model.tokenizer)
+      qparams = quant.quantize_model(model.module, model.params, calib, qcfg)
+    else:
+      qparams = quant.quantize_params(model.params, qcfg)
+    seconds = time.perf_counter() - t0
+    deq = model.replace(params=quant.dequantize(qparams))
+    score = sts.evaluate(deq, dev, batch_size=config.eval.batch_size)['spearman']
+    done[row] = dict(spearman=score, stored_bytes=stored_bytes(qparams=qparams),
+                     quantize_s=seconds, params=models.count_params(deq.params),
+                     trainable_params=0, **encode_speeds(deq, config))
+    with open(cache + '.tmp', 'w') as f:
+      json.dump(done, f, indent=1)
+    os.replace(cache + '.tmp', cache)
+  return {r: done[r] for r in rows if r in done}
+
+
+def minilm_results(rows, seeds, workdir: str, config_arg: str = '', overrides=(),
+                   collect_only: bool = False) -> dict:
+  """{'teacher' and each row: [result of each seed that has one]}."""
+  unknown = sorted(set(rows) - set(MINILM_TRAINED) - set(MINILM_POST))
+  if unknown:
+    raise ValueError(f'rows {unknown} have no --task=minilm version; valid: '
+                     f'{", ".join([*MINILM_TRAINED, *MINILM_POST])}')
+  trained = [r for r in rows if r in MINILM_TRAINED]
+  post = [r for r in rows if r in MINILM_POST]
+  if post and 'full' not in trained:
+    trained.insert(0, 'full')  # the post-training rows quantize it
+  results = {r: [] for r in ['teacher', *trained, *post]}
+  for seed in seeds:
+    teacher = None
+    for row in trained:
+      r = minilm_run(row, seed, workdir, config_arg, overrides, collect_only)
+      if r is None:
+        continue
+      config = minilm_config(row, seed, workdir, config_arg, overrides)
+      results[row].append(minilm_trained_extras(row, seed, workdir, config, r['student']))
+      teacher = dict(r['teacher'], stored_bytes=r['teacher']['param_bytes'])
+    if teacher is not None:
+      results['teacher'].append(teacher)
+    config = minilm_config('full', seed, workdir, config_arg, overrides)
+    for row, r in minilm_post_training(seed, workdir, config, post).items():
+      results[row].append(r)
+  return results
+
+
+def main_minilm(f) -> None:
+  rows = f.rows if f['rows'].present else [*MINILM_TRAINED, *MINILM_POST]
+  try:
+    results = minilm_results(rows, f.seeds, f.workdir, f.config_arg, f.override,
+                             f.collect_only)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if not any(results.get(r) for r in rows):
+    raise app.UsageError(f'no finished runs under {f.workdir}')
+  report.write(f.out, 'compressed_minilm', table(results, MINILM_COLUMNS, MINILM_CAPTION),
+               lambda path: plot(results, path, 'spearman', 'STS-B dev Spearman'))
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
+  if f.task == 'minilm':
+    main_minilm(f)
+    return
   trained = [r for r in f.rows if r in TRAINED]
   post = [r for r in f.rows if r in POST]
   unknown = sorted(set(f.rows) - set(TRAINED) - set(POST))
@@ -263,4 +509,7 @@ def main(argv):
 
 if __name__ == '__main__':
   objectives.define_flags(row_specs={**TRAINED, **POST}, workdir='/tmp/kd/compressed')
+  flags.DEFINE_enum('task', 'shakespeare', ['shakespeare', 'minilm'],
+                    'shakespeare: the decoder rows; minilm: the sentence-encoder rows '
+                    '(default rows then: full, lora, qat8, qat4, qlora, ptq8, ptq4, gptq4).')
   app.run(main)

@@ -40,3 +40,36 @@ def test_table_rows_and_columns(compressed):
   assert '| LoRA r=8, every projection | 30.00 ± 0.00 | 50.0 ± 0.0 | 2 ± 0 | 10 ± 0 |' in text
   assert '| GPTQ int4 (groups of 32) | 32.00 |' in text
   assert '| teacher | 20.00 | - |' in text
+
+
+@pytest.mark.parametrize('row,peft,quant,bits,group', [
+    ('full', 'none', 'none', 8, 0), ('lora', 'lora', 'none', 8, 0), ('qat8', 'none', 'qat', 8, 0),
+    ('qat4', 'none', 'qat', 4, 32), ('qlora', 'lora', 'qlora', 4, 32)])
+def test_minilm_rows_build_the_configs_they_name(compressed, row, peft, quant, bits, group):
+  from kd.train import sentence  # pylint: disable=g-import-not-at-top
+  c = compressed.minilm_config(row, '1', '/tmp/w', '',
+                               ['teacher.path=/x', 'student.layers=(0,3)'])
+  sentence.check(c)
+  assert (c.peft.method, c.quant.method, c.quant.bits, c.quant.group_size, c.seed) == (
+      peft, quant, bits, group, 1)
+  assert c.teacher.cache_dir == '/tmp/w/teacher_cache'  # one teacher cache for every run
+  assert (c.teacher.path, tuple(c.student.layers)) == ('/x', (0, 3))
+  cmd = compressed.minilm_command(row, '1', '/tmp/w', '', ['teacher.path=/x'])
+  assert '--workdir=/tmp/w/seed_1/' + row in cmd and cmd[-1] == '--config.teacher.path=/x'
+  variants = {'full': '', 'lora': ':lora', 'qat8': ':qat=8', 'qat4': ':qat=4',
+              'qlora': ':lora,qlora'}[row]
+  assert cmd[3] == f'--config=configs/minilm_sts.py{variants}'
+
+
+def test_minilm_table_and_unknown_rows(compressed):
+  run = dict(spearman=80.0, stored_bytes=2 * 2**20, trainable_params=10,
+             sentences_per_s_b1=100.0, sentences_per_s_b32=900.0)
+  text = compressed.table({'teacher': [dict(spearman=86.0, stored_bytes=2**22)],
+                           'qlora': [run, dict(run, spearman=82.0)]},
+                          compressed.MINILM_COLUMNS, compressed.MINILM_CAPTION)
+  assert text.startswith('STS-B dev Spearman ×100 (cosine of mean-pooled embeddings), 2 seed(s)')
+  assert ('| QLoRA: LoRA r=8 on an int4 base (groups of 32) | 81.00 ± 1.41 | 2.00 ± 0.00 | '
+          '10 ± 0 | 100 ± 0 | 900 ± 0 |') in text
+  assert '| teacher | 86.00 | 4.00 | - | - | - |' in text
+  with pytest.raises(ValueError, match='no --task=minilm version'):
+    compressed.minilm_results(['adapter'], ['0'], '/tmp/w')

@@ -129,7 +129,9 @@ def test_use_student_is_a_bernoulli_of_seed_and_step():
 def test_on_policy_job_trains_the_kd_student_on_its_own_samples(tmp_path, monkeypatch,
                                                                 shakespeare_config):
   from kd.train import run  # pylint: disable=g-import-not-at-top
-  config = shakespeare_config('tiny,dialogue,onpolicy=1.0')
+  # A LoRA student: it samples through its adapters on the frozen base (the plain student's
+  # on-policy run is tests/test_parallel.py's, under pmap).
+  config = shakespeare_config('tiny,dialogue,onpolicy=1.0,lora')
   config.baseline = False
   calls = []
   real = onpolicy.OnPolicy.student_batch
@@ -147,6 +149,7 @@ def test_on_policy_job_trains_the_kd_student_on_its_own_samples(tmp_path, monkey
   assert all(0 < got <= 8 * config.data.batch_size for _, got, _ in calls)
   kd = results['student_kd']
   assert np.isfinite(kd['perplexity'])
+  assert 0 < kd['trainable_params'] < kd['params']
   assert kd['generated_batches'] == config.train.steps
   assert kd['generated_tokens'] == sum(c[1] for c in calls) and kd['generation_tokens_per_s'] > 0
   assert 'batches on-policy' in run.report(results)

@@ -122,8 +122,7 @@ def test_config_errors_say_what_to_do(shakespeare_config):
     config_check.check_peft(c, student)
   c = shakespeare_config('tiny,lora,dialogue')
   c.on_policy.fraction = 0.5
-  with pytest.raises(config_check.ConfigError, match='on_policy.fraction=0'):
-    config_check.check_peft(c, student)
+  config_check.check_peft(c, student)  # on-policy LoRA students sample through their adapters
 
 
 def test_lora_run_trains_adapters_only_checkpoints_them_and_restores(shakespeare_config,

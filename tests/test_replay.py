@@ -176,7 +176,7 @@ def spy(monkeypatch):
 
 def test_batch_fn_generates_once_then_replays_from_the_buffer(student, spy):
   module, params = student
-  state = types.SimpleNamespace(params={'student': params})
+  state = types.SimpleNamespace(params={'student': params}, frozen=None)
   pol = replay.AdaptiveOffPolicy(schedule=replay.AdaptiveSchedule(p0=1.0), capacity=B,
                                  replay_fraction=1.0, replay_schedule='constant', seed=3)
   fn = pol.batch_fn(module)
@@ -214,7 +214,7 @@ def test_batch_fn_generates_once_then_replays_from_the_buffer(student, spy):
 @pytest.mark.parametrize('fill_first,generated', [(True, [0, 1, 2]), (False, [0])])
 def test_fill_first_generates_until_the_buffer_is_full(student, spy, fill_first, generated):
   module, params = student
-  state = types.SimpleNamespace(params={'student': params})
+  state = types.SimpleNamespace(params={'student': params}, frozen=None)
   pol = replay.AdaptiveOffPolicy(schedule=replay.AdaptiveSchedule(p0=1.0), capacity=3 * B,
                                  replay_schedule='constant', fill_first=fill_first)
   fn = pol.batch_fn(module)
@@ -227,7 +227,7 @@ def test_fill_first_generates_until_the_buffer_is_full(student, spy, fill_first,
 
 def test_batch_fn_never_replaces_with_p_zero_and_follows_observed_losses(student, spy):
   module, params = student
-  state = types.SimpleNamespace(params={'student': params})
+  state = types.SimpleNamespace(params={'student': params}, frozen=None)
   pol = replay.AdaptiveOffPolicy(
       schedule=replay.AdaptiveSchedule(p0=0.0, delta=1.0, eps=0.1), capacity=B,
       replay_schedule='constant')

@@ -32,8 +32,9 @@ import qwix
 from kd.peft import trees
 
 LORA_SUFFIXES = ('_lora_a', '_lora_b')
-# The model methods that run projections: `project` is the LM head alone, which the chunked
-# logit losses call by name (see kd.models.decoder.project_with).
+# The model methods that run projections: `project` is the Decoder's LM head alone, which the
+# chunked logit losses call by name (see kd.models.decoder.project_with); an Encoder has only
+# `__call__`.
 METHODS = ('__call__', 'project')
 
 
@@ -90,9 +91,11 @@ def from_config(cfg) -> LoraConfig | None:
 
 
 def lora_model(model: nn.Module, config: LoraConfig) -> nn.Module:
-  """A copy of `model` (a linen module) whose matching projections carry LoRA adapters."""
+  """A copy of `model` (a linen module: Decoder or Encoder) whose matching projections carry
+  LoRA adapters."""
   provider = _LoraProvider(module_path=config.target, rank=config.rank, alpha=config.alpha)
-  return qwix.apply_lora_to_model(model, provider, methods=METHODS)
+  methods = tuple(m for m in METHODS if hasattr(type(model), m))
+  return qwix.apply_lora_to_model(model, provider, methods=methods)
 
 
 def is_lora(path: tuple[str, ...]) -> bool:

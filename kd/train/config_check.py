@@ -242,9 +242,34 @@ def check_models(config, student, teacher) -> None:
   check_quant(config, student)
 
 
+# What config.peft.method may be for an Encoder student (the sentence job): adapters, prefixes and
+# prompts are Decoder fields (kd.peft.adapters).
+ENCODER_PEFT_METHODS = ('none', 'lora')
+
+
+def _is_encoder(student) -> bool:
+  return isinstance(student.config, models.EncoderConfig)
+
+
+def check_encoder_peft(config) -> None:
+  """config.peft.method is one an Encoder student (the sentence job) supports."""
+  method = (config.get('peft') or {}).get('method', 'none')
+  if method not in ENCODER_PEFT_METHODS:
+    raise ConfigError(f'config.peft.method={method!r}: the sentence-encoder job supports '
+                      f'{ENCODER_PEFT_METHODS} (adapters, prefix and prompt tuning are decoder '
+                      "fields); use peft.method='lora' or 'none'")
+
+
+def _param_shapes(student):
+  """The variables tree of `student` (a Decoder / Encoder module or a kd Model), as shapes."""
+  if _is_encoder(student):
+    return models.encoder.param_shapes(student.config)
+  return jax.eval_shape(lambda: models.init_params(student.config, jax.random.key(0)))
+
+
 def check_peft(config, student) -> None:
-  """config.peft: a valid LoRA config whose target matches projections of the student, and no
-  feature that would train or sample the student's full weights."""
+  """config.peft: a valid LoRA config whose target matches projections of the student (a
+  Decoder, or an Encoder for the sentence job), or a valid adapter / prefix / prompt size."""
   from kd import peft  # pylint: disable=g-import-not-at-top
   try:
     lora = peft.from_config(config.get('peft'))
@@ -253,24 +278,19 @@ def check_peft(config, student) -> None:
   method = config.peft.method if lora is None else 'lora'
   if method == 'none':
     return
+  if _is_encoder(student):
+    check_encoder_peft(config)
   if method != 'lora':  # adapter / prefix / prompt
     size = config.peft.get('size', 0)
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
       raise ConfigError(f'config.peft.size must be a positive int (the {method} '
                         f'{"bottleneck width" if method == "adapter" else "length"}), got {size!r}')
-    if method == 'prompt' and int(config.data.get('sample_eval_batches', 0)):
-      raise ConfigError('prompt tuning cannot sample with a KV cache yet: set '
-                        'data.sample_eval_batches=0 or use peft.method adapter/prefix/lora')
-  if student.config.scan_layers:
+  if getattr(student.config, 'scan_layers', False):
     raise ConfigError('config.peft: LoRA targets per-layer projections; set '
                       'config.student.scan_layers=False')
-  oc = config.get('on_policy') or {}
-  if float(oc.get('fraction', 0.0)) > 0 or (oc.get('adaptive') or {}).get('enabled', False):
-    raise ConfigError('config.peft with on-policy batches is not supported yet: set '
-                      "on_policy.fraction=0 (and adaptive.enabled=False) or peft.method='none'")
   if lora is None:
     return
-  shapes = jax.eval_shape(lambda: models.init_params(student.config, jax.random.key(0)))
+  shapes = _param_shapes(student)
   if not peft.target_kernels(shapes, lora):
     names = sorted({'/'.join(k[1:-1]) for k in _flat_paths(shapes) if k[-1] == 'kernel'})
     raise ConfigError(f'config.peft.target={lora.target!r} matches no projection of the student; '
@@ -299,7 +319,8 @@ def quant_config(config):
 
 
 def check_quant(config, student) -> None:
-  """config.quant fits config.peft and the student's kernels (target, group size)."""
+  """config.quant fits config.peft and the student's kernels (target, group size); `student`
+  as for check_peft."""
   from kd import peft  # pylint: disable=g-import-not-at-top
   from kd import quant  # pylint: disable=g-import-not-at-top
   method, qcfg = quant_config(config)
@@ -312,7 +333,7 @@ def check_quant(config, student) -> None:
   if method == 'qlora' and lora is None:
     raise ConfigError("config.quant.method='qlora' quantizes a LoRA student's frozen base: set "
                       "config.peft.method='lora', or use quant.method='qat'")
-  shapes = jax.eval_shape(lambda: models.init_params(student.config, jax.random.key(0)))
+  shapes = _param_shapes(student)
   try:
     for path in quant.target_paths(shapes, qcfg.target):
       quant.rtn.group_size_for(quant.rtn.kernel(shapes, path).shape[0], qcfg.group_size, path)

@@ -28,9 +28,9 @@ from kd import losses
 from kd import models
 from kd import parallel
 from kd import peft
-from kd import quant
 from kd.eval import generation as generation_eval
 from kd.models import ensemble
+from kd.train import compress
 from kd.train import config_check
 from kd.train import loop
 from kd.train import onpolicy
@@ -75,10 +75,7 @@ def make_spec(config, student, teacher, terms, total_steps, ema_decay: float = 0
       quant=qat_config(config), ema_decay=ema_decay, online=online)
 
 
-def qat_config(config):
-  """The kd.quant.QuantConfig the student trains through (config.quant.method 'qat'), or None."""
-  method, qcfg = config_check.quant_config(config)
-  return qcfg if method == 'qat' else None
+qat_config = compress.qat_config  # (the QuantConfig of config.quant.method 'qat', or None)
 
 
 def _model_key(seed: int):
@@ -164,21 +161,12 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
   `online` the teacher (a random init) trains in the same steps with CE (state.params['teacher'])
   while the student distils from it; `final` then also holds the teacher's held-out metrics.
   """
-  method = (config.get('peft') or {}).get('method', 'none')
-  lora = peft.from_config(config.get('peft'))
-  model = student if lora is None else peft.lora_model(student, lora)
+  model = compress.student_model(config, student)
   spec = make_spec(config, model, teacher, terms, steps, ema_decay, online)
   plan = parallel.make(config.get('parallel'))
-  trainable, base = init_variables, None
-  if lora is not None:
-    base = init_variables
-    if base is None:  # init_student's random init of the same seed
-      base = jax.jit(models.init_params, static_argnums=0)(student.config, _model_key(seed))
-    trainable = peft.init_lora(model, base, jax.random.key(seed + 7), lora)
-  elif method != 'none':  # adapter / prefix / prompt params are in init_variables already
-    trainable, base = peft.adapters.split(method, init_variables)
-  if trainable is not None:  # a copy: the step donates the state; the caller keeps its arrays
-    trainable = jax.tree.map(jnp.array, trainable)
+  trainable, base = compress.split_student(  # (a LoRA base: init_student's random init)
+      config, model, init_variables, seed, random_init=lambda: jax.jit(
+          models.init_params, static_argnums=0)(student.config, _model_key(seed)))
   def params():
     out = init_student(spec, seed, trainable)
     if online:
@@ -187,11 +175,8 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
   state = plan.init_state(lambda: step_lib.create_state(params(), spec.tx, seed))
   if spec.ema_decay:  # the EMA teacher starts as the student
     state = state.replace(ema=jax.tree.map(jnp.array, state.params['student']))
-  if base is not None:  # (a copy, likewise)
-    qmethod, qcfg = config_check.quant_config(config)
-    if qmethod == 'qlora':
-      base = quant.quantize_params(base, qcfg)
-    state = state.replace(frozen=plan.place_state(jax.tree.map(jnp.array, base)))
+  if base is not None:
+    state = state.replace(frozen=plan.place_state(compress.frozen_base(config, base)))
   tc = config.train
   t0 = time.perf_counter()
   state, final = loop.fit(
@@ -202,17 +187,12 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
       keep=tc.get('keep', 2), progress=tc.get('progress', True), name=name, plan=plan,
       batch_fn=batch_fn)
   final['wall_s'] = time.perf_counter() - t0
-  student_params = plan.unreplicate(state.replace(frozen=None)).params['student']
-  if base is not None:  # (the state was donated to the step: read the base back from it)
-    final['trainable_params'] = peft.count(student_params)
-    base = plan.unreplicate(state.frozen)
-    if isinstance(base, quant.QuantizedParams):
-      base = quant.dequantize(base)
-    student_params = peft.combine(student_params, base)
-    if lora is not None:
-      student_params = peft.merge(student_params, lora)
-  if spec.quant is not None:
-    student_params = quant.dequantize(quant.quantize_params(student_params, spec.quant))
+  # (the state was donated to the step: read the base back from it)
+  student_params, trainable_count = compress.finish(
+      config, plan.unreplicate(state.replace(frozen=None)).params['student'],
+      None if base is None else plan.unreplicate(state.frozen))
+  if trainable_count is not None:
+    final['trainable_params'] = trainable_count
   final['params'] = models.count_params(student_params)
   if batch_fn is not None and getattr(batch_fn, 'stats', None):
     st = batch_fn.stats
@@ -378,6 +358,7 @@ def on_policy_fn(config, student):
   student samples under the run's parallel plan (its rows split like the train batch)."""
   oc = config.get('on_policy') or {}
   adaptive = dict(oc.get('adaptive') or {})
+  student = compress.student_model(config, student)  # the module run_stage's step trains
   if adaptive.get('enabled', False):
     sampling = {k: oc.get(k, d) for k, d in (('temperature', 1.0), ('top_k', 0), ('top_p', 1.0))}
     return replay.AdaptiveOffPolicy.from_config(

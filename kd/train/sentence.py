@@ -9,7 +9,12 @@
    <workdir>/teacher_cache (kd.data.sentence_cache); training reads them, the teacher never runs
    again (an offline teacher).
 3. The student trains with the same pure step as every other job (kd.train.step) and resumes
-   from <workdir>/student/checkpoints.
+   from <workdir>/student/checkpoints. It may be compressed as in the decoder job
+   (kd.train.compress): config.peft.method 'lora' trains only LoRA adapters on the projections
+   config.peft.target matches, over a frozen base; config.quant.method 'qat' trains through
+   fake-quantized weights, 'qlora' stores the LoRA student's frozen base quantized. The trained
+   student is a plain encoder (LoRA merged, QAT weights on their grid), so the evaluation and
+   the export below are the same for every student.
 4. It is scored on STS-B dev (Spearman of cosine similarity), timed, exported to <workdir>/hf
    (transformers + sentence-transformers files), and results.json / results.md are written.
 """
@@ -19,7 +24,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import logging
 
 from kd import hf
@@ -30,6 +34,7 @@ from kd.data import sentence_cache
 from kd.data import sentences as sentences_lib
 from kd.eval import speed
 from kd.eval import sts
+from kd.train import compress
 from kd.train import config_check
 from kd.train import loop
 from kd.train import optim
@@ -75,6 +80,8 @@ def check(config) -> None:
     raise config_check.ConfigError('embedding_similarity compares the sentences of a batch; '
                                    'use data.batch_size >= 2')
   config_check.check_parallel(config)
+  config_check.check_encoder_peft(config)  # (the rest of config.peft / quant: check_peft, ...)
+  config_check.quant_config(config)
   if config.parallel.mode != 'single':
     raise config_check.ConfigError('the sentence job runs on one device (its students fit '
                                    'anywhere); set parallel.mode=single')
@@ -145,17 +152,20 @@ def teacher_features(teacher: models.Model, fields):
 
 
 def make_spec(config, student, teacher, pairs, attention_pairs, total_steps):
+  """The step's Spec; its student is `student.module` as config.peft / config.quant train it
+  (LoRA-wrapped, fake-quantized under QAT)."""
   tx, lr_fn = optim.make(config.optimizer, total_steps)
   kwargs = {n: dict(kw) for n, kw in dict(config.get('loss_kwargs', {}) or {}).items()}
   for n in config.losses:  # relations default to the teacher's own head count
     if losses.get(n).kind == 'relation':
       kwargs.setdefault(n, {}).setdefault('num_relation_heads', teacher.config.num_heads)
   return step_lib.Spec(
-      student=student.module, teacher=teacher.module, tx=tx,
+      student=compress.student_model(config, student.module), teacher=teacher.module, tx=tx,
       terms={n: dict(kwargs.get(n, {})) for n in config.losses},
       weights={n: schedules.make(w, f'losses.{n}') for n, w in config.losses.items()},
       temperature=schedules.make(1.0, 'temperature'), lr=lr_fn, feature_pairs=pairs,
-      attention_pairs=attention_pairs, accum_steps=int(config.train.get('accum_steps', 1)))
+      attention_pairs=attention_pairs, accum_steps=int(config.train.get('accum_steps', 1)),
+      quant=compress.qat_config(config))
 
 
 def cache_iterator(config, cache_path: str, fields, seed: int, pad_id: int):
@@ -189,22 +199,33 @@ def pair_iterator(config, tokenizer, seed: int):
 
 def train(config, teacher, student, data, workdir: str, *, pairs, attention_pairs, seed: int,
           name: str = 'student'):
-  """Trains `student` on `data` = (steps, iterator); returns (trained Model, final metrics)."""
+  """Trains `student` on `data` = (steps, iterator); returns (trained Model, final metrics).
+
+  The trained Model is a plain encoder whatever config.peft / config.quant say
+  (kd.train.compress.finish); final['trainable_params'] counts what the optimizer trained.
+  """
   steps, data_iter = data
   spec = make_spec(config, student, teacher, pairs, attention_pairs, steps)
   plan = parallel.make(config.get('parallel'))
-  # A copy: the student shares its kept layers' arrays with the teacher, and the step donates
-  # the state's buffers.
+  # Copies (split_student's, frozen_base's): the student shares its kept layers' arrays with the
+  # teacher, and the step donates the state's buffers.
+  trainable, base = compress.split_student(config, spec.student, student.params, seed)
   state = plan.init_state(lambda: step_lib.create_state(
-      {'student': jax.tree.map(jnp.copy, student.params), 'proj': {}}, spec.tx, seed))
+      {'student': trainable, 'proj': {}}, spec.tx, seed))
+  if base is not None:
+    state = state.replace(frozen=plan.place_state(compress.frozen_base(config, base)))
   tc = config.train
   t0 = time.perf_counter()
   state, final = loop.fit(
       spec, state, None, data_iter, [], workdir=f'{workdir}/{name}', total_steps=steps,
       log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, keep=tc.get('keep', 2),
       progress=tc.get('progress', True), name=name, plan=plan)
-  final = dict(final, wall_s=time.perf_counter() - t0, steps=steps)
-  return student.replace(params=plan.unreplicate(state).params['student']), final
+  params, trained = compress.finish(
+      config, plan.unreplicate(state.replace(frozen=None)).params['student'],
+      None if base is None else plan.unreplicate(state.frozen))
+  final = dict(final, wall_s=time.perf_counter() - t0, steps=steps,
+               trainable_params=models.count_params(params) if trained is None else trained)
+  return student.replace(params=params), final
 
 
 def measure(model, eval_path: str, config) -> dict:
@@ -238,6 +259,8 @@ def main(config, workdir: str) -> dict:
   teacher = hf.load(teacher_path(config.teacher.path))
   keep, pairs, attention_pairs = plan_layers(config, teacher.config.num_layers)
   student = models.student_from_teacher(teacher, keep)
+  config_check.check_peft(config, student)
+  config_check.check_quant(config, student)
   fields = cache_fields(config.losses, pairs, attention_pairs)
   os.makedirs(workdir, exist_ok=True)
   pad_id = teacher.tokenizer.pad_token_id or 0
@@ -269,7 +292,8 @@ def main(config, workdir: str) -> dict:
                          attention_pairs=attention_pairs, seed=config.seed)
   results = {'teacher': measure(teacher, dev, config),
              'student': dict(measure(student, dev, config), layers=keep,
-                             train_wall_s=final['wall_s'], steps=final['steps'], **info)}
+                             train_wall_s=final['wall_s'], steps=final['steps'],
+                             trainable_params=final['trainable_params'], **info)}
   if config.get('export', True) and jax.process_index() == 0:
     hf.save(student, f'{workdir}/hf')
   results['student']['job_s'] = time.perf_counter() - start  # all of it, load to export

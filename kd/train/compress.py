@@ -1,0 +1,103 @@
+"""Compressed students in training, shared by the decoder job (kd.train.run) and the sentence job
+(kd.train.sentence): PEFT (config.peft) and quantization (config.quant).
+
+  model = student_model(config, module)                    # LoRA-wrapped when peft is 'lora'
+  trainable, base = split_student(config, model, init_variables, random_init, seed)
+  state = create_state({'student': trainable, ...}).replace(frozen=place(frozen_base(config, base)))
+  ... train ...
+  params, trainable_count = finish(config, state.params['student'], state.frozen)
+
+A PEFT student trains only its adapters (LoRA A/B, or the adapter / prefix / prompt params);
+the rest of its starting variables is a frozen base that rides in `TrainState.frozen` (an input
+of the step, never updated nor checkpointed), stored RTN-quantized under QLoRA
+(config.quant.method 'qlora'). `finish` returns the plain model: LoRA merged into its base, and
+under QAT (config.quant.method 'qat') the student quantized and dequantized, the model that was
+evaluated and is exported.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from kd import peft
+from kd import quant
+from kd.train import config_check
+
+
+def peft_method(config) -> str:
+  return (config.get('peft') or {}).get('method', 'none')
+
+
+def lora_config(config):
+  """The kd.peft.LoraConfig of config.peft (method 'lora'), or None."""
+  return peft.from_config(config.get('peft'))
+
+
+def qat_config(config):
+  """The kd.quant.QuantConfig the student trains through (config.quant.method 'qat'), or None."""
+  method, qcfg = config_check.quant_config(config)
+  return qcfg if method == 'qat' else None
+
+
+def student_model(config, module):
+  """The linen module the step trains: `module` with LoRA adapters when config.peft says so
+  (qwix intercepts its projections; the module itself is unchanged)."""
+  lora = lora_config(config)
+  return module if lora is None else peft.lora_model(module, lora)
+
+
+def split_student(config, model, init_variables, seed: int, *,
+                  random_init: Callable[[], Any] | None = None):
+  """(trained variables, frozen base or None) of a student starting from `init_variables`.
+
+  LoRA: the base is `init_variables` (or `random_init()` when None) and the trained variables
+  are fresh A/B leaves (B = 0, so the student starts as its base); adapter / prefix / prompt:
+  their params, already in `init_variables`, are split off it; no PEFT: everything trains (None
+  = the caller's random init). The trained variables are a copy (the step donates the state;
+  the caller keeps its arrays).
+  """
+  method, lora = peft_method(config), lora_config(config)
+  trainable, base = init_variables, None
+  if lora is not None:
+    base = random_init() if init_variables is None else init_variables
+    trainable = peft.init_lora(model, base, jax.random.key(seed + 7), lora)
+  elif method != 'none':
+    trainable, base = peft.adapters.split(method, init_variables)
+  if trainable is not None:
+    trainable = jax.tree.map(jnp.array, trainable)
+  return trainable, base
+
+
+def frozen_base(config, base):
+  """What `TrainState.frozen` holds for `base`: a copy (the step donates the state), RTN-quantized
+  under QLoRA (a kd.quant.QuantizedParams, dequantized inside the step); None for no base."""
+  if base is None:
+    return None
+  method, qcfg = config_check.quant_config(config)
+  if method == 'qlora':
+    base = quant.quantize_params(base, qcfg)
+  return jax.tree.map(jnp.array, base)
+
+
+def finish(config, trained, frozen):
+  """(the plain student's variables, trained parameter count or None) at the end of a run.
+
+  `trained` is state.params['student'], `frozen` state.frozen (both on one device). A PEFT
+  student's adapters join their (dequantized) base, LoRA merged in (kd.peft.merge); under QAT the
+  student is its RTN-quantized-then-dequantized self, the model the step evaluated.
+  """
+  count = None
+  params = trained
+  if frozen is not None:
+    count = peft.count(trained)
+    if isinstance(frozen, quant.QuantizedParams):
+      frozen = quant.dequantize(frozen)
+    params = peft.combine(trained, frozen)
+    lora = lora_config(config)
+    if lora is not None:
+      params = peft.merge(params, lora)
+  qcfg = qat_config(config)
+  if qcfg is not None:
+    params = quant.dequantize(quant.quantize_params(params, qcfg))
+  return params, count
