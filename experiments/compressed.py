@@ -14,7 +14,7 @@ channel, int4 in groups of 32, GPTQ int4 in groups of 32 (calibrated on 8 train 
 mixed int4/int8 plan (the quarter of the projections with the largest measured KL in int8).
 Columns: held-out perplexity and top-1 agreement with the teacher (mean ± std over seeds); the
 stored student's size (float32 params; quantized rows: kd.quant's file, int4 packed two per
-byte, scales in float16); trained parameters; forward tokens/s at batch 1 and 32 (T = 128, this
+byte, scales in float16; QLoRA: its quantized base's file plus the float32 adapters); trained parameters; forward tokens/s at batch 1 and 32 (T = 128, this
 machine, best of 3; quantized rows run on dequantized weights here, so their speed is that of
 the float model: the size is what they save). Writes <out>/compressed.md and .png.
 Smoke test: --config_arg=tiny --seeds=0 --workdir=/tmp/comp_tiny --out=/tmp/comp_tiny_out.
@@ -215,10 +215,14 @@ def speed_and_size(seed: str, workdir: str, config_arg: str, row: str, result: d
                             teacher_params, dict(config.losses), steps=config.train.steps,
                             seed=config.seed, name='restore', init_variables=init)
   method, qcfg = run.config_check.quant_config(config)
-  extra = dict(trainable_params=result.get('trainable_params', result['params']),
-               stored_bytes=stored_bytes(
-      params, quant.quantize_params(params, qcfg) if method != 'none' else None),
-      **{f'tokens_per_s_b{b}': tokens_per_s(student, params, b) for b in (1, 32)})
+  trainable = result.get('trainable_params', result['params'])
+  # QAT: the packed file of the (on-grid) student. QLoRA: the packed base plus its float32
+  # adapters (what it evaluates is base + A·B; the file's size depends on the shapes only, so
+  # the merged params stand in for the base).
+  size = stored_bytes(params, quant.quantize_params(params, qcfg) if method != 'none' else None)
+  extra = dict(trainable_params=trainable,
+               stored_bytes=size + (4 * trainable if method == 'qlora' else 0),
+               **{f'tokens_per_s_b{b}': tokens_per_s(student, params, b) for b in (1, 32)})
   with open(cache, 'w') as f:
     json.dump(extra, f)
   return dict(result, **extra)
