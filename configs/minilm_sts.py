@@ -89,8 +89,10 @@ def get_config(arg=None):
   # A parameter-efficient student (kd.train.compress, as in configs/shakespeare_kd.py): method
   # 'lora' trains only adapters (rank, alpha: scale alpha/rank) on the projections whose module
   # path `target` fully matches (the encoder's are layers_<i>/attn/{q,k,v,o}_proj and
-  # layers_<i>/{up,down}_proj); the kept teacher layers stay frozen, the export is merged.
-  c.peft = ml_collections.ConfigDict(dict(method='none', target=r'.*_proj', rank=8, alpha=16.0))
+  # layers_<i>/{up,down}_proj), `dropout` on their input in training; the kept teacher layers
+  # stay frozen, the export is merged.
+  c.peft = ml_collections.ConfigDict(dict(method='none', target=r'.*_proj', rank=8, alpha=16.0,
+                                          dropout=0.0))
   # A quantized student (kd/quant): 'qat' trains through weights fake-quantized to `bits` (4 or
   # 8) on the RTN grid, one scale per `group_size` input rows (0 = per output channel), gradients
   # straight through; 'qlora' (with peft.method='lora') stores the frozen base quantized.

@@ -123,13 +123,14 @@ def get_config(arg=None):
   c.student_init = ml_collections.ConfigDict(dict(source='random', layers='every_k', k=2,
                                                   layers_list=(), path=''))
   # A parameter-efficient student: method 'lora' trains only adapters (rank, alpha: scale
-  # alpha/rank) on the projections whose module path `target` fully matches; the student's
-  # starting weights (student_init) stay frozen and the saved student is the merged model.
+  # alpha/rank) on the projections whose module path `target` fully matches, with `dropout` on
+  # the adapters' input in training; the student's starting weights (student_init) stay frozen
+  # and the saved student is the merged model.
   # 'adapter', 'prefix' and 'prompt' add bottleneck adapters of width `size` to every block, a
   # learned key/value prefix of `size` positions to every attention layer, or `size` learned
   # input embeddings (kd.peft.adapters); only those train, and they stay in the saved student.
   c.peft = ml_collections.ConfigDict(dict(
-      method='none', target=r'.*_proj', rank=8, alpha=16.0, size=8))
+      method='none', target=r'.*_proj', rank=8, alpha=16.0, dropout=0.0, size=8))
   # A quantized student (kd/quant): 'qat' trains through weights fake-quantized to `bits` (4 or
   # 8) on kd.quant's RTN grid, one scale per `group_size` input rows (0 = per output channel),
   # gradients straight through; 'qlora' (with peft.method='lora') stores the frozen base

@@ -39,3 +39,10 @@ def _tiny_bert(path, seed: int, layers: int) -> str:
 def tiny_bert():
   """tiny_bert(path, seed, layers) -> path of a random HF BERT checkpoint with a tokenizer."""
   return _tiny_bert
+
+
+def pytest_configure(config):
+  # qwix 0.1.8 checks isinstance(x, nnx.VariableState), a deprecated alias, on every intercepted
+  # projection: thousands of identical warnings per LoRA test.
+  config.addinivalue_line('filterwarnings',
+                          "ignore:'VariableState' was removed:DeprecationWarning")

@@ -1,6 +1,7 @@
 """LoRA students in the train step and the run: only adapters train, the base stays out of the
 optimizer and the checkpoints, and the update is the one an independent merge gives."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -125,9 +126,66 @@ def test_config_errors_say_what_to_do(shakespeare_config):
   config_check.check_peft(c, student)  # on-policy LoRA students sample through their adapters
 
 
+def test_lora_dropout_masks_the_adapters_input_in_training_only():
+  """y = x W + dropout(x) A B s, checked on one projection where W = 0 and A = B = I, so that
+  y / s is dropout(x) itself: each entry 0 or x / (1 - p), about a fraction p of them zero; the
+  evaluation model (train=False) has no dropout."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class Proj(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(64, use_bias=False, name='x_proj')(x)
+
+  cfg = peft.LoraConfig(target='x_proj', rank=64, alpha=128.0, dropout=0.25)  # scale 2
+  x = jax.random.normal(jax.random.key(0), (16, 64)) + 3.0  # away from 0
+  variables = {'params': {'x_proj': {'kernel': jnp.zeros((64, 64)), 'kernel_lora_a': jnp.eye(64),
+                                     'kernel_lora_b': jnp.eye(64)}}}
+  train = peft.lora_model(Proj(), cfg, train=True)
+  y = np.asarray(train.apply(variables, x, rngs={'dropout': jax.random.key(1)})) / 2.0
+  kept = y != 0
+  np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / 0.75, rtol=1e-5)
+  assert 0.2 < 1 - kept.mean() < 0.3
+  again = np.asarray(train.apply(variables, x, rngs={'dropout': jax.random.key(2)})) / 2.0
+  assert not np.array_equal(again != 0, kept)  # a new key, a new mask
+  np.testing.assert_allclose(peft.lora_model(Proj(), cfg).apply(variables, x), 2.0 * x,
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match='dropout'):
+    peft.LoraConfig(target='x', rank=1, alpha=1.0, dropout=1.0)
+
+
+def test_lora_dropout_step_draws_per_step_and_evaluates_without_it(shakespeare_config):
+  from kd.train import compress  # pylint: disable=g-import-not-at-top
+  config = _config('sgd')
+  _, plain_spec, tp, base, lora, batch = _setup(config)
+  config.peft = {'method': 'lora', 'target': LORA.target, 'rank': LORA.rank,
+                 'alpha': LORA.alpha, 'dropout': 0.3}
+  spec = dataclasses.replace(plain_spec, **compress.students(config, plain_spec.student))
+  assert spec.student_rngs == ('dropout',) and spec.student_eval is not None
+  no_dropout = dataclasses.replace(plain_spec, **compress.students(
+      ml_collections.ConfigDict(dict(config.to_dict(), peft=dict(config.peft, dropout=0.0))),
+      plain_spec.student))
+  state = step_lib.create_state({'student': lora, 'proj': {}}, spec.tx, 0, frozen=base)
+  step = jax.jit(functools.partial(step_lib.train_step, spec=spec))
+  loss = lambda st, sp=step: float(sp(jax.tree.map(jnp.array, st), tp, batch)[1]['loss'])
+  plain = loss(state, jax.jit(functools.partial(step_lib.train_step, spec=no_dropout)))
+  first = loss(state)
+  assert first == loss(state)  # the key is a function of (state.rng, step): reproducible
+  assert first != plain and first != loss(state.replace(step=jnp.asarray(1, jnp.int32)))
+  # Accumulated micro-batches draw their own masks and still run.
+  accum = dataclasses.replace(spec, accum_steps=2)
+  assert np.isfinite(loss(state, jax.jit(functools.partial(step_lib.train_step, spec=accum))))
+  # Evaluation is deterministic: the adapters without dropout.
+  eval_params = step_lib.eval_params(state)
+  got = step_lib.eval_step(eval_params, tp, batch, spec)
+  want = step_lib.eval_step(eval_params, tp, batch, no_dropout)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
 def test_lora_run_trains_adapters_only_checkpoints_them_and_restores(shakespeare_config,
                                                                      tmp_path):
   config = shakespeare_config('tiny,lora')
+  config.peft.dropout = 0.1  # (training only: the restored run below evaluates alike)
   config.baseline = False
   results = run.main(config, str(tmp_path))
   r = results['student_kd']

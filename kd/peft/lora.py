@@ -45,12 +45,17 @@ class LoraConfig:
   target: str  # regex fully matching module paths, e.g. r'.*/(q_proj|k_proj|v_proj|o_proj)'
   rank: int
   alpha: float
+  # Dropout on the adapters' input (x -> dropout(x) @ A @ B), in training only: the model
+  # `lora_model(..., train=True)` makes draws from the 'dropout' rng stream.
+  dropout: float = 0.0
 
   def __post_init__(self):
     if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
       raise ValueError(f'LoraConfig.rank must be a positive int, got {self.rank!r}.')
     if not self.alpha > 0:
       raise ValueError(f'LoraConfig.alpha must be > 0, got {self.alpha!r} (scale = alpha/rank).')
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f'LoraConfig.dropout must be in [0, 1), got {self.dropout!r}.')
     try:
       re.compile(self.target)
     except re.error as e:
@@ -87,13 +92,17 @@ def from_config(cfg) -> LoraConfig | None:
     raise ValueError(f'config.peft.method={method!r}; valid: {METHODS_BY_NAME}')
   if method != 'lora':
     return None
-  return LoraConfig(target=cfg.target, rank=cfg.rank, alpha=float(cfg.alpha))
+  return LoraConfig(target=cfg.target, rank=cfg.rank, alpha=float(cfg.alpha),
+                    dropout=float(cfg.get('dropout', 0.0)))
 
 
-def lora_model(model: nn.Module, config: LoraConfig) -> nn.Module:
+def lora_model(model: nn.Module, config: LoraConfig, train: bool = False) -> nn.Module:
   """A copy of `model` (a linen module: Decoder or Encoder) whose matching projections carry
-  LoRA adapters."""
-  provider = _LoraProvider(module_path=config.target, rank=config.rank, alpha=config.alpha)
+  LoRA adapters. With `train` and config.dropout > 0 the adapters' input goes through dropout,
+  so `apply` needs rngs={'dropout': key}; otherwise the model is deterministic (evaluation,
+  sampling, export all use the same adapters without dropout)."""
+  provider = _LoraProvider(module_path=config.target, rank=config.rank, alpha=config.alpha,
+                           dropout=config.dropout if train else 0.0)
   methods = tuple(m for m in METHODS if hasattr(type(model), m))
   return qwix.apply_lora_to_model(model, provider, methods=methods)
 

@@ -1,8 +1,8 @@
 """Compressed students in training, shared by the decoder job (kd.train.run) and the sentence job
 (kd.train.sentence): PEFT (config.peft) and quantization (config.quant).
 
-  model = student_model(config, module)                    # LoRA-wrapped when peft is 'lora'
-  trainable, base = split_student(config, model, init_variables, random_init, seed)
+  spec = Spec(**students(config, module), ...)           # LoRA-wrapped when peft is 'lora'
+  trainable, base = split_student(config, module, init_variables, seed, random_init=...)
   state = create_state({'student': trainable, ...}).replace(frozen=place(frozen_base(config, base)))
   ... train ...
   params, trainable_count = finish(config, state.params['student'], state.frozen)
@@ -40,16 +40,29 @@ def qat_config(config):
   return qcfg if method == 'qat' else None
 
 
-def student_model(config, module):
-  """The linen module the step trains: `module` with LoRA adapters when config.peft says so
-  (qwix intercepts its projections; the module itself is unchanged)."""
+def student_model(config, module, train: bool = False):
+  """`module` with LoRA adapters when config.peft says so (qwix intercepts its projections; the
+  module itself is unchanged). `train`: with the adapters' dropout (peft.dropout > 0), which
+  draws from the 'dropout' rng stream; otherwise deterministic (evaluation, sampling)."""
   lora = lora_config(config)
-  return module if lora is None else peft.lora_model(module, lora)
+  return module if lora is None else peft.lora_model(module, lora, train=train)
 
 
-def split_student(config, model, init_variables, seed: int, *,
+def students(config, module) -> dict[str, Any]:
+  """The step's student fields (kd.train.step.Spec): `student`, the module trained, and under
+  LoRA dropout `student_eval`, the same adapters without it, and `student_rngs`, the rng
+  streams the training forward draws from."""
+  lora = lora_config(config)
+  if lora is None or not lora.dropout:
+    return dict(student=student_model(config, module))
+  return dict(student=student_model(config, module, train=True),
+              student_eval=student_model(config, module), student_rngs=('dropout',))
+
+
+def split_student(config, module, init_variables, seed: int, *,
                   random_init: Callable[[], Any] | None = None):
-  """(trained variables, frozen base or None) of a student starting from `init_variables`.
+  """(trained variables, frozen base or None) of a student (`module`, unwrapped) starting from
+  `init_variables`.
 
   LoRA: the base is `init_variables` (or `random_init()` when None) and the trained variables
   are fresh A/B leaves (B = 0, so the student starts as its base); adapter / prefix / prompt:
@@ -61,7 +74,8 @@ def split_student(config, model, init_variables, seed: int, *,
   trainable, base = init_variables, None
   if lora is not None:
     base = random_init() if init_variables is None else init_variables
-    trainable = peft.init_lora(model, base, jax.random.key(seed + 7), lora)
+    trainable = peft.init_lora(student_model(config, module), base, jax.random.key(seed + 7),
+                               lora)
   elif method != 'none':
     trainable, base = peft.adapters.split(method, init_variables)
   if trainable is not None:

@@ -291,10 +291,15 @@ def check_peft(config, student) -> None:
   if lora is None:
     return
   shapes = _param_shapes(student)
-  if not peft.target_kernels(shapes, lora):
+  targets = peft.target_kernels(shapes, lora)
+  if not targets:
     names = sorted({'/'.join(k[1:-1]) for k in _flat_paths(shapes) if k[-1] == 'kernel'})
     raise ConfigError(f'config.peft.target={lora.target!r} matches no projection of the student; '
                       f'module paths look like {names[:6]} (the regex must match the whole path)')
+  if lora.dropout and int(config.get('chunk_size', 0)) and 'lm_head' in targets:
+    raise ConfigError('config.peft.dropout > 0 on the LM head is not supported with chunked '
+                      "logits (chunk_size > 0): leave lm_head out of peft.target, or set "
+                      'peft.dropout=0 or chunk_size=0')
 
 
 QUANT_METHODS = ('none', 'qat', 'qlora')

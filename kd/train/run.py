@@ -11,6 +11,7 @@ Layout of a workdir:
 Each stage resumes from its checkpoints; a finished stage is restored, not retrained.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -161,11 +162,12 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
   `online` the teacher (a random init) trains in the same steps with CE (state.params['teacher'])
   while the student distils from it; `final` then also holds the teacher's held-out metrics.
   """
-  model = compress.student_model(config, student)
-  spec = make_spec(config, model, teacher, terms, steps, ema_decay, online)
+  spec = dataclasses.replace(  # the student as config.peft trains it (LoRA-wrapped, dropout)
+      make_spec(config, student, teacher, terms, steps, ema_decay, online),
+      **compress.students(config, student))
   plan = parallel.make(config.get('parallel'))
   trainable, base = compress.split_student(  # (a LoRA base: init_student's random init)
-      config, model, init_variables, seed, random_init=lambda: jax.jit(
+      config, student, init_variables, seed, random_init=lambda: jax.jit(
           models.init_params, static_argnums=0)(student.config, _model_key(seed)))
   def params():
     out = init_student(spec, seed, trainable)
@@ -358,7 +360,7 @@ def on_policy_fn(config, student):
   student samples under the run's parallel plan (its rows split like the train batch)."""
   oc = config.get('on_policy') or {}
   adaptive = dict(oc.get('adaptive') or {})
-  student = compress.student_model(config, student)  # the module run_stage's step trains
+  student = compress.student_model(config, student)  # as run_stage's step evaluates it
   if adaptive.get('enabled', False):
     sampling = {k: oc.get(k, d) for k, d in (('temperature', 1.0), ('top_k', 0), ('top_p', 1.0))}
     return replay.AdaptiveOffPolicy.from_config(

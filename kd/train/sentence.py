@@ -160,7 +160,7 @@ def make_spec(config, student, teacher, pairs, attention_pairs, total_steps):
     if losses.get(n).kind == 'relation':
       kwargs.setdefault(n, {}).setdefault('num_relation_heads', teacher.config.num_heads)
   return step_lib.Spec(
-      student=compress.student_model(config, student.module), teacher=teacher.module, tx=tx,
+      **compress.students(config, student.module), teacher=teacher.module, tx=tx,
       terms={n: dict(kwargs.get(n, {})) for n in config.losses},
       weights={n: schedules.make(w, f'losses.{n}') for n, w in config.losses.items()},
       temperature=schedules.make(1.0, 'temperature'), lr=lr_fn, feature_pairs=pairs,
@@ -209,7 +209,7 @@ def train(config, teacher, student, data, workdir: str, *, pairs, attention_pair
   plan = parallel.make(config.get('parallel'))
   # Copies (split_student's, frozen_base's): the student shares its kept layers' arrays with the
   # teacher, and the step donates the state's buffers.
-  trainable, base = compress.split_student(config, spec.student, student.params, seed)
+  trainable, base = compress.split_student(config, student.module, student.params, seed)
   state = plan.init_state(lambda: step_lib.create_state(
       {'student': trainable, 'proj': {}}, spec.tx, seed))
   if base is not None:

@@ -109,6 +109,11 @@ class Spec:
   # Online distillation: the teacher trains in the same step (params['teacher'], CE on the
   # labels, term ONLINE_TEACHER_CE) while the student distils from its current predictions.
   online: bool = False
+  # A student whose training forward is stochastic (LoRA dropout, kd.train.compress.students):
+  # the rng streams it draws from, keyed per step from state.rng (and per device and
+  # micro-batch), and the deterministic module eval_step runs instead.
+  student_rngs: tuple = ()
+  student_eval: Any = None
 
   def logit_terms(self) -> list:
     return [n for n in self.terms if losses.get(n).kind in ('ce', 'logits')]
@@ -126,10 +131,19 @@ class Spec:
     return needs
 
 
-def forward(model, variables, batch, **needs):
+def forward(model, variables, batch, rngs=None, **needs):
+  if rngs:
+    needs['rngs'] = rngs
   return model.apply(variables, batch['input_ids'], segment_ids=batch.get('segment_ids'),
                      positions=batch.get('positions'),
                      attention_mask=batch.get('attention_mask'), **needs)
+
+
+def student_rngs(spec: Spec, rng):
+  """{stream: key} for the student's training forward, from one key (None: no streams)."""
+  if not spec.student_rngs:
+    return None
+  return {name: jax.random.fold_in(rng, i) for i, name in enumerate(spec.student_rngs)}
 
 
 # An offline teacher's features travel in the batch under these keys, each a dict from the
@@ -170,19 +184,22 @@ def teacher_forward(spec: Spec, teacher_params, batch):
   return jax.lax.stop_gradient(out)
 
 
-def loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, frozen=None) -> dict:
-  """Every configured loss term as a (sum, count) pair of float32 scalars."""
-  return _loss_terms(params, teacher_params, t_out, batch, spec, step, frozen=frozen)[0]
+def loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, frozen=None,
+               rng=None) -> dict:
+  """Every configured loss term as a (sum, count) pair of float32 scalars. `rng`: a key for a
+  stochastic student (spec.student_rngs)."""
+  return _loss_terms(params, teacher_params, t_out, batch, spec, step, frozen=frozen,
+                     rng=rng)[0]
 
 
 def _loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, logit_coeffs=None,
-                frozen=None):
+                frozen=None, rng=None):
   """(terms, surrogate). With `logit_coeffs` ({logit term: weight of its sum}) and chunking,
   the logit terms go through losses.fused_logit_losses: their sums come gradient-stopped and
   `surrogate` (value 0) carries the gradient of Σ coeff·sum; otherwise surrogate is 0."""
   surrogate = jnp.zeros((), jnp.float32)
   student = _seen(student_variables(params, frozen), spec)
-  s_out = forward(spec.student, student, batch, **spec.needs())
+  s_out = forward(spec.student, student, batch, student_rngs(spec, rng), **spec.needs())
   mask = batch['loss_mask']
   if 'segment_ids' in batch:
     token_mask = batch['segment_ids'] > 0
@@ -256,7 +273,7 @@ def _loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, logit_co
 ONLINE_TEACHER_CE = 'online_teacher_ce'
 
 
-def _objective(params, teacher_params, t_out, batch, spec, step, counts, frozen=None):
+def _objective(params, teacher_params, t_out, batch, spec, step, counts, frozen=None, rng=None):
   if spec.online:  # the live teacher: its CE trains it, its stopped outputs teach the student
     teacher_params = params['teacher']
     live = forward(spec.teacher, teacher_params, batch, **spec.needs())
@@ -270,7 +287,7 @@ def _objective(params, teacher_params, t_out, batch, spec, step, counts, frozen=
     coeffs = {n: spec.weights[n](step) / jnp.maximum(tokens if counts is None else counts[n], 1.0)
               for n in spec.logit_terms()}
   terms, surrogate = _loss_terms(params, teacher_params, t_out, batch, spec, step, coeffs,
-                                 frozen)
+                                 frozen, rng)
   if spec.online:
     terms[ONLINE_TEACHER_CE] = losses.ce_sum(live['logits'], batch['labels'],
                                              mask=batch['loss_mask'])
@@ -300,35 +317,41 @@ def _psum(tree, spec: Spec):
   return tree if spec.axis_name is None else jax.lax.psum(tree, spec.axis_name)
 
 
-def _grads(params, teacher_params, batch, spec: Spec, step, frozen=None):
+def _grads(params, teacher_params, batch, spec: Spec, step, frozen=None, rng=None):
   """(grads of the objective, per-term (sum, count)) over the batch, micro-batched if asked.
 
   With `spec.axis_name`, both are summed over the devices of that axis. `frozen` (a PEFT
-  student's base) goes into the forward pass but gets no gradient.
+  student's base) goes into the forward pass but gets no gradient. `rng`: a stochastic
+  student's key (micro-batch i draws from fold_in(rng, i)).
   """
   grad_fn = jax.grad(_objective, has_aux=True)
   if spec.accum_steps == 1:
     t_out = None if spec.online else teacher_forward(spec, teacher_params, batch)
-    return _psum(grad_fn(params, teacher_params, t_out, batch, spec, step, None, frozen), spec)
+    return _psum(grad_fn(params, teacher_params, t_out, batch, spec, step, None, frozen, rng),
+                 spec)
   micro = _split(batch, spec.accum_steps, spec.strided_accum)
+  keys = (None if rng is None else
+          jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(spec.accum_steps)))
 
   # Pass 1, forward only: the global count of every term, so each micro-batch's contribution is
   # normalised by the whole batch's count (exact, for any registered loss).
-  def count_body(acc, mb):
+  def count_body(acc, mb_key):
+    mb, key = mb_key
     t_out = teacher_forward(spec, teacher_params, mb)
-    terms = loss_terms(params, teacher_params, t_out, mb, spec, step, frozen)
+    terms = loss_terms(params, teacher_params, t_out, mb, spec, step, frozen, key)
     return jax.tree.map(jnp.add, acc, {n: c for n, (_, c) in terms.items()}), None
   zero_counts = {n: jnp.zeros((), jnp.float32) for n in spec.terms}
-  counts, _ = jax.lax.scan(count_body, zero_counts, micro)
+  counts, _ = jax.lax.scan(count_body, zero_counts, (micro, keys))
   counts = _psum(counts, spec)
 
-  def grad_body(acc, mb):
+  def grad_body(acc, mb_key):
+    mb, key = mb_key
     t_out = teacher_forward(spec, teacher_params, mb)
-    g, terms = grad_fn(params, teacher_params, t_out, mb, spec, step, counts, frozen)
+    g, terms = grad_fn(params, teacher_params, t_out, mb, spec, step, counts, frozen, key)
     return jax.tree.map(jnp.add, acc, (g, terms)), None
   zero_terms = {n: (jnp.zeros((), jnp.float32),) * 2 for n in spec.terms}
   zero = (jax.tree.map(jnp.zeros_like, params), zero_terms)
-  (grads, terms), _ = jax.lax.scan(grad_body, zero, micro)
+  (grads, terms), _ = jax.lax.scan(grad_body, zero, (micro, keys))
   return _psum((grads, terms), spec)
 
 
@@ -336,7 +359,12 @@ def train_step(state: TrainState, teacher_params, batch, spec: Spec):
   """One optimizer update. Returns (new state, metrics); term metrics are (sum, count) pairs."""
   step = state.step
   teacher_params = current_teacher(state, teacher_params)
-  grads, terms = _grads(state.params, teacher_params, batch, spec, step, state.frozen)
+  rng = None
+  if spec.student_rngs:  # a key per step, and per device under pmap (each has its own rows)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
+    if spec.axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(spec.axis_name))
+  grads, terms = _grads(state.params, teacher_params, batch, spec, step, state.frozen, rng)
   updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   loss = sum(spec.weights[n](step) * s / jnp.maximum(c, 1.0) for n, (s, c) in terms.items())
@@ -383,7 +411,8 @@ def eval_step(params, teacher_params, batch, spec: Spec, num_bins: int = 15):
     return {**{f'{prefix}/conf_{b:02d}': (conf_sum[b], n[b]) for b in range(num_bins)},
             **{f'{prefix}/hit_{b:02d}': (hit_sum[b], n[b]) for b in range(num_bins)}}
 
-  student_logits = forward(spec.student, _seen(params['student'], spec), batch)['logits']
+  student_logits = forward(spec.student_eval or spec.student, _seen(params['student'], spec),
+                           batch)['logits']
   out = {'ce': losses.ce_sum(student_logits, batch['labels'], mask=mask)}
   count = jnp.sum(mask_f)
   out['accuracy'] = (jnp.sum((jnp.argmax(student_logits, -1) == batch['labels']) * mask), count)
