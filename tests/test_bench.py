@@ -1,9 +1,13 @@
-"""experiments/bench_vs_peer.py: runs kd's step and a peer process, and divides their numbers."""
+"""experiments/bench_vs_peer.py: runs kd's step and a peer process, and divides their numbers;
+experiments/bench_sample.py: kd's and transformers' generation on one checkpoint."""
 
 import json
 import os
 import subprocess
 import sys
+
+import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,3 +43,13 @@ def test_bench_vs_peer_prints_ratios_to_the_peer(tmp_path):
   ratio = plain['tokens_per_s'] / 100
   assert f"| plain | {plain['tokens_per_s']:,} |" in table and f'{ratio:.2f}x' in table
   assert '| bad | failed: exit' in table
+
+
+def test_bench_sample_times_both_frameworks_on_the_same_greedy_tokens():
+  pytest.importorskip('torch')
+  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+  import bench_sample  # pylint: disable=g-import-not-at-top
+  (row,) = bench_sample.bench('tiny', [2], prompt=5, new=6, runs=1)
+  assert row['same_tokens'] == 1.0  # kd's greedy answers are transformers' own
+  assert row['kd_tokens_per_s'] > 0 and row['torch_tokens_per_s'] > 0
+  np.testing.assert_allclose(row['ratio'], row['kd_tokens_per_s'] / row['torch_tokens_per_s'])
