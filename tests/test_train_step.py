@@ -317,6 +317,14 @@ def test_online_step_trains_the_teacher_on_ce_and_the_student_from_it():
                               rtol=1e-5, atol=1e-7)
   s, c = m['terms'][step_lib.ONLINE_TEACHER_CE]
   np.testing.assert_allclose(s / c, teacher_ce(tp), rtol=1e-5)
+  # Accumulated over ragged micro-batches: the same update as the whole batch at once.
+  accum = dataclasses.replace(spec, accum_steps=4)
+  ragged = _batch(ragged=True)
+  s1, m1 = step_lib.train_step(step_lib.create_state(params, spec.tx, 0), None, ragged, spec)
+  s4, m4 = step_lib.train_step(step_lib.create_state(params, spec.tx, 0), None, ragged, accum)
+  chex.assert_trees_all_close(s4.params, s1.params, rtol=1e-4, atol=1e-6)
+  for name, v in m1['terms'].items():
+    np.testing.assert_allclose(m4['terms'][name], v, rtol=1e-4)
 
 
 def test_a_checkpoint_from_before_a_state_field_existed_restores(tmp_path):

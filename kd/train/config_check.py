@@ -58,7 +58,6 @@ def check(config) -> None:
   if config.get('online', False):
     problems = [p for p, bad in (
         ('chunk_size=0', int(config.get('chunk_size', 0))),
-        ('train.accum_steps=1', int(config.train.get('accum_steps', 1)) != 1),
         ("peft.method='none'", (config.get('peft') or {}).get('method', 'none') != 'none'),
         ("teacher.cache=''", config.teacher.get('cache', '')),
         ('teacher.count=1', int(config.teacher.get('count', 1)) != 1)) if bad]

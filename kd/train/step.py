@@ -332,24 +332,31 @@ def _grads(params, teacher_params, batch, spec: Spec, step, frozen=None, rng=Non
   micro = _split(batch, spec.accum_steps, spec.strided_accum)
   keys = (None if rng is None else
           jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(spec.accum_steps)))
+  names = [*spec.terms, *([ONLINE_TEACHER_CE] if spec.online else [])]
 
   # Pass 1, forward only: the global count of every term, so each micro-batch's contribution is
   # normalised by the whole batch's count (exact, for any registered loss).
   def count_body(acc, mb_key):
     mb, key = mb_key
-    t_out = teacher_forward(spec, teacher_params, mb)
-    terms = loss_terms(params, teacher_params, t_out, mb, spec, step, frozen, key)
+    if spec.online:  # the co-trained teacher, as _objective runs it
+      t_out = forward(spec.teacher, params['teacher'], mb, **spec.needs())
+      terms = loss_terms(params, params['teacher'], t_out, mb, spec, step, frozen, key)
+      terms[ONLINE_TEACHER_CE] = losses.ce_sum(t_out['logits'], mb['labels'],
+                                               mask=mb['loss_mask'])
+    else:
+      t_out = teacher_forward(spec, teacher_params, mb)
+      terms = loss_terms(params, teacher_params, t_out, mb, spec, step, frozen, key)
     return jax.tree.map(jnp.add, acc, {n: c for n, (_, c) in terms.items()}), None
-  zero_counts = {n: jnp.zeros((), jnp.float32) for n in spec.terms}
+  zero_counts = {n: jnp.zeros((), jnp.float32) for n in names}
   counts, _ = jax.lax.scan(count_body, zero_counts, (micro, keys))
   counts = _psum(counts, spec)
 
   def grad_body(acc, mb_key):
     mb, key = mb_key
-    t_out = teacher_forward(spec, teacher_params, mb)
+    t_out = None if spec.online else teacher_forward(spec, teacher_params, mb)
     g, terms = grad_fn(params, teacher_params, t_out, mb, spec, step, counts, frozen, key)
     return jax.tree.map(jnp.add, acc, (g, terms)), None
-  zero_terms = {n: (jnp.zeros((), jnp.float32),) * 2 for n in spec.terms}
+  zero_terms = {n: (jnp.zeros((), jnp.float32),) * 2 for n in names}
   zero = (jax.tree.map(jnp.zeros_like, params), zero_terms)
   (grads, terms), _ = jax.lax.scan(grad_body, zero, (micro, keys))
   return _psum((grads, terms), spec)
