@@ -93,6 +93,14 @@ def test_eos_stops_rows_like_transformers(models):
   assert (ours[:, theirs.shape[1]:] == 0).all()
   first = int(np.argmax(free[0] == eos))
   assert (ours[0, first + 1:] == 0).all() and ours[0, first] == eos
+  # Several stop tokens (transformers takes a list too): a row stops at the first of any.
+  stops = [int(free[1, 1]), eos]
+  ours = np.asarray(sample.generate(model, PROMPT, PROMPT_MASK, max_new_tokens=N,
+                                    temperature=0.0, eos_id=stops, pad_id=0))
+  theirs = _hf_greedy(ref, eos_id=stops)
+  np.testing.assert_array_equal(ours[:, :theirs.shape[1]], theirs)
+  assert (ours[:, theirs.shape[1]:] == 0).all()
+  assert ours[1, 1] == stops[0] and (ours[1, 2:] == 0).all()
 
 
 def _full_forward_greedy(model, n):

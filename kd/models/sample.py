@@ -82,8 +82,8 @@ def decode(module, params, prompt_ids_BxT, prompt_mask_BxT, rng, temperature, to
     i, cache, logits_BxV, tokens_BxN, done_B = carry
     token_B = pick(logits_BxV, jax.random.fold_in(rng, i), temperature, top_p)
     token_B = jnp.where(done_B, pad_id, token_B)
-    if use_eos:
-      done_B = done_B | (token_B == eos_id)
+    if use_eos:  # eos_id: [K] stop tokens
+      done_B = done_B | jnp.any(token_B[:, None] == eos_id[None, :], axis=-1)
     tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, token_B[:, None], (0, i))
     logits_BxV, cache = step(token_B[:, None], jnp.ones((b, 1), jnp.int32), cache)
     return i + 1, cache, logits_BxV, tokens_BxN, done_B
@@ -117,11 +117,19 @@ def check_prompts(prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: 
   return prompt_ids, prompt_mask, rng
 
 
+def stop_ids(eos_id) -> jax.Array:
+  """eos_id (None, one id or several) as an int32 vector [K] (K >= 1; [-1] when None)."""
+  ids = np.atleast_1d(np.asarray(-1 if eos_id is None else eos_id, np.int32))
+  if ids.ndim != 1 or ids.size == 0:
+    raise ValueError(f'eos_id must be an int or a non-empty list of ints, got {eos_id!r}.')
+  return jnp.asarray(ids)
+
+
 def settings(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-             eos_id: int | None, pad_id: int) -> tuple[tuple, dict]:
+             eos_id, pad_id: int) -> tuple[tuple, dict]:
   """(traced scalars, static keywords) of `decode` for these settings."""
   traced = (jnp.float32(temperature), jnp.float32(top_p),
-            jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id))
+            stop_ids(eos_id), jnp.int32(pad_id))
   static = dict(max_new_tokens=max_new_tokens, greedy=temperature == 0, top_k=int(top_k),
                 use_top_p=top_p < 1.0, use_eos=eos_id is not None)
   return traced, static
@@ -129,7 +137,7 @@ def settings(*, max_new_tokens: int, temperature: float, top_k: int, top_p: floa
 
 def generate(model, prompt_ids, prompt_mask=None, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | None = None, pad_id: int = 0, rng=None, place=None) -> jax.Array:
+             eos_id=None, pad_id: int = 0, rng=None, place=None) -> jax.Array:
   """New tokens [B, max_new_tokens] after left-padded prompts; `pad_id` after a row's eos.
 
   Args:
@@ -140,7 +148,8 @@ def generate(model, prompt_ids, prompt_mask=None, *, max_new_tokens: int,
     temperature: 0 for greedy decoding.
     top_k: keep only the k most likely tokens (0: all).
     top_p: keep the most likely tokens up to this probability mass (1: all).
-    eos_id: a row stops after producing it; the loop stops when every row has.
+    eos_id: a stop token, or a list of them (e.g. an instruction model's eos and end-of-turn);
+      a row stops after producing one; the loop stops when every row has.
     pad_id: what fills a row after its eos.
     rng: a jax PRNG key for sampling (unused when greedy).
     place: `place((ids, mask))` puts the checked host prompts on the devices, e.g. a mesh plan's

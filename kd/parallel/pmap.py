@@ -101,7 +101,7 @@ class PmapPlan:
 
   def generate(self, model, prompt_ids, prompt_mask=None, *, max_new_tokens: int,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               eos_id: int | None = None, pad_id: int = 0, rng=None) -> np.ndarray:
+               eos_id=None, pad_id: int = 0, rng=None) -> np.ndarray:
     """kd.models.sample.generate with replicated params (a pmap state's): device i decodes
     rows i*B/n ... with its own key, `jax.random.split(rng, n)[i]` (so samples differ from one
     device's; greedy decoding is the same). Returns [B, max_new_tokens] on the host."""
