@@ -109,6 +109,12 @@ def get_config(arg=None):
   # replaces the teacher forward in the KD step; see kd/losses/topk.py for the semantics.
   c.teacher.cache = ''
   c.teacher.topk_semantics = 'rest_bucket'
+  # A quantized teacher (kd.quant): once trained or loaded, its `target` projections are stored
+  # as int8 or int4 (`bits`; 0 = float) with one scale per `group_size` input rows (0 = per
+  # output channel) and run as quantized matmuls (qwix), a half or a quarter of their bf16
+  # memory. The student's init (student_init.source='teacher') takes the float weights.
+  c.teacher.quant = ml_collections.ConfigDict(dict(bits=0, group_size=0,
+                                                   target=r'.*_proj|lm_head'))
   c.teacher.optimizer = ml_collections.ConfigDict(dict(
       name='adamw', lr=3e-3, warmup_steps=50, schedule='cosine', weight_decay=0.05,
       grad_clip_norm=1.0))

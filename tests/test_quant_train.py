@@ -108,3 +108,45 @@ def test_qat_run_saves_a_student_on_the_4_bit_grid(shakespeare_config, tmp_path)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), params, again)
   q = quant.quantize_params(params, qcfg)
   assert all(np.abs(k.values).max() <= 7 for k in q.kernels.values())
+
+
+def test_a_quantized_teacher_teaches_as_its_dequantized_weights():
+  """config.teacher.quant: the KD step with the teacher on qwix's int matmuls equals the step
+  with the teacher's RTN-dequantized float weights; the teacher's params hold int8 values."""
+  from kd.train import compress  # pylint: disable=g-import-not-at-top
+  config = _config('sgd')
+  config.teacher = {'quant': {'bits': 8, 'group_size': 0, 'target': r'.*_proj|lm_head'}}
+  _, plain_spec, tp, base, _, batch = _setup(config)
+  teacher, qparams = compress.quantized_teacher(config, plain_spec.teacher, tp)
+  leaf = qparams['params']['layers_0']['attn']['q_proj']['kernel'].array
+  assert leaf.qvalue.dtype == jnp.int8
+  spec = dataclasses.replace(plain_spec, teacher=teacher)
+  state = step_lib.create_state({'student': base, 'proj': {}}, spec.tx, 0)
+  step = lambda sp, t: jax.jit(functools.partial(step_lib.train_step, spec=sp))(
+      jax.tree.map(jnp.array, state), t, batch)
+  qcfg = quant.QuantConfig(target=r'.*_proj|lm_head', bits=8, group_size=None)
+  new, m = step(spec, qparams)
+  ref, m_ref = step(plain_spec, quant.dequantize(quant.quantize_params(tp, qcfg)))
+  _, m_float = step(plain_spec, tp)
+  np.testing.assert_allclose(m['loss'], m_ref['loss'], rtol=1e-5)
+  assert m['loss'] != m_float['loss']  # the rounding is there
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               new.params, ref.params)
+
+
+@pytest.mark.parametrize('edit,message', [
+    (lambda c: c.teacher.quant.update(bits=3), 'config.teacher.quant'),
+    (lambda c: c.teacher.update(count=2), 'teacher.count=1'),
+    (lambda c: c.parallel.update(mode='pmap'), "parallel.mode='single'"),
+    (lambda c: c.teacher.quant.update(target='nothing'), 'matches no kernel'),
+])
+def test_teacher_quant_config_errors(edit, message, shakespeare_config):
+  config = shakespeare_config('tiny')
+  config.teacher.quant.bits = 8
+  student = run.build_model(config.student, 61)
+  teacher = run.build_model(config.teacher.model, 61)
+  config_check.check_models(config, student, teacher)  # fine before the edit
+  edit(config)
+  with pytest.raises(config_check.ConfigError, match=message):
+    config_check.check(config)
+    config_check.check_models(config, student, teacher)

@@ -115,3 +115,15 @@ def finish(config, trained, frozen):
   if qcfg is not None:
     params = quant.dequantize(quant.quantize_params(params, qcfg))
   return params, count
+
+
+def quantized_teacher(config, teacher, teacher_params, seq_len: int = 8):
+  """(teacher, params) as config.teacher.quant says: the target projections stored as int8 /
+  int4 values and scales (kd.quant RTN) and run as qwix's quantized matmuls
+  (kd.quant.runtime), so no float copy of them is kept; the pair unchanged when bits is 0."""
+  qcfg = config_check.teacher_quant_config(config)
+  if qcfg is None:
+    return teacher, teacher_params
+  qparams = quant.quantize_params(teacher_params, qcfg)
+  model = quant.ptq_model(teacher, qparams)
+  return model, quant.ptq_variables(model, qparams, jnp.zeros((1, seq_len), jnp.int32))

@@ -214,6 +214,7 @@ def check_models(config, student, teacher) -> None:
   except ValueError as e:
     raise ConfigError(f'config.features: {e}') from None
   check_teacher_cache(config, teacher)
+  check_teacher_quant(config, teacher)
   si = config.get('student_init') or {}
   if si.get('source', 'random') not in ('random', 'teacher', 'run'):
     raise ConfigError(f"config.student_init.source={si.get('source')!r}; use 'random', 'teacher' "
@@ -320,6 +321,42 @@ def quant_config(config):
                                       group_size=int(qc.group_size) or None)
   except ValueError as e:
     raise ConfigError(f'config.quant: {e}') from None
+
+
+def teacher_quant_config(config):
+  """config.teacher.quant -> the kd.quant.QuantConfig the teacher runs with, or None (bits 0)."""
+  from kd import quant  # pylint: disable=g-import-not-at-top
+  tq = (config.get('teacher') or {}).get('quant') or {}
+  bits = int(tq.get('bits', 0))
+  if not bits:
+    return None
+  try:
+    return quant.QuantConfig(target=tq.get('target', r'.*_proj|lm_head'), bits=bits,
+                             group_size=int(tq.get('group_size', 0)) or None)
+  except ValueError as e:
+    raise ConfigError(f'config.teacher.quant: {e} (bits 0 keeps the teacher in float)') from None
+
+
+def check_teacher_quant(config, teacher) -> None:
+  """config.teacher.quant fits the run and the teacher's kernels."""
+  from kd import quant  # pylint: disable=g-import-not-at-top
+  qcfg = teacher_quant_config(config)
+  if qcfg is None:
+    return
+  problems = [p for p, bad in (
+      ('teacher.count=1', int(config.teacher.get('count', 1)) != 1),
+      ("teacher.cache=''", config.teacher.get('cache', '')),
+      ("parallel.mode='single'", (config.get('parallel') or {}).get('mode', 'single') != 'single'),
+      ('teacher.model.scan_layers=False', getattr(teacher.config, 'scan_layers', False))) if bad]
+  if problems:
+    raise ConfigError('a quantized teacher (config.teacher.quant.bits > 0) needs '
+                      f"{', '.join(problems)}, or set teacher.quant.bits=0")
+  shapes = _param_shapes(teacher)
+  try:
+    for path in quant.target_paths(shapes, qcfg.target):
+      quant.rtn.group_size_for(quant.rtn.kernel(shapes, path).shape[0], qcfg.group_size, path)
+  except ValueError as e:
+    raise ConfigError(f'config.teacher.quant: {e}') from None
 
 
 def check_quant(config, student) -> None:

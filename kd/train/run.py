@@ -384,6 +384,9 @@ def main(config, workdir: str) -> dict:
   teacher, teacher_params = train_teachers(config, data, teacher, workdir, results)
   init = student_init(config, student, teacher, teacher_params)  # both students start alike
   student, init = peft_student(config, student, init)
+  # From here on the teacher may run quantized (config.teacher.quant); the init above used it
+  # in float.
+  teacher, teacher_params = compress.quantized_teacher(config, teacher, teacher_params)
   student_params, results['student_kd'] = run_stage(
       config, data, f'{workdir}/student_kd', student, teacher, teacher_params,
       dict(config.losses), steps=config.train.steps, seed=config.seed, name='student_kd',
