@@ -339,7 +339,6 @@ def teacher_quant_config(config):
 
 def check_teacher_quant(config, teacher) -> None:
   """config.teacher.quant fits the run and the teacher's kernels."""
-  from kd import quant  # pylint: disable=g-import-not-at-top
   qcfg = teacher_quant_config(config)
   if qcfg is None:
     return
@@ -351,19 +350,13 @@ def check_teacher_quant(config, teacher) -> None:
   if problems:
     raise ConfigError('a quantized teacher (config.teacher.quant.bits > 0) needs '
                       f"{', '.join(problems)}, or set teacher.quant.bits=0")
-  shapes = _param_shapes(teacher)
-  try:
-    for path in quant.target_paths(shapes, qcfg.target):
-      quant.rtn.group_size_for(quant.rtn.kernel(shapes, path).shape[0], qcfg.group_size, path)
-  except ValueError as e:
-    raise ConfigError(f'config.teacher.quant: {e}') from None
+  _check_quant_targets(_param_shapes(teacher), qcfg, 'config.teacher.quant')
 
 
 def check_quant(config, student) -> None:
   """config.quant fits config.peft and the student's kernels (target, group size); `student`
   as for check_peft."""
   from kd import peft  # pylint: disable=g-import-not-at-top
-  from kd import quant  # pylint: disable=g-import-not-at-top
   method, qcfg = quant_config(config)
   if qcfg is None:
     return
@@ -374,12 +367,17 @@ def check_quant(config, student) -> None:
   if method == 'qlora' and lora is None:
     raise ConfigError("config.quant.method='qlora' quantizes a LoRA student's frozen base: set "
                       "config.peft.method='lora', or use quant.method='qat'")
-  shapes = _param_shapes(student)
+  _check_quant_targets(_param_shapes(student), qcfg, 'config.quant')
+
+
+def _check_quant_targets(shapes, qcfg, where: str) -> None:
+  """`qcfg.target` matches 2-D kernels of `shapes` whose input size its group size divides."""
+  from kd import quant  # pylint: disable=g-import-not-at-top
   try:
     for path in quant.target_paths(shapes, qcfg.target):
       quant.rtn.group_size_for(quant.rtn.kernel(shapes, path).shape[0], qcfg.group_size, path)
   except ValueError as e:
-    raise ConfigError(f'config.quant: {e}') from None
+    raise ConfigError(f'{where}: {e}') from None
 
 
 def _flat_paths(tree) -> list:
