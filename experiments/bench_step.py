@@ -9,8 +9,12 @@ compute (teacher bf16 weights, student float32 master weights). Prints one JSON 
 With --compare_chunked it runs the plain logit path, the chunked one with per-chunk remat and the
 chunked fused one (gradient made in the forward pass), which on a CPU shows the memory the chunked
 paths save (XLA's compiled temp bytes). experiments/bench_vs_peer.py runs it beside the peer.
+--teacher_bits=8|4 runs the teacher quantized (config.teacher.quant: int values and scales on
+qwix's matmuls, random values made on the device), for a teacher too big for its bf16 memory;
+`teacher_bytes` and XLA's argument bytes show what it saves.
 """
 
+import dataclasses
 import functools
 import json
 import sys
@@ -24,6 +28,7 @@ from absl import app
 from absl import flags
 
 from kd import models
+from kd import quant
 from kd.train import run
 from kd.train import step as step_lib
 
@@ -66,6 +71,9 @@ _ATTN = flags.DEFINE_string('attention_impl', None, "None (JAX picks), 'xla' or 
 _SPD = flags.DEFINE_string('student_param_dtype', 'float32',
                            'Student master weights (and so optimizer state) dtype.')
 _MU = flags.DEFINE_string('mu_dtype', None, "Adam's first-moment dtype (None: the params').")
+_TBITS = flags.DEFINE_integer('teacher_bits', 0, 'Run the teacher quantized (config.teacher.quant):'
+                              ' 8 or 4 (0 = bf16), int values on qwix\'s matmuls.')
+_TGROUP = flags.DEFINE_integer('teacher_group', 0, 'Its input rows per scale (0 = per channel).')
 _PEAK = flags.DEFINE_float('peak_tflops', 790.0, 'Peak matmul TFLOP/s for MFU (H100 bf16 measured).')
 
 
@@ -90,6 +98,44 @@ def _random_params(config, seed: int):
   return fill(jax.random.key(seed, impl='rbg'))
 
 
+def _random_quantized(teacher, bits: int, group: int, seed: int):
+  """(qwix PTQ teacher, its variables) for random int values and scales of the right shapes,
+  made on the device (RTN of a random float teacher would take minutes on the host at 8B)."""
+  qcfg = quant.QuantConfig(target=r'.*_proj|lm_head', bits=bits, group_size=group or None)
+  shapes = jax.eval_shape(functools.partial(models.init_params, teacher.config),
+                          jax.random.key(seed))
+  paths = quant.target_paths(shapes, qcfg.target)
+  for p in paths:  # a clear error for a group that does not divide, before any compile
+    quant.rtn.group_size_for(quant.rtn.kernel(shapes, p).shape[0], group or None, p)
+  rest = quant.rtn.split_rest(shapes, paths)
+  qmax = quant.rtn.qmax(bits)
+
+  @jax.jit
+  def fill(key):
+    keys = iter(jax.random.split(key, 2 * len(paths) + len(rest)))
+    kernels = {}
+    for p in paths:
+      d_in, d_out = quant.rtn.kernel(shapes, p).shape
+      g = group or d_in
+      values = jax.random.randint(next(keys), (d_in, d_out), -qmax, qmax + 1, jnp.int8)
+      scales = (0.02 / qmax * (1 + jax.random.uniform(next(keys), (d_in // g, d_out)))
+                ).astype(jnp.float16)
+      kernels[p] = (values, scales, g)
+    others = {k: (jnp.ones(v.shape, v.dtype) if k.endswith('scale') else
+                  (0.02 * jax.random.normal(next(keys), v.shape)).astype(v.dtype))
+              for k, v in rest.items()}
+    return {p: v[:2] for p, v in kernels.items()}, others
+
+  arrays, others = fill(jax.random.key(seed, impl='rbg'))
+  groups = {p: group or quant.rtn.kernel(shapes, p).shape[0] for p in paths}
+  qparams = quant.QuantizedParams(qcfg, {
+      p: quant.QuantizedKernel(values=v, scales=sc, bits=bits, group_size=groups[p],
+                               dtype=str(quant.rtn.kernel(shapes, p).dtype))
+      for p, (v, sc) in arrays.items()}, others)
+  model = quant.ptq_model(teacher, qparams)
+  return model, quant.ptq_variables(model, qparams, jnp.zeros((1, 8), jnp.int32))
+
+
 def build(chunk_size: int, fused: bool):
   tdims, sdims, batch, seq = SHAPES[_SHAPE.value]
   common = dict(max_seq_len=seq, dtype=_DTYPE.value, remat=_REMAT.value,
@@ -104,7 +150,11 @@ def build(chunk_size: int, fused: bool):
                  'mu_dtype': _MU.value},
       train={'accum_steps': 1}))
   spec = run.make_spec(c, student, teacher, dict(c.losses), 100)
-  teacher_params = _random_params(teacher.config, 1)
+  if _TBITS.value:
+    model, teacher_params = _random_quantized(teacher, _TBITS.value, _TGROUP.value, 1)
+    spec = dataclasses.replace(spec, teacher=model)
+  else:
+    teacher_params = _random_params(teacher.config, 1)
   student_params = _random_params(student.config, 0)
   state = jax.jit(lambda p: step_lib.create_state(run.init_student(spec, 0, p), spec.tx, 0))(
       student_params)
@@ -143,19 +193,21 @@ def bench(chunk_size: int, fused: bool) -> dict:
     state, m = step(state, teacher_params, batch)
   jax.block_until_ready(state)
   dt = (time.perf_counter() - t0) / _STEPS.value
-  n_t = models.count_params(teacher_params)
+  n_t = models.count_params(teacher_params)  # (a quantized teacher: values and scales)
   n_s = models.count_params(state.params['student'])
   tps = b * seq / dt
   tflops = flops_per_token(tdims, sdims, seq, n_t, n_s) * tps / 1e12
   out = dict(peer='kd-jax', shape=_SHAPE.value, chunk_size=chunk_size,
              fused_chunks=bool(chunk_size and fused), remat=_REMAT.value,
              remat_policy=_POLICY.value, attention_impl=_ATTN.value,
-             student_param_dtype=_SPD.value, mu_dtype=_MU.value,
+             student_param_dtype=_SPD.value, mu_dtype=_MU.value, teacher_bits=_TBITS.value,
+             teacher_bytes=sum(x.nbytes for x in jax.tree.leaves(teacher_params)),
              device=jax.devices()[0].device_kind,
              teacher_params=n_t, student_params=n_s, step_s=round(dt, 4), tokens_per_s=round(tps),
              tflops=round(tflops, 1), mfu=round(tflops / _PEAK.value, 3), loss=float(m['loss']),
              compile_s=round(compile_s, 1),
-             xla_temp_gb=round(getattr(mem, 'temp_size_in_bytes', 0) / 2**30, 3))
+             xla_temp_gb=round(getattr(mem, 'temp_size_in_bytes', 0) / 2**30, 3),
+             xla_args_gb=round(getattr(mem, 'argument_size_in_bytes', 0) / 2**30, 3))
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     out['peak_mem_gb'] = round(stats['peak_bytes_in_use'] / 2**30, 2)

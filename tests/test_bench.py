@@ -53,3 +53,17 @@ def test_bench_sample_times_both_frameworks_on_the_same_greedy_tokens():
   assert row['same_tokens'] == 1.0  # kd's greedy answers are transformers' own
   assert row['kd_tokens_per_s'] > 0 and row['torch_tokens_per_s'] > 0
   np.testing.assert_allclose(row['ratio'], row['kd_tokens_per_s'] / row['torch_tokens_per_s'])
+
+
+def test_bench_step_runs_a_quantized_teacher_in_less_memory():
+  """bench_step --teacher_bits=8: the teacher's int8 projections (plus its bf16 embeddings,
+  norms and scales) take less than the bf16 teacher; both steps run and give a finite loss."""
+  out = {}
+  for bits in (0, 8):
+    run = subprocess.run([sys.executable, 'experiments/bench_step.py', '--shape=cpu-tiny',
+                          '--steps=1', f'--teacher_bits={bits}'], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    out[bits] = json.loads(run.stdout.strip().splitlines()[-1])
+  assert all(np.isfinite(r['loss']) for r in out.values())
+  # cpu-tiny: 105,984 projection weights (2 layers + lm_head) of 138,880: 2 bytes -> 1 byte.
+  assert out[8]['teacher_bytes'] < 0.7 * out[0]['teacher_bytes']
