@@ -7,6 +7,7 @@ sums, the shardings the mesh plan gave, and a pmap run through `loop.fit` stoppe
 and resumed from its checkpoint.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -26,6 +27,7 @@ from kd import models  # pylint: disable=g-import-not-at-top,wrong-import-positi
 from kd import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd import peft  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.train import compress  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import run  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import step as step_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -157,6 +159,7 @@ def main():
           np.array_equal(a, b) for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(params))))
   out['generate'] = generation(student, state0.params['student'])
   out['lora'] = lora_runs(student, teacher, teacher_params, batches)
+  out['quantized_teacher'] = quantized_teacher_runs(student, teacher, teacher_params, batches)
   json.dump(out, sys.stdout)
 
 
@@ -194,6 +197,32 @@ def lora_runs(student, teacher, teacher_params, batches):
                      frozen_kept=all(np.array_equal(a, b) for a, b in zip(
                          jax.tree.leaves(jax.device_get(plan.unreplicate(state.frozen))),
                          jax.tree.leaves(base))))
+  return got
+
+
+def quantized_teacher_runs(student, teacher, teacher_params, batches):
+  """An int8 teacher (config.teacher.quant, on qwix's matmuls) FSDP-sharded like a float one:
+  each plan's losses, and the mesh's sharding of one int-valued kernel."""
+  cfg = ml_collections.ConfigDict(
+      {'teacher': {'quant': {'bits': 8, 'group_size': 16, 'target': r'.*_proj|lm_head'}}})
+  model, qparams = compress.quantized_teacher(cfg, teacher, teacher_params)
+  spec = dataclasses.replace(run.make_spec(_config(1), student, teacher, LOSSES, 10),
+                             teacher=model)
+  state0 = jax.device_get(step_lib.create_state(run.init_student(spec, 0), spec.tx, 0))
+  got = {}
+  for name, plan in (('single', parallel.SinglePlan()), ('pmap', parallel.PmapPlan()),
+                     ('mesh2x2x2', parallel.MeshPlan(parallel.make_mesh(2, 2, 2),
+                                                     ('data', 'fsdp')))):
+    state, tp = plan.place_state(jax.tree.map(np.copy, state0)), plan.place_teacher(qparams)
+    fn = plan.train_step(spec, state)
+    losses = []
+    for b in batches:
+      state, m = fn(state, tp, b)
+      losses.append(float(m['loss']))
+    got[name] = losses
+    if name == 'mesh2x2x2':
+      q = tp['params']['layers_1']['mlp']['up_proj']['kernel'].array.qvalue
+      got['mesh_up_proj'] = [str(q.dtype), str(q.sharding.spec)]
   return got
 
 

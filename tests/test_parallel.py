@@ -129,7 +129,7 @@ def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
   runs = json.loads(out.stdout)
   ref = runs.pop('single/accum2')
   shardings, init = runs.pop('shardings'), runs.pop('init')
-  gen, lora = runs.pop('generate'), runs.pop('lora')
+  gen, lora, qteacher = runs.pop('generate'), runs.pop('lora'), runs.pop('quantized_teacher')
   # Stopped and resumed through loop.fit (unreplicated checkpoint, replicated on restore).
   assert runs.pop('pmap/fit_resumed')['same']
   assert set(runs) == {'pmap/accum1', 'pmap/accum2', 'mesh2x2x2/accum2', 'mesh8x1x1/accum1'}
@@ -172,6 +172,11 @@ def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
   for name in ('pmap', 'mesh2x2x2'):
     np.testing.assert_allclose(lora[name]['losses'], lora['single']['losses'], rtol=1e-5)
     assert lora[name]['param_abs'] < 1e-5, (name, lora[name]['param_abs'])
+
+  # An int8 teacher on qwix's matmuls, FSDP-split over ('data', 'fsdp') like a float teacher.
+  assert qteacher.pop('mesh_up_proj') == ['int8', "P(None, ('data', 'fsdp'))"]
+  for name in ('pmap', 'mesh2x2x2'):
+    np.testing.assert_allclose(qteacher[name], qteacher['single'], rtol=1e-5)
 
 
 # --- two processes over loopback ----------------------------------------------------------------

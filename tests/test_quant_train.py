@@ -137,7 +137,6 @@ def test_a_quantized_teacher_teaches_as_its_dequantized_weights():
 @pytest.mark.parametrize('edit,message', [
     (lambda c: c.teacher.quant.update(bits=3), 'config.teacher.quant'),
     (lambda c: c.teacher.update(count=2), 'teacher.count=1'),
-    (lambda c: c.parallel.update(mode='pmap'), "parallel.mode='single'"),
     (lambda c: c.teacher.quant.update(target='nothing'), 'matches no kernel'),
 ])
 def test_teacher_quant_config_errors(edit, message, shakespeare_config):

@@ -345,7 +345,6 @@ def check_teacher_quant(config, teacher) -> None:
   problems = [p for p, bad in (
       ('teacher.count=1', int(config.teacher.get('count', 1)) != 1),
       ("teacher.cache=''", config.teacher.get('cache', '')),
-      ("parallel.mode='single'", (config.get('parallel') or {}).get('mode', 'single') != 'single'),
       ('teacher.model.scan_layers=False', getattr(teacher.config, 'scan_layers', False))) if bad]
   if problems:
     raise ConfigError('a quantized teacher (config.teacher.quant.bits > 0) needs '
