@@ -19,4 +19,4 @@ demo-lm: install
 	$(PY) -m kd.main --config=configs/shakespeare_kd.py --workdir=/tmp/kd/shakespeare
 
 test: install
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests
