@@ -182,15 +182,41 @@ def test_lora_dropout_step_draws_per_step_and_evaluates_without_it(shakespeare_c
   jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
+def test_ema_self_distillation_of_a_lora_student_averages_its_adapters():
+  """The EMA teacher of a LoRA student is its adapters' average on the frozen base: the step
+  equals the plain KD step from the merged EMA model, and only the adapters are averaged."""
+  config = _config('sgd')
+  spec, plain_spec, _, base, lora, batch = _setup(config)
+  ema_spec = dataclasses.replace(spec, teacher=spec.student, ema_decay=0.9)
+  ema = jax.tree.map(lambda x: x + 0.05, lora)  # a teacher unlike the student
+  state = step_lib.create_state({'student': lora, 'proj': {}}, spec.tx, 0, frozen=base, ema=ema)
+  new, m = jax.jit(functools.partial(step_lib.train_step, spec=ema_spec))(state, None, batch)
+  teacher = _merged_by_hand(ema, base)  # plain weights: base + scale A B, by hand
+  ref_spec = dataclasses.replace(spec, teacher=plain_spec.student)
+  ref, m_ref = step_lib.train_step(
+      step_lib.create_state({'student': lora, 'proj': {}}, spec.tx, 0, frozen=base), teacher,
+      batch, ref_spec)
+  np.testing.assert_allclose(m['loss'], m_ref['loss'], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               new.params, ref.params)
+  want = jax.tree.map(lambda e, p: 0.9 * np.asarray(e) + 0.1 * np.asarray(p), ema,
+                      new.params['student'])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new.ema,
+               want)
+
+
 def test_lora_run_trains_adapters_only_checkpoints_them_and_restores(shakespeare_config,
                                                                      tmp_path):
   config = shakespeare_config('tiny,lora')
   config.peft.dropout = 0.1  # (training only: the restored run below evaluates alike)
   config.teacher.quant.bits = 8  # an int8 teacher (on qwix's int matmuls) teaches the adapters
+  config.self_distill.ema_decay = 0.9  # and a second stage distils them from their own EMA
   config.baseline = False
   results = run.main(config, str(tmp_path))
   r = results['student_kd']
   assert 0 < r['trainable_params'] < r['params']
+  assert results['student_ema_self']['trainable_params'] == r['trainable_params']
+  assert np.isfinite(results['student_ema_self']['perplexity'])
   # The checkpoint holds the adapters and their optimizer state, not the base.
   ckpt = tmp_path / 'student_kd' / 'checkpoints'
   last = max(int(d) for d in os.listdir(ckpt) if d.isdigit())

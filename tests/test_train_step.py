@@ -286,9 +286,7 @@ def test_ema_config_is_checked(shakespeare_config):
   c.self_distill.ema_decay = 1.0
   with pytest.raises(config_check.ConfigError, match=r'ema_decay must be in \[0, 1\)'):
     config_check.check(c)
-  c = shakespeare_config('tiny,ema,lora')
-  with pytest.raises(config_check.ConfigError, match="set peft.method='none'"):
-    config_check.check(c)
+  config_check.check(shakespeare_config('tiny,ema,lora'))  # a LoRA student averages adapters
 
 
 def test_online_step_trains_the_teacher_on_ce_and_the_student_from_it():

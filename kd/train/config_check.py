@@ -49,9 +49,6 @@ def check(config) -> None:
   decay = float((config.get('self_distill') or {}).get('ema_decay', 0.0))
   if not 0.0 <= decay < 1.0:
     raise ConfigError(f'config.self_distill.ema_decay must be in [0, 1) (0 = off), got {decay}')
-  if decay and (config.get('peft') or {}).get('method', 'none') != 'none':
-    raise ConfigError('EMA self-distillation averages every student weight: set '
-                      "peft.method='none' or self_distill.ema_decay=0")
   if decay and config.teacher.get('cache', ''):
     raise ConfigError('an EMA teacher runs online: unset config.teacher.cache or set '
                       'self_distill.ema_decay=0')

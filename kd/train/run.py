@@ -405,10 +405,11 @@ def main(config, workdir: str) -> dict:
     # Self-distillation from the student's own EMA (Tarvainen & Valpola 2017; the "teacher"
     # of DINO-style training): same losses, the EMA in the teacher's place.
     name = 'student_ema_self'
+    # A PEFT student's EMA covers its adapters; the teacher runs them on the frozen base.
     trained[name], results[name] = run_stage(
-        config, data, f'{workdir}/{name}', student, student, None, dict(config.losses),
-        steps=config.train.steps, seed=config.seed, name=name, init_variables=init,
-        ema_decay=decay)
+        config, data, f'{workdir}/{name}', student, compress.student_model(config, student),
+        None, dict(config.losses), steps=config.train.steps, seed=config.seed, name=name,
+        init_variables=init, ema_decay=decay)
   # Born-again rounds (Furlanello et al. 2018): the last student teaches a fresh copy of itself.
   for r in range(1, int(config.get('born_again', 0)) + 1):
     name = f'student_born_again_{r}'

@@ -49,10 +49,11 @@ def create_state(params, tx, seed: int, frozen=None, ema=None) -> TrainState:
 
 
 def current_teacher(state: TrainState, teacher_params):
-  """The teacher's variables: the student's EMA under EMA self-distillation, the co-trained
-  teacher under online distillation, else the `teacher_params` passed in."""
+  """The teacher's variables: the student's EMA under EMA self-distillation (a PEFT student's:
+  the EMA of its adapters on its frozen base), the co-trained teacher under online
+  distillation, else the `teacher_params` passed in."""
   if state.ema is not None:
-    return state.ema
+    return student_variables({'student': state.ema}, state.frozen)
   return state.params['teacher'] if 'teacher' in state.params else teacher_params
 
 
