@@ -38,15 +38,18 @@ SIZES = {
                    num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8),
 }
 
-_SIZE = flags.DEFINE_enum('size', 'small', list(SIZES), 'Model size.')
-_BATCH = flags.DEFINE_list('batch', ['1', '32'], 'Batch sizes.')
-_PROMPT = flags.DEFINE_integer('prompt', 64, 'Prompt tokens.')
-_NEW = flags.DEFINE_integer('new', 64, 'New tokens per row.')
-_RUNS = flags.DEFINE_integer('runs', 3, 'Timed calls per framework and batch (best kept).')
-_OUT = flags.DEFINE_string('out', '', 'Also append the JSON lines to this file.')
-_SINGLE = flags.DEFINE_bool('single_thread', False, 'One CPU thread for both (XLA and torch): '
-                            'steadier numbers when other jobs share the machine (torch threads '
-                            'that wait on a busy core slow it by 10x and more).')
+def define_flags() -> None:
+  """The command line (defined only when run as a script, so importing this module for its
+  functions adds no absl flags)."""
+  flags.DEFINE_enum('size', 'small', list(SIZES), 'Model size.')
+  flags.DEFINE_list('batch', ['1', '32'], 'Batch sizes.')
+  flags.DEFINE_integer('prompt', 64, 'Prompt tokens.')
+  flags.DEFINE_integer('new', 64, 'New tokens per row.')
+  flags.DEFINE_integer('runs', 3, 'Timed calls per framework and batch (best kept).')
+  flags.DEFINE_string('out', '', 'Also append the JSON lines to this file.')
+  flags.DEFINE_bool('single_thread', False, 'One CPU thread for both (XLA and torch): steadier '
+                    'numbers when other jobs share the machine (torch threads that wait on a '
+                    'busy core slow it by 10x and more).')
 
 
 def checkpoint(size: str, directory: str):
@@ -118,18 +121,19 @@ def bench(size: str, batches, prompt: int, new: int, runs: int,
 
 def main(argv):
   del argv
-  rows = bench(_SIZE.value, [int(b) for b in _BATCH.value], _PROMPT.value, _NEW.value,
-               _RUNS.value, _SINGLE.value)
+  f = flags.FLAGS
+  rows = bench(f.size, [int(b) for b in f.batch], f.prompt, f.new, f.runs, f.single_thread)
   for r in rows:
     line = json.dumps(r)
     print(line, flush=True)
-    if _OUT.value:
-      os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-      with open(_OUT.value, 'a') as f:
-        f.write(line + '\n')
+    if f.out:
+      os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
+      with open(f.out, 'a') as out:
+        out.write(line + '\n')
 
 
 if __name__ == '__main__':
+  define_flags()
   if '--single_thread' in sys.argv:  # XLA reads its flags when the backend starts
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen='
                                'false intra_op_parallelism_threads=1').strip()
