@@ -93,6 +93,11 @@ def decode(module, params, prompt_ids_BxT, prompt_mask_BxT, rng, temperature, to
   return jax.lax.while_loop(cond, body, carry)[3]
 
 
+def module_and_params(model):
+  """(module, variables) of a kd `Model` or of a (module, variables) pair."""
+  return (model.module, model.params) if hasattr(model, 'module') else model
+
+
 def check_prompts(prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float,
                   top_k: int, top_p: float, rng) -> tuple[np.ndarray, np.ndarray, jax.Array]:
   """(ids, mask, rng) as host arrays and a key, after the checks `generate` documents."""
@@ -156,7 +161,7 @@ def generate(model, prompt_ids, prompt_mask=None, *, max_new_tokens: int,
       `shard_batch`, so rows, KV cache and sampling are split like a train batch (the result is
       then a global array); default: the default device.
   """
-  module, params = (model.module, model.params) if hasattr(model, 'module') else model
+  module, params = module_and_params(model)
   ids, mask, rng = check_prompts(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
   ids, mask = place((ids, mask)) if place is not None else (jnp.asarray(ids), jnp.asarray(mask))

@@ -105,7 +105,7 @@ class PmapPlan:
     """kd.models.sample.generate with replicated params (a pmap state's): device i decodes
     rows i*B/n ... with its own key, `jax.random.split(rng, n)[i]` (so samples differ from one
     device's; greedy decoding is the same). Returns [B, max_new_tokens] on the host."""
-    module, params = (model.module, model.params) if hasattr(model, 'module') else model
+    module, params = sample.module_and_params(model)
     ids, mask, rng = sample.check_prompts(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                                           temperature=temperature, top_k=top_k, top_p=top_p,
                                           rng=rng)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from kd import peft
 from kd import quant
 from kd.train import config_check
+from kd.train import step as step_lib
 
 
 def peft_method(config) -> str:
@@ -101,13 +102,9 @@ def finish(config, trained, frozen):
   student's adapters join their (dequantized) base, LoRA merged in (kd.peft.merge); under QAT the
   student is its RTN-quantized-then-dequantized self, the model the step evaluated.
   """
-  count = None
-  params = trained
+  count = None if frozen is None else peft.count(trained)
+  params = step_lib.student_variables({'student': trained}, frozen)  # (dequantizes a QLoRA base)
   if frozen is not None:
-    count = peft.count(trained)
-    if isinstance(frozen, quant.QuantizedParams):
-      frozen = quant.dequantize(frozen)
-    params = peft.combine(trained, frozen)
     lora = lora_config(config)
     if lora is not None:
       params = peft.merge(params, lora)
