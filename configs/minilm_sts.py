@@ -96,8 +96,9 @@ def get_config(arg=None):
   # A quantized student (kd/quant): 'qat' trains through weights fake-quantized to `bits` (4 or
   # 8) on the RTN grid, one scale per `group_size` input rows (0 = per output channel), gradients
   # straight through; 'qlora' (with peft.method='lora') stores the frozen base quantized.
+  # embed_bits (4 or 8; 0 = float): the embedding tables too, per row.
   c.quant = ml_collections.ConfigDict(dict(method='none', bits=8, group_size=0,
-                                           target=r'.*_proj'))
+                                           target=r'.*_proj', embed_bits=0))
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adamw', lr=3e-4, warmup_steps=60, schedule='cosine', weight_decay=0.01,
       grad_clip_norm=1.0))

@@ -141,8 +141,9 @@ def get_config(arg=None):
   # 8) on kd.quant's RTN grid, one scale per `group_size` input rows (0 = per output channel),
   # gradients straight through; 'qlora' (with peft.method='lora') stores the frozen base
   # quantized. The saved student is the quantized model.
+  # embed_bits (4 or 8; 0 = float): the embedding tables too, per row.
   c.quant = ml_collections.ConfigDict(dict(method='none', bits=8, group_size=0,
-                                           target=r'.*_proj'))
+                                           target=r'.*_proj', embed_bits=0))
 
   # alpha * CE + (1 - alpha) * T^2 * KL: 'kl' already carries T^2.
   c.alpha = 0.5

@@ -11,7 +11,9 @@ positions); prompt tuning (8 embeddings); QAT int8 (per output channel) and int4
 input rows); QLoRA (LoRA on a frozen base stored as int4, groups of 32).
 Post-training rows quantize the full row's trained student (kd.quant): round-to-nearest int8 per
 channel, int4 in groups of 32, GPTQ int4 in groups of 32 (calibrated on 8 train batches), and a
-mixed int4/int8 plan (the quarter of the projections with the largest measured KL in int8).
+mixed int4/int8 plan (the quarter of the projections with the largest measured KL in int8),
+and two that quantize the embedding tables too, per row: all int8, and int4 projections with
+int8 tables.
 Columns: held-out perplexity and top-1 agreement with the teacher (mean ± std over seeds); the
 stored student's size (float32 params; quantized rows: kd.quant's file, int4 packed two per
 byte, scales in float16; QLoRA: its quantized base's file plus the float32 adapters); trained parameters; forward tokens/s at batch 1 and 32 (T = 128, this
@@ -23,10 +25,11 @@ Smoke test: --config_arg=tiny --seeds=0 --workdir=/tmp/comp_tiny --out=/tmp/comp
 its layers 0, 3, 5, offline teacher features shared by every run in <workdir>/teacher_cache).
 Trained rows (MINILM_TRAINED, one `kd.main` run each): full (the normal job), LoRA r = 8 on every
 attention and MLP projection, QAT int8 (per channel) and int4 (groups of 32), QLoRA (LoRA on an
-int4 base, groups of 32); post-training rows ptq8, ptq4, gptq4 quantize the full row's exported
-student (GPTQ calibrated on 8 batches of 32 train sentences). Columns: STS-B dev Spearman (mean
-± std over seeds), stored size (float32; quantized rows kd.quant's packed file, QLoRA its
-packed base plus float32 adapters; the embeddings stay float32), trained parameters, encode
+int4 base, groups of 32); post-training rows ptq8, ptq4, gptq4, ptq8_emb, ptq4_emb8 quantize the
+full row's exported student (GPTQ calibrated on 8 batches of 32 train sentences; the _emb rows
+quantize the embedding tables too, which hold most of MiniLM's bytes). Columns: STS-B dev
+Spearman (mean ± std over seeds), stored size (float32; quantized rows kd.quant's packed file,
+QLoRA its packed base plus float32 adapters), trained parameters, encode
 sentences/s at batch 1 and 32 (kd.eval.speed, on dequantized weights). Writes
 <out>/compressed_minilm.md and .png. Smoke test (a tiny random BERT teacher; ~4 min on 2 cores):
   --task=minilm --config_arg=tiny --seeds=0 --workdir=/tmp/comp_minilm_tiny \
@@ -82,6 +85,10 @@ POST = {
     'ptq4': ('PTQ int4 (RTN, groups of 32)', dict(bits=4, group_size=32)),
     'gptq4': ('GPTQ int4 (groups of 32)', dict(bits=4, group_size=32, gptq=True)),
     'mixed': ('mixed int4/int8 by measured sensitivity', dict(bits=4, group_size=32, mixed=0.25)),
+    'ptq8_emb': ('PTQ int8, embedding tables too (per row)', dict(bits=8, group_size=None,
+                                                                  embed_bits=8)),
+    'ptq4_emb8': ('PTQ int4 (groups of 32) + int8 embedding tables',
+                  dict(bits=4, group_size=32, embed_bits=8)),
 }
 TARGET = r'.*_proj'
 CALIBRATION_BATCHES = 8
@@ -94,7 +101,7 @@ MINILM_TRAINED = {
     'qat4': ('qat=4', {}),
     'qlora': ('lora,qlora', {}),
 }
-MINILM_POST = ('ptq8', 'ptq4', 'gptq4')
+MINILM_POST = ('ptq8', 'ptq4', 'gptq4', 'ptq8_emb', 'ptq4_emb8')
 MINILM_CALIBRATION_BATCH = 32
 
 
@@ -177,7 +184,8 @@ def post_training(seed: str, workdir: str, config_arg: str, rows) -> dict:
   for row in todo:
     how = POST[row][1]
     qcfg = quant.QuantConfig(target=TARGET, bits=how['bits'],
-                             group_size=how['group_size'] and tiny_group(config))
+                             group_size=how['group_size'] and tiny_group(config),
+                             embed_bits=how.get('embed_bits'))
     if how.get('mixed'):
       sens = quant.layer_sensitivity(student, params, calib, qcfg, bits=4)
       plan = quant.choose_bits(sens, num_8bit=max(1, round(how['mixed'] * len(sens))))
@@ -237,11 +245,12 @@ MINILM_COLUMNS = (('spearman', 'STS-B dev Spearman', 1.0, 2),
                   ('sentences_per_s_b1', 'sent/s b=1', 1, 0),
                   ('sentences_per_s_b32', 'sent/s b=32', 1, 0))
 MINILM_CAPTION = (
-    'STS-B dev Spearman ×100 (cosine of mean-pooled embeddings), {n} seed(s), mean ± std. '
-    "Students keep the teacher's layers 0, 3, 5 and distil from cached teacher features "
-    '(embedding MSE + 0.1 hidden MSE + 0.1 MiniLM relations). Only the attention and MLP '
-    'projections are quantized (the embeddings stay float32); quantized rows are evaluated and '
-    'timed on their dequantized weights (exactly the stored model).')
+    'STS-B dev Spearman ×100 (cosine of mean-pooled embeddings), {{n}} seed(s), mean ± std. '
+    "Students keep the teacher's layers {layers} and distil from cached teacher features "
+    '(embedding MSE + 0.1 hidden MSE + 0.1 MiniLM relations). The attention and MLP '
+    'projections are quantized; the embedding tables stay float32 except in the rows that say '
+    'so. Quantized rows are evaluated and timed on their dequantized weights (exactly the '
+    'stored model).')
 
 
 def table(results: dict, columns=COLUMNS, caption: str | None = None) -> str:
@@ -395,6 +404,18 @@ def minilm_trained_extras(row: str, seed: str, workdir: str, config, result: dic
   return dict(result, **extra)
 
 
+def teacher_speeds(workdir: str, config) -> dict:
+  """The teacher's encode speeds, measured as the students' are (cached in
+  <workdir>/teacher_speed.json)."""
+  cache = os.path.join(workdir, 'teacher_speed.json')
+  if os.path.exists(cache):
+    return json.load(open(cache))
+  extra = encode_speeds(hf.load(sentence.teacher_path(config.teacher.path)), config)
+  with open(cache, 'w') as f:
+    json.dump(extra, f)
+  return extra
+
+
 def calibration_batches(config, tokenizer, n: int = CALIBRATION_BATCHES,
                         batch_size: int = MINILM_CALIBRATION_BATCH) -> list[dict]:
   """`n` padded batches {'input_ids', 'attention_mask'} of train sentences, for GPTQ."""
@@ -422,7 +443,8 @@ def minilm_post_training(seed: str, workdir: str, config, rows) -> dict:
   calib = None
   for row in todo:
     how = POST[row][1]
-    qcfg = quant.QuantConfig(target=TARGET, bits=how['bits'], group_size=how['group_size'])
+    qcfg = quant.QuantConfig(target=TARGET, bits=how['bits'], group_size=how['group_size'],
+                             embed_bits=how.get('embed_bits'))
     t0 = time.perf_counter()
     if how.get('gptq'):
       calib = calib or calibration_batches(config, model.tokenizer)
@@ -463,7 +485,8 @@ def minilm_results(rows, seeds, workdir: str, config_arg: str = '', overrides=()
       results[row].append(minilm_trained_extras(row, seed, workdir, config, r['student']))
       teacher = dict(r['teacher'], stored_bytes=r['teacher']['param_bytes'])
     if teacher is not None:
-      results['teacher'].append(teacher)
+      config = minilm_config('full', seed, workdir, config_arg, overrides)
+      results['teacher'].append(dict(teacher, **teacher_speeds(workdir, config)))
     config = minilm_config('full', seed, workdir, config_arg, overrides)
     for row, r in minilm_post_training(seed, workdir, config, post).items():
       results[row].append(r)
@@ -479,7 +502,10 @@ def main_minilm(f) -> None:
     raise app.UsageError(str(e)) from None
   if not any(results.get(r) for r in rows):
     raise app.UsageError(f'no finished runs under {f.workdir}')
-  report.write(f.out, 'compressed_minilm', table(results, MINILM_COLUMNS, MINILM_CAPTION),
+  layers = ', '.join(str(i) for i in minilm_config('full', '0', f.workdir, f.config_arg,
+                                                     f.override).student.layers)
+  caption = MINILM_CAPTION.format(layers=layers)
+  report.write(f.out, 'compressed_minilm', table(results, MINILM_COLUMNS, caption),
                lambda path: plot(results, path, 'spearman', 'STS-B dev Spearman'))
 
 
@@ -515,5 +541,6 @@ if __name__ == '__main__':
   objectives.define_flags(row_specs={**TRAINED, **POST}, workdir='/tmp/kd/compressed')
   flags.DEFINE_enum('task', 'shakespeare', ['shakespeare', 'minilm'],
                     'shakespeare: the decoder rows; minilm: the sentence-encoder rows '
-                    '(default rows then: full, lora, qat8, qat4, qlora, ptq8, ptq4, gptq4).')
+                    '(default rows then: full, lora, qat8, qat4, qlora, ptq8, ptq4, gptq4, '
+                    'ptq8_emb, ptq4_emb8).')
   app.run(main)

@@ -66,8 +66,10 @@ def test_minilm_table_and_unknown_rows(compressed):
              sentences_per_s_b1=100.0, sentences_per_s_b32=900.0)
   text = compressed.table({'teacher': [dict(spearman=86.0, stored_bytes=2**22)],
                            'qlora': [run, dict(run, spearman=82.0)]},
-                          compressed.MINILM_COLUMNS, compressed.MINILM_CAPTION)
+                          compressed.MINILM_COLUMNS,
+                          compressed.MINILM_CAPTION.format(layers='0, 3'))
   assert text.startswith('STS-B dev Spearman ×100 (cosine of mean-pooled embeddings), 2 seed(s)')
+  assert "the teacher's layers 0, 3 and" in text
   assert ('| QLoRA: LoRA r=8 on an int4 base (groups of 32) | 81.00 ± 1.41 | 2.00 ± 0.00 | '
           '10 ± 0 | 100 ± 0 | 900 ± 0 |') in text
   assert '| teacher | 86.00 | 4.00 | - | - | - |' in text

@@ -114,9 +114,73 @@ def test_quantize_params_gives_a_decoder_tree(base):
   assert 0 < err < 0.05, err
 
 
+@pytest.mark.parametrize('bits,group', [(8, None), (4, 16)])
+def test_embedding_tables_per_row(base, tmp_path, bits, group):
+  """embed_bits: each row of a table gets its own scale per group of features (numpy RTN of the
+  transpose); save/load, the qwix runtime, GPTQ and QAT all carry the same table."""
+  e = np.asarray(base['params']['embed']['embedding'])  # [64, 32]
+  qk = quant.quantize_embedding(e, bits, group, scale_dtype='float32')
+  q_ref, s_ref = _np_rtn(e.T, bits, group or 32)  # groups of features within a row
+  np.testing.assert_array_equal(qk.values, q_ref.T)
+  np.testing.assert_allclose(qk.scales, s_ref.T, rtol=1e-6)
+  assert qk.values.shape == (64, 32) and qk.scales.shape == (64, 32 // (group or 32))
+  # By hand, row 5 per row: scale = max|row| / qmax.
+  row = e[5]
+  if group is None:
+    scale = np.abs(row).max() / (2 ** (bits - 1) - 1)
+    np.testing.assert_allclose(np.asarray(quant.dequantize_kernel(qk))[5],
+                               np.round(row / scale) * scale, rtol=1e-5, atol=1e-7)
+
+  qcfg = dataclasses.replace(QCFG, target=r'.*_proj', bits=4, group_size=group,
+                             embed_bits=bits, scale_dtype='float32')
+  qp = quant.quantize_params(base, qcfg)
+  assert qp.kernels['embed'].leaf == 'embedding' and 'params/embed/embedding' not in qp.rest
+  np.testing.assert_array_equal(qp.kernels['embed'].values, qk.values)
+  variables = quant.dequantize(qp)
+  assert jax.tree.structure(variables) == jax.tree.structure(base)
+  want_e = (q_ref * np.repeat(s_ref, group or 32, axis=0)).T
+  np.testing.assert_allclose(np.asarray(variables['params']['embed']['embedding']), want_e,
+                             rtol=1e-6, atol=1e-9)
+  np.testing.assert_array_equal(np.asarray(variables['params']['lm_head']['kernel']),
+                                np.asarray(base['params']['lm_head']['kernel']))  # not a target
+  path = str(tmp_path / 'm.safetensors')
+  quant.save(path, qp)
+  back = quant.load(path)
+  assert back.kernels['embed'].leaf == 'embedding' and back.config == qcfg
+  _leaves_equal(quant.dequantize(back), variables)
+  # The file: int4 tables two values per byte; embeddings in float would cost 4 bytes each.
+  float_table = quant.QuantizedParams(qp.config, {k: v for k, v in qp.kernels.items()
+                                                  if k != 'embed'},
+                                      {**qp.rest, 'params/embed/embedding': e})
+  quant.save(str(tmp_path / 'f.safetensors'), float_table)
+  saved = quant.size_on_disk(str(tmp_path / 'f.safetensors')) - quant.size_on_disk(path)
+  assert abs(saved - (e.size * 4 - (e.size * bits // 8 + qk.scales.size * 4))) < 256, saved
+  # qwix runtime: the table is a lookup, handed over dequantized; the projections stay ints.
+  pmodel = quant.ptq_model(Decoder(CFG), qp)
+  pvars = quant.ptq_variables(pmodel, qp, IDS)
+  _leaves_equal(pvars['params']['embed'], variables['params']['embed'])
+  np.testing.assert_allclose(np.asarray(pmodel.apply(pvars, IDS)['logits']),
+                             np.asarray(Decoder(CFG).apply(variables, IDS)['logits']), atol=1e-5)
+  # GPTQ: the same RTN table beside its calibrated kernels.
+  g = quant.quantize_model(Decoder(CFG), base, BATCHES, qcfg, sequential=False)
+  np.testing.assert_array_equal(g.kernels['embed'].values, qk.values)
+  assert sorted(g.kernels) == sorted(qp.kernels)
+  # QAT: the forward sees exactly the exported table; the gradient passes straight through.
+  fq = quant.fake_quant(base, qcfg)
+  np.testing.assert_allclose(np.asarray(fq['params']['embed']['embedding']),  # w + (w_q - w)
+                             np.asarray(variables['params']['embed']['embedding']), rtol=1e-6,
+                             atol=1e-9)
+  r = jax.random.normal(jax.random.key(2), e.shape)
+  grad = jax.grad(lambda v: jnp.sum(quant.fake_quant(v, qcfg)['params']['embed']['embedding']
+                                    * r))(base)
+  np.testing.assert_array_equal(np.asarray(grad['params']['embed']['embedding']), np.asarray(r))
+
+
 def test_errors_say_what_to_do(base):
   with pytest.raises(ValueError, match=r'one of \[4, 8\]'):
     quant.QuantConfig(target=ALL, bits=3)
+  with pytest.raises(ValueError, match=r'embed_bits.*one of \[4, 8\]'):
+    quant.QuantConfig(target=ALL, embed_bits=2)
   with pytest.raises(ValueError, match=r"layer_bits\['lm_head'\] must be one of"):
     quant.QuantConfig(target=ALL, layer_bits={'lm_head': 2})
   with pytest.raises(ValueError, match='positive int'):

@@ -57,10 +57,12 @@ def test_qat_step_is_sgd_with_the_gradient_taken_at_the_quantized_weights():
                new.params['student'], expected)
 
 
-def test_qlora_step_trains_adapters_on_the_dequantized_base():
+@pytest.mark.parametrize('embed_bits', [None, 8])
+def test_qlora_step_trains_adapters_on_the_dequantized_base(embed_bits):
   config = _config('sgd')
   spec, plain_spec, tp, base, lora, batch = _setup(config)
-  qbase = quant.quantize_params(base, QCFG)
+  qbase = quant.quantize_params(base, dataclasses.replace(QCFG, embed_bits=embed_bits))
+  assert ('embed' in qbase.kernels) == bool(embed_bits)
   state = step_lib.create_state({'student': lora, 'proj': {}}, spec.tx, 0, frozen=qbase)
   new, _ = jax.jit(functools.partial(step_lib.train_step, spec=spec))(state, tp, batch)
   w_q = quant.dequantize(qbase)
@@ -97,8 +99,10 @@ def test_quant_config_errors_say_what_to_do(shakespeare_config):
     config_check.check_quant(c, student)
 
 
-def test_qat_run_saves_a_student_on_the_4_bit_grid(shakespeare_config, tmp_path):
+@pytest.mark.parametrize('embed_bits', [0, 8])
+def test_qat_run_saves_a_student_on_the_4_bit_grid(shakespeare_config, tmp_path, embed_bits):
   config = shakespeare_config('tiny,qat=4')
+  config.quant.embed_bits = embed_bits  # 8: the embedding table on the int8 per-row grid too
   config.baseline = False
   params, _ = run.run_stage(config, run.Data(config, str(tmp_path)), str(tmp_path / 's'),
                             run.build_model(config.student, 300), None, None, {'ce': 1.0},
@@ -107,7 +111,8 @@ def test_qat_run_saves_a_student_on_the_4_bit_grid(shakespeare_config, tmp_path)
   again = quant.dequantize(quant.quantize_params(params, qcfg))  # the grid is a fixed point
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), params, again)
   q = quant.quantize_params(params, qcfg)
-  assert all(np.abs(k.values).max() <= 7 for k in q.kernels.values())
+  assert all(np.abs(k.values).max() <= 7 for k in q.kernels.values() if k.leaf == 'kernel')
+  assert ('embed' in q.kernels) == bool(embed_bits)
 
 
 def test_a_quantized_teacher_teaches_as_its_dequantized_weights():

@@ -267,8 +267,11 @@ def test_minilm_experiment_writes_every_row(experiment):
   labels = ['teacher', 'full fine-tuning', 'LoRA r=8, every projection', 'QAT int8, per channel',
             'QAT int4, groups of 32', 'QLoRA: LoRA r=8 on an int4 base (groups of 32)',
             'PTQ int8 (RTN, per channel)', 'PTQ int4 (RTN, groups of 32)',
-            'GPTQ int4 (groups of 32)']
+            'GPTQ int4 (groups of 32)', 'PTQ int8, embedding tables too (per row)',
+            'PTQ int4 (groups of 32) + int8 embedding tables']
   assert list(rows) == labels
+  assert "the teacher's layers 0, 3 and" in text  # the caption names the overridden layers
+  float(rows['teacher'][-1].rstrip(' |'))  # the teacher is timed as the students are
   for label in labels[1:]:
     float(rows[label][0])  # a Spearman in every row
   with open(workdir / 'seed_0' / 'full' / 'results.json') as f:
@@ -278,7 +281,8 @@ def test_minilm_experiment_writes_every_row(experiment):
     post = json.load(f)
   sizes = {r: json.load(open(workdir / 'seed_0' / r / 'speed.json'))['stored_bytes']
            for r in ('full', 'lora', 'qat8', 'qat4', 'qlora')}
-  sizes.update({r: post[r]['stored_bytes'] for r in ('ptq8', 'ptq4', 'gptq4')})
+  sizes.update({r: post[r]['stored_bytes'] for r in ('ptq8', 'ptq4', 'gptq4', 'ptq8_emb',
+                                                      'ptq4_emb8')})
   assert sizes['full'] == sizes['lora'] == 4 * full['params']  # float32, LoRA merged
   # The projections: 2 layers of 4 [H, H] + [H, I] + [I, H] kernels, H*H*4 + 2*H*I scalars.
   proj = len(KEEP) * (4 * H * H + 2 * H * I)
@@ -287,3 +291,10 @@ def test_minilm_experiment_writes_every_row(experiment):
   assert sizes['qlora'] == sizes['qat4'] + 4 * len(KEEP) * (
       4 * RANK * (H + H) + RANK * (H + I) + RANK * (I + H))
   assert all(post[r]['trainable_params'] == 0 for r in post)
+  # Embedding tables per row in int8: 4 bytes -> 1 byte a value, plus a float16 scale a row.
+  tables = [v for k, v in _flat(kd.hf.load(str(workdir / 'seed_0' / 'full' / 'hf')).params).items()
+            if k.endswith('/embedding')]
+  rows_, values = sum(t.shape[0] for t in tables), sum(t.size for t in tables)
+  for plain, emb in (('ptq8', 'ptq8_emb'), ('ptq4', 'ptq4_emb8')):
+    saved = sizes[plain] - sizes[emb]
+    assert abs(saved - (3 * values - 2 * rows_)) < 1024, (plain, saved, values, rows_)

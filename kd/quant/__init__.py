@@ -11,12 +11,13 @@ from kd.quant.export import load, pack_int4, save, size_on_disk, unpack_int4
 from kd.quant.gptq import gptq_kernel, quantize_model
 from kd.quant.qat import fake_quant
 from kd.quant.rtn import (QuantConfig, QuantizedKernel, QuantizedParams, dequantize,
-                          dequantize_kernel, quantize_kernel, quantize_params, target_paths)
+                          dequantize_kernel, embedding_paths, quantize_embedding,
+                          quantize_kernel, quantize_params, target_paths)
 from kd.quant.runtime import ptq_model, ptq_variables
 from kd.quant.sensitivity import choose_bits, layer_sensitivity
 
 __all__ = ['QuantConfig', 'QuantizedKernel', 'QuantizedParams', 'choose_bits', 'dequantize',
-           'dequantize_kernel', 'fake_quant', 'gptq', 'gptq_kernel', 'layer_sensitivity', 'load',
-           'pack_int4', 'ptq_model', 'ptq_variables', 'qat', 'quantize_kernel', 'quantize_model',
-           'quantize_params', 'runtime', 'save', 'sensitivity', 'size_on_disk', 'target_paths',
-           'unpack_int4']
+           'dequantize_kernel', 'embedding_paths', 'fake_quant', 'gptq', 'gptq_kernel',
+           'layer_sensitivity', 'load', 'pack_int4', 'ptq_model', 'ptq_variables', 'qat',
+           'quantize_embedding', 'quantize_kernel', 'quantize_model', 'quantize_params',
+           'runtime', 'save', 'sensitivity', 'size_on_disk', 'target_paths', 'unpack_int4']

@@ -5,9 +5,11 @@ Tensors:
                                  2k in the low nibble, 2k+1 in the high one, two's complement);
                                  int8: int8 [in, out]
   kernels/<module path>/scales   float16 or float32 [in / group_size, out]
+                                 (an embedding table, leaf 'embedding': values [rows, features]
+                                 packed alike, scales [rows, features / group_size])
   rest/<full path>               every other leaf as it is (bfloat16 stored as its uint16 bits)
 The header's metadata holds the JSON under 'kd.quant': the QuantConfig and per kernel its bits,
-group_size, shape and float dtype, so `load` needs nothing else (and no model code).
+group_size, shape, float dtype and leaf, so `load` needs nothing else (and no model code).
 
   save('/tmp/m.safetensors', qparams); qparams = load('/tmp/m.safetensors')
 """
@@ -69,7 +71,7 @@ def save(path: str, qparams: rtn.QuantizedParams) -> None:
     tensors[f'kernels/{p}/values'] = values
     tensors[f'kernels/{p}/scales'] = np.ascontiguousarray(qk.scales)
     kernels[p] = {'bits': qk.bits, 'group_size': qk.group_size, 'shape': list(qk.shape),
-                  'dtype': qk.dtype}
+                  'dtype': qk.dtype, 'leaf': qk.leaf}
   for k, v in qparams.rest.items():
     tensors[f'rest/{k}'], name = _to_numpy(v)
     if name in _AS_BITS:
@@ -110,7 +112,8 @@ def load(path: str) -> rtn.QuantizedParams:
       values = f.get_tensor(f'kernels/{p}/values')
       values = unpack_int4(values, shape) if info['bits'] == 4 else values.reshape(shape)
       kernels[p] = rtn.QuantizedKernel(values, f.get_tensor(f'kernels/{p}/scales'),
-                                       info['bits'], info['group_size'], info['dtype'])
+                                       info['bits'], info['group_size'], info['dtype'],
+                                       info.get('leaf', 'kernel'))
     rest = {}
     for key in f.keys():
       if key.startswith('rest/'):

@@ -242,5 +242,5 @@ def quantize_model(model: nn.Module, variables, batches: Sequence[Any],
     if sequential:
       current = rtn.replace_kernels(current, {p: rtn.dequantize_kernel(kernels[p])
                                               for p in group})
-  return rtn.QuantizedParams(config, {p: kernels[p] for p in paths},
-                             rtn.split_rest(variables, paths))
+  # Embedding tables are lookups, not matmuls of calibrated inputs: RTN (config.embed_bits).
+  return rtn.assemble(config, variables, {p: kernels[p] for p in paths})

@@ -9,6 +9,7 @@ with exactly kd.quant.rtn's grid (symmetric, scale = max|W| / qmax per group of 
 input rows and output channel, rounded to `scale_dtype`): the forward pass is the model that
 `quantize_params` + `dequantize` will export, and the backward pass is the identity (the
 straight-through estimator of Bengio et al. 2013), so the float master weights keep learning.
+With config.embed_bits set, every embedding table is fake-quantized alike on its per-row grid.
 Pure jnp, traced inside the train step; it works on the params tree, so it needs no method
 interception (unlike qwix's QtProvider, whose int4 grid is max|W| / 7.5: training on it and
 exporting with RTN would not give the trained model).
@@ -37,6 +38,16 @@ def fake_quant(variables, config: rtn.QuantConfig) -> dict[str, Any]:
   """`variables` with every kernel `config.target` matches fake-quantized (see module doc)."""
   paths = rtn.target_paths(variables, config.target)
   rtn.check_layer_bits(paths, config)
-  return rtn.replace_kernels(variables, {
+  out = rtn.replace_kernels(variables, {
       p: fake_quant_kernel(rtn.kernel(variables, p), config.bits_for(p), config.group_size,
                            config.scale_dtype, p) for p in paths})
+  if config.embed_bits is None:
+    return out
+  flat = dict(flax.traverse_util.flatten_dict(out))
+  for p in rtn.embedding_paths(variables):  # per row: the kernel grid of the transpose
+    key = ('params', *p.split('/'), 'embedding')
+    e = flat[key]
+    flat[key] = fake_quant_kernel(
+        e.T, config.embed_bits, rtn.embed_group_size(e.shape[1], config.group_size),
+        config.scale_dtype, p).T
+  return flax.traverse_util.unflatten_dict(flat)

@@ -9,6 +9,11 @@ group, i.e. one scale per output channel); per group and output channel
 
 so scales are [in / group_size, out], the layout qwix's PTQ uses for a tiled contraction axis.
 
+Embedding tables (nn.Embed `embedding` [rows, features], every one in the tree when
+`embed_bits` is set) are quantized per row, the unit a lookup reads: one scale per row and
+group of `group_size` features (None: per row), so scales are [rows, features / group_size].
+In a small encoder they are most of the bytes (MiniLM: 30522 x 384 of its ~17M parameters).
+
 Own numpy code, not qwix.quantize_params, produces the stored representation, because:
   * storage must be portable and compact: qwix has no int4 packing of its own; it keeps int4 in
     jnp.int4 arrays (itemsize 1: a byte per value once on the host or in a file) inside its
@@ -64,6 +69,8 @@ class QuantConfig:
   # Per-module bits overriding `bits` (a mixed-precision plan, kd.quant.sensitivity); a dict is
   # stored as sorted (path, bits) pairs so the config stays hashable.
   layer_bits: tuple[tuple[str, int], ...] | None = None
+  # Bits of every embedding table (per row, see the module doc); None keeps them in float.
+  embed_bits: int | None = None
 
   def __post_init__(self):
     if hasattr(self.layer_bits, 'items'):
@@ -73,6 +80,8 @@ class QuantConfig:
     check_bits(self.bits, 'QuantConfig.bits')
     for path, bits in self.layer_bits or ():
       check_bits(bits, f'QuantConfig.layer_bits[{path!r}]')
+    if self.embed_bits is not None:
+      check_bits(self.embed_bits, 'QuantConfig.embed_bits (None keeps embeddings in float)')
     g = self.group_size
     if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g <= 0):
       raise ValueError(f'QuantConfig.group_size must be a positive int (e.g. 32, 64, 128) or '
@@ -104,13 +113,16 @@ class QuantConfig:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedKernel:
-  """One quantized kernel: W ~ values * scales broadcast over groups of `group_size` rows."""
+  """One quantized kernel: W ~ values * scales broadcast over groups of `group_size` rows; or,
+  with leaf 'embedding', one embedding table: E ~ values * scales over groups of `group_size`
+  features of a row."""
 
-  values: np.ndarray  # int8 [in, out], in [-qmax, qmax] (int4 values too; packed on export)
-  scales: np.ndarray  # float16/float32 [in // group_size, out]
+  values: np.ndarray  # int8 [in, out] (embedding: [rows, features]), in [-qmax, qmax]
+  scales: np.ndarray  # float16/float32 [in // group_size, out] (embedding: [rows, features // g])
   bits: int
-  group_size: int  # in, when per output channel
+  group_size: int  # in, when per output channel (embedding: features, when per row)
   dtype: str  # the float kernel's dtype, which `dequantize_kernel` returns
+  leaf: str = 'kernel'  # the module's leaf it replaces: 'kernel' (nn.Dense) or 'embedding'
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -122,14 +134,15 @@ class QuantizedParams:
   """A Decoder variables tree with its target kernels quantized."""
 
   config: QuantConfig
-  kernels: dict[str, QuantizedKernel]  # module path ('layers_0/attn/q_proj') -> kernel
+  # module path ('layers_0/attn/q_proj', 'embed' for an embedding table) -> kernel
+  kernels: dict[str, QuantizedKernel]
   rest: dict[str, Any]  # every other leaf, by its full '/'-joined path ('params/embed/...')
 
 
 # Pytrees, so that a quantized frozen base (QLoRA) can be an argument of a jitted step: the
 # arrays are leaves, the rest is static.
 jax.tree_util.register_dataclass(QuantizedKernel, data_fields=['values', 'scales'],
-                                 meta_fields=['bits', 'group_size', 'dtype'])
+                                 meta_fields=['bits', 'group_size', 'dtype', 'leaf'])
 jax.tree_util.register_dataclass(QuantizedParams, data_fields=['kernels', 'rest'],
                                  meta_fields=['config'])
 
@@ -150,6 +163,13 @@ def target_paths(variables, target: str) -> list[str]:
     raise ValueError(f'Only 2-D [in, out] kernels can be quantized, but the target matches '
                      f'{bad}; narrow QuantConfig.target.')
   return paths
+
+
+def embedding_paths(variables) -> list[str]:
+  """Module paths with an `embedding` leaf (nn.Embed tables) under variables['params']."""
+  flat = flax.traverse_util.flatten_dict(variables['params'])
+  return sorted('/'.join(k[:-1]) for k, v in flat.items()
+                if k[-1] == 'embedding' and np.ndim(v) == 2)
 
 
 def group_size_for(in_features: int, group_size: int | None, path: str = 'kernel') -> int:
@@ -186,6 +206,15 @@ def quantize_kernel(w, bits: int, group_size: int | None = None,
                          w.dtype.name)
 
 
+def quantize_embedding(e, bits: int, group_size: int | None = None,
+                       scale_dtype: str = 'float16', path: str = 'embedding') -> QuantizedKernel:
+  """RTN of an embedding table [rows, features] per row (groups of `group_size` features): the
+  kernel grid of its transpose, stored row-major."""
+  t = quantize_kernel(np.asarray(e).T, bits, group_size, scale_dtype, path)
+  return QuantizedKernel(np.ascontiguousarray(t.values.T), np.ascontiguousarray(t.scales.T),
+                         bits, t.group_size, t.dtype, leaf='embedding')
+
+
 def round_to_grid(w, bits: int, g: int, scale_dtype: str, xp=np):
   """The RTN grid of a kernel [in, out] in groups of g input rows: (q [in/g, g, out] float32
   integers in [-qmax, qmax], scales [in/g, out] in scale_dtype). `xp`: numpy, or jax.numpy to
@@ -200,6 +229,12 @@ def round_to_grid(w, bits: int, g: int, scale_dtype: str, xp=np):
 def dequantize_kernel(qk: QuantizedKernel):
   """values * scales in float32, cast to the original kernel dtype (a jax array). Leading axes
   (e.g. a pmap state's device axis) are kept."""
+  if qk.leaf == 'embedding':  # rows in groups of features: the kernel grid, transposed
+    *lead, rows, feats = qk.values.shape
+    q = jnp.asarray(qk.values, jnp.float32).reshape(
+        (*lead, rows, feats // qk.group_size, qk.group_size))
+    e = q * jnp.expand_dims(jnp.asarray(qk.scales, jnp.float32), -1)
+    return e.reshape((*lead, rows, feats)).astype(qk.dtype)
   *lead, d_in, d_out = qk.values.shape
   q_GxgxF = jnp.asarray(qk.values, jnp.float32).reshape(
       (*lead, d_in // qk.group_size, qk.group_size, d_out))
@@ -214,34 +249,65 @@ def check_layer_bits(paths, config: QuantConfig) -> None:
                      f'{config.target!r} does not match; targets are {paths[:8]}...')
 
 
-def split_rest(variables, paths) -> dict[str, Any]:
-  """Every leaf but the kernels of `paths`, keyed by its '/'-joined full path."""
-  kernel_keys = {('params', *p.split('/'), 'kernel') for p in paths}
+def split_rest(variables, paths, embeddings=()) -> dict[str, Any]:
+  """Every leaf but the kernels of `paths` and the tables of `embeddings`, keyed by its
+  '/'-joined full path."""
+  kernel_keys = ({('params', *p.split('/'), 'kernel') for p in paths} |
+                 {('params', *p.split('/'), 'embedding') for p in embeddings})
   return {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(variables).items()
           if k not in kernel_keys}
 
 
-def kernel(variables, path: str):
+def kernel(variables, path: str, leaf: str = 'kernel'):
   node = variables['params']
   for name in path.split('/'):
     node = node[name]
-  return node['kernel']
+  return node[leaf]
+
+
+def embed_group_size(features: int, group_size: int | None) -> int | None:
+  """The features per scale of an embedding row: `group_size` where it divides them, else the
+  whole row (a table is one lookup per row; a group that does not fit is not an error)."""
+  return group_size if group_size and features % group_size == 0 else None
+
+
+def quantize_embeddings(variables, config: QuantConfig) -> dict[str, QuantizedKernel]:
+  """RTN of every embedding table at config.embed_bits ({} when it is None)."""
+  if config.embed_bits is None:
+    return {}
+  out = {}
+  for p in embedding_paths(variables):
+    e = kernel(variables, p, 'embedding')
+    out[p] = quantize_embedding(e, config.embed_bits,
+                                embed_group_size(np.shape(e)[1], config.group_size),
+                                config.scale_dtype, p)
+  return out
+
+
+def assemble(config: QuantConfig, variables, kernels: dict[str, QuantizedKernel]
+             ) -> QuantizedParams:
+  """QuantizedParams of `kernels` (the target projections, however quantized) plus, when
+  config.embed_bits is set, the RTN embedding tables; every other leaf kept in `rest`."""
+  tables = quantize_embeddings(variables, config)
+  return QuantizedParams(config, {**kernels, **tables},
+                         split_rest(variables, list(kernels), list(tables)))
 
 
 def quantize_params(variables, config: QuantConfig) -> QuantizedParams:
-  """RTN-quantizes the kernels `config.target` matches; other leaves are kept as they are."""
+  """RTN-quantizes the kernels `config.target` matches (and the embedding tables when
+  config.embed_bits is set); other leaves are kept as they are."""
   paths = target_paths(variables, config.target)
   check_layer_bits(paths, config)
   kernels = {p: quantize_kernel(kernel(variables, p), config.bits_for(p), config.group_size,
                                 config.scale_dtype, p) for p in paths}
-  return QuantizedParams(config, kernels, split_rest(variables, paths))
+  return assemble(config, variables, kernels)
 
 
 def dequantize(qparams: QuantizedParams) -> dict[str, Any]:
   """A plain variables tree {'params': ...} for Decoder.apply (the kernels dequantized)."""
   flat = {tuple(k.split('/')): v for k, v in qparams.rest.items()}
   for p, qk in qparams.kernels.items():
-    flat[('params', *p.split('/'), 'kernel')] = dequantize_kernel(qk)
+    flat[('params', *p.split('/'), qk.leaf)] = dequantize_kernel(qk)
   return flax.traverse_util.unflatten_dict(flat)
 
 

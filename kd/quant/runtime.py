@@ -10,6 +10,8 @@ the whole input axis) and no float copy of the kernel is kept:
   logits = pmodel.apply(pvars, ids)['logits']
 
 qwix keeps jnp.int4 values one per byte in memory on CPU; the packed form is kd.quant.export's.
+Quantized embedding tables (QuantConfig.embed_bits) are lookups, not matmuls: they are handed
+to the model dequantized.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def rules(qparams: rtn.QuantizedParams) -> list[qwix.QuantizationRule]:
   """One qwix rule per quantized kernel (exact path), with its bits and tile size."""
   out = []
   for p, qk in sorted(qparams.kernels.items()):
+    if qk.leaf != 'kernel':
+      continue
     tile = None if qk.group_size == qk.shape[0] else qk.group_size
     out.append(qwix.QuantizationRule(module_path=re.escape(p), weight_qtype=QTYPES[qk.bits],
                                      tile_size=tile))
@@ -52,7 +56,10 @@ def ptq_variables(pmodel: nn.Module, qparams: rtn.QuantizedParams, sample_ids) -
   abstract = flax.traverse_util.flatten_dict(abstract)  # WithAux is a leaf (not a dict)
   flat = {tuple(k.split('/')): jnp.asarray(v) for k, v in qparams.rest.items()}
   for p, qk in qparams.kernels.items():
-    key = ('params', *p.split('/'), 'kernel')
+    key = ('params', *p.split('/'), qk.leaf)
+    if qk.leaf != 'kernel':
+      flat[key] = rtn.dequantize_kernel(qk)
+      continue
     abs_w = abstract.get(key)  # qwix's WithAux(array=QArray(...), how=...)
     if not isinstance(getattr(abs_w, 'array', None), qwix.QArray):
       raise ValueError(f'qwix did not quantize {p}; it must be an nn.Dense that the model calls '

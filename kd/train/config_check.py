@@ -315,7 +315,8 @@ def quant_config(config):
     return method, None
   try:
     return method, quant.QuantConfig(target=qc.target, bits=int(qc.bits),
-                                      group_size=int(qc.group_size) or None)
+                                      group_size=int(qc.group_size) or None,
+                                      embed_bits=int(qc.get('embed_bits', 0)) or None)
   except ValueError as e:
     raise ConfigError(f'config.quant: {e}') from None
 
