@@ -323,6 +323,16 @@ def test_online_step_trains_the_teacher_on_ce_and_the_student_from_it():
   chex.assert_trees_all_close(s4.params, s1.params, rtol=1e-4, atol=1e-6)
   for name, v in m1['terms'].items():
     np.testing.assert_allclose(m4['terms'][name], v, rtol=1e-4)
+  # Chunked logits, the teacher's CE too (fused: gradients made in the forward pass; not fused:
+  # recomputed in the backward pass), whole or accumulated: the update of full logits.
+  for chunked in (dataclasses.replace(spec, chunk_size=4),
+                  dataclasses.replace(spec, chunk_size=4, fused_chunks=False),
+                  dataclasses.replace(spec, chunk_size=4, accum_steps=4)):
+    s_c, m_c = step_lib.train_step(step_lib.create_state(params, spec.tx, 0), None, ragged,
+                                   chunked)
+    chex.assert_trees_all_close(s_c.params, s1.params, rtol=1e-4, atol=1e-6)
+    for name, v in m1['terms'].items():
+      np.testing.assert_allclose(m_c['terms'][name], v, rtol=1e-4)
 
 
 def test_a_checkpoint_from_before_a_state_field_existed_restores(tmp_path):

@@ -54,7 +54,6 @@ def check(config) -> None:
                       'self_distill.ema_decay=0')
   if config.get('online', False):
     problems = [p for p, bad in (
-        ('chunk_size=0', int(config.get('chunk_size', 0))),
         ("peft.method='none'", (config.get('peft') or {}).get('method', 'none') != 'none'),
         ("teacher.cache=''", config.teacher.get('cache', '')),
         ('teacher.count=1', int(config.teacher.get('count', 1)) != 1)) if bad]

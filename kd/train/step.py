@@ -274,24 +274,51 @@ def _loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, logit_co
 ONLINE_TEACHER_CE = 'online_teacher_ce'
 
 
+def online_teacher_ce(spec: Spec, teacher_params, live, batch, coeff=None):
+  """((sum, count), surrogate) of the co-trained teacher's CE on its live outputs `live`.
+
+  With spec.chunk_size the teacher's logits are made per chunk from its hidden states, as the
+  student's are: through losses.fused_logit_losses when `coeff` (the term's weight of its sum)
+  is given and spec.fused_chunks, the sum then gradient-stopped and `surrogate` carrying its
+  gradient; else through losses.chunked_logit_losses. Without chunking, CE of live['logits'].
+  """
+  zero = jnp.zeros((), jnp.float32)
+  labels, mask = batch['labels'], batch['loss_mask']
+  if not spec.chunk_size:
+    return losses.ce_sum(live['logits'], labels, mask=mask), zero
+  if coeff is not None and spec.fused_chunks:
+    terms, surrogate = losses.fused_logit_losses(
+        {'ce': {}}, {'ce': coeff}, live['hidden'], head_params(spec.teacher, teacher_params),
+        project_with(spec.teacher), None, None, labels=labels, mask=mask,
+        chunk_size=spec.chunk_size)
+    return terms['ce'], surrogate
+  terms = losses.chunked_logit_losses({'ce': {}}, live['hidden'],
+                                      head_fn(spec.teacher, teacher_params), None, None,
+                                      labels=labels, mask=mask, chunk_size=spec.chunk_size)
+  return terms['ce'], zero
+
+
 def _objective(params, teacher_params, t_out, batch, spec, step, counts, frozen=None, rng=None):
   if spec.online:  # the live teacher: its CE trains it, its stopped outputs teach the student
-    teacher_params = params['teacher']
-    live = forward(spec.teacher, teacher_params, batch, **spec.needs())
+    live = forward(spec.teacher, params['teacher'], batch, **spec.needs())
     t_out = jax.lax.stop_gradient(live)
+    teacher_params = jax.lax.stop_gradient(params['teacher'])  # its head, in chunked losses
   coeffs = None
-  if spec.chunk_size and spec.fused_chunks and spec.logit_terms():
+  fused = spec.chunk_size and spec.fused_chunks
+  if fused and (spec.logit_terms() or spec.online):
     # The fused path needs each logit term's weight before the backward pass: w(step) over
     # its global count, which for a logit term is the number of loss-masked tokens.
     if counts is None:
       tokens = _psum(jnp.sum(batch['loss_mask'].astype(bool), dtype=jnp.float32), spec)
     coeffs = {n: spec.weights[n](step) / jnp.maximum(tokens if counts is None else counts[n], 1.0)
-              for n in spec.logit_terms()}
-  terms, surrogate = _loss_terms(params, teacher_params, t_out, batch, spec, step, coeffs,
-                                 frozen, rng)
+              for n in [*spec.logit_terms(), *([ONLINE_TEACHER_CE] if spec.online else [])]}
+  student_coeffs = None if coeffs is None else {n: coeffs[n] for n in spec.logit_terms()}
+  terms, surrogate = _loss_terms(params, teacher_params, t_out, batch, spec, step,
+                                 student_coeffs, frozen, rng)
   if spec.online:
-    terms[ONLINE_TEACHER_CE] = losses.ce_sum(live['logits'], batch['labels'],
-                                             mask=batch['loss_mask'])
+    terms[ONLINE_TEACHER_CE], teacher_surrogate = online_teacher_ce(
+        spec, params['teacher'], live, batch, None if coeffs is None else coeffs[ONLINE_TEACHER_CE])
+    surrogate = surrogate + teacher_surrogate
   if counts is None:
     counts = {n: c for n, (_, c) in terms.items()}
     if spec.axis_name is not None:  # normalise by the global count, not this device's
@@ -342,8 +369,7 @@ def _grads(params, teacher_params, batch, spec: Spec, step, frozen=None, rng=Non
     if spec.online:  # the co-trained teacher, as _objective runs it
       t_out = forward(spec.teacher, params['teacher'], mb, **spec.needs())
       terms = loss_terms(params, params['teacher'], t_out, mb, spec, step, frozen, key)
-      terms[ONLINE_TEACHER_CE] = losses.ce_sum(t_out['logits'], mb['labels'],
-                                               mask=mb['loss_mask'])
+      terms[ONLINE_TEACHER_CE] = online_teacher_ce(spec, params['teacher'], t_out, mb)[0]
     else:
       t_out = teacher_forward(spec, teacher_params, mb)
       terms = loss_terms(params, teacher_params, t_out, mb, spec, step, frozen, key)
