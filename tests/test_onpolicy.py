@@ -155,14 +155,17 @@ def test_on_policy_job_trains_the_kd_student_on_its_own_samples(tmp_path, monkey
   assert 'batches on-policy' in run.report(results)
 
 
-def test_on_policy_runs_in_one_process_under_any_plan(shakespeare_config, monkeypatch):
+def test_on_policy_runs_under_any_plan_and_process_count(shakespeare_config, monkeypatch):
   from kd.train import config_check  # pylint: disable=g-import-not-at-top
   config = shakespeare_config('tiny,dialogue,onpolicy=0.5')
   config.parallel.mode = 'pmap'
   config_check.check(config)  # one process, any plan (tests/test_parallel.py runs it)
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  with pytest.raises(config_check.ConfigError, match='on-policy generation runs in one process'):
-    config_check.check_on_policy(config)
+  with pytest.raises(config_check.ConfigError, match="pmap' runs on one host"):
+    config_check.check(config)
+  config.parallel.update(mode='mesh', data=1, fsdp=2)
+  monkeypatch.setattr(jax, 'device_count', lambda: 2)
+  config_check.check(config)  # across processes on a mesh (tests/test_parallel.py runs it)
 
 
 @pytest.mark.parametrize('arg,edit,message', [

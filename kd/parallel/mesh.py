@@ -18,6 +18,7 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -155,8 +156,11 @@ class MeshPlan:
     """kd.models.sample.generate on the sharded params with the prompt rows split over
     ('data', 'fsdp') like a train batch: each device decodes its rows (XLA partitions the KV
     cache and the loop the same way), and the samples equal one device's for the same key (the
-    random bits do not depend on the sharding). One process: its rows are all the rows."""
-    if jax.process_count() > 1:
-      raise NotImplementedError('sharded generation runs in one process (any number of '
-                                'devices); use one process for on-policy distillation')
-    return sample.generate(model, prompt_ids, prompt_mask, place=self.shard_batch, **kw)
+    random bits do not depend on the sharding). `prompt_ids` are this process's rows, and
+    so are the returned tokens: with several processes, the global result's local rows (every
+    process must call this alike, as it does a train step; the same key gives each row the
+    sample it would get in one process)."""
+    out = sample.generate(model, prompt_ids, prompt_mask, place=self.shard_batch, **kw)
+    if jax.process_count() == 1:
+      return out
+    return multihost_utils.global_array_to_host_local_array(out, self.mesh, P(BATCH_AXES))

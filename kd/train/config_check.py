@@ -128,10 +128,6 @@ def check_on_policy(config) -> None:
   if 'ce' in config.losses and schedules.bounds(config.losses['ce'])[1] > 0:
     raise ConfigError("config.on_policy.fraction > 0 with a 'ce' loss would fit the student to "
                       'its own samples; use divergence terms only (e.g. losses={jsd: 1.0})')
-  if jax.process_count() > 1:
-    raise ConfigError('on-policy generation runs in one process (on any number of its devices, '
-                      "any parallel.mode): launch one process, or set on_policy.fraction=0 "
-                      '(and adaptive.enabled=False)')
   if config.teacher.get('cache', ''):
     raise ConfigError('on-policy batches need the online teacher to score the samples; unset '
                       'config.teacher.cache')

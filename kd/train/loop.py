@@ -30,7 +30,11 @@ def check_finite(step: int, m: dict) -> None:
 
 
 def _host_state_path(workdir: str, step: int) -> str:
-  return f'{workdir}/batch_fn/{step}.npz'
+  """Where the batch_fn's host state (e.g. a replay buffer of this process's rows) is saved:
+  one file per process when there are several."""
+  if jax.process_count() == 1:
+    return f'{workdir}/batch_fn/{step}.npz'
+  return f'{workdir}/batch_fn/{step}.process_{jax.process_index()}-of-{jax.process_count()}.npz'
 
 
 def evaluate(eval_fn, params, teacher_params, batches) -> dict:
