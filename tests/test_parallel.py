@@ -313,7 +313,8 @@ def test_two_processes_train_adaptive_off_policy(tmp_path):
   settings = {'baseline': False, 'train.progress': False, 'parallel.mode': 'mesh',
               'parallel.data': 1, 'parallel.fsdp': 2, 'on_policy.adaptive.p0': 1.0,
               'on_policy.adaptive.fill_first': False, 'on_policy.adaptive.replay_fraction': 0.5,
-              'on_policy.adaptive.replay_schedule': 'constant', 'train.checkpoint_every': 2}
+              'on_policy.adaptive.replay_schedule': 'constant', 'train.checkpoint_every': 2,
+              'data.max_eval_batches': 1, 'data.sample_eval_batches': 0}
   _two(lambda i, port: [
       sys.executable, '-m', 'kd.main', '--config=configs/shakespeare_kd.py:tiny,dialogue,adaptive',
       f'--workdir={workdir}', *[f'--config.{k}={v}' for k, v in settings.items()],
