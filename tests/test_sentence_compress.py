@@ -6,9 +6,11 @@ import functools
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import filelock
 import flax
 import jax
 import numpy as np
@@ -201,9 +203,25 @@ def test_targets_that_match_no_encoder_kernel_are_refused(teacher_dir, tmp_path)
 
 
 @pytest.fixture(scope='module')
-def experiment(teacher_dir, tmp_path_factory):
-  """experiments/compressed.py --task=minilm, one seed, on the tiny teacher: (workdir, out)."""
-  root = tmp_path_factory.mktemp('compressed_minilm')
+def experiment(teacher_dir, tmp_path_factory, worker_id):
+  """experiments/compressed.py --task=minilm, one seed, on the tiny teacher: (workdir, out).
+
+  Built once per test session: under xdist, every worker shares the first one's result (a file
+  lock around the run, the pattern of pytest-xdist's docs).
+  """
+  if worker_id == 'master':
+    return _run_experiment(tmp_path_factory.mktemp('compressed_minilm'), teacher_dir)
+  shared = tmp_path_factory.getbasetemp().parent  # this session's, common to the workers
+  root = shared / 'compressed_minilm'
+  with filelock.FileLock(str(shared / 'compressed_minilm.lock')):
+    if not (root / 'out' / 'compressed_minilm.md').exists():
+      shutil.rmtree(root, ignore_errors=True)
+      root.mkdir()
+      _run_experiment(root, teacher_dir)
+  return root / 'w', root / 'out'
+
+
+def _run_experiment(root, teacher_dir):
   dev = os.path.join(os.environ['KD_DATA_DIR'], 'stsbenchmark', 'sts-dev.csv')
   with open(dev, encoding='utf-8') as f, open(root / 'dev.csv', 'w', encoding='utf-8') as g:
     g.writelines(f.readlines()[:120])  # a small dev split: the test scores, it does not rank
