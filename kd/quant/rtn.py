@@ -229,12 +229,10 @@ def round_to_grid(w, bits: int, g: int, scale_dtype: str, xp=np):
 def dequantize_kernel(qk: QuantizedKernel):
   """values * scales in float32, cast to the original kernel dtype (a jax array). Leading axes
   (e.g. a pmap state's device axis) are kept."""
-  if qk.leaf == 'embedding':  # rows in groups of features: the kernel grid, transposed
-    *lead, rows, feats = qk.values.shape
-    q = jnp.asarray(qk.values, jnp.float32).reshape(
-        (*lead, rows, feats // qk.group_size, qk.group_size))
-    e = q * jnp.expand_dims(jnp.asarray(qk.scales, jnp.float32), -1)
-    return e.reshape((*lead, rows, feats)).astype(qk.dtype)
+  if qk.leaf == 'embedding':  # the kernel grid of the transpose (see quantize_embedding)
+    t = dataclasses.replace(qk, values=jnp.swapaxes(jnp.asarray(qk.values), -1, -2),
+                            scales=jnp.swapaxes(jnp.asarray(qk.scales), -1, -2), leaf='kernel')
+    return jnp.swapaxes(dequantize_kernel(t), -1, -2)
   *lead, d_in, d_out = qk.values.shape
   q_GxgxF = jnp.asarray(qk.values, jnp.float32).reshape(
       (*lead, d_in // qk.group_size, qk.group_size, d_out))
