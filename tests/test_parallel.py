@@ -288,7 +288,9 @@ def _two(cmd_of, logs):
 
 def test_two_processes_sample_their_rows_of_one_generation(tmp_path):
   """A mesh over 2 processes (params FSDP-split across them): each process's rows are those of
-  one process generating the global prompts with the same key, greedy and sampled."""
+  one process generating the global prompts with the same key, greedy and sampled; the teacher's
+  NLL of the student's greedy answers (kd.eval.generation) is one process's too."""
+  from kd.eval import generation  # pylint: disable=g-import-not-at-top
   from kd import models  # pylint: disable=g-import-not-at-top
   from kd.models import sample  # pylint: disable=g-import-not-at-top
   _two(lambda i, port: [sys.executable, 'tests/multihost_generate.py', str(i), str(port),
@@ -299,11 +301,19 @@ def test_two_processes_sample_their_rows_of_one_generation(tmp_path):
   got = [json.loads((tmp_path / f'process_{i}.json').read_text()) for i in range(2)]
   assert got[0]['fsdp_split'] and got[1]['fsdp_split']
   params = models.init_params(mh.CFG, jax.random.key(0))
+  module = models.Decoder(mh.CFG)
   ids, mask = mh.prompts()
   for name, kw in mh.kinds().items():
-    ref = sample.generate((models.Decoder(mh.CFG), params), ids, mask,
+    ref = sample.generate((module, params), ids, mask,
                           max_new_tokens=mh.NEW, **kw)
     assert got[0][name] + got[1][name] == np.asarray(ref).tolist(), name
+  ref = generation.teacher_nll_of_samples(module, params, module, mh.teacher_params(),
+                                          [mh.dialogue_batch()])
+  assert ref['sample_tokens'] > 0
+  for g in got:
+    assert g['teacher_nll'].keys() == ref.keys()
+    for k, v in ref.items():
+      np.testing.assert_allclose(g['teacher_nll'][k], v, rtol=1e-5, err_msg=k)
 
 
 def test_two_processes_train_adaptive_off_policy(tmp_path):

@@ -408,7 +408,9 @@ def test_sensitivity_finds_the_fragile_layer(base):
   assert sorted(sens) == quant.target_paths(variables, qcfg.target)
   others = max(v for p, v in sens.items() if p != fragile)
   assert sens[fragile] > 30 * others, sens  # measured 135x
-  # The measured value is KL(float || quantized) per token, recomputed here in numpy float64.
+  # The measured value is KL(float || quantized) per token, recomputed here in numpy float64 from
+  # the same float32 logits. The KL is a sum of differences of near-equal log-probs, so float32
+  # rounding in the jitted forward moves it by ~1e-4 relative (1.2e-4 measured on one CI run).
   quantized = rtn.replace_kernels(variables, {fragile: quant.dequantize_kernel(
       quant.quantize_kernel(w, 4, 16, qcfg.scale_dtype))})
   kls = []
@@ -416,7 +418,7 @@ def test_sensitivity_finds_the_fragile_layer(base):
     lp, lq = (jax.nn.log_softmax(np.asarray(model.apply(v, ids)['logits'], np.float64))
               for v in (variables, quantized))
     kls.append(np.sum(np.exp(lp) * (lp - lq), axis=-1).reshape(-1))
-  assert sens[fragile] == pytest.approx(np.concatenate(kls).mean(), rel=1e-4)
+  assert sens[fragile] == pytest.approx(np.concatenate(kls).mean(), rel=1e-3)
   plan = quant.choose_bits(sens, num_8bit=1)
   assert plan[fragile] == 8 and sum(b == 8 for b in plan.values()) == 1
   qp = quant.quantize_params(variables, dataclasses.replace(qcfg, layer_bits=plan))
