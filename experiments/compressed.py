@@ -463,50 +463,58 @@ def minilm_post_training(seed: str, workdir: str, config, rows) -> dict:
   return {r: done[r] for r in rows if r in done}
 
 
-def minilm_results(rows, seeds, workdir: str, config_arg: str = '', overrides=(),
-                   collect_only: bool = False) -> dict:
-  """{'teacher' and each row: [result of each seed that has one]}."""
+def minilm_runs(rows, seeds, workdir: str, config_arg: str = '', overrides=(),
+                collect_only: bool = False) -> dict:
+  """{seed: {'teacher' and each row with a result: its result}}; a post-training row needs
+  the full row, which is added to the rows if missing."""
   unknown = sorted(set(rows) - set(MINILM_TRAINED) - set(MINILM_POST))
   if unknown:
     raise ValueError(f'rows {unknown} have no --task=minilm version; valid: '
                      f'{", ".join([*MINILM_TRAINED, *MINILM_POST])}')
-  trained = [r for r in rows if r in MINILM_TRAINED]
-  post = [r for r in rows if r in MINILM_POST]
-  if post and 'full' not in trained:
-    trained.insert(0, 'full')  # the post-training rows quantize it
-  results = {r: [] for r in ['teacher', *trained, *post]}
+  order = row_order(rows, MINILM_TRAINED, MINILM_POST)
+  trained = [r for r in order if r in MINILM_TRAINED]
+  post = [r for r in order if r in MINILM_POST]
+  runs = {}
   for seed in seeds:
-    teacher = None
+    runs[seed] = got = {}
     for row in trained:
       r = minilm_run(row, seed, workdir, config_arg, overrides, collect_only)
       if r is None:
         continue
       config = minilm_config(row, seed, workdir, config_arg, overrides)
-      results[row].append(minilm_trained_extras(row, seed, workdir, config, r['student']))
-      teacher = dict(r['teacher'], stored_bytes=r['teacher']['param_bytes'])
-    if teacher is not None:
-      config = minilm_config('full', seed, workdir, config_arg, overrides)
-      results['teacher'].append(dict(teacher, **teacher_speeds(workdir, config)))
+      got[row] = minilm_trained_extras(row, seed, workdir, config, r['student'])
+      got['teacher'] = dict(r['teacher'], stored_bytes=r['teacher']['param_bytes'])
     config = minilm_config('full', seed, workdir, config_arg, overrides)
-    for row, r in minilm_post_training(seed, workdir, config, post).items():
-      results[row].append(r)
-  return results
+    if 'teacher' in got:
+      got['teacher'].update(teacher_speeds(workdir, config))
+    got.update(minilm_post_training(seed, workdir, config, post))
+  return runs
+
+
+def row_order(rows, trained, post) -> list[str]:
+  """The table's rows: the teacher, the trained rows (full first when a post-training row
+  needs it), then the post-training rows, each in `rows`' order."""
+  trained = [r for r in rows if r in trained]
+  post = [r for r in rows if r in post]
+  return ['teacher', *(['full'] if post and 'full' not in trained else []), *trained, *post]
 
 
 def main_minilm(f) -> None:
   rows = f.rows if f['rows'].present else [*MINILM_TRAINED, *MINILM_POST]
+  prior = objectives.load_prior(f.prior)
   try:
-    results = minilm_results(rows, f.seeds, f.workdir, f.config_arg, f.override,
-                             f.collect_only)
+    runs = minilm_runs(rows, f.seeds, f.workdir, f.config_arg, f.override, f.collect_only)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  runs = report.merge_runs(runs, prior)
+  results = report.by_row(runs, row_order(rows, MINILM_TRAINED, MINILM_POST))
   if not any(results.get(r) for r in rows):
     raise app.UsageError(f'no finished runs under {f.workdir}')
   layers = ', '.join(str(i) for i in minilm_config('full', '0', f.workdir, f.config_arg,
                                                      f.override).student.layers)
   caption = MINILM_CAPTION.format(layers=layers)
   report.write(f.out, 'compressed_minilm', table(results, MINILM_COLUMNS, caption),
-               lambda path: plot(results, path, 'spearman', 'STS-B dev Spearman'))
+               lambda path: plot(results, path, 'spearman', 'STS-B dev Spearman'), runs=runs)
 
 
 def main(argv):
@@ -515,26 +523,26 @@ def main(argv):
   if f.task == 'minilm':
     main_minilm(f)
     return
-  trained = [r for r in f.rows if r in TRAINED]
-  post = [r for r in f.rows if r in POST]
   unknown = sorted(set(f.rows) - set(TRAINED) - set(POST))
   if unknown:
     raise app.UsageError(f'unknown rows {unknown}; valid: {", ".join([*TRAINED, *POST])}')
-  if post and 'full' not in trained:
-    trained.insert(0, 'full')  # the post-training rows quantize it
+  prior = objectives.load_prior(f.prior)
+  order = row_order(f.rows, TRAINED, POST)
+  trained = [r for r in order if r in TRAINED]  # with 'full' when post-training rows need it
+  post = [r for r in order if r in POST]
   specs = {k: (*v, 'student_kd') for k, v in TRAINED.items()}
-  results = objectives.run_all(trained, f.seeds, workdir=f.workdir,
-                               collect_only=f.collect_only, config_arg=f.config_arg,
-                               overrides=f.override, row_specs=specs)
-  for row in trained:  # sizes and speeds, seed by seed (the runs' own results lack them)
-    results[row] = [speed_and_size(s, f.workdir, f.config_arg, row, r)
-                    for s, r in zip(f.seeds, results[row])]
-  for seed in f.seeds:
-    for row, r in post_training(seed, f.workdir, f.config_arg, post).items():
-      results.setdefault(row, []).append(r)
+  runs = objectives.run_seeds(trained, f.seeds, workdir=f.workdir, collect_only=f.collect_only,
+                              config_arg=f.config_arg, overrides=f.override, row_specs=specs)
+  for seed, got in runs.items():  # sizes and speeds (the runs' own results lack them)
+    for row in trained:
+      if row in got:
+        got[row] = speed_and_size(seed, f.workdir, f.config_arg, row, got[row])
+    got.update(post_training(seed, f.workdir, f.config_arg, post))
+  runs = report.merge_runs(runs, prior)
+  results = report.by_row(runs, order)
   if not any(results.get(r) for r in f.rows):
     raise app.UsageError(f'no finished runs under {f.workdir}')
-  report.write(f.out, 'compressed', table(results), lambda path: plot(results, path))
+  report.write(f.out, 'compressed', table(results), lambda path: plot(results, path), runs=runs)
 
 
 if __name__ == '__main__':

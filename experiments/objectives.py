@@ -84,23 +84,34 @@ def run(row: str, seed: str, *, workdir: str, collect_only: bool = False, **kw) 
     return json.load(f)
 
 
-def run_all(rows, seeds, **kw) -> dict:
-  """{row: [results of each seed that has them]}, plus 'teacher'; seed by seed, so the first
-  run of a seed trains its teacher. A row's fifth entry names its results key (default
-  'student_kd')."""
-  results = {r: [] for r in ['teacher', *rows]}
+def run_seeds(rows, seeds, **kw) -> dict:
+  """{seed: {row: result, 'teacher': its teacher's}} of the runs that have results, seed by
+  seed, so the first run of a seed trains its teacher. A row's fifth entry names its results
+  key (default 'student_kd')."""
+  runs = {}
   for seed in seeds:
-    teacher = None
+    runs[seed] = {}
     for row in rows:
       r = run(row, seed, **kw)
       if r is not None:
         spec = (kw.get('row_specs') or ROWS)[row]
-        results[row].append(r[spec[4] if len(spec) > 4 else 'student_kd'])
-        teacher = r['teacher']
-    if teacher is not None:
-      results['teacher'].append(teacher)
-  return results
+        runs[seed][row] = r[spec[4] if len(spec) > 4 else 'student_kd']
+        runs[seed]['teacher'] = r['teacher']
+  return runs
 
+
+def run_all(rows, seeds, **kw) -> dict:
+  """{row: [results of each seed that has them]}, plus 'teacher' (`run_seeds` by row)."""
+  return report.by_row(run_seeds(rows, seeds, **kw), ['teacher', *rows])
+
+
+def load_prior(path: str | None) -> dict:
+  """The --prior runs file ({} without one), read before anything runs so a bad path fails
+  first: its seeds join the table without being rerun."""
+  try:
+    return report.load_runs(path) if path else {}
+  except (OSError, ValueError) as e:
+    raise app.UsageError(str(e)) from None
 
 
 def _line(label, runs, n_seeds, best) -> str:
@@ -188,19 +199,26 @@ def define_flags(row_specs=None, workdir='/tmp/kd/objectives') -> None:
   flags.DEFINE_string('config_arg', '', 'Variant passed to the config (e.g. tiny).')
   flags.DEFINE_multi_string('override', [], 'Extra --config.k=v overrides.')
   flags.DEFINE_bool('collect_only', False, "Only read finished runs' results.")
+  flags.DEFINE_string('prior', None, 'A <stem>.runs.json of earlier runs (the one written next '
+                      'to the table): its seeds join the table; this run wins where both have a '
+                      'result. E.g. --seeds=2 --prior=experiments/results/<stem>.runs.json.')
 
 
 def run_experiment(stem: str, table_fn, plot_fn, row_specs=None) -> None:
-  """The flags' rows x seeds (running what is missing), then <out>/<stem>.md and .png."""
+  """The flags' rows x seeds (running what is missing) with --prior's, then <out>/<stem>.md,
+  .png and .runs.json (the per-seed results, a later --prior)."""
   f, specs = flags.FLAGS, row_specs or ROWS
   unknown = sorted(set(f.rows) - set(specs))
   if unknown:
     raise app.UsageError(f'unknown rows {unknown}; valid: {", ".join(specs)}')
-  results = run_all(f.rows, f.seeds, workdir=f.workdir, collect_only=f.collect_only,
-                    config_arg=f.config_arg, overrides=f.override, row_specs=row_specs)
+  prior = load_prior(f.prior)
+  runs = report.merge_runs(run_seeds(f.rows, f.seeds, workdir=f.workdir,
+                                     collect_only=f.collect_only, config_arg=f.config_arg,
+                                     overrides=f.override, row_specs=row_specs), prior)
+  results = report.by_row(runs, ['teacher', *f.rows])
   if not any(results[r] for r in f.rows):
     raise app.UsageError(f'no finished runs under {f.workdir}')
-  report.write(f.out, stem, table_fn(results), lambda path: plot_fn(results, path))
+  report.write(f.out, stem, table_fn(results), lambda path: plot_fn(results, path), runs=runs)
 
 
 def main(argv):

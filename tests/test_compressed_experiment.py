@@ -74,4 +74,4 @@ def test_minilm_table_and_unknown_rows(compressed):
           '10 ± 0 | 100 ± 0 | 900 ± 0 |') in text
   assert '| teacher | 86.00 | 4.00 | - | - | - |' in text
   with pytest.raises(ValueError, match='no --task=minilm version'):
-    compressed.minilm_results(['adapter'], ['0'], '/tmp/w')
+    compressed.minilm_runs(['adapter'], ['0'], '/tmp/w')

@@ -221,15 +221,18 @@ def experiment(teacher_dir, tmp_path_factory, worker_id):
   return root / 'w', root / 'out'
 
 
+def _command(root, teacher_dir, *flags):
+  return [sys.executable, 'experiments/compressed.py', '--task=minilm', '--config_arg=tiny',
+          f'--workdir={root / "w"}', f'--override=teacher.path={teacher_dir}',
+          '--override=student.layers=(0,3)', f'--override=eval.path={root / "dev.csv"}', *flags]
+
+
 def _run_experiment(root, teacher_dir):
   dev = os.path.join(os.environ['KD_DATA_DIR'], 'stsbenchmark', 'sts-dev.csv')
   with open(dev, encoding='utf-8') as f, open(root / 'dev.csv', 'w', encoding='utf-8') as g:
     g.writelines(f.readlines()[:120])  # a small dev split: the test scores, it does not rank
-  cmd = [sys.executable, 'experiments/compressed.py', '--task=minilm', '--config_arg=tiny',
-         '--seeds=0', f'--workdir={root / "w"}', f'--out={root / "out"}',
-         f'--override=teacher.path={teacher_dir}', '--override=student.layers=(0,3)',
-         f'--override=eval.path={root / "dev.csv"}']
-  subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+  subprocess.run(_command(root, teacher_dir, '--seeds=0', f'--out={root / "out"}'), check=True,
+                 cwd=ROOT, capture_output=True)
   return root / 'w', root / 'out'
 
 
@@ -316,3 +319,21 @@ def test_minilm_experiment_writes_every_row(experiment):
   for plain, emb in (('ptq8', 'ptq8_emb'), ('ptq4', 'ptq4_emb8')):
     saved = sizes[plain] - sizes[emb]
     assert abs(saved - (3 * values - 2 * rows_)) < 1024, (plain, saved, values, rows_)
+
+
+def test_a_later_seed_joins_the_table_through_prior(experiment, teacher_dir, tmp_path):
+  """The runs file beside the table holds each row's seed-0 result; a run of seed 1 alone (here
+  with nothing finished for it) with --prior rebuilds the same table from it."""
+  workdir, out = experiment
+  runs = json.loads((out / 'compressed_minilm.runs.json').read_text())
+  assert list(runs) == ['0']
+  with open(workdir / 'seed_0' / 'full' / 'results.json') as f:
+    assert runs['0']['full']['spearman'] == json.load(f)['student']['spearman']
+  with open(workdir / 'seed_0' / 'post.json') as f:
+    assert runs['0']['gptq4'] == json.load(f)['gptq4']
+  cmd = _command(workdir.parent, teacher_dir, '--seeds=1', '--collect_only',
+                 f'--prior={out / "compressed_minilm.runs.json"}', f'--out={tmp_path}')
+  subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+  assert ((tmp_path / 'compressed_minilm.md').read_text()
+          == (out / 'compressed_minilm.md').read_text())
+  assert json.loads((tmp_path / 'compressed_minilm.runs.json').read_text()) == runs

@@ -1,6 +1,10 @@
-"""Result tables over seeds: mean ± std cells, and writing a table with its plot."""
+"""Result tables over seeds: mean ± std cells, writing a table with its plot, and the per-seed
+results behind it (<stem>.runs.json), so a later session can add seeds without rerunning the
+earlier ones (`merge_runs`)."""
 
+import json
 import os
+import subprocess
 from typing import Callable
 
 import numpy as np
@@ -14,11 +18,72 @@ def mean_std(values, scale: float = 1.0, digits: int = 2) -> str:
   return f'{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}'
 
 
-def write(out_dir: str, stem: str, text: str, plot: Callable[[str], None] | None = None) -> None:
-  """Writes <out_dir>/<stem>.md (and <stem>.png through `plot(path)`), then prints the table."""
+def write(out_dir: str, stem: str, text: str, plot: Callable[[str], None] | None = None,
+          runs: dict | None = None) -> None:
+  """Writes <out_dir>/<stem>.md (and <stem>.png through `plot(path)`, <stem>.runs.json from
+  `runs`, see `save_runs`), then prints the table."""
   os.makedirs(out_dir, exist_ok=True)
+  if runs is not None:
+    save_runs(os.path.join(out_dir, f'{stem}.runs.json'), runs)
   with open(os.path.join(out_dir, f'{stem}.md'), 'w') as f:
     f.write(text + '\n')
   if plot is not None:
     plot(os.path.join(out_dir, f'{stem}.png'))
   print(text)
+
+
+# Per-seed results: {seed: {row: result dict}} ('teacher' is a row like any other), as
+# <stem>.runs.json. Each seed also holds COMMIT: the git commit its results came from.
+COMMIT = '_commit'
+
+
+def _head() -> str:
+  """This checkout's git commit (with '-dirty' if tracked files changed), or '' outside one."""
+  def git(*args):
+    return subprocess.run(['git', *args], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  try:
+    head = git('rev-parse', 'HEAD')
+    return head + ('-dirty' if git('status', '--porcelain', '--untracked-files=no') else '')
+  except (OSError, subprocess.CalledProcessError):
+    return ''
+
+
+def save_runs(path: str, runs: dict) -> None:
+  """Writes `runs` ({seed: {row: result}}) to `path` atomically; seeds with results but no
+  COMMIT yet (made by this checkout) get this checkout's."""
+  head = _head()
+  data = {str(s): {COMMIT: head, **r} if r and COMMIT not in r else r for s, r in runs.items()}
+  with open(path + '.tmp', 'w') as f:
+    json.dump(data, f, indent=1, sort_keys=True)
+  os.replace(path + '.tmp', path)
+
+
+def load_runs(path: str) -> dict:
+  """The {seed: {row: result}} that `save_runs` (or `write(..., runs=)`) wrote."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist; --prior takes a <stem>.runs.json written '
+                            'by an earlier run of the experiment (e.g. under experiments/results).')
+  with open(path) as f:
+    data = json.load(f)
+  if not isinstance(data, dict) or not all(isinstance(r, dict) for r in data.values()):
+    raise ValueError(f'{path} is not a runs file: it needs {{seed: {{row: result}}}}.')
+  return data
+
+
+def merge_runs(runs: dict, prior: dict) -> dict:
+  """`runs` with every (seed, row) that only `prior` has added: this run's results (and its
+  COMMIT) win where both have one; a seed with no result in either is left out. Seeds are
+  ordered by number."""
+  merged = {str(s): dict(r) for s, r in prior.items() if r}
+  for seed, rows in runs.items():
+    if rows:
+      merged.setdefault(str(seed), {}).pop(COMMIT, None)
+      merged[str(seed)].update(rows)
+  key = lambda s: (0, int(s), s) if s.lstrip('-').isdigit() else (1, 0, s)
+  return {s: merged[s] for s in sorted(merged, key=key)}
+
+
+def by_row(runs: dict, rows) -> dict:
+  """{row: [its result in each seed that has one]} for `rows`, seeds in `runs`' order."""
+  return {row: [r[row] for r in runs.values() if row in r] for row in rows}
