@@ -1,7 +1,8 @@
 r"""Expands a config's sweep into runs of `kd.main`, one workdir per point, and tabulates them.
 
   python -m kd.sweep configs/shakespeare_kd.py[:arg] --workdir=ROOT [--dry-run]
-      [--override=k=v ...] [--launch=local|tpu] [--tpu_args='--name=kd --zone=...'] [--summary]
+      [--override=k=v ...] [--grid=k=v1,v2,... ...] [--launch=local|tpu]
+      [--tpu_args='--name=kd --zone=...'] [--summary]
 
 The config file defines `get_hyper(hyper)` (big_vision style) or a module-level generator
 `sweep()` yielding dicts; keys are config paths, with or without a leading 'config.':
@@ -9,6 +10,10 @@ The config file defines `get_hyper(hyper)` (big_vision style) or a module-level 
   def get_hyper(hyper):
     return hyper.product([hyper.sweep('config.seed', [0, 1, 2]),
                           hyper.sweep('config.temperature', [1.0, 2.0])])
+
+`--grid` (repeatable) sweeps from the command line instead: the product of the grids replaces
+the config's own sweep, e.g. `--grid=optimizer.lr=1e-3,1e-2 --grid=peft.rank=8,64` (values are
+Python literals, `(0,3),(0,5)` included; bare words are strings).
 
 Each point runs `python -m kd.main --config=FILE[:arg] --workdir=ROOT/<name> --config.k=v ...`,
 where <name> is built from the values that vary (e.g. `seed_0-temperature_1.0`); `--override`
@@ -20,6 +25,7 @@ into ROOT/summary.md: one row per point and result row (teacher, student_kd, ...
 """
 
 import argparse
+import ast
 import importlib.util
 import itertools
 import json
@@ -81,6 +87,21 @@ def points(module) -> list[dict]:
   else:
     raise ValueError(f'{module.__file__} defines neither get_hyper(hyper) nor sweep()')
   return [{k.removeprefix('config.'): v for k, v in p.items()} for p in raw]
+
+
+def grid_points(grids) -> list[dict]:
+  """The product of `--grid` values 'k=v1,v2,...' as points (k without 'config.')."""
+  parts = []
+  for g in grids:
+    key, eq, values = g.partition('=')
+    if not eq or not key or not values:
+      raise ValueError(f'--grid needs K=V1,V2,..., got {g!r}')
+    try:
+      parsed = ast.literal_eval(f'[{values}]')
+    except (ValueError, SyntaxError):
+      parsed = values.split(',')  # bare words: strings
+    parts.append(_sweep(key.removeprefix('config.'), parsed))
+  return _product(parts)
 
 
 def check_keys(config, keys) -> None:
@@ -182,6 +203,9 @@ def main(argv=None) -> int:
   p.add_argument('--tpu_args', default='', help='flags for launch_tpu.sh (--launch=tpu)')
   p.add_argument('--override', action='append', default=[], metavar='K=V',
                  help='fixed override added to every point (repeatable)')
+  p.add_argument('--grid', action='append', default=[], metavar='K=V1,V2',
+                 help="sweep K over these values instead of the config's sweep (repeatable: "
+                      'the product)')
   p.add_argument('--summary', action='store_true', help='only collect results into summary.md')
   a = p.parse_args(argv)
 
@@ -191,7 +215,7 @@ def main(argv=None) -> int:
   try:  # a bad sweep fails here, before anything runs
     module, arg = load(a.config)
     config = module.get_config(arg) if arg is not None else module.get_config()
-    pts = points(module)
+    pts = grid_points(a.grid) if a.grid else points(module)
     check_keys(config, [*(k for pt in pts for k in pt),
                         *(o.split('=', 1)[0].removeprefix('config.') for o in a.override)])
   except (ValueError, FileNotFoundError) as e:

@@ -146,6 +146,28 @@ def test_sweep_tpu_dry_run_goes_through_launch_tpu():
   assert all('--' in r and '--workdir=gs://bkt/sw/' in ' '.join(r) for r in runs)
 
 
+def test_grid_replaces_the_configs_sweep(tmp_path):
+  out = _sweep('configs/shakespeare_kd.py:lora', f'--workdir={tmp_path}', '--dry-run',
+               '--grid=optimizer.lr=1e-3,3e-2', '--grid=config.peft.rank=8,64',
+               '--grid=student_init.layers_list=(0,),(0, 2)')
+  assert out.returncode == 0, out.stderr
+  runs = [shlex.split(l) for l in out.stdout.splitlines()]
+  assert len(runs) == 8  # 2 x 2 x 2, not the config's 6 seeds x temperatures
+  got = [tuple(a for a in r if a.startswith('--config.')) for r in runs]
+  assert got[0] == ('--config.optimizer.lr=0.001', '--config.peft.rank=8',
+                    '--config.student_init.layers_list=(0,)')
+  assert got[-1] == ('--config.optimizer.lr=0.03', '--config.peft.rank=64',
+                     '--config.student_init.layers_list=(0, 2)')
+  assert len(set(got)) == 8 and not any('--config.seed=' in a for r in runs for a in r)
+  assert f'--workdir={tmp_path}/lr_0.03-rank_64-layers_list__0__2_' in runs[-1]
+  assert '--config=configs/shakespeare_kd.py:lora' in runs[0]
+  for bad, says in (('--grid=optimizer.lr', 'K=V1,V2'), ('--grid=optimizer.lrr=1,2',
+                                                         'optimizer.lrr')):
+    out = _sweep('configs/shakespeare_kd.py', f'--workdir={tmp_path}/x', bad)
+    assert out.returncode == 2 and says in out.stderr, out.stderr
+  assert not (tmp_path / 'x').exists()
+
+
 @pytest.mark.parametrize('extra', [[], ['--override=train.stepz=2']])
 def test_unknown_key_fails_before_running(tmp_path, extra):
   cfg = tmp_path / 'bad.py'
