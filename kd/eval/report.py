@@ -49,11 +49,15 @@ def _head() -> str:
     return ''
 
 
+# Taken when the experiment starts (it imports this module), so a commit made while it runs is
+# not credited with its results.
+HEAD = _head()
+
+
 def save_runs(path: str, runs: dict) -> None:
   """Writes `runs` ({seed: {row: result}}) to `path` atomically; seeds with results but no
-  COMMIT yet (made by this checkout) get this checkout's."""
-  head = _head()
-  data = {str(s): {COMMIT: head, **r} if r and COMMIT not in r else r for s, r in runs.items()}
+  COMMIT yet (made by this process) get HEAD, the commit this process started from."""
+  data = {str(s): {COMMIT: HEAD, **r} if r and COMMIT not in r else r for s, r in runs.items()}
   with open(path + '.tmp', 'w') as f:
     json.dump(data, f, indent=1, sort_keys=True)
   os.replace(path + '.tmp', path)
