@@ -236,10 +236,26 @@ def speed_and_size(seed: str, workdir: str, config_arg: str, row: str, result: d
   return dict(result, **extra)
 
 
-COLUMNS = (('perplexity', 'held-out ppl', 1.0, 2), ('agreement', 'agreement (%)', 100.0, 1),
+def paired(runs: dict, key: str, base: str = 'full') -> dict:
+  """`runs` with `<key>_vs_<base>` added to each row's result: its `key` minus the same seed's
+  `base` row's. The paired difference drops the seed-to-seed spread that rows share (most of
+  it comes from the seed's teacher)."""
+  out = {}
+  for seed, rows in runs.items():
+    ref = rows.get(base, {}).get(key)
+    out[seed] = {r: dict(v, **{f'{key}_vs_{base}': v[key] - ref})
+                 if ref is not None and isinstance(v, dict) and key in v else v
+                 for r, v in rows.items()}
+  return out
+
+
+COLUMNS = (('perplexity', 'held-out ppl', 1.0, 2),
+           ('perplexity_vs_full', 'Δ ppl vs full (paired)', 1.0, 2),
+           ('agreement', 'agreement (%)', 100.0, 1),
            ('stored_bytes', 'stored KB', 1 / 1024, 0), ('trainable_params', 'trained params', 1, 0),
            ('tokens_per_s_b1', 'tok/s b=1', 1, 0), ('tokens_per_s_b32', 'tok/s b=32', 1, 0))
 MINILM_COLUMNS = (('spearman', 'STS-B dev Spearman', 1.0, 2),
+                  ('spearman_vs_full', 'Δ vs full (paired)', 1.0, 2),
                   ('stored_bytes', 'stored MB', 1 / 2**20, 2),
                   ('trainable_params', 'trained params', 1, 0),
                   ('sentences_per_s_b1', 'sent/s b=1', 1, 0),
@@ -247,7 +263,8 @@ MINILM_COLUMNS = (('spearman', 'STS-B dev Spearman', 1.0, 2),
 MINILM_CAPTION = (
     'STS-B dev Spearman ×100 (cosine of mean-pooled embeddings), {{n}} seed(s), mean ± std. '
     "Students keep the teacher's layers {layers} and distil from cached teacher features "
-    '(embedding MSE + 0.1 hidden MSE + 0.1 MiniLM relations). The attention and MLP '
+    "(embedding MSE + 0.1 hidden MSE + 0.1 MiniLM relations). Δ: the row's Spearman minus "
+    "the same seed's full fine-tuning (paired over seeds). The attention and MLP "
     'projections are quantized; the embedding tables stay float32 except in the rows that say '
     'so. Quantized rows are evaluated and timed on their dequantized weights (exactly the '
     'stored model).')
@@ -255,12 +272,15 @@ MINILM_CAPTION = (
 
 def table(results: dict, columns=COLUMNS, caption: str | None = None) -> str:
   """Markdown: one row per entry of `results` ({row: [result of each seed]}), `columns` of
-  (key, title, scale, digits) as mean ± std over seeds; `caption` may use {n} (seeds)."""
+  (key, title, scale, digits) as mean ± std over the seeds that have the key; `caption` may
+  use {n} (seeds)."""
   n = max(len(v) for v in results.values())
   if caption is None:
     caption = ('Tiny Shakespeare validation split, {n} seed(s), mean ± std. Students start from '
-               "the teacher's layers; KD loss 0.5·CE + 0.5·T²·KL, T = 2. Quantized rows are "
-               'evaluated on their dequantized weights (exactly the stored model).')
+               "the teacher's layers; KD loss 0.5·CE + 0.5·T²·KL, T = 2. Δ: the row's "
+               "perplexity minus the same seed's full fine-tuning (paired over seeds). "
+               'Quantized rows are evaluated on their dequantized weights (exactly the stored '
+               'model).')
   lines = [caption.format(n=n), '',
            '| student | ' + ' | '.join(c[1] for c in columns) + ' |',
            '|---|' + '---:|' * len(columns)]
@@ -269,8 +289,8 @@ def table(results: dict, columns=COLUMNS, caption: str | None = None) -> str:
   for row, runs in results.items():
     if not runs:
       continue
-    cells = [report.mean_std([r[k] for r in runs], s, d) if k in runs[0] else '-'
-             for k, _, s, d in columns]
+    values = [[r[k] for r in runs if k in r] for k, _, _, _ in columns]  # seeds that have it
+    cells = [report.mean_std(v, s, d) if v else '-' for v, (_, _, s, d) in zip(values, columns)]
     lines.append(f'| {labels[row]} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
@@ -507,7 +527,7 @@ def main_minilm(f) -> None:
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   runs = report.merge_runs(runs, prior)
-  results = report.by_row(runs, row_order(rows, MINILM_TRAINED, MINILM_POST))
+  results = report.by_row(paired(runs, 'spearman'), row_order(rows, MINILM_TRAINED, MINILM_POST))
   if not any(results.get(r) for r in rows):
     raise app.UsageError(f'no finished runs under {f.workdir}')
   layers = ', '.join(str(i) for i in minilm_config('full', '0', f.workdir, f.config_arg,
@@ -539,7 +559,7 @@ def main(argv):
         got[row] = speed_and_size(seed, f.workdir, f.config_arg, row, got[row])
     got.update(post_training(seed, f.workdir, f.config_arg, post))
   runs = report.merge_runs(runs, prior)
-  results = report.by_row(runs, order)
+  results = report.by_row(paired(runs, 'perplexity'), order)
   if not any(results.get(r) for r in f.rows):
     raise app.UsageError(f'no finished runs under {f.workdir}')
   report.write(f.out, 'compressed', table(results), lambda path: plot(results, path), runs=runs)

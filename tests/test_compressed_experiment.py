@@ -5,6 +5,7 @@ import pathlib
 
 import pytest
 
+from kd.eval import report
 from kd.train import config_check
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,9 +38,26 @@ def test_table_rows_and_columns(compressed):
              tokens_per_s_b1=100.0, tokens_per_s_b32=900.0)
   text = compressed.table({'teacher': [dict(perplexity=20.0)], 'lora': [run, run],
                            'gptq4': [dict(run, perplexity=32.0)]})
-  assert '| LoRA r=8, every projection | 30.00 ± 0.00 | 50.0 ± 0.0 | 2 ± 0 | 10 ± 0 |' in text
-  assert '| GPTQ int4 (groups of 32) | 32.00 |' in text
-  assert '| teacher | 20.00 | - |' in text
+  assert '| LoRA r=8, every projection | 30.00 ± 0.00 | - | 50.0 ± 0.0 | 2 ± 0 | 10 ± 0 |' in text
+  assert '| GPTQ int4 (groups of 32) | 32.00 | - |' in text
+  assert '| teacher | 20.00 | - | - |' in text
+
+
+def test_paired_differences_are_taken_within_a_seed(compressed):
+  runs = {'0': {'full': dict(perplexity=16.0), 'ptq4': dict(perplexity=16.3),
+                'teacher': dict(perplexity=15.9), '_commit': 'abc'},
+          '1': {'full': dict(perplexity=17.0), 'ptq4': dict(perplexity=17.2)},
+          '2': {'ptq4': dict(perplexity=18.0)}}  # no full row: no difference
+  got = compressed.paired(runs, 'perplexity')
+  assert got['0']['ptq4']['perplexity_vs_full'] == pytest.approx(0.3)
+  assert got['0']['teacher']['perplexity_vs_full'] == pytest.approx(-0.1)
+  assert got['1']['ptq4']['perplexity_vs_full'] == pytest.approx(0.2)
+  assert got['0']['full']['perplexity_vs_full'] == 0 and got['0']['_commit'] == 'abc'
+  assert 'perplexity_vs_full' not in got['2']['ptq4']
+  assert 'perplexity_vs_full' not in runs['0']['ptq4']  # the input is left as it was
+  text = compressed.table(report.by_row(got, ['teacher', 'full', 'ptq4']))
+  # 0.3 and 0.2 paired: 0.25 ± 0.07, though the rows' own spread across seeds is far wider.
+  assert '| PTQ int4 (RTN, groups of 32) | 17.17 ± 0.85 | 0.25 ± 0.07 |' in text
 
 
 @pytest.mark.parametrize('row,peft,quant,bits,group', [
@@ -70,8 +88,8 @@ def test_minilm_table_and_unknown_rows(compressed):
                           compressed.MINILM_CAPTION.format(layers='0, 3'))
   assert text.startswith('STS-B dev Spearman ×100 (cosine of mean-pooled embeddings), 2 seed(s)')
   assert "the teacher's layers 0, 3 and" in text
-  assert ('| QLoRA: LoRA r=8 on an int4 base (groups of 32) | 81.00 ± 1.41 | 2.00 ± 0.00 | '
+  assert ('| QLoRA: LoRA r=8 on an int4 base (groups of 32) | 81.00 ± 1.41 | - | 2.00 ± 0.00 | '
           '10 ± 0 | 100 ± 0 | 900 ± 0 |') in text
-  assert '| teacher | 86.00 | 4.00 | - | - | - |' in text
+  assert '| teacher | 86.00 | - | 4.00 | - | - | - |' in text
   with pytest.raises(ValueError, match='no --task=minilm version'):
     compressed.minilm_runs(['adapter'], ['0'], '/tmp/w')
