@@ -100,11 +100,6 @@ def run_seeds(rows, seeds, **kw) -> dict:
   return runs
 
 
-def run_all(rows, seeds, **kw) -> dict:
-  """{row: [results of each seed that has them]}, plus 'teacher' (`run_seeds` by row)."""
-  return report.by_row(run_seeds(rows, seeds, **kw), ['teacher', *rows])
-
-
 def load_prior(path: str | None) -> dict:
   """The --prior runs file ({} without one), read before anything runs so a bad path fails
   first: its seeds join the table without being rerun."""

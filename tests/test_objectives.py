@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from kd.eval import report
 from kd.train import config_check
 from kd.train import loop
 from kd.train import metrics as metrics_lib
@@ -173,7 +174,7 @@ def _fake_results(exp, seeds=3):
 
 
 def test_table_and_plot_format(tmp_path):
-  """Formatting only, on made-up numbers of the shape run_all returns."""
+  """Formatting only, on made-up numbers of the shape the table gets ({row: [per seed]})."""
   exp = _experiment()
   results = _fake_results(exp)
   text = exp.table(results)
@@ -218,8 +219,9 @@ def test_experiment_collects_finished_runs(tmp_path):
       d.joinpath('results.json').write_text(json.dumps({
           'teacher': {'perplexity': 10.0 + int(seed)},
           'student_kd': {'perplexity': 20.0, 'row': row, 'seed': seed}}))
-  results = exp.run_all(['ce', 'tvd', 'jsd_b0.1'], ['0', '1'], workdir=str(tmp_path),
-                        collect_only=True)
+  rows = ['ce', 'tvd', 'jsd_b0.1']
+  results = report.by_row(exp.run_seeds(rows, ['0', '1'], workdir=str(tmp_path),
+                                        collect_only=True), ['teacher', *rows])
   assert results['teacher'] == [{'perplexity': 10.0}, {'perplexity': 11.0}]
   assert [(r['row'], r['seed']) for r in results['ce']] == [('ce', '0'), ('ce', '1')]
   assert [(r['row'], r['seed']) for r in results['tvd']] == [('tvd', '0')]
@@ -233,7 +235,7 @@ def test_generation_experiment_rows_commands_and_table(tmp_path):
   assert '--config=configs/shakespeare_kd.py:tiny,dialogue,seqkd,objective=ce' in cmd
   cmd = exp.command('born_again', '1', workdir='/w', row_specs=gen.ROWS)
   assert '--config.born_again=1' in cmd and '--config.teacher.workdir=/w/seed_1/teacher' in cmd
-  # run_all reads each row's own results key (born-again's second student).
+  # run_seeds reads each row's own results key (born-again's second student).
   for row in ('sft', 'born_again'):
     path = tmp_path / 'seed_0' / row
     path.mkdir(parents=True)
@@ -241,8 +243,9 @@ def test_generation_experiment_rows_commands_and_table(tmp_path):
     (path / 'results.json').write_text(json.dumps(
         {'teacher': {'perplexity': 15.0, 'ece': 0.02, 'wall_s': 5.0}, 'student_kd': kd,
          'student_born_again_1': {**kd, 'perplexity': 19.0}}))
-  results = exp.run_all(['sft', 'born_again'], ['0'], workdir=str(tmp_path), collect_only=True,
-                        row_specs=gen.ROWS)
+  results = report.by_row(exp.run_seeds(['sft', 'born_again'], ['0'], workdir=str(tmp_path),
+                                        collect_only=True, row_specs=gen.ROWS),
+                          ['teacher', 'sft', 'born_again'])
   assert [r['perplexity'] for r in results['born_again']] == [19.0]
   text = gen.table(results)
   assert '| born-again: JSD from the λ = 0 student | 19.00 | 50.0 | - | 1.00 | 9 | - |' in text
