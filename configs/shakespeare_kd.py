@@ -77,6 +77,7 @@ def get_config(arg=None):
       name='tiny_shakespeare', vocab_size=512, seq_len=128, batch_size=16, eval_batch_size=32,
       eval_split='validation', max_eval_batches=0,
       train_split='train',  # what the students train on (e.g. 'train[:30%]', a stream's shard)
+      teacher_split='train',  # what the teacher and tokenizer train on ('train[:27%]+train[30%:57%]')
       task='lm', prompt_len=0, response_len=0,  # task 'dialogue': see the variant
       sample_eval_batches=0))  # dialogue: eval batches whose greedy answers the teacher scores
   # GKD: the fraction of KD batches whose responses the student samples (dialogue task only).

@@ -6,11 +6,14 @@ r"""Continual distillation on a stream: does the student keep what it learned on
 Tiny Shakespeare's train split arrives as `shards` contiguous shards (in text order, so each
 holds other plays and speakers); the last 10% of each shard is held out. Phase k trains the
 student on shard k only, starting from phase k-1's student (`student_init.source='run'`), for
-configs/shakespeare_kd.py's steps, with KD from one teacher trained once on the whole train
-split (`kd`: 0.5·CE + 0.5·T²·KL, T = 2) or with hard labels only (`ce`). After every phase the
+configs/shakespeare_kd.py's steps, with KD from one teacher trained once on all the shards'
+training parts (`kd`: 0.5·CE + 0.5·T²·KL, T = 2) or with hard labels only (`ce`). After every phase the
 student is evaluated on every shard's held-out part. Table: held-out perplexity per (method,
 phase, shard), mean ± std over seeds, and forgetting = perplexity on shard 1 after the last
-phase minus after phase 1. Writes <out>/continual.md and .png.
+phase minus after phase 1. Writes <out>/continual.md, .png and .runs.json (per-seed results;
+`--prior=<that file>` adds an earlier session's seeds without rerunning them).
+The teacher and the tokenizer train on the union of the shards' training parts
+(`data.teacher_split`), so no held-out text reaches the student through them.
 Smoke test: --config_arg=tiny --seeds=0 --shards=2 --workdir=/tmp/cont_tiny --out=/tmp/cont_out.
 """
 
@@ -50,12 +53,19 @@ def phase_dir(workdir, seed, method, k) -> str:
   return os.path.join(workdir, f'seed_{seed}', method, f'phase_{k}')
 
 
-def command(workdir, seed, method, k, split, config_arg) -> list[str]:
+def teacher_split(splits) -> str:
+  """The union of the shards' training parts (TFDS split arithmetic): the teacher's text."""
+  return '+'.join(train for train, _ in splits)
+
+
+def command(workdir, seed, method, k, splits, config_arg) -> list[str]:
+  """kd.main's command line for phase k: the student trains on shard k's training part."""
   arg = ','.join([a for a in config_arg.split(',') if a] + [f'objective={METHODS[method]}'])
   cmd = [sys.executable, '-m', 'kd.main', f'--config=configs/shakespeare_kd.py:{arg}',
          f'--workdir={phase_dir(workdir, seed, method, k)}', f'--config.seed={seed}',
          '--config.baseline=False', '--config.train.progress=False',
-         f'--config.data.train_split={split}',
+         f'--config.data.train_split={splits[k][0]}',
+         f'--config.data.teacher_split={teacher_split(splits)}',
          f'--config.teacher.workdir={os.path.join(workdir, f"seed_{seed}", "teacher")}']
   if k > 0:
     cmd += ['--config.student_init.source=run', '--config.student_init.path='
@@ -92,7 +102,7 @@ def table(ppl: dict, shards: int) -> str:
   n = next(iter(ppl.values())).shape[0]
   lines = [f'Tiny Shakespeare train split as a stream of {shards} shards; held-out perplexity on '
            f'each shard after each phase, {n} seed(s), mean ± std. `kd`: KD from a teacher '
-           'trained on the whole split; `ce`: labels only.', '',
+           'trained on the training parts of all shards; `ce`: labels only.', '',
            '| method | after phase | ' + ' | '.join(f'shard {j + 1}' for j in range(shards))
            + ' |', '|---|---:|' + '---:|' * shards]
   for method, p in ppl.items():
@@ -128,20 +138,31 @@ def plot(ppl: dict, path: str) -> None:
 def main(argv):
   del argv
   f = flags.FLAGS
+  prior = objectives.load_prior(f.prior)
   splits = shard_splits(f.shards)
-  ppl = {}
-  for method in METHODS:
-    per_seed = []
-    for seed in f.seeds:
-      for k, (train, _) in enumerate(splits):
+  runs = {}
+  for seed in f.seeds:
+    runs[seed] = {}
+    for method in METHODS:
+      for k in range(len(splits)):
         done = os.path.join(phase_dir(f.workdir, seed, method, k), 'results.json')
         if not os.path.exists(done):
-          subprocess.run(command(f.workdir, seed, method, k, train, f.config_arg), check=True,
+          subprocess.run(command(f.workdir, seed, method, k, splits, f.config_arg), check=True,
                          cwd=objectives.REPO)
-      per_seed.append([evaluate_phase(f.workdir, seed, method, k, splits, f.config_arg)
-                       for k in range(len(splits))])
-    ppl[method] = np.asarray(per_seed)
-  report.write(f.out, 'continual', table(ppl, f.shards), lambda path: plot(ppl, path))
+      runs[seed][method] = {'ppl': [evaluate_phase(f.workdir, seed, method, k, splits,
+                                                   f.config_arg) for k in range(len(splits))]}
+  runs = report.merge_runs(runs, prior)
+  for seed, rows in runs.items():
+    for m in METHODS:
+      if m in rows and np.shape(rows[m]['ppl']) != (f.shards, f.shards):
+        raise app.UsageError(
+            f'seed {seed} {m}: its runs hold {np.shape(rows[m]["ppl"])} (phases, shards) '
+            f'results and this table has --shards={f.shards}; use the --prior file\'s --shards')
+  ppl = {m: np.asarray([r['ppl'] for r in rows])
+         for m, rows in report.by_row(runs, METHODS).items() if rows}
+  if not ppl:
+    raise app.UsageError('no results: give --seeds, or a --prior runs file that has some')
+  report.write(f.out, 'continual', table(ppl, f.shards), lambda path: plot(ppl, path), runs=runs)
 
 
 if __name__ == '__main__':
@@ -150,4 +171,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', '/tmp/kd/continual', 'Root of the runs.')
   flags.DEFINE_string('out', 'experiments/results', 'Where the table and plot go.')
   flags.DEFINE_string('config_arg', '', 'Variant passed to the config (e.g. tiny).')
+  flags.DEFINE_string('prior', None, 'A continual.runs.json of earlier seeds (the one written '
+                      'next to the table): they join the table; this run wins where both have '
+                      'a result. E.g. --seeds=2 --prior=experiments/results/continual.runs.json.')
   app.run(main)

@@ -60,7 +60,7 @@ def write_cache(config, workdir: str, *, k: int, out: str | None = None) -> str:
     raise config_check.ConfigError(f'--k={k} must be in [1, vocab size {teacher.config.vocab_size}]')
   teacher_params, _ = run.train_teacher(config, data, teacher, workdir)
   batches = data_lib.make_lm_dataset(
-      data.train_source, data.tokenizer, seq_len=config.data.seq_len,
+      data.student_source, data.tokenizer, seq_len=config.data.seq_len,
       batch_size=config.data.batch_size, seed=config.seed, shuffle=False, repeat=False)
   out = out or f'{workdir}/teacher_cache'
   n = teacher_cache.write(cache_rows(teacher, teacher_params, batches, k=k, temperature=low),

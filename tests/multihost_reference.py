@@ -52,7 +52,7 @@ class TwoHostData(run.Data):
   def iterator(self, seed: int, teacher_cache: str = '', arrays=None, student: bool = True):
     assert not teacher_cache and arrays is None, 'the reference reads text, not a cache'
     return Concat([data_lib.make_iterator(
-        self.student_source if student else self.train_source, self.tokenizer, seq_len=self.config.seq_len,
+        self.student_source if student else self.teacher_source, self.tokenizer, seq_len=self.config.seq_len,
         batch_size=self.config.batch_size // HOSTS, seed=seed, shard_index=i,
         shard_count=HOSTS) for i in range(HOSTS)])
 

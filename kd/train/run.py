@@ -104,14 +104,15 @@ class Data:
 
   def __init__(self, config, workdir: str):
     dc = config.data
-    self.train_source = data_lib.load_text_split(dc.name, 'train')
-    # The students' part of it (e.g. one shard of a stream, 'train[:30%]'); the teacher and the
-    # tokenizer always see the whole train split.
-    split = dc.get('train_split', 'train') or 'train'
-    self.student_source = (self.train_source if split == 'train'
-                           else data_lib.load_text_split(dc.name, split))
+    # The teacher's and the tokenizer's text (data.teacher_split, the whole train split unless a
+    # stream keeps its shards' held-out parts from them) and the students' (data.train_split,
+    # e.g. 'train[:30%]', one shard of a stream). TFDS split arithmetic ('train[:27%]+...') works.
+    split = lambda key: dc.get(key, 'train') or 'train'
+    self.teacher_source = data_lib.load_text_split(dc.name, split('teacher_split'))
+    self.student_source = (self.teacher_source if split('train_split') == split('teacher_split')
+                           else data_lib.load_text_split(dc.name, split('train_split')))
     self.tokenizer = data_lib.get_or_train(
-        workdir, lambda: (self.train_source[i] for i in range(len(self.train_source))),
+        workdir, lambda: (self.teacher_source[i] for i in range(len(self.teacher_source))),
         dc.vocab_size)
     self.vocab_size = self.tokenizer.get_vocab_size()
     eval_source = data_lib.load_text_split(dc.name, dc.get('eval_split', 'validation'))
@@ -120,7 +121,7 @@ class Data:
       arrays = lambda src: dialogue.encode(
           dialogue.speech_pairs([src[i] for i in range(len(src))]), self.tokenizer,
           prompt_len=dc.prompt_len, response_len=dc.response_len)
-      self.train_arrays = arrays(self.train_source)
+      self.train_arrays = arrays(self.teacher_source)
       self.eval_batches = dialogue.eval_batches(arrays(eval_source), dc.eval_batch_size)
     else:
       self.eval_batches = data_lib.make_eval_batches(
@@ -141,7 +142,7 @@ class Data:
       return teacher_cache_lib.make_iterator(teacher_cache, **shard)
     if self.task == 'dialogue':
       return dialogue.make_iterator(self.train_arrays if arrays is None else arrays, **shard)
-    return data_lib.make_iterator(self.student_source if student else self.train_source,
+    return data_lib.make_iterator(self.student_source if student else self.teacher_source,
                                   self.tokenizer, seq_len=self.config.seq_len, **shard)
 
 
@@ -228,6 +229,8 @@ def share_teacher(config, workdir: str) -> None:
               data={k: c.data[k] for k in keys})
   if int(c.teacher.get('count', 1)) > 1:
     mine['count'] = int(c.teacher.count)
+  if c.data.get('teacher_split', 'train') not in ('', 'train'):  # (older shared teachers match)
+    mine['data']['teacher_split'] = c.data.teacher_split
   settings = json.dumps(mine, sort_keys=True)
   _write_once(os.path.join(shared, 'teacher_settings.json'), settings.encode(),
               lambda theirs: f'the shared teacher in {shared} was trained with {theirs.decode()}, '
