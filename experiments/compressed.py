@@ -526,15 +526,22 @@ def main_minilm(f) -> None:
     runs = minilm_runs(rows, f.seeds, f.workdir, f.config_arg, f.override, f.collect_only)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  runs = report.merge_runs(runs, prior)
-  results = report.by_row(paired(runs, 'spearman'), row_order(rows, MINILM_TRAINED, MINILM_POST))
-  if not any(results.get(r) for r in rows):
-    raise app.UsageError(f'no finished runs under {f.workdir}')
   layers = ', '.join(str(i) for i in minilm_config('full', '0', f.workdir, f.config_arg,
                                                      f.override).student.layers)
-  caption = MINILM_CAPTION.format(layers=layers)
-  report.write(f.out, 'compressed_minilm', table(results, MINILM_COLUMNS, caption),
-               lambda path: plot(results, path, 'spearman', 'STS-B dev Spearman'), runs=runs)
+  write(f, 'compressed_minilm', report.merge_runs(runs, prior), 'spearman',
+        row_order(rows, MINILM_TRAINED, MINILM_POST), rows, MINILM_COLUMNS,
+        MINILM_CAPTION.format(layers=layers), 'STS-B dev Spearman')
+
+
+def write(f, stem: str, runs: dict, metric: str, order, rows, columns=COLUMNS, caption=None,
+          ylabel: str = 'held-out perplexity') -> None:
+  """<f.out>/<stem>.md, .png and .runs.json of `runs` (rows in `order`, with the paired
+  column of `metric`); refused when none of `rows` has a result."""
+  results = report.by_row(paired(runs, metric), order)
+  if not any(results.get(r) for r in rows):
+    raise app.UsageError(f'no finished runs under {f.workdir}')
+  report.write(f.out, stem, table(results, columns, caption),
+               lambda path: plot(results, path, metric, ylabel), runs=runs)
 
 
 def main(argv):
@@ -558,11 +565,7 @@ def main(argv):
       if row in got:
         got[row] = speed_and_size(seed, f.workdir, f.config_arg, row, got[row])
     got.update(post_training(seed, f.workdir, f.config_arg, post))
-  runs = report.merge_runs(runs, prior)
-  results = report.by_row(paired(runs, 'perplexity'), order)
-  if not any(results.get(r) for r in f.rows):
-    raise app.UsageError(f'no finished runs under {f.workdir}')
-  report.write(f.out, 'compressed', table(results), lambda path: plot(results, path), runs=runs)
+  write(f, 'compressed', report.merge_runs(runs, prior), 'perplexity', order, f.rows)
 
 
 if __name__ == '__main__':

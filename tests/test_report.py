@@ -17,6 +17,8 @@ def test_mean_std_is_the_sample_std():
   v = [16.8, 17.1, 16.95]
   assert report.mean_std(v) == f'{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}' == '16.95 ± 0.15'
   assert report.mean_std([0.5123], 100, 1) == '51.2'
+  assert report.mean_std([-1e-4, 1e-4, -2e-4]) == '0.00 ± 0.00'  # not '-0.00'
+  assert report.mean_std([-0.004]) == '0.00' and report.mean_std([-0.006]) == '-0.01'
 
 
 def test_runs_round_trip_and_are_stamped_with_the_commit(tmp_path):

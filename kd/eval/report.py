@@ -13,9 +13,10 @@ import numpy as np
 def mean_std(values, scale: float = 1.0, digits: int = 2) -> str:
   """'m ± s' of `values` × scale (s: the sample std, ddof=1); just 'm' for a single value."""
   v = np.asarray(values, np.float64) * scale
+  fmt = lambda x: f'{round(x, digits) + 0.0:.{digits}f}'  # (+ 0.0: no '-0.00' for a tiny -x)
   if len(v) == 1:
-    return f'{v[0]:.{digits}f}'
-  return f'{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}'
+    return fmt(v[0])
+  return f'{fmt(v.mean())} ± {fmt(v.std(ddof=1))}'
 
 
 def write(out_dir: str, stem: str, text: str, plot: Callable[[str], None] | None = None,
