@@ -192,6 +192,9 @@ def get_config(arg=None):
     c.online = True
   if 'ema' in variants:
     c.self_distill.ema_decay = 0.99
+    if 'ce' not in c.losses:  # (dialogue's pure divergence) the EMA needs labels beside it
+      c.losses = ml_collections.ConfigDict({'ce': c.get_ref('alpha'),
+                                            objective: 1.0 - c.get_ref('alpha')})
   if 'adaptive' in variants:
     if 'dialogue' not in variants:
       raise ValueError('adaptive needs the dialogue variant (prompts to answer).')

@@ -10,8 +10,8 @@ throughout. Rows: SFT (CE on the dataset's responses, no teacher); supervised KD
 dataset's responses = on-policy λ = 0); SeqKD (CE on the teacher's greedy responses); SeqKD +
 JSD; on-policy λ = 0.5 and λ = 1 (the student samples the responses, the teacher scores them);
 born-again (a second student distilled from the λ = 0 student); self-distillation from the
-student's own EMA (no teacher in its loss); adaptive off-policy (DistiLLM, kd/train/replay.py,
-validation every 100 steps). Metrics on the validation
+student's own EMA (0.5 CE + 0.5 JSD, no teacher in its loss); adaptive off-policy (DistiLLM,
+kd/train/replay.py, validation every 100 steps). Metrics on the validation
 split's real responses: perplexity, top-1 agreement with the teacher, ECE; the teacher's
 per-token NLL of the model's own greedy answers to 128 validation prompts
 (kd.eval.generation: how a model does on what it writes, where on-policy training aims); plus
@@ -47,8 +47,8 @@ ROWS = {
     'onpolicy_1': ('on-policy (GKD) λ = 1', 'jsd', {}, 'dialogue,onpolicy=1', 'student_kd'),
     'born_again': ('born-again: JSD from the λ = 0 student', 'jsd', {'born_again': 1},
                    'dialogue', 'student_born_again_1'),
-    'ema_self': ("self-distillation: JSD from the student's EMA (0.99; agreement with the EMA)",
-                 'jsd', {}, 'dialogue,ema', 'student_ema_self'),
+    'ema_self': ("self-distillation: 0.5 CE + 0.5 JSD from the student's EMA (0.99; agreement "
+                 'with the EMA)', 'jsd', {}, 'dialogue,ema', 'student_ema_self'),
     'adaptive': ('adaptive off-policy (DistiLLM: replay buffer, p raised on val. CE rises)', 'jsd',
                  {'train.eval_every': 100}, 'dialogue,adaptive', 'student_kd'),
 }

@@ -287,6 +287,14 @@ def test_ema_config_is_checked(shakespeare_config):
   with pytest.raises(config_check.ConfigError, match=r'ema_decay must be in \[0, 1\)'):
     config_check.check(c)
   config_check.check(shakespeare_config('tiny,ema,lora'))  # a LoRA student averages adapters
+  # The EMA alone as target lets both stay at their init: a label term is required.
+  c = shakespeare_config('tiny,ema')
+  c.losses = ml_collections.ConfigDict({'jsd': 1.0})
+  with pytest.raises(config_check.ConfigError, match='needs a label term'):
+    config_check.check(c)
+  c = shakespeare_config('tiny,dialogue,ema,objective=jsd')  # dialogue's pure JSD gets CE back
+  assert dict(c.copy_and_resolve_references().losses) == {'ce': 0.5, 'jsd': 0.5}
+  config_check.check(c)
 
 
 def test_online_step_trains_the_teacher_on_ce_and_the_student_from_it():

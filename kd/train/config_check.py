@@ -49,6 +49,13 @@ def check(config) -> None:
   decay = float((config.get('self_distill') or {}).get('ema_decay', 0.0))
   if not 0.0 <= decay < 1.0:
     raise ConfigError(f'config.self_distill.ema_decay must be in [0, 1) (0 = off), got {decay}')
+  if decay and not check_losses(config) & {'ce', 'pairs'}:
+    # The EMA only follows the student: with it as the sole target, the student's fastest way
+    # down is to stay where the EMA is, and both stay at their init (measured: perplexity = the
+    # vocabulary size, agreement 100%).
+    raise ConfigError(f'self-distillation from the EMA (self_distill.ema_decay={decay}) needs a '
+                      f'label term beside the divergence, e.g. ce in config.losses '
+                      f'(now {sorted(dict(config.losses))}); or set self_distill.ema_decay=0')
   if decay and config.teacher.get('cache', ''):
     raise ConfigError('an EMA teacher runs online: unset config.teacher.cache or set '
                       'self_distill.ema_decay=0')
