@@ -71,8 +71,10 @@ def table(results: dict) -> str:
     if not runs:
       continue
     # (A teacher restored from an earlier run reports only its restore time as wall_s.)
+    # (An adaptive run whose probability never rose sampled nothing: its speed is '-', not 0.)
     cells = [report.mean_std([x[k] for x in runs], scale, digits)
-             if k in runs[0] and not (row == 'teacher' and k == 'wall_s') else '-'
+             if k in runs[0] and not (row == 'teacher' and k == 'wall_s')
+             and (k != 'generation_tokens_per_s' or any(x[k] for x in runs)) else '-'
              for k, _, scale, digits in METRICS]
     label = 'teacher' if row == 'teacher' else ROWS[row][0]
     seeds = '' if len(runs) == n else f' ({len(runs)} seeds)'

@@ -250,6 +250,13 @@ def test_generation_experiment_rows_commands_and_table(tmp_path):
   text = gen.table(results)
   assert '| born-again: JSD from the λ = 0 student | 19.00 | 50.0 | - | 1.00 | 9 | - |' in text
   assert '| teacher | 15.00 | - | - | 2.00 | - | - |' in text  # a restored teacher's wall_s: no
+  # Sampling speed: shown where the row sampled; '-' where it never did (an adaptive run whose
+  # probability never rose reports 0).
+  results['sft'] = [{**kd, 'generation_tokens_per_s': 0.0}]
+  results['born_again'] = [{**kd, 'generation_tokens_per_s': 1234.4}]
+  text = gen.table(results)
+  assert '| SFT: CE on the dataset responses (no KD) | 20.00 | 50.0 | - | 1.00 | 9 | - |' in text
+  assert '| born-again: JSD from the λ = 0 student | 20.00 | 50.0 | - | 1.00 | 9 | 1234 |' in text
 
 
 def test_generation_rescore_matches_the_in_run_score(tmp_path):
