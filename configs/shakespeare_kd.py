@@ -146,16 +146,16 @@ def get_config(arg=None):
   c.quant = ml_collections.ConfigDict(dict(method='none', bits=8, group_size=0,
                                            target=r'.*_proj', embed_bits=0))
 
-  # alpha * CE + (1 - alpha) * T^2 * KL: 'kl' already carries T^2.
+  # alpha * CE + (1 - alpha) * the objective (T^2 * KL by default: 'kl' already carries T^2);
+  # the ema variant puts this back on the dialogue task's pure divergence.
   c.alpha = 0.5
-  c.losses = ml_collections.ConfigDict({'ce': c.get_ref('alpha'), 'kl': 1.0 - c.get_ref('alpha')})
-  c.loss_kwargs = ml_collections.ConfigDict()
   objective = options.get('objective', 'kl')
+  with_ce = lambda: ml_collections.ConfigDict({'ce': c.get_ref('alpha'),
+                                               objective: 1.0 - c.get_ref('alpha')})
+  c.losses = with_ce()
+  c.loss_kwargs = ml_collections.ConfigDict()
   if objective == 'ce':  # no KD: hard labels only (agreement with the teacher is still measured)
     c.losses = ml_collections.ConfigDict({'ce': 1.0})
-  elif objective != 'kl':
-    c.losses = ml_collections.ConfigDict({'ce': c.get_ref('alpha'),
-                                          objective: 1.0 - c.get_ref('alpha')})
   if objective in OBJECTIVE_KWARGS:
     c.loss_kwargs[objective] = ml_collections.ConfigDict(OBJECTIVE_KWARGS[objective])
   c.temperature = 2.0
@@ -193,8 +193,7 @@ def get_config(arg=None):
   if 'ema' in variants:
     c.self_distill.ema_decay = 0.99
     if 'ce' not in c.losses:  # (dialogue's pure divergence) the EMA needs labels beside it
-      c.losses = ml_collections.ConfigDict({'ce': c.get_ref('alpha'),
-                                            objective: 1.0 - c.get_ref('alpha')})
+      c.losses = with_ce()
   if 'adaptive' in variants:
     if 'dialogue' not in variants:
       raise ValueError('adaptive needs the dialogue variant (prompts to answer).')

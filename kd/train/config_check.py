@@ -37,7 +37,7 @@ def check_losses(config, example: str = "{'ce': 0.5, 'kl': 0.5}") -> set:
 
 def check(config) -> None:
   """Checks that need no model: loss names, weights, temperature, batch split."""
-  check_losses(config)
+  kinds = check_losses(config)
   low, _ = schedules.bounds(config.temperature)
   if low <= 0:
     raise ConfigError(f'config.temperature must stay > 0, got {config.temperature!r}')
@@ -49,7 +49,7 @@ def check(config) -> None:
   decay = float((config.get('self_distill') or {}).get('ema_decay', 0.0))
   if not 0.0 <= decay < 1.0:
     raise ConfigError(f'config.self_distill.ema_decay must be in [0, 1) (0 = off), got {decay}')
-  if decay and not check_losses(config) & {'ce', 'pairs'}:
+  if decay and not kinds & {'ce', 'pairs'}:
     # The EMA only follows the student: with it as the sole target, the student's fastest way
     # down is to stay where the EMA is, and both stay at their init (measured: perplexity = the
     # vocabulary size, agreement 100%).

@@ -99,6 +99,11 @@ def init_student(spec: step_lib.Spec, seed: int, variables=None):
   return params
 
 
+def data_split(data_config, key: str) -> str:
+  """config.data.<key> ('train_split' or 'teacher_split'); absent or '' is 'train'."""
+  return data_config.get(key, 'train') or 'train'
+
+
 class Data:
   """The tokenizer, train split and eval batches shared by every stage of one workdir."""
 
@@ -107,10 +112,10 @@ class Data:
     # The teacher's and the tokenizer's text (data.teacher_split, the whole train split unless a
     # stream keeps its shards' held-out parts from them) and the students' (data.train_split,
     # e.g. 'train[:30%]', one shard of a stream). TFDS split arithmetic ('train[:27%]+...') works.
-    split = lambda key: dc.get(key, 'train') or 'train'
-    self.teacher_source = data_lib.load_text_split(dc.name, split('teacher_split'))
-    self.student_source = (self.teacher_source if split('train_split') == split('teacher_split')
-                           else data_lib.load_text_split(dc.name, split('train_split')))
+    teacher_split, train_split = data_split(dc, 'teacher_split'), data_split(dc, 'train_split')
+    self.teacher_source = data_lib.load_text_split(dc.name, teacher_split)
+    self.student_source = (self.teacher_source if train_split == teacher_split
+                           else data_lib.load_text_split(dc.name, train_split))
     self.tokenizer = data_lib.get_or_train(
         workdir, lambda: (self.teacher_source[i] for i in range(len(self.teacher_source))),
         dc.vocab_size)
@@ -229,7 +234,7 @@ def share_teacher(config, workdir: str) -> None:
               data={k: c.data[k] for k in keys})
   if int(c.teacher.get('count', 1)) > 1:
     mine['count'] = int(c.teacher.count)
-  if c.data.get('teacher_split', 'train') not in ('', 'train'):  # (older shared teachers match)
+  if data_split(c.data, 'teacher_split') != 'train':  # (older shared teachers match)
     mine['data']['teacher_split'] = c.data.teacher_split
   settings = json.dumps(mine, sort_keys=True)
   _write_once(os.path.join(shared, 'teacher_settings.json'), settings.encode(),
