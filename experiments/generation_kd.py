@@ -11,7 +11,7 @@ dataset's responses = on-policy λ = 0); SeqKD (CE on the teacher's greedy respo
 JSD; on-policy λ = 0.5 and λ = 1 (the student samples the responses, the teacher scores them);
 born-again (a second student distilled from the λ = 0 student); self-distillation from the
 student's own EMA (0.5 CE + 0.5 JSD, no teacher in its loss); adaptive off-policy (DistiLLM,
-kd/train/replay.py, validation every 100 steps). Metrics on the validation
+kd/train/replay.py, validation every 100 steps, starting at p0 = 0.5). Metrics on the validation
 split's real responses: perplexity, top-1 agreement with the teacher, ECE; the teacher's
 per-token NLL of the model's own greedy answers to 128 validation prompts
 (kd.eval.generation: how a model does on what it writes, where on-policy training aims); plus
@@ -49,8 +49,12 @@ ROWS = {
                    'dialogue', 'student_born_again_1'),
     'ema_self': ("self-distillation: 0.5 CE + 0.5 JSD from the student's EMA (0.99; agreement "
                  'with the EMA)', 'jsd', {}, 'dialogue,ema', 'student_ema_self'),
-    'adaptive': ('adaptive off-policy (DistiLLM: replay buffer, p raised on val. CE rises)', 'jsd',
-                 {'train.eval_every': 100}, 'dialogue,adaptive', 'student_kd'),
+    # p0 = 0.5: with DistiLLM's p0 = 0 the row equals λ = 0, since 800 steps never raise the
+    # held-out CE (it falls at every check), so p never leaves p0. From 0.5 it pairs with GKD
+    # λ = 0.5: the same share of student-written batches, some replayed from the buffer.
+    'adaptive': ('adaptive off-policy (DistiLLM: p0 = 0.5, replay buffer, p raised on val. CE '
+                 'rises)', 'jsd', {'train.eval_every': 100, 'on_policy.adaptive.p0': 0.5},
+                 'dialogue,adaptive', 'student_kd'),
 }
 # (results key, column title, scale, digits)
 METRICS = (('perplexity', 'perplexity', 1.0, 2), ('agreement', 'agreement (%)', 100.0, 1),
