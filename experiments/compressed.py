@@ -29,9 +29,11 @@ int4 base, groups of 32); post-training rows ptq8, ptq4, gptq4, ptq8_emb, ptq4_e
 full row's exported student (GPTQ calibrated on 8 batches of 32 train sentences; the _emb rows
 quantize the embedding tables too, which hold most of MiniLM's bytes). Columns: STS-B dev
 Spearman (mean ± std over seeds), stored size (float32; quantized rows kd.quant's packed file,
-QLoRA its packed base plus float32 adapters), trained parameters, encode
-sentences/s at batch 1 and 32 (kd.eval.speed, on dequantized weights). Writes
-<out>/compressed_minilm.md and .png. Smoke test (a tiny random BERT teacher; ~4 min on 2 cores):
+QLoRA its packed base plus float32 adapters), trained parameters; below it, encode
+sentences/s at batch 1 and 32 (kd.eval.speed) of the teacher and of the students' float
+architecture, timed once as the table is written (every row's stored student is that model, so
+seeds run in other sessions or on other hosts share one timing). Writes
+<out>/compressed_minilm.md, .png and .runs.json. Smoke test (a tiny random BERT teacher; ~4 min on 2 cores):
   --task=minilm --config_arg=tiny --seeds=0 --workdir=/tmp/comp_minilm_tiny \
       --out=/tmp/comp_minilm_tiny_out --override=teacher.path=DIR --override=student.layers=0,3
 where DIR holds a small HF BERT checkpoint with a tokenizer (e.g. tests/conftest.py's tiny_bert).
@@ -257,17 +259,22 @@ COLUMNS = (('perplexity', 'held-out ppl', 1.0, 2),
 MINILM_COLUMNS = (('spearman', 'STS-B dev Spearman', 1.0, 2),
                   ('spearman_vs_full', 'Δ vs full (paired)', 1.0, 2),
                   ('stored_bytes', 'stored MB', 1 / 2**20, 2),
-                  ('trainable_params', 'trained params', 1, 0),
-                  ('sentences_per_s_b1', 'sent/s b=1', 1, 0),
-                  ('sentences_per_s_b32', 'sent/s b=32', 1, 0))
+                  ('trainable_params', 'trained params', 1, 0))
 MINILM_CAPTION = (
     'STS-B dev Spearman ×100 (cosine of mean-pooled embeddings), {{n}} seed(s), mean ± std. '
     "Students keep the teacher's layers {layers} and distil from cached teacher features "
     "(embedding MSE + 0.1 hidden MSE + 0.1 MiniLM relations). Δ: the row's Spearman minus "
     "the same seed's full fine-tuning (paired over seeds). The attention and MLP "
     'projections are quantized; the embedding tables stay float32 except in the rows that say '
-    'so. Quantized rows are evaluated and timed on their dequantized weights (exactly the '
-    'stored model).')
+    'so. Quantized rows are evaluated on their dequantized weights (exactly the stored '
+    'model).')
+MINILM_SPEED_CAPTION = (
+    'Encode speed on this machine, measured once as this table was written '
+    '(kd.eval.speed: sentences/s, best of {runs} passes over {n} dev sentences). Every student '
+    'row runs the same float model (LoRA and QLoRA are merged on export, quantized rows run on '
+    'their dequantized weights), so one line times them all: what quantization saves here is '
+    'size, not time.')
+BATCHES = (1, 32)
 
 
 def table(results: dict, columns=COLUMNS, caption: str | None = None) -> str:
@@ -387,26 +394,52 @@ def speed_sentences(config) -> list[str]:
 
 
 def encode_speeds(model, config) -> dict:
-  """sentences/s of kd.eval.speed.encode_throughput at batch 1 and 32."""
+  """sentences/s of kd.eval.speed.encode_throughput at each of BATCHES."""
   sents = speed_sentences(config)
   return {f'sentences_per_s_b{b}': speed.encode_throughput(model, sents, batch_size=b,
                                                            runs=config.eval.speed_runs)
-          for b in (1, 32)}
+          for b in BATCHES}
 
 
-def minilm_base(config):
-  """The LoRA students' frozen base: the teacher's kept layers (sentence.main's student)."""
-  teacher = hf.load(sentence.teacher_path(config.teacher.path))
+def minilm_student(config, teacher=None):
+  """The students' architecture and init: the teacher's kept layers (sentence.main's student);
+  the LoRA students' frozen base."""
+  teacher = teacher or hf.load(sentence.teacher_path(config.teacher.path))
   keep, _, _ = sentence.plan_layers(config, teacher.config.num_layers)
-  return models.student_from_teacher(teacher, keep).params
+  return models.student_from_teacher(teacher, keep)
 
 
-def minilm_trained_extras(row: str, seed: str, workdir: str, config, result: dict) -> dict:
-  """Stored size and encode speeds of a trained row's exported student (cached in speed.json).
+def minilm_speeds(config) -> dict:
+  """{'teacher', 'student': encode_speeds}, timed one after the other in this process.
+
+  Timing the students' architecture once, not each row's export, is exact here: every exported
+  row is that float model with other weights, and a forward's time does not depend on them."""
+  teacher = hf.load(sentence.teacher_path(config.teacher.path))
+  return {'teacher': encode_speeds(teacher, config),
+          'student': encode_speeds(minilm_student(config, teacher), config)}
+
+
+def speed_table(speeds: dict, config, n_sentences: int) -> str:
+  """Markdown: MINILM_SPEED_CAPTION, then the teacher's and the students' speeds (× teacher)."""
+  t, s = speeds['teacher'], speeds['student']
+  keep = ', '.join(str(i) for i in config.student.layers)
+  key = lambda b: f'sentences_per_s_b{b}'
+  return '\n'.join([
+      MINILM_SPEED_CAPTION.format(runs=config.eval.speed_runs,
+                                  n=n_sentences), '',
+      '| model | ' + ' | '.join(f'sent/s b={b}' for b in BATCHES) + ' |',
+      '|---|' + '---:|' * len(BATCHES),
+      '| teacher | ' + ' | '.join(f'{t[key(b)]:.0f}' for b in BATCHES) + ' |',
+      f"| every student (the teacher's layers {keep}) | "
+      + ' | '.join(f'{s[key(b)]:.0f} ({s[key(b)] / t[key(b)]:.2f}×)' for b in BATCHES) + ' |'])
+
+
+def minilm_stored_size(row: str, seed: str, workdir: str, config, result: dict) -> dict:
+  """`result` with the stored size of a trained row's exported student (cached in size.json).
 
   Stored: float32; QAT: kd.quant's packed file of the (on-grid) export; QLoRA: the packed
   quantized base plus its float32 adapters (the model it evaluates is base + A·B)."""
-  cache = os.path.join(workdir, f'seed_{seed}', row, 'speed.json')
+  cache = os.path.join(workdir, f'seed_{seed}', row, 'size.json')
   if os.path.exists(cache):
     return dict(result, **json.load(open(cache)))
   model = hf.load(os.path.join(workdir, f'seed_{seed}', row, 'hf'))
@@ -414,26 +447,14 @@ def minilm_trained_extras(row: str, seed: str, workdir: str, config, result: dic
   if method == 'qat':
     size = stored_bytes(qparams=quant.quantize_params(model.params, qcfg))
   elif method == 'qlora':
-    size = (stored_bytes(qparams=quant.quantize_params(minilm_base(config), qcfg))
+    size = (stored_bytes(qparams=quant.quantize_params(minilm_student(config).params, qcfg))
             + 4 * result['trainable_params'])
   else:
     size = stored_bytes(model.params)
-  extra = dict(stored_bytes=size, **encode_speeds(model, config))
+  extra = dict(stored_bytes=size)
   with open(cache, 'w') as f:
     json.dump(extra, f)
   return dict(result, **extra)
-
-
-def teacher_speeds(workdir: str, config) -> dict:
-  """The teacher's encode speeds, measured as the students' are (cached in
-  <workdir>/teacher_speed.json)."""
-  cache = os.path.join(workdir, 'teacher_speed.json')
-  if os.path.exists(cache):
-    return json.load(open(cache))
-  extra = encode_speeds(hf.load(sentence.teacher_path(config.teacher.path)), config)
-  with open(cache, 'w') as f:
-    json.dump(extra, f)
-  return extra
 
 
 def calibration_batches(config, tokenizer, n: int = CALIBRATION_BATCHES,
@@ -476,7 +497,7 @@ def minilm_post_training(seed: str, workdir: str, config, rows) -> dict:
     score = sts.evaluate(deq, dev, batch_size=config.eval.batch_size)['spearman']
     done[row] = dict(spearman=score, stored_bytes=stored_bytes(qparams=qparams),
                      quantize_s=seconds, params=models.count_params(deq.params),
-                     trainable_params=0, **encode_speeds(deq, config))
+                     trainable_params=0)
     with open(cache + '.tmp', 'w') as f:
       json.dump(done, f, indent=1)
     os.replace(cache + '.tmp', cache)
@@ -502,11 +523,9 @@ def minilm_runs(rows, seeds, workdir: str, config_arg: str = '', overrides=(),
       if r is None:
         continue
       config = minilm_config(row, seed, workdir, config_arg, overrides)
-      got[row] = minilm_trained_extras(row, seed, workdir, config, r['student'])
+      got[row] = minilm_stored_size(row, seed, workdir, config, r['student'])
       got['teacher'] = dict(r['teacher'], stored_bytes=r['teacher']['param_bytes'])
     config = minilm_config('full', seed, workdir, config_arg, overrides)
-    if 'teacher' in got:
-      got['teacher'].update(teacher_speeds(workdir, config))
     got.update(minilm_post_training(seed, workdir, config, post))
   return runs
 
@@ -526,21 +545,25 @@ def main_minilm(f) -> None:
     runs = minilm_runs(rows, f.seeds, f.workdir, f.config_arg, f.override, f.collect_only)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  layers = ', '.join(str(i) for i in minilm_config('full', '0', f.workdir, f.config_arg,
-                                                     f.override).student.layers)
+  config = minilm_config('full', '0', f.workdir, f.config_arg, f.override)
+  layers = ', '.join(str(i) for i in config.student.layers)
   write(f, 'compressed_minilm', report.merge_runs(runs, prior), 'spearman',
         row_order(rows, MINILM_TRAINED, MINILM_POST), rows, MINILM_COLUMNS,
-        MINILM_CAPTION.format(layers=layers), 'STS-B dev Spearman')
+        MINILM_CAPTION.format(layers=layers), 'STS-B dev Spearman',
+        after=lambda: speed_table(minilm_speeds(config), config,
+                                  len(speed_sentences(config))))
 
 
 def write(f, stem: str, runs: dict, metric: str, order, rows, columns=COLUMNS, caption=None,
-          ylabel: str = 'held-out perplexity') -> None:
+          ylabel: str = 'held-out perplexity', after=None) -> None:
   """<f.out>/<stem>.md, .png and .runs.json of `runs` (rows in `order`, with the paired
-  column of `metric`); refused when none of `rows` has a result."""
+  column of `metric`, then the text `after()` returns); refused when none of `rows` has a
+  result."""
   results = report.by_row(paired(runs, metric), order)
   if not any(results.get(r) for r in rows):
     raise app.UsageError(f'no finished runs under {f.workdir}')
-  report.write(f.out, stem, table(results, columns, caption),
+  text = table(results, columns, caption)
+  report.write(f.out, stem, text + ('\n\n' + after() if after else ''),
                lambda path: plot(results, path, metric, ylabel), runs=runs)
 
 

@@ -80,8 +80,7 @@ def test_minilm_rows_build_the_configs_they_name(compressed, row, peft, quant, b
 
 
 def test_minilm_table_and_unknown_rows(compressed):
-  run = dict(spearman=80.0, stored_bytes=2 * 2**20, trainable_params=10,
-             sentences_per_s_b1=100.0, sentences_per_s_b32=900.0)
+  run = dict(spearman=80.0, stored_bytes=2 * 2**20, trainable_params=10)
   text = compressed.table({'teacher': [dict(spearman=86.0, stored_bytes=2**22)],
                            'qlora': [run, dict(run, spearman=82.0)]},
                           compressed.MINILM_COLUMNS,
@@ -89,7 +88,18 @@ def test_minilm_table_and_unknown_rows(compressed):
   assert text.startswith('STS-B dev Spearman ×100 (cosine of mean-pooled embeddings), 2 seed(s)')
   assert "the teacher's layers 0, 3 and" in text
   assert ('| QLoRA: LoRA r=8 on an int4 base (groups of 32) | 81.00 ± 1.41 | - | 2.00 ± 0.00 | '
-          '10 ± 0 | 100 ± 0 | 900 ± 0 |') in text
-  assert '| teacher | 86.00 | - | 4.00 | - | - | - |' in text
+          '10 ± 0 |') in text
+  assert '| teacher | 86.00 | - | 4.00 | - |' in text
   with pytest.raises(ValueError, match='no --task=minilm version'):
     compressed.minilm_runs(['adapter'], ['0'], '/tmp/w')
+
+
+def test_minilm_speed_table_states_the_ratio_to_the_teacher(compressed):
+  config = compressed.minilm_config('full', '0', '/tmp/w', 'tiny', ['student.layers=(0,3)'])
+  config.eval.path = '/nonexistent'  # the sentence count is passed in, not read
+  speeds = {'teacher': dict(sentences_per_s_b1=40.0, sentences_per_s_b32=200.0),
+            'student': dict(sentences_per_s_b1=130.0, sentences_per_s_b32=500.0)}
+  text = compressed.speed_table(speeds, config, n_sentences=32)
+  assert 'best of 1 passes over 32 dev sentences' in text
+  assert '| teacher | 40 | 200 |' in text
+  assert "| every student (the teacher's layers 0, 3) | 130 (3.25×) | 500 (2.50×) |" in text

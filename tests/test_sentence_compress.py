@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -283,7 +284,8 @@ def test_minilm_experiment_writes_every_row(experiment):
   workdir, out = experiment
   text = (out / 'compressed_minilm.md').read_text()
   assert (out / 'compressed_minilm.png').stat().st_size > 0
-  rows = {line.split(' | ')[0][2:]: line.split(' | ')[1:] for line in text.splitlines()
+  main, speed = text.split('\n\nEncode speed on this machine')
+  rows = {line.split(' | ')[0][2:]: line.split(' | ')[1:] for line in main.splitlines()
           if line.startswith('| ') and not line.startswith('| student')}
   labels = ['teacher', 'full fine-tuning', 'LoRA r=8, every projection', 'QAT int8, per channel',
             'QAT int4, groups of 32', 'QLoRA: LoRA r=8 on an int4 base (groups of 32)',
@@ -292,7 +294,14 @@ def test_minilm_experiment_writes_every_row(experiment):
             'PTQ int4 (groups of 32) + int8 embedding tables']
   assert list(rows) == labels
   assert "the teacher's layers 0, 3 and" in text  # the caption names the overridden layers
-  float(rows['teacher'][-1].rstrip(' |'))  # the teacher is timed as the students are
+  # One timing of the teacher and one of the students' architecture, as the table is written:
+  # the printed ratio is the students' speed over the teacher's.
+  speed = re.findall(r'^\| (teacher|every student[^|]*) \| (.*) \|$', speed, re.M)
+  assert [name for name, _ in speed] == ['teacher', "every student (the teacher's layers 0, 3)"]
+  teacher = [float(c) for c in speed[0][1].split(' | ')]
+  for cell, t in zip(speed[1][1].split(' | '), teacher):
+    s, ratio = re.fullmatch(r'(\d+) \(([\d.]+)×\)', cell).groups()
+    assert float(ratio) == pytest.approx(float(s) / t, rel=0.02, abs=0.01)
   for label in labels[1:]:
     float(rows[label][0])  # a Spearman in every row
   with open(workdir / 'seed_0' / 'full' / 'results.json') as f:
@@ -300,7 +309,7 @@ def test_minilm_experiment_writes_every_row(experiment):
   assert full['trainable_params'] == full['params']
   with open(workdir / 'seed_0' / 'post.json') as f:
     post = json.load(f)
-  sizes = {r: json.load(open(workdir / 'seed_0' / r / 'speed.json'))['stored_bytes']
+  sizes = {r: json.load(open(workdir / 'seed_0' / r / 'size.json'))['stored_bytes']
            for r in ('full', 'lora', 'qat8', 'qat4', 'qlora')}
   sizes.update({r: post[r]['stored_bytes'] for r in ('ptq8', 'ptq4', 'gptq4', 'ptq8_emb',
                                                       'ptq4_emb8')})
@@ -323,7 +332,7 @@ def test_minilm_experiment_writes_every_row(experiment):
 
 def test_a_later_seed_joins_the_table_through_prior(experiment, teacher_dir, tmp_path):
   """The runs file beside the table holds each row's seed-0 result; a run of seed 1 alone (here
-  with nothing finished for it) with --prior rebuilds the same table from it."""
+  with nothing finished for it) with --prior rebuilds the same table from it (its speeds timed again)."""
   workdir, out = experiment
   runs = json.loads((out / 'compressed_minilm.runs.json').read_text())
   assert list(runs) == ['0']
@@ -334,6 +343,8 @@ def test_a_later_seed_joins_the_table_through_prior(experiment, teacher_dir, tmp
   cmd = _command(workdir.parent, teacher_dir, '--seeds=1', '--collect_only',
                  f'--prior={out / "compressed_minilm.runs.json"}', f'--out={tmp_path}')
   subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
-  assert ((tmp_path / 'compressed_minilm.md').read_text()
-          == (out / 'compressed_minilm.md').read_text())
+  # The same rows; the speeds below them are timed anew by every write.
+  again, before = [(d / 'compressed_minilm.md').read_text().split('\n\nEncode speed')
+                   for d in (tmp_path, out)]
+  assert len(again) == len(before) == 2 and again[0] == before[0]
   assert json.loads((tmp_path / 'compressed_minilm.runs.json').read_text()) == runs
