@@ -33,7 +33,8 @@ QLoRA its packed base plus float32 adapters), trained parameters; below it, enco
 sentences/s at batch 1 and 32 (kd.eval.speed) of the teacher and of the students' float
 architecture, timed once as the table is written (every row's stored student is that model, so
 seeds run in other sessions or on other hosts share one timing). Writes
-<out>/compressed_minilm.md, .png and .runs.json. Smoke test (a tiny random BERT teacher; ~4 min on 2 cores):
+<out>/compressed_minilm.md, .png and .runs.json. Smoke test (a tiny random BERT teacher; ~4 min
+on 2 cores):
   --task=minilm --config_arg=tiny --seeds=0 --workdir=/tmp/comp_minilm_tiny \
       --out=/tmp/comp_minilm_tiny_out --override=teacher.path=DIR --override=student.layers=0,3
 where DIR holds a small HF BERT checkpoint with a tokenizer (e.g. tests/conftest.py's tiny_bert).
@@ -393,11 +394,9 @@ def speed_sentences(config) -> list[str]:
   return list(dict.fromkeys(s1 + s2))[:config.eval.get('speed_sentences', 0) or None]
 
 
-def encode_speeds(model, config) -> dict:
+def encode_speeds(model, sents, runs: int) -> dict:
   """sentences/s of kd.eval.speed.encode_throughput at each of BATCHES."""
-  sents = speed_sentences(config)
-  return {f'sentences_per_s_b{b}': speed.encode_throughput(model, sents, batch_size=b,
-                                                           runs=config.eval.speed_runs)
+  return {f'sentences_per_s_b{b}': speed.encode_throughput(model, sents, batch_size=b, runs=runs)
           for b in BATCHES}
 
 
@@ -409,14 +408,15 @@ def minilm_student(config, teacher=None):
   return models.student_from_teacher(teacher, keep)
 
 
-def minilm_speeds(config) -> dict:
-  """{'teacher', 'student': encode_speeds}, timed one after the other in this process.
+def minilm_speeds(config, sents) -> dict:
+  """{'teacher', 'student': encode_speeds over `sents`}, timed one after the other here.
 
   Timing the students' architecture once, not each row's export, is exact here: every exported
   row is that float model with other weights, and a forward's time does not depend on them."""
   teacher = hf.load(sentence.teacher_path(config.teacher.path))
-  return {'teacher': encode_speeds(teacher, config),
-          'student': encode_speeds(minilm_student(config, teacher), config)}
+  runs = config.eval.speed_runs
+  return {'teacher': encode_speeds(teacher, sents, runs),
+          'student': encode_speeds(minilm_student(config, teacher), sents, runs)}
 
 
 def speed_table(speeds: dict, config, n_sentences: int) -> str:
@@ -425,8 +425,7 @@ def speed_table(speeds: dict, config, n_sentences: int) -> str:
   keep = ', '.join(str(i) for i in config.student.layers)
   key = lambda b: f'sentences_per_s_b{b}'
   return '\n'.join([
-      MINILM_SPEED_CAPTION.format(runs=config.eval.speed_runs,
-                                  n=n_sentences), '',
+      MINILM_SPEED_CAPTION.format(runs=config.eval.speed_runs, n=n_sentences), '',
       '| model | ' + ' | '.join(f'sent/s b={b}' for b in BATCHES) + ' |',
       '|---|' + '---:|' * len(BATCHES),
       '| teacher | ' + ' | '.join(f'{t[key(b)]:.0f}' for b in BATCHES) + ' |',
@@ -547,11 +546,11 @@ def main_minilm(f) -> None:
     raise app.UsageError(str(e)) from None
   config = minilm_config('full', '0', f.workdir, f.config_arg, f.override)
   layers = ', '.join(str(i) for i in config.student.layers)
+  sents = speed_sentences(config)
   write(f, 'compressed_minilm', report.merge_runs(runs, prior), 'spearman',
         row_order(rows, MINILM_TRAINED, MINILM_POST), rows, MINILM_COLUMNS,
         MINILM_CAPTION.format(layers=layers), 'STS-B dev Spearman',
-        after=lambda: speed_table(minilm_speeds(config), config,
-                                  len(speed_sentences(config))))
+        after=lambda: speed_table(minilm_speeds(config, sents), config, len(sents)))
 
 
 def write(f, stem: str, runs: dict, metric: str, order, rows, columns=COLUMNS, caption=None,
@@ -562,8 +561,7 @@ def write(f, stem: str, runs: dict, metric: str, order, rows, columns=COLUMNS, c
   results = report.by_row(paired(runs, metric), order)
   if not any(results.get(r) for r in rows):
     raise app.UsageError(f'no finished runs under {f.workdir}')
-  text = table(results, columns, caption)
-  report.write(f.out, stem, text + ('\n\n' + after() if after else ''),
+  report.write(f.out, stem, table(results, columns, caption) + ('\n\n' + after() if after else ''),
                lambda path: plot(results, path, metric, ylabel), runs=runs)
 
 

@@ -332,7 +332,8 @@ def test_minilm_experiment_writes_every_row(experiment):
 
 def test_a_later_seed_joins_the_table_through_prior(experiment, teacher_dir, tmp_path):
   """The runs file beside the table holds each row's seed-0 result; a run of seed 1 alone (here
-  with nothing finished for it) with --prior rebuilds the same table from it (its speeds timed again)."""
+  with nothing finished for it) with --prior rebuilds the same rows from it (the speeds below
+  them are timed again)."""
   workdir, out = experiment
   runs = json.loads((out / 'compressed_minilm.runs.json').read_text())
   assert list(runs) == ['0']
