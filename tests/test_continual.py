@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from kd import data as data_lib
+from kd.data import dialogue
 from kd.train import run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -48,6 +49,34 @@ def test_the_teacher_and_tokenizer_never_see_the_held_out_text(shakespeare_confi
   assert [data.student_source[i] for i in range(len(data.student_source))] == part('train[:40%]')
   held = set(part('train[40%:50%]') + part('train[90%:]')) - set(expected)
   assert held and not held & set(seen)
+
+
+def test_dialogue_students_read_their_split_and_the_teacher_its_own(shakespeare_config,
+                                                                    tmp_path):
+  config = shakespeare_config('dialogue,tiny')
+  config.data.train_split = 'train[:40%]'
+  data = run.Data(config, str(tmp_path))
+  texts = lambda split: list(data_lib.load_text_split(config.data.name, split))
+  pairs = lambda split: dialogue.encode(
+      dialogue.speech_pairs(texts(split)), data.tokenizer,
+      prompt_len=config.data.prompt_len, response_len=config.data.response_len)
+  for got, split in [(data.train_arrays, 'train[:40%]'), (data.teacher_arrays, 'train')]:
+    want = pairs(split)
+    assert set(got) == set(want)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  assert len(data.train_arrays['prompt_ids']) < len(data.teacher_arrays['prompt_ids'])
+  # Every batch a student reads holds pairs of its split; the teacher reads beyond it.
+  rows = lambda arr: {r.tobytes() for r in arr['prompt_ids']}
+  read = lambda student: {r.tobytes() for _ in range(40)
+                          for r in np.asarray(next(it[student])['prompt_ids'])}
+  it = {s: data.iterator(0, student=s) for s in (True, False)}
+  assert read(True) <= rows(data.train_arrays)
+  assert read(False) - rows(data.train_arrays)
+  # SeqKD's answers are cached per split of the prompts (the whole 'train' keeps its old key).
+  assert run.seqkd_key(config.data)['train_split'] == 'train[:40%]'
+  config.data.train_split = 'train'
+  assert 'train_split' not in run.seqkd_key(config.data)
 
 
 def _continual():

@@ -126,7 +126,11 @@ class Data:
       arrays = lambda src: dialogue.encode(
           dialogue.speech_pairs([src[i] for i in range(len(src))]), self.tokenizer,
           prompt_len=dc.prompt_len, response_len=dc.response_len)
-      self.train_arrays = arrays(self.teacher_source)
+      # The students' pairs (data.train_split: what SeqKD's teacher answers too) and the
+      # teacher's own (data.teacher_split), the same arrays when the splits are.
+      self.teacher_arrays = arrays(self.teacher_source)
+      self.train_arrays = (self.teacher_arrays if self.student_source is self.teacher_source
+                           else arrays(self.student_source))
       self.eval_batches = dialogue.eval_batches(arrays(eval_source), dc.eval_batch_size)
     else:
       self.eval_batches = data_lib.make_eval_batches(
@@ -139,14 +143,17 @@ class Data:
     """This process's rows of every batch: `data.batch_size` is the global batch.
 
     With `teacher_cache`, rows come from that offline-teacher cache (rows + teacher top-k);
-    with `arrays` (dialogue task), from those prompt/response arrays (e.g. SeqKD's).
+    with `arrays` (dialogue task), from those prompt/response arrays (e.g. SeqKD's). Otherwise
+    a student reads data.train_split and the teacher (`student=False`) data.teacher_split.
     """
     shard = dict(batch_size=self.config.batch_size // jax.process_count(), seed=seed,
                  shard_index=jax.process_index(), shard_count=jax.process_count())
     if teacher_cache:
       return teacher_cache_lib.make_iterator(teacher_cache, **shard)
     if self.task == 'dialogue':
-      return dialogue.make_iterator(self.train_arrays if arrays is None else arrays, **shard)
+      if arrays is None:
+        arrays = self.train_arrays if student else self.teacher_arrays
+      return dialogue.make_iterator(arrays, **shard)
     return data_lib.make_iterator(self.student_source if student else self.teacher_source,
                                   self.tokenizer, seq_len=self.config.seq_len, **shard)
 
@@ -345,6 +352,14 @@ def peft_student(config, student, init):
   return models.Decoder(cfg), variables
 
 
+def seqkd_key(data_config) -> dict:
+  """What SeqKD's teacher answers depends on: the data, its tokenizer and the prompts' split
+  (named only when it is not all of 'train', so the caches written before it was keep theirs)."""
+  key = {k: data_config[k] for k in ('name', 'vocab_size', 'prompt_len', 'response_len')}
+  split = data_split(data_config, 'train_split')
+  return key if split == 'train' else {**key, 'train_split': split}
+
+
 def seqkd_arrays(config, data: Data, teacher, teacher_params, workdir: str):
   """config.seqkd: the train prompts answered by the teacher (made once, stored beside the
   teacher), or None when off."""
@@ -354,7 +369,7 @@ def seqkd_arrays(config, data: Data, teacher, teacher_params, workdir: str):
   dc = config.data
   arrays, path = seqkd.get_or_write(
       teacher_workdir(config, workdir), (teacher, teacher_params), data.train_arrays,
-      key={k: dc[k] for k in ('name', 'vocab_size', 'prompt_len', 'response_len')},
+      key=seqkd_key(dc),
       batch_size=int(sc.get('batch_size', 64)), temperature=float(sc.get('temperature', 0.0)),
       top_k=int(sc.get('top_k', 0)), top_p=float(sc.get('top_p', 1.0)), seed=config.seed)
   logging.info('SeqKD: %d teacher responses from %s', len(arrays['prompt_ids']), path)
