@@ -41,8 +41,11 @@ def test_cli_end_to_end_then_killed_run_resumes_bitwise(tmp_path):
   out = _run(straight)
   results = json.loads((straight / 'results.json').read_text())
   assert set(results) == {'teacher', 'student_kd', 'student_ce'}
+  head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True,
+                        text=True).stdout.strip()
   for r in results.values():
     assert np.isfinite(r['perplexity']) and r['perplexity'] > 1.0
+    assert r['_commit'].split('-')[0] == head  # the code each row trained with ('-dirty': edits)
   assert 0.0 <= results['student_kd']['agreement'] <= 1.0
   assert '| student_kd |' in out.stdout
   rows = [json.loads(l) for l in (straight / 'student_kd' / 'metrics.jsonl').read_text().splitlines()]

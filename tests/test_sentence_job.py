@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import subprocess
 
 import grain
 import jax
@@ -236,7 +237,11 @@ def test_job_trains_exports_and_resumes(teacher_dir, tmp_path):
   assert student_r['params'] < results['teacher']['params']
   assert 0 < student_r['sentences_per_s'] and 0 < student_r['forward_peak_bytes']
   with open(f'{workdir}/results.json') as f:
-    assert json.load(f)['student']['spearman'] == student_r['spearman']
+    written = json.load(f)
+  assert written['student']['spearman'] == student_r['spearman']
+  head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=os.path.dirname(__file__),
+                        capture_output=True, text=True).stdout.strip()
+  assert {r['_commit'].split('-')[0] for r in written.values()} == {head}  # the code it ran
 
   # The export loads in transformers and gives kd's student outputs.
   exported = kd.hf.load(f'{workdir}/hf')

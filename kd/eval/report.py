@@ -34,7 +34,9 @@ def write(out_dir: str, stem: str, text: str, plot: Callable[[str], None] | None
 
 
 # Per-seed results: {seed: {row: result dict}} ('teacher' is a row like any other), as
-# <stem>.runs.json. Each seed also holds COMMIT: the git commit its results came from.
+# <stem>.runs.json. Each seed also holds COMMIT: the git commit of the process that collected
+# it. A row trained by kd.main holds its own COMMIT too (`stamp`): the commit its run started
+# from, which is the code it trained with even when the collecting process started later.
 COMMIT = '_commit'
 
 
@@ -53,6 +55,12 @@ def _head() -> str:
 # Taken when the experiment starts (it imports this module), so a commit made while it runs is
 # not credited with its results.
 HEAD = _head()
+
+
+def stamp(results: dict) -> dict:
+  """A run's {row: metrics} (as written to its results.json) with HEAD under COMMIT in each
+  row, so tables collected from it later can tell which code trained each row."""
+  return {name: {**r, COMMIT: HEAD} for name, r in results.items()}
 
 
 def save_runs(path: str, runs: dict) -> None:

@@ -30,6 +30,7 @@ from kd import models
 from kd import parallel
 from kd import peft
 from kd.eval import generation as generation_eval
+from kd.eval import report as report_lib
 from kd.models import ensemble
 from kd.train import compress
 from kd.train import config_check
@@ -456,7 +457,7 @@ def main(config, workdir: str) -> dict:
   table = report(results)
   if jax.process_index() == 0:  # every process holds the same results
     with open(f'{workdir}/results.json', 'w') as f:
-      json.dump(results, f, indent=1)
+      json.dump(report_lib.stamp(results), f, indent=1)  # (+ the commit it ran)
     with open(f'{workdir}/results.md', 'w') as f:
       f.write(table + '\n')
     print(table)

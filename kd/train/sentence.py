@@ -32,6 +32,7 @@ from kd import models
 from kd import parallel
 from kd.data import sentence_cache
 from kd.data import sentences as sentences_lib
+from kd.eval import report as report_lib
 from kd.eval import speed
 from kd.eval import sts
 from kd.train import compress
@@ -300,7 +301,7 @@ def main(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     table = report(results)
     with open(f'{workdir}/results.json', 'w') as f:
-      json.dump(results, f, indent=1)
+      json.dump(report_lib.stamp(results), f, indent=1)  # (+ the commit it ran)
     with open(f'{workdir}/results.md', 'w') as f:
       f.write(table + '\n')
     print(table)
