@@ -12,6 +12,10 @@ paths save (XLA's compiled temp bytes). experiments/bench_vs_peer.py runs it bes
 --teacher_bits=8|4 runs the teacher quantized (config.teacher.quant: int values and scales on
 qwix's matmuls, random values made on the device), for a teacher too big for its bf16 memory;
 `teacher_bytes` and XLA's argument bytes show what it saves.
+--compile_only makes no parameters: it compiles the step on abstract shapes and prints XLA's
+memory analysis (argument, temp, output bytes) in seconds, so a setting can be sized before a
+GPU is spent on it. On a CPU the attention is XLA's own, not cuDNN's, so its temp bytes are not
+a GPU's; compare settings with each other there, not with a GPU's peak.
 """
 
 import dataclasses
@@ -74,6 +78,9 @@ _MU = flags.DEFINE_string('mu_dtype', None, "Adam's first-moment dtype (None: th
 _TBITS = flags.DEFINE_integer('teacher_bits', 0, 'Run the teacher quantized (config.teacher.quant):'
                               ' 8 or 4 (0 = bf16), int values on qwix\'s matmuls.')
 _TGROUP = flags.DEFINE_integer('teacher_group', 0, 'Its input rows per scale (0 = per channel).')
+_COMPILE_ONLY = flags.DEFINE_bool(
+    'compile_only', False, "Compile the step on abstract shapes and print XLA's memory analysis "
+    '(no parameters made, nothing run): what a shape and setting need, on any backend.')
 _PEAK = flags.DEFINE_float('peak_tflops', 790.0, 'Peak matmul TFLOP/s for MFU (H100 bf16 measured).')
 
 
@@ -150,14 +157,18 @@ def build(chunk_size: int, fused: bool):
                  'mu_dtype': _MU.value},
       train={'accum_steps': 1}))
   spec = run.make_spec(c, student, teacher, dict(c.losses), 100)
+  abstract = ((lambda f, *a: jax.eval_shape(functools.partial(f, *a))) if _COMPILE_ONLY.value
+              else lambda f, *a: f(*a))
+  if _TBITS.value and _COMPILE_ONLY.value:
+    raise ValueError('--compile_only does not cover --teacher_bits yet; run one or the other.')
   if _TBITS.value:
     model, teacher_params = _random_quantized(teacher, _TBITS.value, _TGROUP.value, 1)
     spec = dataclasses.replace(spec, teacher=model)
   else:
-    teacher_params = _random_params(teacher.config, 1)
-  student_params = _random_params(student.config, 0)
-  state = jax.jit(lambda p: step_lib.create_state(run.init_student(spec, 0, p), spec.tx, 0))(
-      student_params)
+    teacher_params = abstract(_random_params, teacher.config, 1)
+  student_params = abstract(_random_params, student.config, 0)
+  state = abstract(jax.jit(lambda p: step_lib.create_state(run.init_student(spec, 0, p),
+                                                           spec.tx, 0)), student_params)
   ids = np.random.default_rng(0).integers(0, tdims['vocab_size'], (batch, seq + 1), np.int32)
   data = {'input_ids': ids[:, :-1], 'labels': ids[:, 1:],
           'loss_mask': np.ones((batch, seq), np.float32)}
@@ -176,7 +187,8 @@ def _phase(name: str, t0: float):
 def bench(chunk_size: int, fused: bool) -> dict:
   start = time.perf_counter()
   spec, state, teacher_params, batch, (tdims, sdims, b, seq) = build(chunk_size, fused)
-  jax.block_until_ready((state, teacher_params))
+  if not _COMPILE_ONLY.value:
+    jax.block_until_ready((state, teacher_params))
   _phase('built', start)
   step = jax.jit(lambda s, t, x: step_lib.train_step(s, t, x, spec), donate_argnums=(0,))
   t0 = time.perf_counter()
@@ -184,6 +196,18 @@ def bench(chunk_size: int, fused: bool) -> dict:
   compile_s = time.perf_counter() - t0
   _phase('compiled', start)
   mem = step.memory_analysis()
+  gb = lambda name: round(getattr(mem, name, 0) / 2**30, 4)
+  settings = dict(peer='kd-jax', shape=_SHAPE.value, chunk_size=chunk_size,
+                  fused_chunks=bool(chunk_size and fused), remat=_REMAT.value,
+                  remat_policy=_POLICY.value, attention_impl=_ATTN.value,
+                  student_param_dtype=_SPD.value, mu_dtype=_MU.value, teacher_bits=_TBITS.value,
+                  teacher_bytes=sum(x.size * x.dtype.itemsize
+                                    for x in jax.tree.leaves(teacher_params)),
+                  device=jax.devices()[0].device_kind, compile_s=round(compile_s, 1),
+                  xla_temp_gb=gb('temp_size_in_bytes'), xla_args_gb=gb('argument_size_in_bytes'))
+  if _COMPILE_ONLY.value:
+    return dict(settings, compile_only=True, xla_output_gb=gb('output_size_in_bytes'),
+                xla_alias_gb=gb('alias_size_in_bytes'))
   for _ in range(3):
     state, m = step(state, teacher_params, batch)
   jax.block_until_ready(state)
@@ -197,17 +221,9 @@ def bench(chunk_size: int, fused: bool) -> dict:
   n_s = models.count_params(state.params['student'])
   tps = b * seq / dt
   tflops = flops_per_token(tdims, sdims, seq, n_t, n_s) * tps / 1e12
-  out = dict(peer='kd-jax', shape=_SHAPE.value, chunk_size=chunk_size,
-             fused_chunks=bool(chunk_size and fused), remat=_REMAT.value,
-             remat_policy=_POLICY.value, attention_impl=_ATTN.value,
-             student_param_dtype=_SPD.value, mu_dtype=_MU.value, teacher_bits=_TBITS.value,
-             teacher_bytes=sum(x.nbytes for x in jax.tree.leaves(teacher_params)),
-             device=jax.devices()[0].device_kind,
-             teacher_params=n_t, student_params=n_s, step_s=round(dt, 4), tokens_per_s=round(tps),
-             tflops=round(tflops, 1), mfu=round(tflops / _PEAK.value, 3), loss=float(m['loss']),
-             compile_s=round(compile_s, 1),
-             xla_temp_gb=round(getattr(mem, 'temp_size_in_bytes', 0) / 2**30, 3),
-             xla_args_gb=round(getattr(mem, 'argument_size_in_bytes', 0) / 2**30, 3))
+  out = dict(settings, teacher_params=n_t, student_params=n_s, step_s=round(dt, 4),
+             tokens_per_s=round(tps), tflops=round(tflops, 1), mfu=round(tflops / _PEAK.value, 3),
+             loss=float(m['loss']))
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     out['peak_mem_gb'] = round(stats['peak_bytes_in_use'] / 2**30, 2)

@@ -67,3 +67,23 @@ def test_bench_step_runs_a_quantized_teacher_in_less_memory():
   assert all(np.isfinite(r['loss']) for r in out.values())
   # cpu-tiny: 105,984 projection weights (2 layers + lm_head) of 138,880: 2 bytes -> 1 byte.
   assert out[8]['teacher_bytes'] < 0.7 * out[0]['teacher_bytes']
+
+
+def _bench_step(*flags):
+  run = subprocess.run([sys.executable, 'experiments/bench_step.py', *flags], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  return [json.loads(l) for l in run.stdout.splitlines() if l.startswith('{')]
+
+
+def test_bench_step_compile_only_gives_the_memory_of_the_step_it_would_run():
+  """--compile_only makes no parameters (abstract shapes) yet compiles the very step a run
+  times: XLA's memory analysis is the same."""
+  (ran,) = _bench_step('--shape=cpu-tiny', '--steps=1', '--chunk_size=16')
+  compiled = _bench_step('--shape=cpu-tiny', '--compile_only', '--compare_chunked',
+                         '--chunk_size=16')
+  assert [r['compile_only'] for r in compiled] == [True] * 3 and 'loss' not in compiled[0]
+  fused = compiled[2]
+  assert fused['chunk_size'] == 16 and fused['fused_chunks']
+  for key in ('xla_temp_gb', 'xla_args_gb', 'teacher_bytes'):
+    assert fused[key] == ran[key], key
