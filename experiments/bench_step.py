@@ -78,6 +78,9 @@ _MU = flags.DEFINE_string('mu_dtype', None, "Adam's first-moment dtype (None: th
 _TBITS = flags.DEFINE_integer('teacher_bits', 0, 'Run the teacher quantized (config.teacher.quant):'
                               ' 8 or 4 (0 = bf16), int values on qwix\'s matmuls.')
 _TGROUP = flags.DEFINE_integer('teacher_group', 0, 'Its input rows per scale (0 = per channel).')
+_CLOSED = flags.DEFINE_enum(
+    'closed_form', 'auto', ['auto', 'true', 'false'],
+    "Fused chunks: the logits' gradient in closed form (auto: where the terms allow, as here).")
 _COMPILE_ONLY = flags.DEFINE_bool(
     'compile_only', False, "Compile the step on abstract shapes and print XLA's memory analysis "
     '(no parameters made, nothing run): what a shape and setting need, on any backend.')
@@ -151,7 +154,7 @@ def build(chunk_size: int, fused: bool):
   student = models.Decoder(models.DecoderConfig(**sdims, **common, param_dtype=_SPD.value))
   c = ml_collections.ConfigDict(dict(
       losses={'ce': 0.5, 'kl': 0.5}, loss_kwargs={}, temperature=2.0, chunk_size=chunk_size,
-      fused_chunks=fused,
+      fused_chunks=fused, closed_form={'auto': None, 'true': True, 'false': False}[_CLOSED.value],
       features={'layer_map': 'uniform', 'pairs': ()},
       optimizer={'name': 'adamw', 'lr': 1e-4, 'warmup_steps': 0, 'schedule': 'constant',
                  'mu_dtype': _MU.value},
@@ -198,7 +201,8 @@ def bench(chunk_size: int, fused: bool) -> dict:
   mem = step.memory_analysis()
   gb = lambda name: round(getattr(mem, name, 0) / 2**30, 4)
   settings = dict(peer='kd-jax', shape=_SHAPE.value, chunk_size=chunk_size,
-                  fused_chunks=bool(chunk_size and fused), remat=_REMAT.value,
+                  fused_chunks=bool(chunk_size and fused), closed_form=_CLOSED.value,
+                  remat=_REMAT.value,
                   remat_policy=_POLICY.value, attention_impl=_ATTN.value,
                   student_param_dtype=_SPD.value, mu_dtype=_MU.value, teacher_bits=_TBITS.value,
                   teacher_bytes=sum(x.size * x.dtype.itemsize

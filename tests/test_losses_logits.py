@@ -365,21 +365,28 @@ def test_chunked_equals_plain(chunk_size, with_grads):
     assert len(jax.tree.leaves(grads_chunk)) == 3  # hidden, w, b
 
 
-@pytest.mark.parametrize('chunk_size', [4, 13])
-def test_fused_gradients_equal_plain(chunk_size):
+KL_CE = {'kl': {'temperature': 3.0}, 'ce': {'label_smoothing': 0.1}}
+
+
+@pytest.mark.parametrize('chunk_size,terms,closed_form', [
+    (4, ALL_TERMS, None), (13, ALL_TERMS, None),  # autodiff of the terms
+    (4, KL_CE, True), (13, {'kl': {}, 'ce': {}}, None), (5, {'kl': {}}, True),  # closed form
+    (5, {'ce': {}}, True), (4, KL_CE, False)])
+def test_fused_gradients_equal_plain(chunk_size, terms, closed_form):
   # The fused path's surrogate must carry the gradient of sum_i c_i * sum_i: compare with
   # autodiff of the plain [B, T, V] computation, every term weighted differently.
   params, teacher_w, hs, ht, labels, mask = _chunk_setup()
-  coeffs = {name: 0.5 * 1.7 ** i for i, name in enumerate(ALL_TERMS)}
+  coeffs = {name: 0.5 * 1.7 ** i for i, name in enumerate(terms)}
 
   def plain(h, p):
-    out = _plain_terms(ALL_TERMS, h, p, ht, teacher_w, labels, mask, 2.0)
+    out = _plain_terms(terms, h, p, ht, teacher_w, labels, mask, 2.0)
     return sum(coeffs[k] * s for k, (s, _) in out.items()), out
 
   def fused(h, p):
     out, surrogate = L.fused_logit_losses(
-        ALL_TERMS, coeffs, h, p, lambda q, x: x @ q['w'] + q['b'], ht, lambda x: x @ teacher_w,
-        labels=labels, mask=mask, temperature=2.0, chunk_size=chunk_size)
+        terms, coeffs, h, p, lambda q, x: x @ q['w'] + q['b'], ht, lambda x: x @ teacher_w,
+        labels=labels, mask=mask, temperature=2.0, chunk_size=chunk_size,
+        closed_form=closed_form)
     return sum(coeffs[k] * s for k, (s, _) in out.items()) + surrogate, out
 
   (v_plain, plain_terms), g_plain = jax.jit(jax.value_and_grad(plain, (0, 1), has_aux=True))(
@@ -387,7 +394,7 @@ def test_fused_gradients_equal_plain(chunk_size):
   (v_fused, fused_terms), g_fused = jax.jit(jax.value_and_grad(fused, (0, 1), has_aux=True))(
       hs, params)
   np.testing.assert_allclose(v_fused, v_plain, rtol=1e-5)
-  for name in ALL_TERMS:
+  for name in terms:
     np.testing.assert_allclose(fused_terms[name][0], plain_terms[name][0], rtol=1e-5, atol=1e-5)
     assert float(fused_terms[name][1]) == float(mask.sum())
   assert float(np.abs(g_plain[0]).max()) > 0.01  # the check below is not vacuous
@@ -396,6 +403,33 @@ def test_fused_gradients_equal_plain(chunk_size):
   with pytest.raises(ValueError, match='coeffs has no weight'):
     L.fused_logit_losses({'kl': {}}, {}, hs, params, lambda q, x: x @ q['w'], ht,
                          lambda x: x @ teacher_w, chunk_size=4)
+  with pytest.raises(ValueError, match='closed_form=True covers'):
+    L.fused_logit_losses({'jsd': {}}, {'jsd': 1.0}, hs, params, lambda q, x: x @ q['w'], ht,
+                         lambda x: x @ teacher_w, chunk_size=4, closed_form=True)
+
+
+def test_closed_form_keeps_fewer_logits_sized_arrays():
+  """KL + CE in closed form: XLA's compiled temp bytes of the fused step fall (CPU, at a
+  vocabulary large enough for [B, C, V] arrays to dominate)."""
+  rng = np.random.default_rng(0)
+  b, t, d, v = 2, 64, 16, 8192
+  hs, ht = (jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32) for _ in range(2))
+  params = {'w': jnp.asarray(rng.normal(size=(d, v)), jnp.float32)}
+  labels = jnp.asarray(rng.integers(0, v, (b, t)))
+  coeffs = {'kl': 0.5, 'ce': 0.5}
+
+  def temp_bytes(closed_form):
+    def loss(h, p):
+      out, surrogate = L.fused_logit_losses(
+          {'kl': {}, 'ce': {}}, coeffs, h, p, lambda q, x: x @ q['w'], ht,
+          lambda x: x @ params['w'], labels=labels, temperature=2.0, chunk_size=32,
+          closed_form=closed_form)
+      return sum(coeffs[k] * s for k, (s, _) in out.items()) + surrogate
+    compiled = jax.jit(jax.grad(loss, (0, 1))).lower(hs, params).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  logits_bytes = b * 32 * v * 4  # one [B, C, V] float32 array
+  assert temp_bytes(True) <= temp_bytes(False) - logits_bytes
 
 
 def test_chunked_no_mask_ce_only_and_errors():

@@ -369,9 +369,62 @@ def chunked_logit_losses(terms, student_hidden_BxTxD, student_project, teacher_h
   return totals
 
 
+# Terms (and their kwargs) whose gradient with respect to the student's logits
+# `_kl_ce_with_grad` writes in closed form.
+CLOSED_FORM = {'kl': {'temperature'}, 'ce': {'label_smoothing', 'temperature'}}
+
+
+def closed_form_applies(terms) -> bool:
+  """Whether every term of `terms` ({name: kwargs}) has a closed-form logit gradient."""
+  return all(n in CLOSED_FORM and set(kw or {}) <= CLOSED_FORM[n] for n, kw in terms.items())
+
+
+def _kl_ce_with_grad(terms, coeffs, logits_BxCxV, teacher_BxCxV, mask_BxC, labels_BxC,
+                     temperature):
+  """({name: (sum, count)}, d/d logits of Σ coeffs[n]·sum_n) for 'kl' and 'ce' terms.
+
+  d(T²·KL(p_T‖p_S))/dz = T·(p_S − p_T) with p = softmax(z / T), and d CE/dz = softmax(z) −
+  target, so a chunk needs its two logits arrays and the gradient, where autodiff of the terms
+  keeps their log-probs for the backward pass too. Same values as `_terms_of_logits`.
+  """
+  z = jnp.asarray(logits_BxCxV, jnp.float32)
+  mask = jnp.asarray(mask_BxC).astype(bool)
+  count = jnp.sum(mask, dtype=jnp.float32)
+  out, grads = {}, []
+  for name, kw in terms.items():
+    kw = dict(kw or {})
+    if name == 'ce':
+      eps = _check_weight('label_smoothing', kw.get('label_smoothing', 0.0))
+      lse = jax.nn.logsumexp(z, axis=-1)
+      nll = lse - jnp.take_along_axis(z, labels_BxC[..., None], axis=-1)[..., 0]
+      onehot = labels_BxC[..., None] == jnp.arange(z.shape[-1])
+      target = jnp.where(onehot, 1.0, 0.0)
+      if eps != 0.0:
+        nll = (1.0 - eps) * nll + eps * (lse - jnp.mean(z, axis=-1))
+        target = (1.0 - eps) * target + eps / z.shape[-1]
+      out[name] = (jnp.sum(jnp.where(mask, nll, 0.0)), count)
+      grads.append(coeffs[name] * (jnp.exp(z - lse[..., None]) - target))
+    else:  # 'kl'
+      t = kw.get('temperature', temperature)
+      _check_temperature(t)
+      _check_pair(logits_BxCxV, teacher_BxCxV)
+      t = jnp.asarray(t, jnp.float32)
+      zs, zt = z / t, jnp.asarray(teacher_BxCxV, jnp.float32) / t
+      lse_s = jax.nn.logsumexp(zs, axis=-1, keepdims=True)
+      lse_t = jax.nn.logsumexp(zt, axis=-1, keepdims=True)
+      p_t = jnp.exp(zt - lse_t)
+      # KL = Σ p_T (log p_T − log p_S) = Σ p_T (z_T − z_S) − lse_T + lse_S (Σ p_T = 1): one
+      # reduction over the logits, no log-prob arrays. Entries with p_T = 0 add 0.
+      cross = jnp.sum(jnp.where(jnp.isfinite(zt), p_t * (zt - zs), 0.0), axis=-1)
+      per_token = jnp.square(t) * (cross - lse_t[..., 0] + lse_s[..., 0])
+      out[name] = (jnp.sum(jnp.where(mask, per_token, 0.0)), count)
+      grads.append(coeffs[name] * t * (jnp.exp(zs - lse_s) - p_t))
+  return out, jnp.where(mask[..., None], sum(grads), 0.0)
+
+
 def fused_logit_losses(terms, coeffs, student_hidden_BxTxD, head_params, student_project,
                        teacher_hidden_BxTxE, teacher_project, *, labels=None, mask=None,
-                       temperature=1.0, chunk_size=128):
+                       temperature=1.0, chunk_size=128, closed_form=None):
   """The chunked logit losses with their gradient made in the forward pass (no recomputation).
 
   For each chunk of the sequence both heads project once, every term is evaluated, and
@@ -389,6 +442,9 @@ def fused_logit_losses(terms, coeffs, student_hidden_BxTxD, head_params, student
     student_project: (head_params, h [..., D]) -> logits [..., V].
     teacher_hidden_BxTxE, teacher_project, labels, mask, temperature, chunk_size: as in
       chunked_logit_losses.
+    closed_form: write the logits' gradient in closed form (`_kl_ce_with_grad`: fewer
+      [B, C, V] arrays live per chunk) rather than by autodiff of the terms. None: when every
+      term allows it (`closed_form_applies`: 'kl' and 'ce').
 
   Returns:
     ({name: (sum, count)} with gradient-stopped sums, surrogate): `surrogate` is exactly 0 and
@@ -404,19 +460,31 @@ def fused_logit_losses(terms, coeffs, student_hidden_BxTxD, head_params, student
   if missing:
     raise ValueError(f'coeffs has no weight for {missing}; give one per term.')
   hs_chunks = sg(xs[0])
+  if closed_form is None:
+    closed_form = closed_form_applies(terms)
+  elif closed_form and not closed_form_applies(terms):
+    raise ValueError(f'closed_form=True covers {sorted(CLOSED_FORM)} with kwargs '
+                     f'{ {k: sorted(v) for k, v in CLOSED_FORM.items()} }, not {dict(terms)}; '
+                     'pass closed_form=None to use it only where it applies.')
 
   def step(carry, chunk):
     acc, d_params = carry
     hs_BxCxD, ht_BxCxE, mask_BxC, labels_BxC = chunk
     teacher_BxCxV = sg(teacher_project(ht_BxCxE)) if needs_teacher else None
 
-    def weighted(params, h_BxCxD):
-      out = _terms_of_logits(terms, student_project(params, h_BxCxD), teacher_BxCxV, mask_BxC,
-                             labels_BxC, temperature)
-      return sum(coeffs[n] * s for n, (s, _) in out.items()), out
+    if closed_form:
+      logits_BxCxV, project_vjp = jax.vjp(student_project, fixed_params, hs_BxCxD)
+      out, d_logits = _kl_ce_with_grad(terms, coeffs, logits_BxCxV, teacher_BxCxV, mask_BxC,
+                                       labels_BxC, temperature)
+      d_chunk_params, d_h_BxCxD = project_vjp(d_logits.astype(logits_BxCxV.dtype))
+    else:
+      def weighted(params, h_BxCxD):
+        out = _terms_of_logits(terms, student_project(params, h_BxCxD), teacher_BxCxV,
+                               mask_BxC, labels_BxC, temperature)
+        return sum(coeffs[n] * s for n, (s, _) in out.items()), out
 
-    _, vjp, out = jax.vjp(weighted, fixed_params, hs_BxCxD, has_aux=True)
-    d_chunk_params, d_h_BxCxD = vjp(jnp.ones((), jnp.float32))
+      _, vjp, out = jax.vjp(weighted, fixed_params, hs_BxCxD, has_aux=True)
+      d_chunk_params, d_h_BxCxD = vjp(jnp.ones((), jnp.float32))
     return (jax.tree.map(jnp.add, acc, out),
             jax.tree.map(jnp.add, d_params, d_chunk_params)), d_h_BxCxD
 

@@ -44,6 +44,14 @@ def check(config) -> None:
   check_parallel(config)
   if int(config.get('chunk_size', 0)) < 0:
     raise ConfigError('config.chunk_size must be >= 0 (0 = no chunking)')
+  if config.get('closed_form', None) is True:
+    kwargs = dict(config.get('loss_kwargs', {}) or {})
+    logit = {n: dict(kwargs.get(n, {})) for n in config.losses
+             if losses.get(n).kind in ('logits', 'ce')}
+    if not losses.closed_form_applies(logit):
+      raise ConfigError(f'config.closed_form=True writes the gradient of kl and ce only (kwargs '
+                        f'temperature, label_smoothing); the logit terms are {logit}. Set '
+                        'closed_form=None (where it applies) or False.')
   check_on_policy(config)
   check_ensemble(config)
   decay = float((config.get('self_distill') or {}).get('ema_decay', 0.0))

@@ -69,6 +69,7 @@ def make_spec(config, student, teacher, terms, total_steps, ema_decay: float = 0
       feature_pairs=pairs, attention_pairs=tuple(p for p in pairs if p[0] > 0 and p[1] > 0),
       chunk_size=int(config.get('chunk_size', 0)),
       fused_chunks=bool(config.get('fused_chunks', True)),
+      closed_form=config.get('closed_form', None),
       vocab=0 if teacher is None else config_check.vocab_slice(
           student.config.vocab_size, teacher.config.vocab_size,
           same_tokenizer=config.get('same_tokenizer', True)),

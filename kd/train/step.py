@@ -96,6 +96,9 @@ class Spec:
   # With chunk_size: make the logit losses' gradient in the forward pass
   # (losses.fused_logit_losses) instead of recomputing each chunk's logits in the backward pass.
   fused_chunks: bool = True
+  # Fused: the logits' gradient in closed form (losses.closed_form_applies: KL and CE terms),
+  # None where the terms allow it.
+  closed_form: bool | None = None
   accum_steps: int = 1
   vocab: int = 0  # > 0: logit losses use only the first `vocab` rows (padded vocabs)
   topk_semantics: str = 'rest_bucket'  # for a cached top-k teacher, see kd/losses/topk.py
@@ -222,7 +225,8 @@ def _loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, logit_co
         lambda p, h: cut(project_with(spec.student)(p, h)),
         None if t_out is None else t_out['hidden'],
         None if t_out is None else (lambda h: cut(teacher_head(h))),
-        labels=batch['labels'], mask=mask, temperature=temperature, chunk_size=spec.chunk_size)
+        labels=batch['labels'], mask=mask, temperature=temperature, chunk_size=spec.chunk_size,
+        closed_form=spec.closed_form)
     out.update(terms)
   elif logit_terms and spec.chunk_size:
     student_head = head_fn(spec.student, student)
@@ -290,7 +294,7 @@ def online_teacher_ce(spec: Spec, teacher_params, live, batch, coeff=None):
     terms, surrogate = losses.fused_logit_losses(
         {'ce': {}}, {'ce': coeff}, live['hidden'], head_params(spec.teacher, teacher_params),
         project_with(spec.teacher), None, None, labels=labels, mask=mask,
-        chunk_size=spec.chunk_size)
+        chunk_size=spec.chunk_size, closed_form=spec.closed_form)
     return terms['ce'], surrogate
   terms = losses.chunked_logit_losses({'ce': {}}, live['hidden'],
                                       head_fn(spec.teacher, teacher_params), None, None,
