@@ -242,3 +242,54 @@ def test_minilm_export_loads_in_sentence_transformers(minilm, tmp_path):
   close(exported.encode(sentences), ours)
   # The original (mean pooling then Normalize) agrees with kd's default unit-norm embeddings.
   close(st.SentenceTransformer(path, device='cpu').encode(sentences), sts.encode(model, sentences))
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def test_adapters_match_transformers_bert_with_the_same_adapters_hooked_in(tiny, tmp_path):
+  """Bottleneck adapters (EncoderConfig.adapter_size) against transformers' BertModel with a
+  forward hook that adds up(gelu(down(x))) to the output of each attention-output and MLP-output
+  dense layer, i.e. before the residual add and LayerNorm, as in Houlsby et al."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from kd import peft  # pylint: disable=g-import-not-at-top
+  from kd.models import Model  # pylint: disable=g-import-not-at-top
+  hf_model, model, _ = tiny
+  config, variables = peft.adapters.add_peft_params(model.config, model.params, 'adapter', 5,
+                                                    jax.random.key(0))
+  assert config.adapter_size == 5
+  ids, types = _inputs()
+  kw = dict(attention_mask=MASK, token_type_ids=types)
+  base = _run(model, ids, **kw)['hidden']
+  close(_run(Model(Encoder(config), variables), ids, **kw)['hidden'], base)  # up = 0: identity
+
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(np.array, variables)
+  for i in range(config.num_layers):
+    for name in ('attn_adapter', 'mlp_adapter'):
+      up = params['params'][f'layers_{i}'][name]['up']
+      up['kernel'] = rng.normal(0, 0.3, up['kernel'].shape).astype(np.float32)
+      up['bias'] = rng.normal(0, 0.1, up['bias'].shape).astype(np.float32)
+  ours = np.asarray(_run(Model(Encoder(config), params), ids, **kw)['hidden'])
+
+  def hook(adapter):
+    w = {k: torch.tensor(adapter[k]['kernel']) for k in ('down', 'up')}
+    b = {k: torch.tensor(adapter[k]['bias']) for k in ('down', 'up')}
+    act = lambda x: torch.nn.functional.gelu(x)  # exact (erf)
+    return lambda module, inputs, out: out + act(out @ w['down'] + b['down']) @ w['up'] + b['up']
+
+  reference = copy.deepcopy(hf_model)
+  for i, layer in enumerate(reference.encoder.layer):
+    p = params['params'][f'layers_{i}']
+    layer.attention.output.dense.register_forward_hook(hook(p['attn_adapter']))
+    layer.output.dense.register_forward_hook(hook(p['mlp_adapter']))
+  theirs = _torch_forward(reference, ids, types).last_hidden_state.numpy()
+  close(ours[REAL], theirs[REAL])
+  assert np.abs(ours - np.asarray(base))[REAL].max() > 0.1  # the adapters change the output
+
+  with pytest.raises(ValueError, match='no place in a BERT checkpoint'):
+    kd.hf.save(Model(Encoder(config), params), str(tmp_path / 'hf'))
+  with pytest.raises(ValueError, match='prefix tuning is a Decoder field'):
+    peft.adapters.add_peft_params(model.config, model.params, 'prefix', 4, jax.random.key(0))
+  with pytest.raises(ValueError, match='adapter_size must be an int >= 0'):
+    dataclasses.replace(config, adapter_size=-1)

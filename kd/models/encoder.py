@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd.models.decoder import Norm, attention_mask_Bx1xTxT
+from kd.models.decoder import Adapter, Norm, attention_mask_Bx1xTxT
 from kd.models.model import config_from_dict
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -51,6 +51,14 @@ class EncoderConfig:
   # BERT's [CLS] dense+tanh pooler. Kept so a loaded checkpoint exports with nothing missing;
   # nothing in kd trains or reads it, so students built from scratch leave it off.
   add_pooler: bool = False
+  # Bottleneck adapters (Houlsby et al. 2019, made for BERT; kd.peft.adapters): 0 = off. Each
+  # sublayer's output projection is followed by x + up(gelu(down(x))), width adapter_size,
+  # before its residual add and LayerNorm; `up` starts at zero, so a fresh adapter is the
+  # identity.
+  adapter_size: int = 0
+
+  # (kd.models.decoder.Adapter reads the activation by this name.)
+  mlp_activation = 'gelu'  # exact (erf) GELU, BERT's hidden_act 'gelu'
 
   def __post_init__(self):
     self.validate()
@@ -69,6 +77,10 @@ class EncoderConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(f'hidden_size={self.hidden_size} is not divisible by '
                        f'num_heads={self.num_heads}; change one of them.')
+    if (not isinstance(self.adapter_size, int) or isinstance(self.adapter_size, bool)
+        or self.adapter_size < 0):
+      raise ValueError(f'EncoderConfig.adapter_size must be an int >= 0 (0 = no adapters), '
+                       f'got {self.adapter_size!r}.')
     if self.layer_norm_eps <= 0:
       raise ValueError(f'layer_norm_eps must be > 0, got {self.layer_norm_eps}.')
     for name in ('dtype', 'param_dtype'):
@@ -123,7 +135,10 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-  """Post-LN residual block: h = LN(h + attn(h)), then h = LN(h + mlp(h))."""
+  """Post-LN residual block: h = LN(h + attn(h)), then h = LN(h + mlp(h)).
+
+  With config.adapter_size, attn(h) and mlp(h) each pass an Adapter before the residual add.
+  """
 
   config: EncoderConfig
 
@@ -134,9 +149,12 @@ class Block(nn.Module):
                              DTYPES[c.param_dtype], name=name)
     attn_BxTxD, probs, qkv = SelfAttention(c, name='attn')(h_BxTxD, mask_Bx1xTxT, want_probs,
                                                            want_qkv)
-    h_BxTxD = norm('attn_norm')(h_BxTxD + attn_BxTxD)
+    adapt = ((lambda name, x: Adapter(c, name=name)(x)) if c.adapter_size
+             else (lambda name, x: x))
+    h_BxTxD = norm('attn_norm')(h_BxTxD + adapt('attn_adapter', attn_BxTxD))
     up_BxTxF = nn.gelu(_dense(c, c.intermediate_size, 'up_proj')(h_BxTxD), approximate=False)
-    h_BxTxD = norm('mlp_norm')(h_BxTxD + _dense(c, c.hidden_size, 'down_proj')(up_BxTxF))
+    mlp_BxTxD = _dense(c, c.hidden_size, 'down_proj')(up_BxTxF)
+    h_BxTxD = norm('mlp_norm')(h_BxTxD + adapt('mlp_adapter', mlp_BxTxD))
     return h_BxTxD, probs, qkv
 
 

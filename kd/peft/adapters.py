@@ -1,9 +1,10 @@
-"""Bottleneck adapters, prefix tuning and prompt tuning for kd's Decoder.
+"""Bottleneck adapters, prefix tuning and prompt tuning for kd's Decoder (adapters for the
+Encoder too).
 
 The Decoder builds them from three DecoderConfig fields (0 = off): `adapter_size`
 ('layers_{i}/attn_adapter', 'layers_{i}/mlp_adapter'), `prefix_len` ('layers_{i}/attn/prefix_k',
-'prefix_v') and `prompt_len` ('prompt'). This module selects their params by path, and grows a
-trained base into a PEFT student:
+'prefix_v') and `prompt_len` ('prompt'); the Encoder has `adapter_size`, at the same paths.
+This module selects their params by path, and grows a trained base into a PEFT student:
 
   cfg, variables = add_peft_params(base_cfg, base_vars, 'adapter', 16, rng)
   trainable, frozen = split('adapter', variables)
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from kd.models import decoder as decoder_lib
+from kd.models import encoder as encoder_lib
 from kd.peft import trees
 
 # Method -> the substring that marks its params in a path.
@@ -73,13 +75,20 @@ def _shapes(tree) -> dict:
           for k, v in flax.traverse_util.flatten_dict(tree).items()}
 
 
+def _init_params(config, rng):
+  """The variables of a Decoder or an Encoder of `config`."""
+  if isinstance(config, encoder_lib.EncoderConfig):
+    return encoder_lib.init_encoder_params(config, rng)
+  return decoder_lib.init_params(config, rng)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _init_new(config, method, rng):
-  return split(method, decoder_lib.init_params(config, rng))[0]
+  return split(method, _init_params(config, rng))[0]
 
 
-def add_peft_params(model_config: decoder_lib.DecoderConfig, base_variables, method: str,
-                    size: int, rng, *, prompt_init: str = 'vocab'):
+def add_peft_params(model_config: decoder_lib.DecoderConfig | encoder_lib.EncoderConfig,
+                    base_variables, method: str, size: int, rng, *, prompt_init: str = 'vocab'):
   """(the config with the method's field = size, base variables plus the new params).
 
   The base leaves are passed through unchanged. New params: adapters as the Decoder initialises
@@ -93,6 +102,9 @@ def add_peft_params(model_config: decoder_lib.DecoderConfig, base_variables, met
                      'per method.')
   (marker,) = _markers(method)
   field = CONFIG_FIELDS[method]
+  if isinstance(model_config, encoder_lib.EncoderConfig) and method != 'adapter':
+    raise ValueError(f'{method} tuning is a Decoder field ({field}); an Encoder takes '
+                     "method='adapter' (or LoRA, kd.peft.lora).")
   if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
     raise ValueError(f'{method} size must be a positive int ({field}), got {size!r}.')
   if getattr(model_config, field):
@@ -100,12 +112,12 @@ def add_peft_params(model_config: decoder_lib.DecoderConfig, base_variables, met
                      f'strip({method!r}, ...) and set {field}=0 first, or keep training it.')
   if prompt_init not in PROMPT_INITS:
     raise ValueError(f'prompt_init={prompt_init!r}; valid: {list(PROMPT_INITS)}.')
-  want = _shapes(jax.eval_shape(functools.partial(decoder_lib.init_params, model_config), rng))
+  want = _shapes(jax.eval_shape(functools.partial(_init_params, model_config), rng))
   got = _shapes(base_variables)
   if got != want:
     diff = sorted(set(got.items()) ^ set(want.items()))
     raise ValueError(f'base_variables do not match model_config (differences, path -> (shape, '
-                     f'dtype): {diff[:6]}); pass the variables of a Decoder(model_config).')
+                     f'dtype): {diff[:6]}); pass the variables of a model of model_config.')
   config = dataclasses.replace(model_config, **{field: size})
   new = _init_new(config, method, rng)
   if method == 'prompt' and prompt_init == 'vocab':
