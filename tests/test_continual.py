@@ -24,8 +24,14 @@ def test_a_phase_trains_on_its_shard_and_the_next_starts_from_its_student(shakes
   data = run.Data(config, str(tmp_path))
   assert 0 < len(data.student_source) < len(data.teacher_source)  # the teacher sees it all
   student = run.build_model(config.student, data.vocab_size)
+  read, iterator = [], data.iterator
+  data.iterator = lambda *a, **k: (read.append(k.get('student', True)), iterator(*a, **k))[1]
   params, _ = run.run_stage(config, data, str(tmp_path / 'phase_0'), student, None, None,
                             {'ce': 1.0}, steps=2, seed=0, name='phase_0')
+  assert read == [True]  # the students' split, though no teacher runs in this phase
+  run.run_stage(config, data, str(tmp_path / 'teacher'), student, None, None, {'ce': 1.0},
+                steps=1, seed=0, name='teacher', teacher_data=True)
+  assert read == [True, False]
   config.student_init.update(source='run', path=str(tmp_path / 'phase_0'))
   init = run.student_init(config, student, None, None)
   jax.tree.map(np.testing.assert_array_equal, init, params)

@@ -163,7 +163,7 @@ class Data:
 def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params, terms,
               *, steps: int, seed: int, name: str, teacher_cache: str = '',
               init_variables=None, batch_fn=None, train_arrays=None, ema_decay: float = 0.0,
-              online: bool = False):
+              online: bool = False, teacher_data: bool = False):
   """One training run (teacher training is a run with no teacher and `ce` only).
 
   A PEFT student (config.peft.method) trains only its adapters: the rest of its starting
@@ -176,6 +176,8 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
   own module) the teacher is the student's EMA, which starts as the student (state.ema). With
   `online` the teacher (a random init) trains in the same steps with CE (state.params['teacher'])
   while the student distils from it; `final` then also holds the teacher's held-out metrics.
+  It reads the students' data (data.train_split), or with `teacher_data` the teacher's
+  (data.teacher_split: a teacher's own training).
   """
   spec = dataclasses.replace(  # the student as config.peft trains it (LoRA-wrapped, dropout)
       make_spec(config, student, teacher, terms, steps, ema_decay, online),
@@ -198,7 +200,7 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
   t0 = time.perf_counter()
   state, final = loop.fit(
       spec, state, plan.place_teacher(teacher_params),
-      data.iterator(seed, teacher_cache, train_arrays, student=teacher is not None),
+      data.iterator(seed, teacher_cache, train_arrays, student=not teacher_data),
       data.eval_batches, workdir=workdir, total_steps=steps, log_every=tc.log_every,
       eval_every=tc.get('eval_every', 0), checkpoint_every=tc.checkpoint_every,
       keep=tc.get('keep', 2), progress=tc.get('progress', True), name=name, plan=plan,
@@ -287,7 +289,8 @@ def train_teacher(config, data: Data, teacher, workdir: str, member: int | None 
     where = f'{where}/member_{member}'
   return run_stage(teacher_cfg, data, where, teacher, None, None, {'ce': 1.0},
                    steps=config.teacher.steps, seed=config.seed + 1000 + (member or 0),
-                   name='teacher' if member is None else f'teacher_{member}')
+                   name='teacher' if member is None else f'teacher_{member}',
+                   teacher_data=True)
 
 
 def train_teachers(config, data: Data, teacher, workdir: str, results: dict):
