@@ -16,23 +16,25 @@ and two that quantize the embedding tables too, per row: all int8, and int4 proj
 int8 tables.
 Columns: held-out perplexity and top-1 agreement with the teacher (mean ± std over seeds); the
 stored student's size (float32 params; quantized rows: kd.quant's file, int4 packed two per
-byte, scales in float16; QLoRA: its quantized base's file plus the float32 adapters); trained parameters; forward tokens/s at batch 1 and 32 (T = 128, this
-machine, best of 3; quantized rows run on dequantized weights here, so their speed is that of
+byte, scales in float16; QLoRA: its quantized base's file plus the float32 adapters); trained
+parameters; forward tokens/s at batch 1 and 32 (T = 128, this machine, best of 3; quantized rows run on dequantized weights here, so their speed is that of
 the float model: the size is what they save). Writes <out>/compressed.md and .png.
 Smoke test: --config_arg=tiny --seeds=0 --workdir=/tmp/comp_tiny --out=/tmp/comp_tiny_out.
 
 --task=minilm: the same for the sentence encoder (configs/minilm_sts.py: all-MiniLM-L6-v2 into
 its layers 0, 3, 5, offline teacher features shared by every run in <workdir>/teacher_cache).
 Trained rows (MINILM_TRAINED, one `kd.main` run each): full (the normal job), LoRA r = 8 on every
-attention and MLP projection, QAT int8 (per channel) and int4 (groups of 32), QLoRA (LoRA on an
-int4 base, groups of 32); post-training rows ptq8, ptq4, gptq4, ptq8_emb, ptq4_emb8 quantize the
+attention and MLP projection, bottleneck adapters (width 32) and prefix tuning (16 positions),
+QAT int8 (per channel) and int4 (groups of 32), QLoRA (LoRA on an int4 base, groups of 32);
+post-training rows ptq8, ptq4, gptq4, ptq8_emb, ptq4_emb8 quantize the
 full row's exported student (GPTQ calibrated on 8 batches of 32 train sentences; the _emb rows
 quantize the embedding tables too, which hold most of MiniLM's bytes). Columns: STS-B dev
 Spearman (mean ± std over seeds), stored size (float32; quantized rows kd.quant's packed file,
 QLoRA its packed base plus float32 adapters), trained parameters; below it, encode
 sentences/s at batch 1 and 32 (kd.eval.speed) of the teacher and of the students' float
 architecture, timed once as the table is written (every row's stored student is that model, so
-seeds run in other sessions or on other hosts share one timing). Writes
+seeds run in other sessions or on other hosts share one timing), and of the adapter and prefix
+students' architectures, which add computation, on their own lines. Writes
 <out>/compressed_minilm.md, .png and .runs.json. Smoke test (a tiny random BERT teacher; ~4 min
 on 2 cores):
   --task=minilm --config_arg=tiny --seeds=0 --workdir=/tmp/comp_minilm_tiny \
@@ -67,6 +69,7 @@ from kd.eval import report  # pylint: disable=g-import-not-at-top,wrong-import-p
 from kd.eval import speed  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.eval import sts  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.train import compress  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import run  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import sentence  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -100,11 +103,18 @@ CALIBRATION_BATCHES = 8
 MINILM_TRAINED = {
     'full': ('', {}),
     'lora': ('lora', {}),
+    'adapter': ('peft=adapter', {}),
+    'prefix': ('peft=prefix', {}),
     'qat8': ('qat=8', {'quant.group_size': 0}),
     'qat4': ('qat=4', {}),
     'qlora': ('lora,qlora', {}),
 }
 MINILM_POST = ('ptq8', 'ptq4', 'gptq4', 'ptq8_emb', 'ptq4_emb8')
+# Labels of the --task=minilm rows whose size differs from the decoder's (configs/minilm_sts.py).
+MINILM_LABELS = {'adapter': 'bottleneck adapters, width 32',
+                 'prefix': 'prefix tuning, 16 positions'}
+# Rows whose students add computation to the teacher's kept layers: timed on their own line.
+MINILM_OWN_SPEED = ('adapter', 'prefix')
 MINILM_CALIBRATION_BATCH = 32
 
 
@@ -273,15 +283,15 @@ MINILM_SPEED_CAPTION = (
     'Encode speed on this machine, measured once as this table was written '
     '(kd.eval.speed: sentences/s, best of {runs} passes over {n} dev sentences). Every student '
     'row runs the same float model (LoRA and QLoRA are merged on export, quantized rows run on '
-    'their dequantized weights), so one line times them all: what quantization saves here is '
-    'size, not time.')
+    'their dequantized weights), so one line times them all{own}: what quantization saves here '
+    'is size, not time.')
 BATCHES = (1, 32)
 
 
-def table(results: dict, columns=COLUMNS, caption: str | None = None) -> str:
+def table(results: dict, columns=COLUMNS, caption: str | None = None, labels=None) -> str:
   """Markdown: one row per entry of `results` ({row: [result of each seed]}), `columns` of
   (key, title, scale, digits) as mean ± std over the seeds that have the key; `caption` may
-  use {n} (seeds)."""
+  use {n} (seeds); `labels` {row: label} replaces the default labels of those rows."""
   n = max(len(v) for v in results.values())
   if caption is None:
     caption = ('Tiny Shakespeare validation split, {n} seed(s), mean ± std. Students start from '
@@ -293,7 +303,7 @@ def table(results: dict, columns=COLUMNS, caption: str | None = None) -> str:
            '| student | ' + ' | '.join(c[1] for c in columns) + ' |',
            '|---|' + '---:|' * len(columns)]
   labels = {**{k: v[0] for k, v in TRAINED.items()}, **{k: v[0] for k, v in POST.items()},
-            'teacher': 'teacher'}
+            'teacher': 'teacher', **(labels or {})}
   for row, runs in results.items():
     if not runs:
       continue
@@ -408,29 +418,45 @@ def minilm_student(config, teacher=None):
   return models.student_from_teacher(teacher, keep)
 
 
-def minilm_speeds(config, sents) -> dict:
-  """{'teacher', 'student': encode_speeds over `sents`}, timed one after the other here.
+def minilm_speeds(config, sents, own=()) -> dict:
+  """{'teacher', 'student', and each of `own`: encode_speeds over `sents`}, timed one after the
+  other here; `own` are (row, its config) of rows whose students add computation (adapters,
+  prefixes), timed with their config's PEFT params added to the students' architecture.
 
   Timing the students' architecture once, not each row's export, is exact here: every exported
   row is that float model with other weights, and a forward's time does not depend on them."""
   teacher = hf.load(sentence.teacher_path(config.teacher.path))
   runs = config.eval.speed_runs
-  return {'teacher': encode_speeds(teacher, sents, runs),
-          'student': encode_speeds(minilm_student(config, teacher), sents, runs)}
+  student = minilm_student(config, teacher)
+  out = {'teacher': encode_speeds(teacher, sents, runs),
+         'student': encode_speeds(student, sents, runs)}
+  for row, row_config in own:
+    cfg, params = compress.grow_peft(row_config, student.config, student.params, 0)
+    out[row] = encode_speeds(student.replace(module=models.Encoder(cfg), params=params), sents,
+                             runs)
+  return out
 
 
 def speed_table(speeds: dict, config, n_sentences: int) -> str:
-  """Markdown: MINILM_SPEED_CAPTION, then the teacher's and the students' speeds (× teacher)."""
-  t, s = speeds['teacher'], speeds['student']
+  """Markdown: MINILM_SPEED_CAPTION, then the teacher's, the students' and the adapter / prefix
+  students' speeds (× teacher)."""
+  t = speeds['teacher']
   keep = ', '.join(str(i) for i in config.student.layers)
   key = lambda b: f'sentences_per_s_b{b}'
+  own = [r for r in speeds if r not in ('teacher', 'student')]
+  names = {'student': f"every {'other ' if own else ''}student (the teacher's layers {keep})",
+           **{r: f'{MINILM_LABELS[r]} (same layers)' for r in own}}
   return '\n'.join([
-      MINILM_SPEED_CAPTION.format(runs=config.eval.speed_runs, n=n_sentences), '',
+      MINILM_SPEED_CAPTION.format(
+          runs=config.eval.speed_runs, n=n_sentences,
+          own=' but the adapter and prefix rows, which add computation and have their own'
+          if own else ''), '',
       '| model | ' + ' | '.join(f'sent/s b={b}' for b in BATCHES) + ' |',
       '|---|' + '---:|' * len(BATCHES),
       '| teacher | ' + ' | '.join(f'{t[key(b)]:.0f}' for b in BATCHES) + ' |',
-      f"| every student (the teacher's layers {keep}) | "
-      + ' | '.join(f'{s[key(b)]:.0f} ({s[key(b)] / t[key(b)]:.2f}×)' for b in BATCHES) + ' |'])
+      *[f'| {names[r]} | ' + ' | '.join(
+          f'{speeds[r][key(b)]:.0f} ({speeds[r][key(b)] / t[key(b)]:.2f}×)' for b in BATCHES)
+        + ' |' for r in ('student', *own)]])
 
 
 def minilm_stored_size(row: str, seed: str, workdir: str, config, result: dict) -> dict:
@@ -547,21 +573,24 @@ def main_minilm(f) -> None:
   config = minilm_config('full', '0', f.workdir, f.config_arg, f.override)
   layers = ', '.join(str(i) for i in config.student.layers)
   sents = speed_sentences(config)
+  own = [(r, minilm_config(r, '0', f.workdir, f.config_arg, f.override))
+         for r in MINILM_OWN_SPEED if r in rows]
   write(f, 'compressed_minilm', report.merge_runs(runs, prior), 'spearman',
         row_order(rows, MINILM_TRAINED, MINILM_POST), rows, MINILM_COLUMNS,
-        MINILM_CAPTION.format(layers=layers), 'STS-B dev Spearman',
-        after=lambda: speed_table(minilm_speeds(config, sents), config, len(sents)))
+        MINILM_CAPTION.format(layers=layers), 'STS-B dev Spearman', labels=MINILM_LABELS,
+        after=lambda: speed_table(minilm_speeds(config, sents, own), config, len(sents)))
 
 
 def write(f, stem: str, runs: dict, metric: str, order, rows, columns=COLUMNS, caption=None,
-          ylabel: str = 'held-out perplexity', after=None) -> None:
+          ylabel: str = 'held-out perplexity', after=None, labels=None) -> None:
   """<f.out>/<stem>.md, .png and .runs.json of `runs` (rows in `order`, with the paired
   column of `metric`, then the text `after()` returns); refused when none of `rows` has a
   result."""
   results = report.by_row(paired(runs, metric), order)
   if not any(results.get(r) for r in rows):
     raise app.UsageError(f'no finished runs under {f.workdir}')
-  report.write(f.out, stem, table(results, columns, caption) + ('\n\n' + after() if after else ''),
+  report.write(f.out, stem,
+               table(results, columns, caption, labels) + ('\n\n' + after() if after else ''),
                lambda path: plot(results, path, metric, ylabel), runs=runs)
 
 
@@ -593,6 +622,6 @@ if __name__ == '__main__':
   objectives.define_flags(row_specs={**TRAINED, **POST}, workdir='/tmp/kd/compressed')
   flags.DEFINE_enum('task', 'shakespeare', ['shakespeare', 'minilm'],
                     'shakespeare: the decoder rows; minilm: the sentence-encoder rows '
-                    '(default rows then: full, lora, qat8, qat4, qlora, ptq8, ptq4, gptq4, '
-                    'ptq8_emb, ptq4_emb8).')
+                    '(default rows then: full, lora, adapter, prefix, qat8, qat4, qlora, ptq8, '
+                    'ptq4, gptq4, ptq8_emb, ptq4_emb8).')
   app.run(main)

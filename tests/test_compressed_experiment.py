@@ -91,7 +91,7 @@ def test_minilm_table_and_unknown_rows(compressed):
           '10 ± 0 |') in text
   assert '| teacher | 86.00 | - | 4.00 | - |' in text
   with pytest.raises(ValueError, match='no --task=minilm version'):
-    compressed.minilm_runs(['adapter'], ['0'], '/tmp/w')
+    compressed.minilm_runs(['prompt'], ['0'], '/tmp/w')
 
 
 def test_minilm_speed_table_states_the_ratio_to_the_teacher(compressed):
@@ -103,3 +103,9 @@ def test_minilm_speed_table_states_the_ratio_to_the_teacher(compressed):
   assert 'best of 1 passes over 32 dev sentences' in text
   assert '| teacher | 40 | 200 |' in text
   assert "| every student (the teacher's layers 0, 3) | 130 (3.25×) | 500 (2.50×) |" in text
+  # Rows whose students add computation get their own line, and the others are 'every other'.
+  speeds['prefix'] = dict(sentences_per_s_b1=120.0, sentences_per_s_b32=400.0)
+  text = compressed.speed_table(speeds, config, n_sentences=32)
+  assert "| every other student (the teacher's layers 0, 3) | 130 (3.25×) | 500 (2.50×) |" in text
+  assert '| prefix tuning, 16 positions (same layers) | 120 (3.00×) | 400 (2.00×) |' in text
+  assert 'but the adapter and prefix rows, which add computation and have their own' in text

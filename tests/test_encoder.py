@@ -288,8 +288,90 @@ def test_adapters_match_transformers_bert_with_the_same_adapters_hooked_in(tiny,
   assert np.abs(ours - np.asarray(base))[REAL].max() > 0.1  # the adapters change the output
 
   with pytest.raises(ValueError, match='no place in a BERT checkpoint'):
-    kd.hf.save(Model(Encoder(config), params), str(tmp_path / 'hf'))
-  with pytest.raises(ValueError, match='prefix tuning is a Decoder field'):
-    peft.adapters.add_peft_params(model.config, model.params, 'prefix', 4, jax.random.key(0))
+    kd.hf.bert.params_to_hf(params, config)  # (kd.hf.save writes them beside it, below)
+  with pytest.raises(ValueError, match='prompt tuning is a Decoder field'):
+    peft.adapters.add_peft_params(model.config, model.params, 'prompt', 4, jax.random.key(0))
   with pytest.raises(ValueError, match='adapter_size must be an int >= 0'):
     dataclasses.replace(config, adapter_size=-1)
+  with pytest.raises(ValueError, match='prefix_len must be an int >= 0'):
+    dataclasses.replace(config, prefix_len=1.5)
+
+
+def _prefix_model(model, p, seed):
+  """`model` with a prefix of `p` positions, scaled up so that it takes a real share."""
+  from kd import peft  # pylint: disable=g-import-not-at-top
+  from kd.models import Model  # pylint: disable=g-import-not-at-top
+  config, variables = peft.adapters.add_peft_params(model.config, model.params, 'prefix', p,
+                                                    jax.random.key(seed))
+  variables = jax.tree_util.tree_map_with_path(
+      lambda k, v: v * 100 if 'prefix' in jax.tree_util.keystr(k) else v, variables)
+  return Model(Encoder(config), variables)
+
+
+def test_prefix_matches_transformers_bert_with_the_prefix_as_its_key_value_cache(tiny):
+  """Prefix tuning (EncoderConfig.prefix_len) against transformers' BertModel given each layer's
+  prefix keys and values as a prefilled DynamicCache (how PEFT's prefix tuning drives it), the
+  mask grown by P always-visible columns and the positions of the real tokens."""
+  hf_model, model, _ = tiny
+  p = 3
+  prefixed = _prefix_model(model, p, seed=1)
+  ids, types = _inputs()
+  kw = dict(attention_mask=MASK, token_type_ids=types)
+  ours = _run(prefixed, ids, **kw, output_attentions=True)
+  cache = transformers.DynamicCache(config=hf_model.config)
+  for i in range(model.config.num_layers):
+    attn = prefixed.params['params'][f'layers_{i}']['attn']
+    kv = [torch.tensor(np.asarray(attn[n])).permute(1, 0, 2)[None].expand(B, -1, -1, -1)
+          for n in ('prefix_k', 'prefix_v')]  # [P, N, H] -> [B, N, P, H]
+    cache.update(kv[0].contiguous(), kv[1].contiguous(), i)
+  with torch.no_grad():
+    theirs = hf_model(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(types),
+                      attention_mask=torch.tensor(np.concatenate([np.ones((B, p), int), MASK], 1)),
+                      position_ids=torch.arange(T)[None].expand(B, -1), past_key_values=cache)
+  close(np.asarray(ours['hidden'])[REAL], theirs.last_hidden_state.numpy()[REAL])
+  base = np.asarray(_run(model, ids, **kw)['hidden'])
+  assert np.abs(np.asarray(ours['hidden']) - base)[REAL].max() > 0.1  # the prefix matters
+  # Probabilities over the real keys only, short of 1 by the prefix's share; padded keys get 0.
+  for probs in ours['attentions']:
+    probs = np.asarray(probs)
+    assert probs.shape == (B, model.config.num_heads, T, T)
+    assert np.all(probs.sum(-1) < 1 - 1e-3) and np.all(probs[..., ~REAL[0]] == 0)
+    assert np.all(probs[2][..., LENGTHS[2]:] == 0)
+  # The fused path gives what the explicit one does.
+  close(_run(prefixed, ids, **kw)['hidden'], ours['hidden'])
+
+
+def test_save_writes_the_base_checkpoint_and_the_peft_params_beside_it(tiny, tmp_path):
+  """kd.hf.save of an adapter + prefix encoder: model.safetensors is the base (transformers loads
+  it and gives the base model's output), kd_peft.safetensors holds the rest, and kd.hf.load reads
+  the PEFT model back with the same output. Saving a plain model there removes the stale file."""
+  from kd import peft  # pylint: disable=g-import-not-at-top
+  hf_model, model, _ = tiny
+  prefixed = _prefix_model(model, 2, seed=2)
+  config, variables = peft.adapters.add_peft_params(prefixed.config, prefixed.params, 'adapter',
+                                                    3, jax.random.key(3))
+  variables = jax.tree.map(lambda v: v + 0.05, variables)  # `up` off zero; the base moves too
+  both = prefixed.replace(module=Encoder(config), params=variables)
+  path = tmp_path / 'hf'
+  kd.hf.save(both, str(path))
+  assert sorted(os.listdir(path)) == ['config.json', 'kd_peft.safetensors', 'model.safetensors']
+  with open(path / 'config.json') as f:
+    assert json.load(f)['kd_peft'] == {'adapter_size': 3, 'prefix_len': 2}
+  ids, types = _inputs(1)
+  kw = dict(attention_mask=MASK, token_type_ids=types)
+  loaded = kd.hf.load(str(path))
+  assert (loaded.config.adapter_size, loaded.config.prefix_len) == (3, 2)
+  close(_run(loaded, ids, **kw)['hidden'], _run(both, ids, **kw)['hidden'], atol=1e-6)
+  base = peft.adapters.strip(('adapter', 'prefix'), variables)
+  plain = model.replace(params=base)
+  reference = transformers.BertModel.from_pretrained(str(path), attn_implementation='eager')
+  close(_torch_forward(reference.eval(), ids, types).last_hidden_state.numpy()[REAL],
+        np.asarray(_run(plain, ids, **kw)['hidden'])[REAL])
+
+  kd.hf.save(plain, str(path))
+  assert 'kd_peft.safetensors' not in os.listdir(path)
+  assert kd.hf.load(str(path)).config.prefix_len == 0
+  kd.hf.save(both, str(path))
+  os.remove(path / 'kd_peft.safetensors')
+  with pytest.raises(FileNotFoundError, match='kd_peft.safetensors is missing'):
+    kd.hf.load(str(path))

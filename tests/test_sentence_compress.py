@@ -170,16 +170,22 @@ def test_qlora_base_is_stored_on_the_int4_grid(teacher_dir):
 # ----------------------------------------------------------------------------- config errors
 
 
-@pytest.mark.parametrize('method', ['adapter', 'prefix', 'prompt'])
-def test_decoder_peft_methods_are_refused_for_the_encoder(method, teacher_dir, tmp_path):
+def test_prompt_tuning_is_refused_for_the_encoder(teacher_dir, tmp_path):
   config = _config('tiny', teacher_dir)
-  config.peft.method = method
-  with pytest.raises(config_check.ConfigError, match=r"supports \('none', 'lora'\)"):
+  config.peft.method = 'prompt'
+  config.peft.size = 4
+  with pytest.raises(config_check.ConfigError,
+                     match=r"supports \('none', 'lora', 'adapter', 'prefix'\)"):
     sentence.main(config, str(tmp_path / 'w'))
   assert not (tmp_path / 'w').exists()
   student = models.student_from_teacher(kd.hf.load(teacher_dir), KEEP)
-  with pytest.raises(config_check.ConfigError, match="use peft.method='lora'"):
+  with pytest.raises(config_check.ConfigError, match='prompt tuning is a decoder field'):
     config_check.check_peft(config, student)
+  config.peft.method = 'adapter'
+  config.peft.size = 0
+  with pytest.raises(config_check.ConfigError, match='config.peft.size must be a positive int'):
+    sentence.main(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
 
 
 def test_targets_that_match_no_encoder_kernel_are_refused(teacher_dir, tmp_path):
@@ -280,6 +286,50 @@ def test_qlora_run_exports_the_quantized_base_plus_ab(experiment, teacher_dir):
   _check_merged_export(experiment[0] / 'seed_0' / 'qlora', teacher_dir, _rtn4_by_hand)
 
 
+# (peft=M's config.peft.size) -> the trained params' paths and shapes, by hand.
+PEFT_SHAPES = {
+    'adapter': lambda w: {f'params/layers_{i}/{a}_adapter/{d}/{k}': shape
+                          for i in range(len(KEEP)) for a in ('attn', 'mlp')
+                          for d, k, shape in (('down', 'kernel', (H, w)), ('down', 'bias', (w,)),
+                                              ('up', 'kernel', (w, H)), ('up', 'bias', (H,)))},
+    'prefix': lambda p: {f'params/layers_{i}/attn/prefix_{kv}': (p, 4, H // 4)
+                         for i in range(len(KEEP)) for kv in 'kv'},
+}
+
+
+@pytest.mark.parametrize('method', ['adapter', 'prefix'])
+def test_adapter_and_prefix_runs_train_only_theirs_and_export_base_plus_them(
+    experiment, teacher_dir, method):
+  """The run's checkpoint holds exactly the method's params, trained away from their init; the
+  export is the untouched truncated teacher plus those params (kd_peft.safetensors), and it is
+  the model the run scored: its STS-B Spearman, recomputed here, is results.json's."""
+  from kd.eval import sts  # pylint: disable=g-import-not-at-top
+  run_dir = experiment[0] / 'seed_0' / method
+  size = minilm_sts.PEFT_SIZES[method]
+  trained = _adapters(run_dir)
+  want = PEFT_SHAPES[method](size)
+  assert {k: v.shape for k, v in trained.items()} == want
+  with open(run_dir / 'results.json') as f:
+    result = json.load(f)['student']
+  assert result['trainable_params'] == sum(int(np.prod(s)) for s in want.values())
+  teacher = kd.hf.load(teacher_dir)
+  start = compress.grow_peft(_config(f'tiny,peft={method}', teacher_dir),
+                             models.student_from_teacher(teacher, KEEP).config,
+                             models.student_from_teacher(teacher, KEEP).params, 0)[1]
+  for k, v in _flat(start).items():
+    if k in trained:
+      assert np.abs(trained[k] - v).max() > 0, k
+  exported = kd.hf.load(str(run_dir / 'hf'))
+  assert getattr(exported.config, peft.adapters.CONFIG_FIELDS[method]) == size
+  got = _flat(exported.params)
+  base = _flat(models.student_from_teacher(teacher, KEEP).params)
+  assert set(got) == set(base) | set(want)
+  for k, v in got.items():
+    np.testing.assert_array_equal(v, trained[k] if k in want else base[k], err_msg=k)
+  score = sts.evaluate(exported, str(experiment[0].parent / 'dev.csv'), batch_size=64)['spearman']
+  assert score == pytest.approx(result['spearman'], abs=1e-6)
+
+
 def test_minilm_experiment_writes_every_row(experiment):
   workdir, out = experiment
   text = (out / 'compressed_minilm.md').read_text()
@@ -287,8 +337,9 @@ def test_minilm_experiment_writes_every_row(experiment):
   main, speed = text.split('\n\nEncode speed on this machine')
   rows = {line.split(' | ')[0][2:]: line.split(' | ')[1:] for line in main.splitlines()
           if line.startswith('| ') and not line.startswith('| student')}
-  labels = ['teacher', 'full fine-tuning', 'LoRA r=8, every projection', 'QAT int8, per channel',
-            'QAT int4, groups of 32', 'QLoRA: LoRA r=8 on an int4 base (groups of 32)',
+  labels = ['teacher', 'full fine-tuning', 'LoRA r=8, every projection',
+            'bottleneck adapters, width 32', 'prefix tuning, 16 positions',
+            'QAT int8, per channel', 'QAT int4, groups of 32', 'QLoRA: LoRA r=8 on an int4 base (groups of 32)',
             'PTQ int8 (RTN, per channel)', 'PTQ int4 (RTN, groups of 32)',
             'GPTQ int4 (groups of 32)', 'PTQ int8, embedding tables too (per row)',
             'PTQ int4 (groups of 32) + int8 embedding tables']
@@ -296,12 +347,15 @@ def test_minilm_experiment_writes_every_row(experiment):
   assert "the teacher's layers 0, 3 and" in text  # the caption names the overridden layers
   # One timing of the teacher and one of the students' architecture, as the table is written:
   # the printed ratio is the students' speed over the teacher's.
-  speed = re.findall(r'^\| (teacher|every student[^|]*) \| (.*) \|$', speed, re.M)
-  assert [name for name, _ in speed] == ['teacher', "every student (the teacher's layers 0, 3)"]
+  speed = re.findall(r'^\| ([^|]+) \| (.*) \|$', speed, re.M)[1:]  # (past the header)
+  assert [name for name, _ in speed] == [
+      'teacher', "every other student (the teacher's layers 0, 3)",
+      'bottleneck adapters, width 32 (same layers)', 'prefix tuning, 16 positions (same layers)']
   teacher = [float(c) for c in speed[0][1].split(' | ')]
-  for cell, t in zip(speed[1][1].split(' | '), teacher):
-    s, ratio = re.fullmatch(r'(\d+) \(([\d.]+)×\)', cell).groups()
-    assert float(ratio) == pytest.approx(float(s) / t, rel=0.02, abs=0.01)
+  for _, cells in speed[1:]:
+    for cell, t in zip(cells.split(' | '), teacher, strict=True):
+      s, ratio = re.fullmatch(r'(\d+) \(([\d.]+)×\)', cell).groups()
+      assert float(ratio) == pytest.approx(float(s) / t, rel=0.02, abs=0.01)
   for label in labels[1:]:
     float(rows[label][0])  # a Spearman in every row
   with open(workdir / 'seed_0' / 'full' / 'results.json') as f:
@@ -310,10 +364,14 @@ def test_minilm_experiment_writes_every_row(experiment):
   with open(workdir / 'seed_0' / 'post.json') as f:
     post = json.load(f)
   sizes = {r: json.load(open(workdir / 'seed_0' / r / 'size.json'))['stored_bytes']
-           for r in ('full', 'lora', 'qat8', 'qat4', 'qlora')}
+           for r in ('full', 'lora', 'adapter', 'prefix', 'qat8', 'qat4', 'qlora')}
   sizes.update({r: post[r]['stored_bytes'] for r in ('ptq8', 'ptq4', 'gptq4', 'ptq8_emb',
                                                       'ptq4_emb8')})
   assert sizes['full'] == sizes['lora'] == 4 * full['params']  # float32, LoRA merged
+  for method in ('adapter', 'prefix'):  # float32, the base plus the PEFT params
+    shapes = PEFT_SHAPES[method](minilm_sts.PEFT_SIZES[method]).values()
+    extra = sum(int(np.prod(s)) for s in shapes)
+    assert sizes[method] == sizes['full'] + 4 * extra
   # The projections: 2 layers of 4 [H, H] + [H, I] + [I, H] kernels, H*H*4 + 2*H*I scalars.
   proj = len(KEEP) * (4 * H * H + 2 * H * I)
   assert 0 < sizes['full'] - sizes['ptq8'] <= 3 * proj  # 4 bytes -> 1 byte (+ scales)

@@ -141,10 +141,11 @@ def params_from_hf(tensors: dict, config) -> dict:
 
 
 def params_to_hf(variables, config) -> dict:
-  if config.adapter_size:  # BertModel has no place for them; saving would silently drop them
-    raise ValueError(f'adapter_size={config.adapter_size}: bottleneck adapters have no place in '
-                     'a BERT checkpoint; save the variables with orbax instead, or train a LoRA '
-                     'student (merged into the base on export)')
+  if config.adapter_size or config.prefix_len:  # BertModel has no place for them
+    raise ValueError(f'adapter_size={config.adapter_size}, prefix_len={config.prefix_len}: '
+                     'adapters and prefixes have no place in a BERT checkpoint; kd.hf.save '
+                     'writes them beside it (kd_peft.safetensors), or train a LoRA student '
+                     '(merged into the base on export)')
   params = variables['params']
   out = {}
   for name, path, transpose in _name_map(config):

@@ -217,8 +217,8 @@ def _check_exportable(c: DecoderConfig) -> None:
                  if getattr(c, k)}
   if peft_fields:  # no HF architecture holds them; saving would silently drop them
     raise ValueError(f'{peft_fields}: adapters, prefixes and soft prompts have no place in a '
-                     f'{c.model_type} checkpoint; save the variables with orbax instead, or '
-                     'train a LoRA student (merged into the base on export)')
+                     f'{c.model_type} checkpoint; kd.hf.save writes them beside it '
+                     '(kd_peft.safetensors), or train a LoRA student (merged on export)')
   if c.model_type == 'gpt2' and (c.num_kv_heads != c.num_heads
                                  or c.head_dim * c.num_heads != c.hidden_size
                                  or c.attn_scale not in (None, 1.0)):

@@ -437,6 +437,7 @@ def with_prefix_keys(mask_Bx1xTxS, causal: bool, t: int, s: int, p: int):
     real = mask_Bx1xTxS if real is None else real & mask_Bx1xTxS
   if real is None:
     real = jnp.ones((1, 1, t, s), bool)
+  real = jnp.broadcast_to(real, real.shape[:2] + (t, s))  # (a key-only mask may be [B,1,1,S])
   return jnp.concatenate([jnp.ones(real.shape[:2] + (t, p), bool), real], axis=-1)
 
 

@@ -23,7 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd.models.decoder import Adapter, Norm, attention_mask_Bx1xTxT
+from kd.models.decoder import (Adapter, Norm, attention_mask_Bx1xTxT, explicit_attention,
+                               with_prefix_keys)
 from kd.models.model import config_from_dict
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -56,6 +57,12 @@ class EncoderConfig:
   # before its residual add and LayerNorm; `up` starts at zero, so a fresh adapter is the
   # identity.
   adapter_size: int = 0
+  # Prefix tuning (Li & Liang 2021; kd.peft.adapters): 0 = off. Per layer, prefix_len learned
+  # keys and values [prefix_len, num_heads, head_dim] in front of the real ones, seen by every
+  # query (padding masks only real keys). They have no position: positions, token types and
+  # what output_attentions returns (probabilities over the real keys, rows short of 1 by the
+  # prefix's share) are those of the real tokens.
+  prefix_len: int = 0
 
   # (kd.models.decoder.Adapter reads the activation by this name.)
   mlp_activation = 'gelu'  # exact (erf) GELU, BERT's hidden_act 'gelu'
@@ -77,10 +84,11 @@ class EncoderConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(f'hidden_size={self.hidden_size} is not divisible by '
                        f'num_heads={self.num_heads}; change one of them.')
-    if (not isinstance(self.adapter_size, int) or isinstance(self.adapter_size, bool)
-        or self.adapter_size < 0):
-      raise ValueError(f'EncoderConfig.adapter_size must be an int >= 0 (0 = no adapters), '
-                       f'got {self.adapter_size!r}.')
+    for name, what in (('adapter_size', 'adapters'), ('prefix_len', 'prefix')):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f'EncoderConfig.{name} must be an int >= 0 (0 = no {what}), '
+                         f'got {value!r}.')
     if self.layer_norm_eps <= 0:
       raise ValueError(f'layer_norm_eps must be > 0, got {self.layer_norm_eps}.')
     for name in ('dtype', 'param_dtype'):
@@ -115,18 +123,22 @@ class SelfAttention(nn.Module):
     q_BxTxD = _dense(c, c.hidden_size, 'q_proj')(x_BxTxD)
     k_BxTxD = _dense(c, c.hidden_size, 'k_proj')(x_BxTxD)
     v_BxTxD = _dense(c, c.hidden_size, 'v_proj')(x_BxTxD)
-    q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (a.reshape(b, t, n, h) for a in (q_BxTxD, k_BxTxD, v_BxTxD))
+    q_BxTxNxH, k_BxSxNxH, v_BxSxNxH = (a.reshape(b, t, n, h) for a in (q_BxTxD, k_BxTxD, v_BxTxD))
+    p = c.prefix_len
+    if p:
+      param_dtype = DTYPES[c.param_dtype]
+      prefix = lambda name, like: jnp.broadcast_to(
+          self.param(name, _INIT, (p, n, h), param_dtype).astype(like.dtype), (b, p, n, h))
+      k_BxSxNxH = jnp.concatenate([prefix('prefix_k', k_BxSxNxH), k_BxSxNxH], axis=1)
+      v_BxSxNxH = jnp.concatenate([prefix('prefix_v', v_BxSxNxH), v_BxSxNxH], axis=1)
+      mask_Bx1xTxT = with_prefix_keys(mask_Bx1xTxT, False, t, t, p)  # now [B|1,1,T,P+T]
 
     if want_probs:
-      logits_BxNxTxT = jnp.einsum('btnh,bsnh->bnts', q_BxTxNxH, k_BxTxNxH,
-                                  preferred_element_type=jnp.float32) * h ** -0.5
-      if mask_Bx1xTxT is not None:
-        # A finite fill keeps a fully masked row (an all-padding sequence) finite.
-        logits_BxNxTxT = jnp.where(mask_Bx1xTxT, logits_BxNxTxT, jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(logits_BxNxTxT, axis=-1)
-      out_BxTxNxH = jnp.einsum('bnts,bsnh->btnh', probs.astype(v_BxTxNxH.dtype), v_BxTxNxH)
+      out_BxTxNxH, probs = explicit_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, mask_Bx1xTxT,
+                                              h ** -0.5, causal=False)
+      probs = probs[..., p:]  # the real keys only
     else:
-      out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH,
+      out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH,
                                                  mask=mask_Bx1xTxT, scale=h ** -0.5)
       probs = None
     out_BxTxD = _dense(c, c.hidden_size, 'o_proj')(out_BxTxNxH.reshape(b, t, n * h))

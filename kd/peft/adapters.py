@@ -1,9 +1,10 @@
-"""Bottleneck adapters, prefix tuning and prompt tuning for kd's Decoder (adapters for the
-Encoder too).
+"""Bottleneck adapters, prefix tuning and prompt tuning for kd's Decoder (adapters and prefix
+tuning for the Encoder too).
 
 The Decoder builds them from three DecoderConfig fields (0 = off): `adapter_size`
 ('layers_{i}/attn_adapter', 'layers_{i}/mlp_adapter'), `prefix_len` ('layers_{i}/attn/prefix_k',
-'prefix_v') and `prompt_len` ('prompt'); the Encoder has `adapter_size`, at the same paths.
+'prefix_v') and `prompt_len` ('prompt'); the Encoder has `adapter_size` and `prefix_len`, at the
+same paths.
 This module selects their params by path, and grows a trained base into a PEFT student:
 
   cfg, variables = add_peft_params(base_cfg, base_vars, 'adapter', 16, rng)
@@ -13,7 +14,8 @@ This module selects their params by path, and grows a trained base into a PEFT s
 Train `trainable` only and pass `frozen` into the step as an argument, as with kd.peft.lora.
 Unlike LoRA, whose delta `kd.peft.lora.merge` folds into the base kernels, these add computation
 the base architecture has no slot for, so they cannot be merged: the exported student keeps the
-extended DecoderConfig (and is not a plain transformers checkpoint). `strip` drops them again,
+extended config; kd.hf.save writes the base as a transformers checkpoint and these params beside
+it (kd.hf.load reads both back). `strip` drops them again,
 giving the base tree (and the base model's behaviour) back.
 """
 
@@ -33,7 +35,7 @@ from kd.peft import trees
 
 # Method -> the substring that marks its params in a path.
 PEFT_PARAM_MARKERS = {'adapter': 'adapter', 'prefix': 'prefix', 'prompt': 'prompt'}
-# Method -> the DecoderConfig field that sizes it.
+# Method -> the DecoderConfig (and EncoderConfig, where it has it) field that sizes it.
 CONFIG_FIELDS = {'adapter': 'adapter_size', 'prefix': 'prefix_len', 'prompt': 'prompt_len'}
 PROMPT_INITS = ('vocab', 'random')
 
@@ -75,8 +77,8 @@ def _shapes(tree) -> dict:
           for k, v in flax.traverse_util.flatten_dict(tree).items()}
 
 
-def _init_params(config, rng):
-  """The variables of a Decoder or an Encoder of `config`."""
+def init_variables(config, rng):
+  """The variables of a Decoder or an Encoder of `config` (their own random init)."""
   if isinstance(config, encoder_lib.EncoderConfig):
     return encoder_lib.init_encoder_params(config, rng)
   return decoder_lib.init_params(config, rng)
@@ -84,7 +86,7 @@ def _init_params(config, rng):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _init_new(config, method, rng):
-  return split(method, _init_params(config, rng))[0]
+  return split(method, init_variables(config, rng))[0]
 
 
 def add_peft_params(model_config: decoder_lib.DecoderConfig | encoder_lib.EncoderConfig,
@@ -102,9 +104,9 @@ def add_peft_params(model_config: decoder_lib.DecoderConfig | encoder_lib.Encode
                      'per method.')
   (marker,) = _markers(method)
   field = CONFIG_FIELDS[method]
-  if isinstance(model_config, encoder_lib.EncoderConfig) and method != 'adapter':
+  if not hasattr(model_config, field):
     raise ValueError(f'{method} tuning is a Decoder field ({field}); an Encoder takes '
-                     "method='adapter' (or LoRA, kd.peft.lora).")
+                     "method='adapter' or 'prefix' (or LoRA, kd.peft.lora).")
   if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
     raise ValueError(f'{method} size must be a positive int ({field}), got {size!r}.')
   if getattr(model_config, field):
@@ -112,7 +114,7 @@ def add_peft_params(model_config: decoder_lib.DecoderConfig | encoder_lib.Encode
                      f'strip({method!r}, ...) and set {field}=0 first, or keep training it.')
   if prompt_init not in PROMPT_INITS:
     raise ValueError(f'prompt_init={prompt_init!r}; valid: {list(PROMPT_INITS)}.')
-  want = _shapes(jax.eval_shape(functools.partial(_init_params, model_config), rng))
+  want = _shapes(jax.eval_shape(functools.partial(init_variables, model_config), rng))
   got = _shapes(base_variables)
   if got != want:
     diff = sorted(set(got.items()) ^ set(want.items()))

@@ -1,6 +1,7 @@
 """Compressed students in training, shared by the decoder job (kd.train.run) and the sentence job
 (kd.train.sentence): PEFT (config.peft) and quantization (config.quant).
 
+  model_config, init_variables = grow_peft(config, model_config, init_variables, seed)
   spec = Spec(**students(config, module), ...)           # LoRA-wrapped when peft is 'lora'
   trainable, base = split_student(config, module, init_variables, seed, random_init=...)
   state = create_state({'student': trainable, ...}).replace(frozen=place(frozen_base(config, base)))
@@ -58,6 +59,17 @@ def students(config, module) -> dict[str, Any]:
     return dict(student=student_model(config, module))
   return dict(student=student_model(config, module, train=True),
               student_eval=student_model(config, module), student_rngs=('dropout',))
+
+
+def grow_peft(config, model_config, variables, seed: int):
+  """(model config, variables) of the student config.peft trains: for 'adapter', 'prefix' and
+  'prompt' the config gains the method's field (= peft.size) and `variables` its new params
+  (kd.peft.adapters.add_peft_params); for other methods both pass through."""
+  method = peft_method(config)
+  if method not in peft.adapters.CONFIG_FIELDS:
+    return model_config, variables
+  return peft.adapters.add_peft_params(model_config, variables, method, int(config.peft.size),
+                                       jax.random.key(seed + 7))
 
 
 def split_student(config, module, init_variables, seed: int, *,

@@ -249,9 +249,9 @@ def check_models(config, student, teacher) -> None:
   check_quant(config, student)
 
 
-# What config.peft.method may be for an Encoder student (the sentence job): adapters, prefixes and
-# prompts are Decoder fields (kd.peft.adapters).
-ENCODER_PEFT_METHODS = ('none', 'lora')
+# What config.peft.method may be for an Encoder student (the sentence job): soft prompts are a
+# Decoder field (kd.peft.adapters).
+ENCODER_PEFT_METHODS = ('none', 'lora', 'adapter', 'prefix')
 
 
 def _is_encoder(student) -> bool:
@@ -263,8 +263,8 @@ def check_encoder_peft(config) -> None:
   method = (config.get('peft') or {}).get('method', 'none')
   if method not in ENCODER_PEFT_METHODS:
     raise ConfigError(f'config.peft.method={method!r}: the sentence-encoder job supports '
-                      f'{ENCODER_PEFT_METHODS} (adapters, prefix and prompt tuning are decoder '
-                      "fields); use peft.method='lora' or 'none'")
+                      f'{ENCODER_PEFT_METHODS} (prompt tuning is a decoder field); use one of '
+                      'those')
 
 
 def _param_shapes(student):

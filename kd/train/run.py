@@ -346,14 +346,11 @@ def peft_student(config, student, init):
   """(student, starting variables) for config.peft: for 'adapter', 'prefix' and 'prompt' the
   student's config gains the method's field (= peft.size) and its starting variables (`init`, or
   the random init run_stage would make) gain the new params; other methods pass through."""
-  method = (config.get('peft') or {}).get('method', 'none')
-  if method not in peft.adapters.CONFIG_FIELDS:
+  if compress.peft_method(config) not in peft.adapters.CONFIG_FIELDS:
     return student, init
   if init is None:
     init = models.init_params(student.config, _model_key(config.seed))
-  cfg, variables = peft.adapters.add_peft_params(student.config, init, method,
-                                                 int(config.peft.size),
-                                                 jax.random.key(config.seed + 7))
+  cfg, variables = compress.grow_peft(config, student.config, init, config.seed)
   return models.Decoder(cfg), variables
 
 

@@ -11,12 +11,16 @@
 3. The student trains with the same pure step as every other job (kd.train.step) and resumes
    from <workdir>/student/checkpoints. It may be compressed as in the decoder job
    (kd.train.compress): config.peft.method 'lora' trains only LoRA adapters on the projections
-   config.peft.target matches, over a frozen base; config.quant.method 'qat' trains through
-   fake-quantized weights, 'qlora' stores the LoRA student's frozen base quantized. The trained
-   student is a plain encoder (LoRA merged, QAT weights on their grid), so the evaluation and
-   the export below are the same for every student.
+   config.peft.target matches, over a frozen base; 'adapter' and 'prefix' add bottleneck
+   adapters of width peft.size to every block, or a learned key/value prefix of peft.size
+   positions to every attention layer, and train only those; config.quant.method 'qat' trains
+   through fake-quantized weights, 'qlora' stores the LoRA student's frozen base quantized. The
+   trained student is an encoder (LoRA merged, QAT weights on their grid; adapters and prefixes
+   stay in its config), so the evaluation and the export below are the same for every student.
 4. It is scored on STS-B dev (Spearman of cosine similarity), timed, exported to <workdir>/hf
-   (transformers + sentence-transformers files), and results.json / results.md are written.
+   (transformers + sentence-transformers files; an adapter or prefix student's base there, its
+   PEFT params beside it in kd_peft.safetensors, read back by kd.hf.load), and results.json /
+   results.md are written.
 """
 
 import json
@@ -262,6 +266,8 @@ def main(config, workdir: str) -> dict:
   student = models.student_from_teacher(teacher, keep)
   config_check.check_peft(config, student)
   config_check.check_quant(config, student)
+  cfg, params = compress.grow_peft(config, student.config, student.params, config.seed)
+  student = student.replace(module=models.Encoder(cfg), params=params)  # (+ adapters / prefix)
   fields = cache_fields(config.losses, pairs, attention_pairs)
   os.makedirs(workdir, exist_ok=True)
   pad_id = teacher.tokenizer.pad_token_id or 0
