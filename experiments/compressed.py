@@ -313,19 +313,34 @@ def table(results: dict, columns=COLUMNS, caption: str | None = None, labels=Non
   return '\n'.join(lines)
 
 
+def overlapping_labels(points: dict, x_rel: float = 0.02, y_frac: float = 0.04) -> dict:
+  """{(x, y) of a row's point: [that row and the later rows drawn on top of it]}, from {row:
+  (x, y)}: on top means x within x_rel of it (x is drawn on a log scale) and y within y_frac of
+  the plot's y range."""
+  ys = [y for _, y in points.values()]
+  y_tol = y_frac * ((max(ys) - min(ys)) if ys else 0.0)
+  groups = {}
+  for row, (x, y) in points.items():
+    near = next((p for p in groups if abs(x - p[0]) <= x_rel * p[0] and abs(y - p[1]) <= y_tol),
+                None)
+    groups.setdefault(near or (x, y), []).append(row)
+  return groups
+
+
 def plot(results: dict, path: str, metric: str = 'perplexity',
          ylabel: str = 'held-out perplexity') -> None:
-  """`metric` (perplexity) against stored size, one point per row (mean over seeds)."""
+  """`metric` (perplexity) against stored size, one point per row (mean over seeds); rows whose
+  points fall on one another share one label ('ptq8, qat8')."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for row, runs in results.items():
-    if runs and 'stored_bytes' in runs[0]:
-      x = np.mean([r['stored_bytes'] for r in runs]) / 1024
-      y = np.mean([r[metric] for r in runs])
-      ax.scatter(x, y)
-      ax.annotate(row, (x, y), fontsize=8, xytext=(3, 3), textcoords='offset points')
+  points = {row: (np.mean([r['stored_bytes'] for r in runs]) / 1024,
+                  np.mean([r[metric] for r in runs]))
+            for row, runs in results.items() if runs and 'stored_bytes' in runs[0]}
+  for (x, y), rows in overlapping_labels(points).items():
+    ax.scatter(x, y)
+    ax.annotate(', '.join(rows), (x, y), fontsize=8, xytext=(3, 3), textcoords='offset points')
   ax.set_xscale('log')
   ax.set_xlabel('stored student (KB, log scale)')
   ax.set_ylabel(ylabel)

@@ -109,3 +109,11 @@ def test_minilm_speed_table_states_the_ratio_to_the_teacher(compressed):
   assert "| every other student (the teacher's layers 0, 3) | 130 (3.25×) | 500 (2.50×) |" in text
   assert '| prefix tuning, 16 positions (same layers) | 120 (3.00×) | 400 (2.00×) |' in text
   assert 'but the adapter and prefix rows, which add computation and have their own' in text
+
+
+def test_rows_drawn_on_one_another_share_a_label(compressed):
+  points = {'full': (65000.0, 86.51), 'qat8': (52400.0, 86.51), 'ptq8': (52410.0, 86.52),
+            'ptq4': (50100.0, 86.39), 'teacher': (88700.0, 86.72)}
+  groups = compressed.overlapping_labels(points)
+  assert list(groups.values()) == [['full'], ['qat8', 'ptq8'], ['ptq4'], ['teacher']]
+  assert list(groups) == [points['full'], points['qat8'], points['ptq4'], points['teacher']]
