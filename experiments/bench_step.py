@@ -14,8 +14,10 @@ qwix's matmuls, random values made on the device), for a teacher too big for its
 `teacher_bytes` and XLA's argument bytes show what it saves.
 --compile_only makes no parameters: it compiles the step on abstract shapes and prints XLA's
 memory analysis (argument, temp, output bytes) in seconds, so a setting can be sized before a
-GPU is spent on it. On a CPU the attention is XLA's own, not cuDNN's, so its temp bytes are not
-a GPU's; compare settings with each other there, not with a GPU's peak.
+GPU is spent on it (with --teacher_bits too: the int values and scales as shapes). On a CPU the
+attention is XLA's own, not cuDNN's, so its temp bytes are not a GPU's; compare settings with
+each other there, not with a GPU's peak. The argument bytes (teacher, student state, batch)
+follow from shapes and dtypes alone.
 """
 
 import dataclasses
@@ -108,9 +110,10 @@ def _random_params(config, seed: int):
   return fill(jax.random.key(seed, impl='rbg'))
 
 
-def _random_quantized(teacher, bits: int, group: int, seed: int):
+def _random_quantized(teacher, bits: int, group: int, seed: int, abstract: bool = False):
   """(qwix PTQ teacher, its variables) for random int values and scales of the right shapes,
-  made on the device (RTN of a random float teacher would take minutes on the host at 8B)."""
+  made on the device (RTN of a random float teacher would take minutes on the host at 8B);
+  `abstract`: the variables as shapes only (nothing made), for --compile_only."""
   qcfg = quant.QuantConfig(target=r'.*_proj|lm_head', bits=bits, group_size=group or None)
   shapes = jax.eval_shape(functools.partial(models.init_params, teacher.config),
                           jax.random.key(seed))
@@ -136,14 +139,20 @@ def _random_quantized(teacher, bits: int, group: int, seed: int):
               for k, v in rest.items()}
     return {p: v[:2] for p, v in kernels.items()}, others
 
-  arrays, others = fill(jax.random.key(seed, impl='rbg'))
+  key = jax.random.key(seed, impl='rbg')
+  arrays, others = jax.eval_shape(fill, key) if abstract else fill(key)
   groups = {p: group or quant.rtn.kernel(shapes, p).shape[0] for p in paths}
-  qparams = quant.QuantizedParams(qcfg, {
-      p: quant.QuantizedKernel(values=v, scales=sc, bits=bits, group_size=groups[p],
-                               dtype=str(quant.rtn.kernel(shapes, p).dtype))
-      for p, (v, sc) in arrays.items()}, others)
-  model = quant.ptq_model(teacher, qparams)
-  return model, quant.ptq_variables(model, qparams, jnp.zeros((1, 8), jnp.int32))
+
+  def qparams(arrays, others):
+    return quant.QuantizedParams(qcfg, {
+        p: quant.QuantizedKernel(values=v, scales=sc, bits=bits, group_size=groups[p],
+                                 dtype=str(quant.rtn.kernel(shapes, p).dtype))
+        for p, (v, sc) in arrays.items()}, others)
+
+  model = quant.ptq_model(teacher, qparams(arrays, others))  # (needs the shapes only)
+  variables = lambda a, o: quant.ptq_variables(model, qparams(a, o), jnp.zeros((1, 8), jnp.int32))
+  return model, (jax.eval_shape(variables, arrays, others) if abstract
+                 else variables(arrays, others))
 
 
 def build(chunk_size: int, fused: bool):
@@ -162,10 +171,9 @@ def build(chunk_size: int, fused: bool):
   spec = run.make_spec(c, student, teacher, dict(c.losses), 100)
   abstract = ((lambda f, *a: jax.eval_shape(functools.partial(f, *a))) if _COMPILE_ONLY.value
               else lambda f, *a: f(*a))
-  if _TBITS.value and _COMPILE_ONLY.value:
-    raise ValueError('--compile_only does not cover --teacher_bits yet; run one or the other.')
   if _TBITS.value:
-    model, teacher_params = _random_quantized(teacher, _TBITS.value, _TGROUP.value, 1)
+    model, teacher_params = _random_quantized(teacher, _TBITS.value, _TGROUP.value, 1,
+                                              abstract=_COMPILE_ONLY.value)
     spec = dataclasses.replace(spec, teacher=model)
   else:
     teacher_params = abstract(_random_params, teacher.config, 1)
