@@ -20,7 +20,10 @@ each other there, not with a GPU's peak. Nor does XLA:CPU turn remat into saved 
 8-layer jax.checkpoint'd MLP compiles with the recomputation in it, yet to the same 704 MB of
 temp as without it, and this step at 1b-160m-32k to 79 GB with remat and 78 GB without; so
 remat settings cannot be compared on a CPU at all. The argument bytes (teacher,
-student state, batch) follow from shapes and dtypes alone.
+student state, batch) follow from shapes and dtypes alone, and `residual_bytes` (every run, on
+shapes) is what autodiff keeps from the student's forward for the backward pass
+(kd.eval.speed.saved_residual_bytes): JAX's own count, the same on every backend, the memory
+remat and its policy trade for recomputation.
 """
 
 import dataclasses
@@ -38,6 +41,7 @@ from absl import flags
 
 from kd import models
 from kd import quant
+from kd.eval import speed
 from kd.train import run
 from kd.train import step as step_lib
 
@@ -194,6 +198,17 @@ def flops_per_token(tdims, sdims, seq, n_teacher, n_student):
   return 2 * n_teacher + 6 * n_student + attn(tdims, 1) + attn(sdims, 3)
 
 
+def residual_bytes(spec, state, teacher_params, batch) -> int:
+  """What autodiff of the step's objective keeps from the student's forward for its backward
+  pass (kd.eval.speed.saved_residual_bytes; the teacher's outputs, as in the step, are an
+  input): traced on shapes, so the same with --compile_only and on any backend."""
+  shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  t_out = jax.eval_shape(functools.partial(step_lib.teacher_forward, spec), teacher_params, batch)
+  return speed.saved_residual_bytes(
+      lambda p, tp, t, b: step_lib.objective(p, tp, t, b, spec), shapes(state.params),
+      shapes(teacher_params), t_out, shapes(batch))
+
+
 def _phase(name: str, t0: float):
   print(f'[bench_step] {name}: {time.perf_counter() - t0:.1f} s', file=sys.stderr, flush=True)
 
@@ -220,6 +235,8 @@ def bench(chunk_size: int, fused: bool) -> dict:
                                     for x in jax.tree.leaves(teacher_params)),
                   device=jax.devices()[0].device_kind, compile_s=round(compile_s, 1),
                   xla_temp_gb=gb('temp_size_in_bytes'), xla_args_gb=gb('argument_size_in_bytes'))
+  settings['residual_bytes'] = residual_bytes(spec, state, teacher_params, batch)
+  settings['residual_gb'] = round(settings['residual_bytes'] / 2**30, 4)
   if _COMPILE_ONLY.value:
     return dict(settings, compile_only=True, xla_output_gb=gb('output_size_in_bytes'),
                 xla_alias_gb=gb('alias_size_in_bytes'))

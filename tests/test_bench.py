@@ -85,5 +85,38 @@ def test_bench_step_compile_only_gives_the_memory_of_the_step_it_would_run(teach
   assert fused['compile_only'] and 'loss' not in fused
   assert fused['chunk_size'] == 16 and fused['fused_chunks']
   assert fused['teacher_bits'] == (4 if teacher else 0)
-  for key in ('xla_temp_gb', 'xla_args_gb', 'teacher_bytes'):
+  for key in ('xla_temp_gb', 'xla_args_gb', 'teacher_bytes', 'residual_bytes'):
     assert fused[key] == ran[key], key
+
+
+def test_saved_residual_bytes_counts_what_the_backward_pass_keeps():
+  """An MLP of 3 residual layers x + tanh(tanh(x W) W^T), x [16, 64], W [64, 32], counted by
+  hand: per layer the backward keeps tanh(x W) and 1 - tanh^2 of it ([16, 32] each), W^T
+  [32, 64], and the same two for the outer tanh ([16, 64] each); the inputs of layers 2 and 3
+  are the layer outputs [16, 64]. Under jax.checkpoint only those two inputs stay. x and W are
+  inputs, not counted; bfloat16 halves everything."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from kd.eval import speed  # pylint: disable=g-import-not-at-top
+
+  def net(ws, x, remat):
+    layer = lambda w, x: x + jnp.tanh(jnp.tanh(x @ w) @ w.T)
+    for w in ws:
+      x = (jax.checkpoint(layer) if remat else layer)(w, x)
+    return x.astype(jnp.float32).sum()
+
+  for dtype, size in ((jnp.float32, 4), (jnp.bfloat16, 2)):
+    ws = [jax.ShapeDtypeStruct((64, 32), dtype)] * 3
+    x = jax.ShapeDtypeStruct((16, 64), dtype)
+    per_layer = 2 * 16 * 32 + 32 * 64 + 2 * 16 * 64
+    assert speed.saved_residual_bytes(lambda w, x: net(w, x, False), ws, x) == size * (
+        3 * per_layer + 2 * 16 * 64)
+    assert speed.saved_residual_bytes(lambda w, x: net(w, x, True), ws, x) == size * 2 * 16 * 64
+
+
+def test_bench_step_residuals_shrink_under_remat():
+  """bench_step's residual bytes (what the step's backward keeps): remat keeps far less. (The
+  compile-only test above checks they equal a run's.)"""
+  (remat,) = _bench_step('--shape=cpu-tiny', '--compile_only', '--chunk_size=16')
+  (no_remat,) = _bench_step('--shape=cpu-tiny', '--compile_only', '--chunk_size=16', '--noremat')
+  assert no_remat['residual_bytes'] > 2 * remat['residual_bytes'] > 0

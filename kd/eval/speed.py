@@ -2,16 +2,24 @@
 
   encode_throughput(model, sentences, batch_size=64)  # sentences/s through kd.eval.sts.encode
   forward_memory(model, batch_size=64, seq_len=48)     # bytes XLA plans for one forward
+  saved_residual_bytes(loss_fn, params, *consts)       # what autodiff keeps for the backward
 
 Throughput is the best of `runs` timed passes after one untimed pass (which compiles), so it
 measures the steady state and not the compiler; it includes tokenisation and the host copy,
 like a user's `encode`. Memory is XLA's own plan for the compiled forward: the arguments
 (parameters and inputs), the outputs and the temporary buffers, the peak a device must hold.
+Saved residuals are JAX's, before any compiler: the same on every backend (XLA:CPU's temp bytes,
+by contrast, do not show what remat saves; experiments/bench_step.py).
 """
 
+import contextlib
+import io
+import math
+import re
 import time
 
 import jax
+from jax.ad_checkpoint import print_saved_residuals
 import jax.numpy as jnp
 
 from kd.eval import sts
@@ -44,3 +52,38 @@ def forward_memory(model, *, batch_size: int = 64, seq_len: int = 48) -> dict:
          'temp': int(stats.temp_size_in_bytes)}
   out['peak'] = out['argument'] + out['output'] + out['temp']
   return out
+
+
+_RESIDUAL = re.compile(r'^([a-z]+(\d*))\[([\d,]*)\] (.*)$')  # 'bf16[8,2048,768] output of ...'
+_INPUTS = ('from the argument', 'from a constant')
+
+
+def saved_residual_bytes(fn, wrt, *consts) -> int:
+  """Bytes that autodiff of fn(wrt, *consts) with respect to `wrt` keeps from the forward pass
+  for the backward (jax.ad_checkpoint's saved residuals), not counting `wrt` and `consts`
+  themselves, which exist anyway: the activation memory that remat and its policy control.
+
+  Everything may be jax.ShapeDtypeStruct: it traces, nothing runs or compiles. It is JAX's
+  residual set, before XLA schedules, fuses or frees anything; a device's peak adds the
+  arguments, the optimizer's buffers and the working set of the largest op.
+  """
+  out = io.StringIO()
+
+  def trace(w, *c):
+    with contextlib.redirect_stdout(out):
+      print_saved_residuals(lambda w_: fn(w_, *c), w)
+    return jnp.zeros(())
+
+  jax.eval_shape(trace, wrt, *consts)
+  total = 0
+  for line in out.getvalue().splitlines():
+    m = _RESIDUAL.match(line)
+    if m is None:
+      raise ValueError(f'saved_residual_bytes cannot read {line!r} from '
+                       'jax.ad_checkpoint.print_saved_residuals; its format changed.')
+    dtype, bits, dims, source = m.groups()
+    if source.startswith(_INPUTS):
+      continue
+    bits = 8 if dtype == 'bool' else int(bits)
+    total += -(-math.prod(int(d) for d in dims.split(',') if d) * bits // 8)
+  return total

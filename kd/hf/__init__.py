@@ -31,7 +31,6 @@ import safetensors.numpy
 from kd.hf import io
 from kd.hf.vocab import check_same_tokenizer, shared_vocab_rows, vocab_rows
 from kd.models.model import Model
-from kd.peft.trees import combine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +124,7 @@ def _with_peft(path: str, hf_config: dict, config, variables):
   peft_params = {}
   for name, value in safetensors.numpy.load_file(file).items():
     io.set_path(peft_params, tuple(name.split('/')), value)
-  variables = combine(peft_params, variables)
+  variables = adapters.combine(peft_params, variables)
   shapes = lambda tree: {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
   want = jax.eval_shape(lambda: adapters.init_variables(config, jax.random.key(0)))
   if shapes(want) != shapes(variables):

@@ -15,8 +15,8 @@ Train `trainable` only and pass `frozen` into the step as an argument, as with k
 Unlike LoRA, whose delta `kd.peft.lora.merge` folds into the base kernels, these add computation
 the base architecture has no slot for, so they cannot be merged: the exported student keeps the
 extended config; kd.hf.save writes the base as a transformers checkpoint and these params beside
-it (kd.hf.load reads both back). `strip` drops them again,
-giving the base tree (and the base model's behaviour) back.
+it (kd.hf.load reads both back). `strip` drops them again, giving the base tree (and the base
+model's behaviour) back.
 """
 
 from __future__ import annotations

@@ -332,6 +332,13 @@ def _objective(params, teacher_params, t_out, batch, spec, step, counts, frozen=
   return total + surrogate, terms
 
 
+def objective(params, teacher_params, t_out, batch, spec: Spec, step=0):
+  """The scalar a step differentiates with respect to `params` on one batch (normalised by its
+  own counts), given the teacher's outputs `t_out` (teacher_forward); for tools that inspect
+  the gradient's cost, e.g. kd.eval.speed.saved_residual_bytes."""
+  return _objective(params, teacher_params, t_out, batch, spec, step, None)[0]
+
+
 def _split(batch, n, strided=False):
   """[B, ...] -> [n, B/n, ...]: contiguous blocks, or with `strided` rows i, i+n, i+2n, ...
 
