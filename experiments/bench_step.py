@@ -202,11 +202,9 @@ def residual_bytes(spec, state, teacher_params, batch) -> int:
   """What autodiff of the step's objective keeps from the student's forward for its backward
   pass (kd.eval.speed.saved_residual_bytes; the teacher's outputs, as in the step, are an
   input): traced on shapes, so the same with --compile_only and on any backend."""
-  shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   t_out = jax.eval_shape(functools.partial(step_lib.teacher_forward, spec), teacher_params, batch)
-  return speed.saved_residual_bytes(
-      lambda p, tp, t, b: step_lib.objective(p, tp, t, b, spec), shapes(state.params),
-      shapes(teacher_params), t_out, shapes(batch))
+  return speed.saved_residual_bytes(lambda p, tp, t, b: step_lib.objective(p, tp, t, b, spec),
+                                    state.params, teacher_params, t_out, batch)
 
 
 def _phase(name: str, t0: float):

@@ -17,8 +17,9 @@ int8 tables.
 Columns: held-out perplexity and top-1 agreement with the teacher (mean ± std over seeds); the
 stored student's size (float32 params; quantized rows: kd.quant's file, int4 packed two per
 byte, scales in float16; QLoRA: its quantized base's file plus the float32 adapters); trained
-parameters; forward tokens/s at batch 1 and 32 (T = 128, this machine, best of 3; quantized rows run on dequantized weights here, so their speed is that of
-the float model: the size is what they save). Writes <out>/compressed.md and .png.
+parameters; forward tokens/s at batch 1 and 32 (T = 128, this machine, best of 3; quantized rows
+run on dequantized weights here, so their speed is that of the float model: the size is what
+they save). Writes <out>/compressed.md and .png.
 Smoke test: --config_arg=tiny --seeds=0 --workdir=/tmp/comp_tiny --out=/tmp/comp_tiny_out.
 
 --task=minilm: the same for the sentence encoder (configs/minilm_sts.py: all-MiniLM-L6-v2 into
@@ -68,8 +69,8 @@ from kd.data import sentences  # pylint: disable=g-import-not-at-top,wrong-impor
 from kd.eval import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.eval import speed  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.eval import sts  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kd.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import compress  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import run  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import sentence  # pylint: disable=g-import-not-at-top,wrong-import-position
 
