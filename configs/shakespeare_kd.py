@@ -95,8 +95,11 @@ def get_config(arg=None):
                                            batch_size=64))
 
   c.teacher = ml_collections.ConfigDict()
+  # Any kd.models.DecoderConfig field may be added, e.g. remat=True, or scan_layers=True (the
+  # layers as one nn.scan over stacked params: one layer compiled instead of all of them).
   c.teacher.model = ml_collections.ConfigDict(dict(
-      hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2, intermediate_size=512))
+      hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2, intermediate_size=512,
+      scan_layers=False))
   c.teacher.steps = 800
   # Where the teacher's run lives: '' = <workdir>/teacher. Runs that name the same directory
   # share one teacher (trained by the first, restored by the rest; same teacher settings, seed
@@ -121,7 +124,8 @@ def get_config(arg=None):
       grad_clip_norm=1.0))
 
   c.student = ml_collections.ConfigDict(dict(
-      hidden_size=96, num_layers=2, num_heads=3, num_kv_heads=1, intermediate_size=256))
+      hidden_size=96, num_layers=2, num_heads=3, num_kv_heads=1, intermediate_size=256,
+      scan_layers=False))
 
   # 'random', or 'teacher': start from the teacher's layers `layers` ('every_k' with stride k,
   # 'first_last', or the list `layers_list`), weights cut to the student's widths.

@@ -80,6 +80,9 @@ _FUSED = flags.DEFINE_bool('fused_chunks', True,
 _DTYPE = flags.DEFINE_string('dtype', 'bfloat16', 'Compute dtype.')
 _REMAT = flags.DEFINE_bool('remat', True, 'jax.checkpoint each block.')
 _POLICY = flags.DEFINE_string('remat_policy', 'nothing', 'kd.models.decoder.REMAT_POLICIES key.')
+_SCAN = flags.DEFINE_bool('scan_layers', False,
+                          'Layers as one nn.scan (one layer compiled): the student, and the '
+                          'teacher unless --teacher_bits (qwix quantizes per-layer kernels).')
 _ATTN = flags.DEFINE_string('attention_impl', None, "None (JAX picks), 'xla' or 'cudnn'.")
 _SPD = flags.DEFINE_string('student_param_dtype', 'float32',
                            'Student master weights (and so optimizer state) dtype.')
@@ -166,8 +169,10 @@ def build(chunk_size: int, fused: bool):
   tdims, sdims, batch, seq = SHAPES[_SHAPE.value]
   common = dict(max_seq_len=seq, dtype=_DTYPE.value, remat=_REMAT.value,
                 remat_policy=_POLICY.value, attention_impl=_ATTN.value)
-  teacher = models.Decoder(models.DecoderConfig(**tdims, **common, param_dtype=_DTYPE.value))
-  student = models.Decoder(models.DecoderConfig(**sdims, **common, param_dtype=_SPD.value))
+  teacher = models.Decoder(models.DecoderConfig(
+      **tdims, **common, param_dtype=_DTYPE.value, scan_layers=_SCAN.value and not _TBITS.value))
+  student = models.Decoder(models.DecoderConfig(**sdims, **common, param_dtype=_SPD.value,
+                                                scan_layers=_SCAN.value))
   c = ml_collections.ConfigDict(dict(
       losses={'ce': 0.5, 'kl': 0.5}, loss_kwargs={}, temperature=2.0, chunk_size=chunk_size,
       fused_chunks=fused, closed_form={'auto': None, 'true': True, 'false': False}[_CLOSED.value],
@@ -227,7 +232,8 @@ def bench(chunk_size: int, fused: bool) -> dict:
   settings = dict(peer='kd-jax', shape=_SHAPE.value, chunk_size=chunk_size,
                   fused_chunks=bool(chunk_size and fused), closed_form=_CLOSED.value,
                   remat=_REMAT.value,
-                  remat_policy=_POLICY.value, attention_impl=_ATTN.value,
+                  remat_policy=_POLICY.value, scan_layers=_SCAN.value,
+                  attention_impl=_ATTN.value,
                   student_param_dtype=_SPD.value, mu_dtype=_MU.value, teacher_bits=_TBITS.value,
                   teacher_bytes=sum(x.size * x.dtype.itemsize
                                     for x in jax.tree.leaves(teacher_params)),

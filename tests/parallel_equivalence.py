@@ -157,10 +157,37 @@ def main():
       resumed = jax.device_get(plan.unreplicate(state).params)
       out['pmap/fit_resumed'] = dict(same=all(
           np.array_equal(a, b) for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(params))))
+  out['scan'] = scan_run(student, teacher, teacher_params, state0, batches, ref)
   out['generate'] = generation(student, state0.params['student'])
   out['lora'] = lora_runs(student, teacher, teacher_params, batches)
   out['quantized_teacher'] = quantized_teacher_runs(student, teacher, teacher_params, batches)
   json.dump(out, sys.stdout)
+
+
+def scan_run(student, teacher, teacher_params, state0, batches, ref):
+  """Student and teacher with scan_layers (params stacked from the same values) on the 2x2x2
+  mesh with accum 2 and chunked logits: losses, params' deviation (unstacked) from the
+  one-device reference, and the shardings of a stacked kernel."""
+  scanned = lambda m: type(m)(dataclasses.replace(m.config, scan_layers=True, remat=True))
+  s_student, s_teacher = scanned(student), scanned(teacher)
+  spec = run.make_spec(_config(2, 6), s_student, s_teacher, LOSSES, 10)
+  params = dict(state0.params, student=models.stack_layers(state0.params['student']))
+  state = step_lib.create_state(params, spec.tx, 0)  # (SGD momentum starts at 0, as in state0)
+  plan = parallel.MeshPlan(parallel.make_mesh(2, 2, 2), ('data', 'fsdp'))
+  state = plan.place_state(jax.device_get(state))
+  tp = plan.place_teacher(models.stack_layers(teacher_params))
+  fn = plan.train_step(spec, state)
+  losses = []
+  for b in batches:
+    state, m = fn(state, tp, b)
+    losses.append(float(m['loss']))
+  got = jax.device_get(state.params)
+  got = dict(got, student=models.unstack_layers(got['student']))
+  kernel = lambda tree: tree['params']['layers']['attn']['q_proj']['kernel']
+  return dict(losses=losses, param_abs=max(float(np.max(np.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(got), jax.tree.leaves(ref))),
+              student_q=str(kernel(state.params['student']).sharding.spec),
+              teacher_q=str(kernel(tp).sharding.spec))
 
 
 def lora_runs(student, teacher, teacher_params, batches):

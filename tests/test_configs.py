@@ -91,6 +91,24 @@ def test_layer_map_out_of_range_is_refused():
     config_check.check_models(config, student, teacher)
 
 
+@pytest.mark.parametrize('edit, message', [
+    (lambda c: c.peft.update(method='lora'), "peft.method='lora' needs per-layer params"),
+    (lambda c: c.peft.update(method='adapter', size=4), "'adapter' needs per-layer params"),
+    (lambda c: c.quant.update(method='qat'), "quant.method='qat' quantizes per-layer kernels"),
+    (lambda c: c.teacher.quant.update(bits=8), 'teacher.model.scan_layers=False'),
+])
+def test_scanned_layers_refuse_per_layer_compression(edit, message):
+  config = _tiny()
+  config.student.scan_layers = True
+  config.teacher.model.scan_layers = True
+  teacher = run.build_model(config.teacher.model, 300)
+  student = run.build_model(config.student, 300)
+  config_check.check_models(config, student, teacher)  # plain KD with scanned layers is fine
+  edit(config)
+  with pytest.raises(ValueError, match=message):
+    config_check.check_models(config, student, teacher)
+
+
 def test_attention_maps_need_equal_head_counts():
   config = _tiny()
   config.losses.update({'attention_kl': 0.1})

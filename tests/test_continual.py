@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from kd import data as data_lib
+from kd import models
 from kd.data import dialogue
 from kd.train import run
 
@@ -35,6 +36,11 @@ def test_a_phase_trains_on_its_shard_and_the_next_starts_from_its_student(shakes
   config.student_init.update(source='run', path=str(tmp_path / 'phase_0'))
   init = run.student_init(config, student, None, None)
   jax.tree.map(np.testing.assert_array_equal, init, params)
+  # A next phase with scanned layers takes the same params, stacked.
+  config.student.scan_layers = True
+  scanned = run.build_model(config.student, data.vocab_size)
+  init = run.student_init(config, scanned, None, None)
+  jax.tree.map(np.testing.assert_array_equal, init, models.stack_layers(params))
 
 
 def test_the_teacher_and_tokenizer_never_see_the_held_out_text(shakespeare_config, tmp_path,

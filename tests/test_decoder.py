@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kd import models
 from kd.models import Decoder, DecoderConfig, count_params, head_fn, init_params
+from kd.models import cache as kv_cache
 
 TINY = dict(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
             intermediate_size=96, rope_theta=10000.0, rms_norm_eps=1e-6, max_seq_len=64)
@@ -274,6 +276,49 @@ def test_remat_same_outputs_and_grads():
                          g0, g1)
 
 
+@pytest.mark.parametrize('remat', [False, True])
+def test_scan_layers_same_outputs_grads_and_cache(remat):
+  """scan_layers: one nn.scan over stacked params equals the unrolled layers, on a model with
+  mixed sliding/full layers (the mask picked per layer inside the scan) and padding."""
+  config = _config(num_layers=3, sliding_window=3, remat=remat,
+                   layer_types=('full_attention', 'sliding_attention', 'full_attention'))
+  scanned = dataclasses.replace(config, scan_layers=True)
+  variables = _random_params(config)
+  stacked = models.stack_layers(variables)
+  shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+  assert shapes(stacked) == shapes(jax.eval_shape(functools.partial(init_params, scanned),
+                                                  jax.random.key(0)))
+  assert stacked['params']['layers']['mlp']['up_proj']['kernel'].shape == (3, 64, 96)
+  jax.tree.map(np.testing.assert_array_equal, models.unstack_layers(stacked), variables)
+  assert shapes(models.stack_layers(stacked)) == shapes(stacked)  # already stacked: unchanged
+
+  ids = _ids(3)
+  for kwargs in ({}, {'attention_mask': RIGHT_PAD}):
+    a = _run(config, variables, ids, explicit=True, output_qkv=True, **kwargs)
+    b = _run(scanned, stacked, ids, explicit=True, output_qkv=True, **kwargs)
+    assert len(b['hidden_states']) == 4 and len(b['attentions']) == len(b['qkv']) == 3
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=2e-6, rtol=1e-5), b, a)
+
+  def loss(cfg, params):
+    out = Decoder(cfg).apply(params, ids, attention_mask=RIGHT_PAD, output_hidden_states=True)
+    return jnp.mean(jax.nn.logsumexp(out['logits'], -1)) + jnp.mean(out['hidden_states'][2] ** 2)
+
+  g0 = models.stack_layers(jax.jit(jax.grad(functools.partial(loss, config)))(variables))
+  g1 = jax.jit(jax.grad(functools.partial(loss, scanned)))(stacked)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6, rtol=1e-5), g1, g0)
+
+  # Incremental decoding with a stacked cache: the same logits as one full forward.
+  cache = kv_cache.init_cache(scanned, B, T)
+  assert cache['layers']['k'].shape == (3, B, T, 2, 16)
+  out = Decoder(scanned).apply(stacked, ids[:, :5], cache=cache)
+  steps = [out['logits']]
+  for i in range(5, T):
+    out = Decoder(scanned).apply(stacked, ids[:, i:i + 1], cache=out['cache'])
+    steps.append(out['logits'])
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), _run(config, variables, ids)['logits'],
+                             atol=2e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize('explicit', [False, True])
 def test_bfloat16_compute_close_to_float32(explicit):
   config = _config()
@@ -300,7 +345,6 @@ def test_bfloat16_compute_close_to_float32(explicit):
     (dict(param_dtype='fp32'), 'param_dtype'),
     (dict(rms_norm_eps=0.0), 'rms_norm_eps'),
     (dict(rope_theta=-1.0), 'rope_theta'),
-    (dict(scan_layers=True), 'scan_layers=True is not implemented'),
     (dict(norm='batch'), "norm='batch' is not supported"),
     (dict(mlp_activation='gelu_new'), 'mlp_activation'),
     (dict(positions='alibi'), 'positions'),

@@ -343,6 +343,45 @@ def test_student_from_teacher_equals_teacher_without_layers(name, layers, keep, 
   _assert_same_forward(student, ref, _ids())
 
 
+def test_scanned_layers_load_cut_and_export(tmp_root):
+  """scan_layers=True (stacked params, one nn.scan) on a model with mixed sliding and full
+  layers: the same forward as transformers, a student cut from it equals transformers' model
+  without those layers, and the export is the checkpoint transformers reads."""
+  path = os.path.join(tmp_root, 'qwen2_sliding_scan')
+  _hf_model('qwen2_sliding', num_hidden_layers=4, max_window_layers=2).save_pretrained(path)
+  reference = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation='eager')
+  teacher = hf.load(path, scan_layers=True)
+  assert teacher.config.scan_layers and 'layers_0' not in teacher.params['params']
+  assert teacher.params['params']['layers']['attn']['q_proj']['kernel'].shape == (4, 64, 64)
+  _assert_same_forward(teacher, _torch_forward(reference, _ids()), _ids())
+
+  student = init_from.student_from_teacher(teacher, [1, 3])
+  assert student.config.scan_layers and student.config.layer_types == (
+      'full_attention', 'sliding_attention')
+  _assert_same_forward(student, _torch_forward(_hf_without_layers(reference, [1, 3]), _ids()),
+                       _ids())
+  unrolled = init_from.student_from_teacher(teacher, [1, 3], scan_layers=False)
+  assert not unrolled.config.scan_layers and 'layers_1' in unrolled.params['params']
+
+  out_dir = os.path.join(tmp_root, 'qwen2_sliding_scan_export')
+  hf.save(teacher, out_dir)
+  again = transformers.AutoModelForCausalLM.from_pretrained(out_dir, attn_implementation='eager')
+  ref_sd = reference.state_dict()
+  for key, value in again.state_dict().items():
+    np.testing.assert_array_equal(value.numpy(), ref_sd[key].numpy(), err_msg=key)
+  with pytest.raises(ValueError, match='decoder option'):
+    hf.load(_bert_checkpoint(tmp_root), scan_layers=True)
+
+
+def _bert_checkpoint(tmp_root):
+  path = os.path.join(tmp_root, 'bert_tiny')
+  if not os.path.exists(path):
+    config = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=48)
+    transformers.BertModel(config).save_pretrained(path)
+  return path
+
+
 def test_student_layer_choices_and_narrowing(tmp_root):
   assert init_from.select_layers(12, 'every_k', 2) == [0, 2, 4, 6, 8, 10]
   assert init_from.select_layers(12, 'every_k', 3) == [0, 3, 6, 9]

@@ -73,6 +73,20 @@ def test_tensor_rules_split_heads_mlp_hidden_and_vocab_by_name():
   assert parallel.partition_spec(mu, (16, 32), tensor=2, fsdp=2) == P('fsdp', 'tensor')
 
 
+def test_stacked_layers_keep_their_layer_axis_whole():
+  """A scanned decoder's leaves ([L, ...] under `layers`) get the per-layer rule on the rest."""
+  spec = lambda owner, shape: parallel.partition_spec(
+      _key('layers', 'attn', owner, 'kernel'), shape, tensor=2, fsdp=2)
+  assert spec('q_proj', (4, 16, 32)) == P(None, 'fsdp', 'tensor')
+  assert spec('o_proj', (4, 32, 16)) == P(None, 'tensor', 'fsdp')
+  assert parallel.partition_spec(_key('layers', 'input_norm', 'scale'), (4, 16),
+                                 fsdp=4) == P(None, None)  # stacked vectors stay whole
+  mu = (jax.tree_util.GetAttrKey('mu'),) + _key('student', 'layers', 'mlp', 'down_proj', 'kernel')
+  assert parallel.partition_spec(mu, (4, 64, 16), tensor=2, fsdp=2) == P(None, 'tensor', 'fsdp')
+  # A tuple of per-layer entries (an unstacked KV cache) is not a layer axis.
+  assert parallel.partition_spec(_key('layers', '0', 'k'), (4, 16), fsdp=4) == P(None, 'fsdp')
+
+
 def test_data_parallel_size_follows_the_mode():
   assert parallel.data_parallel_size(None, devices=8) == 1
   assert parallel.data_parallel_size({'mode': 'single'}, devices=8) == 1
@@ -130,6 +144,7 @@ def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
   ref = runs.pop('single/accum2')
   shardings, init = runs.pop('shardings'), runs.pop('init')
   gen, lora, qteacher = runs.pop('generate'), runs.pop('lora'), runs.pop('quantized_teacher')
+  scan = runs.pop('scan')
   # Stopped and resumed through loop.fit (unreplicated checkpoint, replicated on restore).
   assert runs.pop('pmap/fit_resumed')['same']
   assert set(runs) == {'pmap/accum1', 'pmap/accum2', 'mesh2x2x2/accum2', 'mesh8x1x1/accum1'}
@@ -154,6 +169,13 @@ def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
   assert teacher['params/layers_1/attn/q_proj/kernel'] == ["P(('data', 'fsdp'), 'tensor')", False]
   assert teacher['params/embed/embedding'] == ["P(None, ('data', 'fsdp'))", False]
   assert init['same_shardings'] and init['err'] < 1e-6, init  # init sharded at birth
+
+  # Scanned layers (params stacked, one [L, ...] leaf per weight): the same trajectory on the
+  # mesh, the layer axis whole and the rest split by the same rules.
+  np.testing.assert_allclose(scan['losses'], ref['losses'], rtol=1e-5)
+  assert scan['param_abs'] < 1e-5, scan['param_abs']
+  assert scan['student_q'] == "P(None, 'fsdp', 'tensor')", scan
+  assert scan['teacher_q'] == "P(None, ('data', 'fsdp'), 'tensor')", scan
 
   # Generation: each device decodes its rows. The mesh samples equal one device's (the same key
   # gives the same random bits however the batch is split); pmap samples device i's rows with

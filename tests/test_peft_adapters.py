@@ -389,7 +389,6 @@ def test_round_trip_of_the_new_config_fields():
     (dict(prompt_len=1.5), 'prompt_len must be an int >= 0'),
     (dict(adapter_size=True), 'adapter_size must be an int >= 0'),
     (dict(prompt_len=16), 'prompt_len=16 leaves no room'),
-    (dict(prefix_len=2, scan_layers=True), 'scan_layers=True is not implemented'),
 ])
 def test_bad_configs_say_what_to_do(overrides, message):
   with pytest.raises(ValueError, match=message):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from kd import models
 from kd.hf import io
 from kd.hf.vocab import check_same_tokenizer, shared_vocab_rows, vocab_rows
 from kd.models.model import Model
@@ -134,9 +135,10 @@ def _with_peft(path: str, hf_config: dict, config, variables):
   return config, variables
 
 
-def load(path: str, dtype=None, *, tokenizer: bool = True) -> Model:
+def load(path: str, dtype=None, *, tokenizer: bool = True, scan_layers: bool = False) -> Model:
   """Reads config.json + safetensors in `path` into a `Model` (float32 params by default), with
-  the PEFT params of kd_peft.safetensors when `save` wrote them."""
+  the PEFT params of kd_peft.safetensors when `save` wrote them. `scan_layers`: a decoder with
+  DecoderConfig.scan_layers and its params stacked (kd.models.stack_layers)."""
   hf_config = read_config(path)
   family = family_for(hf_config)
   config = family.config_from_hf(hf_config)
@@ -147,6 +149,12 @@ def load(path: str, dtype=None, *, tokenizer: bool = True) -> Model:
   config, variables = _with_peft(path, hf_config, config, variables)
   param_dtype = jnp.dtype(getattr(config, 'param_dtype', 'float32'))
   variables = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), variables)
+  if scan_layers:
+    if not hasattr(config, 'scan_layers'):
+      raise ValueError(f'scan_layers=True is a decoder option; {path} holds a '
+                       f'{type(config).__name__}. Load it with scan_layers=False.')
+    config = dataclasses.replace(config, scan_layers=True)
+    variables = models.stack_layers(variables)
   return Model(module=family.module(config), params=variables,
                tokenizer=load_tokenizer(path) if tokenizer else None, source=path)
 
@@ -155,7 +163,10 @@ def save(model: Model, path: str) -> None:
   """Writes config.json + model.safetensors (+ the tokenizer when known) for from_pretrained;
   a PEFT model's adapter / prefix / prompt params go to kd_peft.safetensors (module docstring)."""
   family = FAMILIES[model_type_of(model.config)]
-  config, params, fields, peft_tensors = split_peft(model.config, jax.device_get(model.params))
+  config, params = model.config, jax.device_get(model.params)
+  if getattr(config, 'scan_layers', False):  # checkpoints name each layer
+    config, params = dataclasses.replace(config, scan_layers=False), models.unstack_layers(params)
+  config, params, fields, peft_tensors = split_peft(config, params)
   os.makedirs(path, exist_ok=True)
   tensors = family.params_to_hf(params, config)
   io.write_tensors(tensors, path)

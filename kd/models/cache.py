@@ -5,6 +5,7 @@ A cache is a plain pytree, so it can be a `lax.while_loop` carry and be donated:
   {'index': int32 scalar,        # the slot the next token is written to (shared by the batch)
    'mask': bool [B, S],          # which slots hold real tokens (left padding stays False)
    'layers': ({'k': [B, S, K, H], 'v': [B, S, K, H]}, ...)}  # post-RoPE keys, values
+  # (with config.scan_layers one dict {'k': [L, B, S, K, H], 'v': ...}, scanned with the layers)
 
 Every row writes to the same slot, so batched prompts must be left-padded to one length. Keys of
 sliding-window layers are kept in full and masked by slot distance, exactly as transformers
@@ -25,10 +26,14 @@ def init_cache(config, batch: int, max_len: int, dtype=None) -> dict[str, Any]:
   dtype = jnp.dtype(dtype or config.dtype)
   max_len += getattr(config, 'prompt_len', 0)
   shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-  return {'index': jnp.zeros((), jnp.int32),
-          'mask': jnp.zeros((batch, max_len), bool),
-          'layers': tuple({'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
-                          for _ in range(config.num_layers))}
+  if getattr(config, 'scan_layers', False):  # one stacked entry, scanned with the layers
+    shape = (config.num_layers,) + shape
+    layers = {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+  else:
+    layers = tuple({'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+                   for _ in range(config.num_layers))
+  return {'index': jnp.zeros((), jnp.int32), 'mask': jnp.zeros((batch, max_len), bool),
+          'layers': layers}
 
 
 def write(buffer_BxSx___, new_BxTx___, index):

@@ -12,7 +12,9 @@ transformers config.json. Pure functional: parameters live outside the module, s
   logits_BxTxV = out['logits']
 
 Parameter names follow the layer roles (`layers_{i}/attn/q_proj/kernel`, ...) so a Hugging Face
-checkpoint maps onto them by renaming and transposing linear weights. Softmax, norms and RoPE are
+checkpoint maps onto them by renaming and transposing linear weights. With scan_layers=True the
+layers run as one `nn.scan` and their params are stacked under `layers/...` with a leading layer
+axis (`stack_layers` / `unstack_layers` convert; kd.hf does it on load and save). Softmax, norms and RoPE are
 always computed in float32 whatever the compute dtype. Pass `cache=` (kd.models.cache) to decode
 incrementally.
 
@@ -89,7 +91,11 @@ class DecoderConfig:
   # NVIDIA GPUs; fails at compile time where cuDNN cannot run it), or None: cuDNN where it is
   # known to apply (GPU, bf16/fp16, causal without a padding or segment mask), else XLA.
   attention_impl: str | None = None
-  scan_layers: bool = False  # Reserved; not implemented yet.
+  # The layers as one nn.scan: params stored stacked under `layers` (each leaf [num_layers,
+  # ...]; stack_layers / unstack_layers convert), one layer compiled instead of num_layers, and
+  # a stacked KV cache (kd.models.cache.init_cache). Mixed layer_types select their mask per
+  # layer inside the scan (so those models use XLA attention, not cuDNN).
+  scan_layers: bool = False
   # Family switches; the defaults are Llama.
   model_type: str = 'llama'  # The transformers family kd.hf.save exports to.
   norm: str = 'rms'  # 'rms' or 'layer' (LayerNorm with bias, GPT-2).
@@ -181,9 +187,6 @@ class DecoderConfig:
         raise ValueError(
             f'DecoderConfig.{name}={getattr(self, name)!r} is not supported; '
             f'use one of {sorted(DTYPES)}.')
-    if self.scan_layers:
-      raise ValueError('scan_layers=True is not implemented yet; set scan_layers=False '
-                       '(remat=True still saves activation memory).')
     for name, allowed in (('norm', NORMS), ('positions', POSITIONS),
                           ('mlp_activation', tuple(ACTIVATIONS)),
                           ('remat_policy', tuple(REMAT_POLICIES)),
@@ -553,6 +556,23 @@ class MLP(nn.Module):
     return dense(c.hidden_size, 'down_proj')(hidden_BxTxF)
 
 
+def _block(c: DecoderConfig, h_BxTxD, cos_BxTxH, sin_BxTxH, mask, want_probs: bool,
+           want_qkv: bool, causal: bool, kv, cache_index):
+  """One block's computation; called inside a compact method, whose module owns the params
+  (`Block`, one layer, or `ScanBlock`, the body of the scanned stack)."""
+  attn_BxTxD, probs, qkv, new_kv = Attention(c, name='attn')(
+      _norm(c, 'input_norm')(h_BxTxD), cos_BxTxH, sin_BxTxH, mask, want_probs, want_qkv,
+      causal, kv, cache_index)
+  if c.adapter_size:
+    attn_BxTxD = Adapter(c, name='attn_adapter')(attn_BxTxD)
+  h_BxTxD = h_BxTxD + attn_BxTxD
+  mlp_BxTxD = MLP(c, name='mlp')(_norm(c, 'post_attn_norm')(h_BxTxD))
+  if c.adapter_size:
+    mlp_BxTxD = Adapter(c, name='mlp_adapter')(mlp_BxTxD)
+  h_BxTxD = h_BxTxD + mlp_BxTxD
+  return h_BxTxD, probs, qkv, new_kv
+
+
 class Block(nn.Module):
   """Pre-norm residual block: h + attn(norm(h)), then h + mlp(norm(h)).
 
@@ -564,18 +584,56 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, h_BxTxD, cos_BxTxH, sin_BxTxH, mask, want_probs: bool, want_qkv: bool,
                causal: bool = True, kv=None, cache_index=None):
-    c = self.config
-    attn_BxTxD, probs, qkv, new_kv = Attention(c, name='attn')(
-        _norm(c, 'input_norm')(h_BxTxD), cos_BxTxH, sin_BxTxH, mask, want_probs, want_qkv,
-        causal, kv, cache_index)
-    if c.adapter_size:
-      attn_BxTxD = Adapter(c, name='attn_adapter')(attn_BxTxD)
-    h_BxTxD = h_BxTxD + attn_BxTxD
-    mlp_BxTxD = MLP(c, name='mlp')(_norm(c, 'post_attn_norm')(h_BxTxD))
-    if c.adapter_size:
-      mlp_BxTxD = Adapter(c, name='mlp_adapter')(mlp_BxTxD)
-    h_BxTxD = h_BxTxD + mlp_BxTxD
-    return h_BxTxD, probs, qkv, new_kv
+    return _block(self.config, h_BxTxD, cos_BxTxH, sin_BxTxH, mask, want_probs, want_qkv,
+                  causal, kv, cache_index)
+
+
+class ScanBlock(nn.Module):
+  """The body of `nn.scan` over the layers (config.scan_layers): one block, carry h.
+
+  `xs` is this layer's (cache entry or None, is-sliding flag or None); `masks` is the one mask
+  every layer uses, or (full, sliding) for mixed layer types, picked by the flag. Returns the
+  new h and (h if want_hidden, probs, qkv, new cache entry), stacked by the scan.
+  """
+
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, h_BxTxD, xs, cos_BxTxH, sin_BxTxH, masks, cache_index, want_probs: bool,
+               want_qkv: bool, want_hidden: bool, causal: bool):
+    kv, sliding = xs
+    mask = masks if sliding is None else jnp.where(sliding, masks[1], masks[0])
+    h_BxTxD, probs, qkv, new_kv = _block(self.config, h_BxTxD, cos_BxTxH, sin_BxTxH, mask,
+                                         want_probs, want_qkv, causal, kv, cache_index)
+    return h_BxTxD, (h_BxTxD if want_hidden else None, probs, qkv, new_kv)
+
+
+def stack_layers(variables: dict[str, Any]) -> dict[str, Any]:
+  """Per-layer variables (`layers_0`, `layers_1`, ...) -> one `layers` subtree whose leaves
+  have a leading layer axis: the layout of a config with scan_layers=True. Other entries and
+  collections pass through; a tree that is already stacked is returned as it is."""
+  def stack(tree):
+    n = sum(1 for k in tree if k.startswith('layers_'))
+    if not n:
+      return tree
+    out = {k: v for k, v in tree.items() if not k.startswith('layers_')}
+    out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[f'layers_{i}']
+                                                               for i in range(n)])
+    return out
+  return {col: stack(tree) for col, tree in variables.items()}
+
+
+def unstack_layers(variables: dict[str, Any]) -> dict[str, Any]:
+  """The inverse of `stack_layers`: a stacked `layers` subtree -> `layers_0`, `layers_1`, ..."""
+  def unstack(tree):
+    if 'layers' not in tree:
+      return tree
+    n = jax.tree.leaves(tree['layers'])[0].shape[0]
+    out = {k: v for k, v in tree.items() if k != 'layers'}
+    out.update({f'layers_{i}': jax.tree.map(lambda x, i=i: x[i], tree['layers'])
+                for i in range(n)})
+    return out
+  return {col: unstack(tree) for col, tree in variables.items()}
 
 
 class Decoder(nn.Module):
@@ -591,10 +649,17 @@ class Decoder(nn.Module):
     if c.positions == 'learned':
       self.pos_embed = nn.Embed(c.max_seq_len, c.hidden_size, dtype=dtype,
                                 param_dtype=param_dtype, embedding_init=_INIT)
-    # self (0), h, cos, sin, mask are traced; want_probs, want_qkv, causal (5, 6, 7) are static.
-    block = (nn.remat(Block, static_argnums=(5, 6, 7), policy=REMAT_POLICIES[c.remat_policy])
-             if c.remat else Block)
-    self.layers = [block(c) for _ in range(c.num_layers)]  # Named layers_0, layers_1, ...
+    policy = REMAT_POLICIES[c.remat_policy]
+    if c.scan_layers:  # one `layers` subtree, each leaf [num_layers, ...]
+      # self (0), h, xs, cos, sin, masks, cache_index are traced; the flags (7-10) are static.
+      body = (nn.remat(ScanBlock, static_argnums=(7, 8, 9, 10), policy=policy,
+                       prevent_cse=False) if c.remat else ScanBlock)
+      self.layers = nn.scan(body, variable_axes={'params': 0}, split_rngs={'params': True},
+                            in_axes=(0,) + (nn.broadcast,) * 8, length=c.num_layers)(c)
+    else:
+      # self (0), h, cos, sin, mask are traced; want_probs, want_qkv, causal (5-7) are static.
+      block = (nn.remat(Block, static_argnums=(5, 6, 7), policy=policy) if c.remat else Block)
+      self.layers = [block(c) for _ in range(c.num_layers)]  # Named layers_0, layers_1, ...
     self.final_norm = _norm(c, None)
     if c.prompt_len:
       self.prompt = self.param('prompt', _INIT, (c.prompt_len, c.hidden_size), param_dtype)
@@ -691,14 +756,24 @@ class Decoder(nn.Module):
       cos_BxTxH, sin_BxTxH = rope_cos_sin(positions, c)
 
     hidden_states, attentions, qkvs, new_kvs = [h_BxTxD], [], [], []
-    for i, layer in enumerate(self.layers):
-      kv = None if cache is None else cache['layers'][i]
-      h_BxTxD, probs, qkv, new_kv = layer(h_BxTxD, cos_BxTxH, sin_BxTxH, masks[c.layer_type(i)],
-                                          output_attentions, output_qkv, causal, kv, cache_index)
-      hidden_states.append(h_BxTxD)
-      attentions.append(probs)
-      qkvs.append(qkv)
-      new_kvs.append(new_kv)
+    if c.scan_layers:
+      h_BxTxD, (hs, probs, qkv, new_kvs) = self._scan(
+          h_BxTxD, cos_BxTxH, sin_BxTxH, masks, causal, cache, cache_index,
+          output_attentions, output_qkv, output_hidden_states)
+      for i in range(c.num_layers):  # (the stacked cache stays stacked)
+        hidden_states.append(hs[i] if output_hidden_states else None)
+        attentions.append(None if probs is None else probs[i])
+        qkvs.append(None if qkv is None else {name: x[i] for name, x in qkv.items()})
+    else:
+      for i, layer in enumerate(self.layers):
+        kv = None if cache is None else cache['layers'][i]
+        h_BxTxD, probs, qkv, new_kv = layer(h_BxTxD, cos_BxTxH, sin_BxTxH,
+                                            masks[c.layer_type(i)], output_attentions,
+                                            output_qkv, causal, kv, cache_index)
+        hidden_states.append(h_BxTxD)
+        attentions.append(probs)
+        qkvs.append(qkv)
+        new_kvs.append(new_kv)
 
     out = {'hidden': self.final_norm(h_BxTxD[:, lead:])}
     if not return_hidden_only:
@@ -712,8 +787,27 @@ class Decoder(nn.Module):
       out['qkv'] = tuple({name: x[:, lead:] for name, x in qkv.items()} for qkv in qkvs)
     if cache is not None:
       out['cache'] = {'index': cache_index + t + lead, 'mask': key_mask,
-                      'layers': tuple(new_kvs)}
+                      'layers': new_kvs if c.scan_layers else tuple(new_kvs)}
     return out
+
+  def _scan(self, h_BxTxD, cos_BxTxH, sin_BxTxH, masks, causal, cache, cache_index,
+            want_probs, want_qkv, want_hidden):
+    """The layers as one lax.scan (config.scan_layers): one layer is traced and compiled."""
+    c = self.config
+    types = [c.layer_type(i) for i in range(c.num_layers)]
+    if len(set(types)) == 1:
+      sliding_L, layer_masks = None, masks[types[0]]
+    else:  # both masks, picked per layer by a scanned flag; causality made explicit
+      full = masks['full_attention']
+      if causal:
+        tq = h_BxTxD.shape[1]
+        tril = jnp.tril(jnp.ones((tq, tq), bool))[None, None]
+        full = tril if full is None else full & tril
+      sliding_L = jnp.asarray([k == 'sliding_attention' for k in types])
+      layer_masks = (full, masks['sliding_attention'])
+    kv = None if cache is None else cache['layers']
+    return self.layers(h_BxTxD, (kv, sliding_L), cos_BxTxH, sin_BxTxH, layer_masks, cache_index,
+                       want_probs, want_qkv, want_hidden, causal)
 
   def _cache_inputs(self, cache, t, segment_ids, positions, attention_mask):
     c = self.config

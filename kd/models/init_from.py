@@ -1,7 +1,8 @@
 """Student initialisation from a teacher: keep some of its layers (DistilBERT), optionally narrower.
 
 Works on any kd `Model` whose config is a dataclass with `num_layers` (and `hidden_size`) and
-whose params hold one subtree per layer named `layers_{i}`: the decoder and the BERT encoder.
+whose params hold one subtree per layer named `layers_{i}`: the decoder and the BERT encoder
+(a decoder with scan_layers is unstacked, cut and stacked again).
 
   student = student_from_teacher(teacher, layers='every_k', k=2)
   student = student_from_teacher(teacher, layers=[0, 5, 11], hidden_size=256)
@@ -21,6 +22,8 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from kd.models import decoder
 
 _LAYER = re.compile(r'layers_(\d+)$')
 
@@ -78,8 +81,12 @@ def student_from_teacher(model, layers: str | Sequence[int] = 'every_k', *, k: i
     hidden_size: a smaller residual width; every weight is cut to its leading slice.
     **overrides: other config fields, e.g. intermediate_size=512 or num_heads=4; those that change
       shapes are cut the same way. Fields that add or remove parameters are refused.
+      scan_layers (a decoder's) gives the student that layout, whatever the teacher's.
   """
-  config = model.config
+  config, params = model.config, model.params
+  scan = overrides.pop('scan_layers', getattr(config, 'scan_layers', False))
+  if getattr(config, 'scan_layers', False):  # select and cut per layer; stacked again below
+    config, params = dataclasses.replace(config, scan_layers=False), decoder.unstack_layers(params)
   keep = select_layers(config.num_layers, layers, k)
   changes = dict(overrides, num_layers=len(keep))
   if getattr(config, 'layer_types', None) is not None and 'layer_types' not in overrides:
@@ -91,7 +98,7 @@ def student_from_teacher(model, layers: str | Sequence[int] = 'every_k', *, k: i
       changes['head_dim'] = config.head_dim
   new_config = dataclasses.replace(config, **changes)
   module = type(model.module)(new_config)
-  variables = {col: _keep_layers(tree, keep) for col, tree in model.params.items()}
+  variables = {col: _keep_layers(tree, keep) for col, tree in params.items()}
 
   if set(changes) - {'num_layers', 'layer_types'}:  # shapes may change: cut to the student's
     target = _init_shapes(module)
@@ -100,4 +107,7 @@ def student_from_teacher(model, layers: str | Sequence[int] = 'every_k', *, k: i
                        'student_from_teacher only selects layers and narrows weights.')
     variables = jax.tree_util.tree_map_with_path(
         lambda path, x, t: _truncate(jax.tree_util.keystr(path), x, t), variables, target)
+  if scan:
+    new_config = dataclasses.replace(new_config, scan_layers=True)
+    module, variables = type(model.module)(new_config), decoder.stack_layers(variables)
   return model.replace(module=module, params=variables, source=None)

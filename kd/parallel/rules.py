@@ -10,6 +10,8 @@ state:
   fsdp    every leaf of >= 2 dims splits its largest remaining axis that the FSDP size divides
           (the first such axis on ties). Vectors and scalars (norm scales, step, counts, RNG)
           are replicated: they are small and every device reads them whole.
+A leaf under a stacked `layers` subtree (DecoderConfig.scan_layers) has a leading layer axis:
+it stays whole, and the rules above apply to the rest of the shape.
 An axis that a mesh size does not divide stays whole: the rule is skipped, never an error, so a
 model of any width runs on any mesh (split heads still compute correctly, if slower).
 """
@@ -37,10 +39,14 @@ def partition_spec(path, shape: Sequence[int], *, tensor: int = 1, fsdp: int = 1
 
   `tensor` and `fsdp` are the sizes of the mesh axes (`fsdp` the product over `fsdp_axes`).
   """
+  names = _names(path)
+  at = names.index('layers') + 1 if 'layers' in names[:-1] else 0
+  if at and not names[at].isdigit() and shape:  # scanned layers, [num_layers, ...]
+    inner = partition_spec(path[at:], shape[1:], tensor=tensor, fsdp=fsdp, fsdp_axes=fsdp_axes)
+    return P(None, *inner)
   spec = [None] * len(shape)
   if len(shape) < 2:
     return P(*spec)
-  names = _names(path)
   owner = names[-2] if len(names) >= 2 else ''
   if tensor > 1 and owner in TENSOR_AXIS:
     axis = TENSOR_AXIS[owner] % len(shape)

@@ -293,7 +293,8 @@ def check_peft(config, student) -> None:
       raise ConfigError(f'config.peft.size must be a positive int (the {method} '
                         f'{"bottleneck width" if method == "adapter" else "length"}), got {size!r}')
   if getattr(student.config, 'scan_layers', False):
-    raise ConfigError('config.peft: LoRA targets per-layer projections; set '
+    raise ConfigError(f'config.peft.method={method!r} needs per-layer params (LoRA targets each '
+                      'projection; PEFT exports name each layer); set '
                       'config.student.scan_layers=False')
   if lora is None:
     return
@@ -367,6 +368,9 @@ def check_quant(config, student) -> None:
   method, qcfg = quant_config(config)
   if qcfg is None:
     return
+  if getattr(student.config, 'scan_layers', False):
+    raise ConfigError(f'config.quant.method={method!r} quantizes per-layer kernels; set '
+                      'config.student.scan_layers=False')
   lora = peft.from_config(config.get('peft'))
   if method == 'qat' and lora is not None:
     raise ConfigError("config.quant.method='qat' trains every student weight; with "

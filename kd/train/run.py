@@ -321,7 +321,7 @@ def student_init(config, student, teacher, teacher_params):
       models.Model(teacher, teacher_params),
       config_check.student_init_layers(config, teacher.config.num_layers),
       hidden_size=sc.hidden_size, intermediate_size=sc.intermediate_size,
-      num_heads=sc.num_heads, num_kv_heads=sc.num_kv_heads)
+      num_heads=sc.num_heads, num_kv_heads=sc.num_kv_heads, scan_layers=sc.scan_layers)
   if init.config != sc:
     raise config_check.ConfigError(
         f'the student taken from the teacher has config {init.config}, but config.student '
@@ -333,13 +333,22 @@ def restore_student(config, student, run_dir: str):
   """The student params of the newest checkpoint in `<run_dir>/checkpoints` (a run of the same
   student and optimizer, e.g. <workdir>/student_kd of an earlier phase)."""
   from kd.train import checkpoint  # pylint: disable=g-import-not-at-top
-  spec = make_spec(config, student, None, {'ce': 1.0}, 1)
-  shapes = jax.eval_shape(lambda: step_lib.create_state(init_student(spec, 0), spec.tx, 0))
   mngr = checkpoint.manager(os.path.join(run_dir, 'checkpoints'))
   if mngr.latest_step() is None:
     raise config_check.ConfigError(f'config.student_init.path={run_dir} holds no checkpoint; '
                                    'give the workdir of a finished run (e.g. .../student_kd)')
-  return checkpoint.restore_latest(mngr, shapes).params['student']
+  # The earlier run's layer layout (scan_layers stacks them), converted to this student's.
+  saved = mngr.item_metadata(mngr.latest_step())['state']['params']['student']['params']
+  scan = getattr(student.config, 'scan_layers', False)
+  model = student
+  if scan != ('layers' in saved):
+    model = models.Decoder(dataclasses.replace(student.config, scan_layers=not scan))
+  spec = make_spec(config, model, None, {'ce': 1.0}, 1)
+  shapes = jax.eval_shape(lambda: step_lib.create_state(init_student(spec, 0), spec.tx, 0))
+  params = checkpoint.restore_latest(mngr, shapes).params['student']
+  if model is student:
+    return params
+  return models.stack_layers(params) if scan else models.unstack_layers(params)
 
 
 def peft_student(config, student, init):
