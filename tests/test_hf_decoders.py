@@ -254,6 +254,14 @@ def test_io_keeps_half_precision_dtypes(tmp_path):
   import safetensors.torch  # pylint: disable=g-import-not-at-top
   as_torch = safetensors.torch.load_file(os.path.join(str(tmp_path), io.SINGLE))
   assert as_torch['a'].dtype == torch.bfloat16 and as_torch['b'].dtype == torch.float16
+  # Readable as any new file under the umask (safetensors alone writes 0600), no temp file left.
+  umask = os.umask(0o022)
+  try:
+    io.write_tensors(tensors, str(tmp_path))
+  finally:
+    os.umask(umask)
+  assert os.stat(os.path.join(str(tmp_path), io.SINGLE)).st_mode & 0o777 == 0o644
+  assert sorted(os.listdir(tmp_path)) == [io.SINGLE]
 
 
 def test_sharded_checkpoints(tmp_root):

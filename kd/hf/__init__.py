@@ -172,8 +172,7 @@ def save(model: Model, path: str) -> None:
   io.write_tensors(tensors, path)
   stale = os.path.join(path, PEFT_FILE)
   if peft_tensors:
-    safetensors.numpy.save_file(peft_tensors, stale + '.tmp')
-    os.replace(stale + '.tmp', stale)
+    io.save_file(peft_tensors, stale)
   elif os.path.exists(stale):  # a PEFT model saved here before
     os.remove(stale)
   hf_config = family.config_to_hf(config)

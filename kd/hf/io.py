@@ -40,6 +40,17 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
       'safe_serialization=True)`).')
 
 
+def save_file(tensors: dict[str, np.ndarray], file: str, metadata=None) -> None:
+  """safetensors.numpy.save_file, atomically (a reader sees the old file or the new one) and
+  with the mode any new file gets under the umask (safetensors itself writes 0600)."""
+  tmp = f'{file}.tmp{os.getpid()}'
+  safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)
+  os.replace(tmp, file)
+
+
 def write_tensors(tensors: dict[str, np.ndarray], path: str, *,
                   max_shard_bytes: int = 5 * 2**30) -> None:
   """Writes `tensors` as one file, or shards plus an index when larger than max_shard_bytes."""
@@ -56,12 +67,12 @@ def write_tensors(tensors: dict[str, np.ndarray], path: str, *,
   shards.append(current)
   meta = {'format': 'pt'}
   if len(shards) == 1:
-    safetensors.numpy.save_file(shards[0], os.path.join(path, SINGLE), metadata=meta)
+    save_file(shards[0], os.path.join(path, SINGLE), metadata=meta)
     return
   weight_map = {}
   for i, shard in enumerate(shards):
     name = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-    safetensors.numpy.save_file(shard, os.path.join(path, name), metadata=meta)
+    save_file(shard, os.path.join(path, name), metadata=meta)
     weight_map.update({k: name for k in shard})
   total = sum(v.nbytes for v in tensors.values())
   with open(os.path.join(path, INDEX), 'w') as f:
