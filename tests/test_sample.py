@@ -81,6 +81,17 @@ def test_greedy_matches_transformers_generate(models, name):
                                         temperature=0.0), PROMPT.shape[0] * N)
 
 
+def test_scanned_layers_generate_like_transformers(models):
+  """scan_layers=True: the stacked KV cache through the scan, a sliding window that the prompt
+  plus the new tokens pass; greedy tokens equal transformers'."""
+  ref, model = models['mistral']
+  scanned = hf.load(model.source, scan_layers=True)
+  assert scanned.config.scan_layers
+  ours = np.asarray(sample.generate(scanned, PROMPT, PROMPT_MASK, max_new_tokens=N,
+                                    temperature=0.0))
+  np.testing.assert_array_equal(ours, _hf_greedy(ref))
+
+
 def test_eos_stops_rows_like_transformers(models):
   ref, model = models['llama']
   free = np.asarray(sample.generate(model, PROMPT, PROMPT_MASK, max_new_tokens=N,
