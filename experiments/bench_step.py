@@ -81,8 +81,8 @@ _DTYPE = flags.DEFINE_string('dtype', 'bfloat16', 'Compute dtype.')
 _REMAT = flags.DEFINE_bool('remat', True, 'jax.checkpoint each block.')
 _POLICY = flags.DEFINE_string('remat_policy', 'nothing', 'kd.models.decoder.REMAT_POLICIES key.')
 _SCAN = flags.DEFINE_bool('scan_layers', False,
-                          'Layers as one nn.scan (one layer compiled): the student, and the '
-                          'teacher unless --teacher_bits (qwix quantizes per-layer kernels).')
+                          'Layers as one nn.scan over stacked params (one layer compiled), in '
+                          'the student and the teacher (also a quantized one).')
 _ATTN = flags.DEFINE_string('attention_impl', None, "None (JAX picks), 'xla' or 'cudnn'.")
 _SPD = flags.DEFINE_string('student_param_dtype', 'float32',
                            'Student master weights (and so optimizer state) dtype.')
@@ -125,8 +125,8 @@ def _random_quantized(teacher, bits: int, group: int, seed: int, abstract: bool 
   made on the device (RTN of a random float teacher would take minutes on the host at 8B);
   `abstract`: the variables as shapes only (nothing made), for --compile_only."""
   qcfg = quant.QuantConfig(target=r'.*_proj|lm_head', bits=bits, group_size=group or None)
-  shapes = jax.eval_shape(functools.partial(models.init_params, teacher.config),
-                          jax.random.key(seed))
+  per_layer = dataclasses.replace(teacher.config, scan_layers=False)  # how kd.quant stores them
+  shapes = jax.eval_shape(functools.partial(models.init_params, per_layer), jax.random.key(seed))
   paths = quant.target_paths(shapes, qcfg.target)
   for p in paths:  # a clear error for a group that does not divide, before any compile
     quant.rtn.group_size_for(quant.rtn.kernel(shapes, p).shape[0], group or None, p)
@@ -170,7 +170,7 @@ def build(chunk_size: int, fused: bool):
   common = dict(max_seq_len=seq, dtype=_DTYPE.value, remat=_REMAT.value,
                 remat_policy=_POLICY.value, attention_impl=_ATTN.value)
   teacher = models.Decoder(models.DecoderConfig(
-      **tdims, **common, param_dtype=_DTYPE.value, scan_layers=_SCAN.value and not _TBITS.value))
+      **tdims, **common, param_dtype=_DTYPE.value, scan_layers=_SCAN.value))
   student = models.Decoder(models.DecoderConfig(**sdims, **common, param_dtype=_SPD.value,
                                                 scan_layers=_SCAN.value))
   c = ml_collections.ConfigDict(dict(

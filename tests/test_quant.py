@@ -447,3 +447,30 @@ def test_qwix_runtime_runs_the_stored_ints(base):
     got = pmodel.apply(pvars, IDS)['logits']
     want = Decoder(CFG).apply(quant.dequantize(q), IDS)['logits']
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize('bits, group', [(8, None), (4, 16)])
+def test_qwix_runtime_on_scanned_layers(base, bits, group):
+  """A scan_layers model runs the per-layer QuantizedParams stacked: each layer's int values
+  and scales under `layers`, the same logits as the dequantized model."""
+  scanned = dataclasses.replace(CFG, scan_layers=True)
+  q = quant.quantize_params(base, quant.QuantConfig(target=ALL, bits=bits, group_size=group))
+  pmodel = quant.ptq_model(Decoder(scanned), q)
+  pvars = quant.ptq_variables(pmodel, q, IDS)
+  leaf = pvars['params']['layers']['mlp']['down_proj']['kernel'].array
+  for i in range(CFG.num_layers):
+    np.testing.assert_array_equal(np.asarray(leaf.qvalue[i], np.int8),
+                                  q.kernels[f'layers_{i}/mlp/down_proj'].values)
+    np.testing.assert_array_equal(np.asarray(leaf.scale[i], np.float32),
+                                  q.kernels[f'layers_{i}/mlp/down_proj'].scales.astype(np.float32))
+  got = pmodel.apply(pvars, IDS)['logits']
+  want = Decoder(CFG).apply(quant.dequantize(q), IDS)['logits']
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  # One quantization per projection across the stack: a per-layer mix is refused.
+  mixed = quant.quantize_params(base, dataclasses.replace(
+      QCFG, layer_bits={'layers_0/attn/q_proj': 8}))
+  with pytest.raises(ValueError, match='scanned layers run one quantization per projection'):
+    quant.ptq_model(Decoder(scanned), mixed)
+  some = quant.quantize_params(base, dataclasses.replace(QCFG, target=r'layers_0/.*_proj'))
+  with pytest.raises(ValueError, match=r'quantized in layers \[0\] of 2'):
+    quant.ptq_variables(quant.ptq_model(Decoder(scanned), some), some, IDS)

@@ -24,27 +24,46 @@ import jax
 import jax.numpy as jnp
 import qwix
 
+from kd.models import decoder
 from kd.quant import rtn
 
 QTYPES = {4: jnp.int4, 8: jnp.int8}
 METHODS = ('__call__', 'project')  # as kd.peft: `project` is the LM head alone
 
 
-def rules(qparams: rtn.QuantizedParams) -> list[qwix.QuantizationRule]:
-  """One qwix rule per quantized kernel (exact path), with its bits and tile size."""
-  out = []
+_LAYER = re.compile(r'^layers_\d+/')
+
+
+def _is_scanned(model: nn.Module) -> bool:
+  return bool(getattr(getattr(model, 'config', None), 'scan_layers', False))
+
+
+def rules(qparams: rtn.QuantizedParams, scanned: bool = False) -> list[qwix.QuantizationRule]:
+  """One qwix rule per quantized kernel (exact path), with its bits and tile size.
+
+  `scanned`: for a model with DecoderConfig.scan_layers, whose layers are one module `layers`:
+  each projection's rule covers every layer, so all layers must agree on its bits and group.
+  """
+  found = {}
   for p, qk in sorted(qparams.kernels.items()):
     if qk.leaf != 'kernel':
       continue
-    tile = None if qk.group_size == qk.shape[0] else qk.group_size
-    out.append(qwix.QuantizationRule(module_path=re.escape(p), weight_qtype=QTYPES[qk.bits],
-                                     tile_size=tile))
-  return out
+    how = (qk.bits, None if qk.group_size == qk.shape[0] else qk.group_size)
+    path = _LAYER.sub('layers/', p) if scanned else p
+    if found.setdefault(path, how) != how:
+      raise ValueError(f'{p} has (bits, group) {how} but another layer\'s {path} has '
+                       f'{found[path]}: scanned layers run one quantization per projection. '
+                       'Use one setting for every layer, or scan_layers=False.')
+    found[path] = how
+  return [qwix.QuantizationRule(module_path=re.escape(path), weight_qtype=QTYPES[bits],
+                                tile_size=tile) for path, (bits, tile) in sorted(found.items())]
 
 
 def ptq_model(model: nn.Module, qparams: rtn.QuantizedParams) -> nn.Module:
-  """`model` (a linen module) whose quantized projections run on qwix's PTQ path."""
-  return qwix.quantize_model(model, qwix.PtqProvider(rules(qparams)), methods=METHODS)
+  """`model` (a linen module) whose quantized projections run on qwix's PTQ path. `qparams`
+  name each layer (`layers_{i}/...`), also for a model with scan_layers."""
+  provider = qwix.PtqProvider(rules(qparams, scanned=_is_scanned(model)))
+  return qwix.quantize_model(model, provider, methods=METHODS)
 
 
 def ptq_variables(pmodel: nn.Module, qparams: rtn.QuantizedParams, sample_ids) -> dict:
@@ -54,21 +73,40 @@ def ptq_variables(pmodel: nn.Module, qparams: rtn.QuantizedParams, sample_ids) -
   """
   abstract = jax.eval_shape(pmodel.init, jax.random.key(0), sample_ids)
   abstract = flax.traverse_util.flatten_dict(abstract)  # WithAux is a leaf (not a dict)
+  scanned = _is_scanned(pmodel)
   flat = {tuple(k.split('/')): jnp.asarray(v) for k, v in qparams.rest.items()}
   for p, qk in qparams.kernels.items():
     key = ('params', *p.split('/'), qk.leaf)
     if qk.leaf != 'kernel':
       flat[key] = rtn.dequantize_kernel(qk)
       continue
-    abs_w = abstract.get(key)  # qwix's WithAux(array=QArray(...), how=...)
+    # qwix's WithAux(array=QArray(...), how=...); a scanned model's has a layer axis first.
+    stacked = scanned and bool(_LAYER.match(p))
+    abs_w = abstract.get(('params', 'layers', *key[2:]) if stacked else key)
     if not isinstance(getattr(abs_w, 'array', None), qwix.QArray):
       raise ValueError(f'qwix did not quantize {p}; it must be an nn.Dense that the model calls '
                        'through dot_general.')
-    want, got = abs_w.array.scale.shape, qk.scales.shape
+    want, got = abs_w.array.scale.shape[1 if stacked else 0:], qk.scales.shape
     if want != got:
       raise ValueError(f'{p}: qwix expects scales {want} but the kernel has {got}.')
-    qtype = QTYPES[qk.bits]
-    values = jnp.asarray(qk.values, jnp.int8).astype(qtype)
-    scales = jnp.asarray(qk.scales).astype(abs_w.array.scale.dtype)
-    flat[key] = abs_w.replace(array=qwix.QArray(values, scales, None, qtype))
+    flat[key] = (jnp.asarray(qk.values, jnp.int8).astype(QTYPES[qk.bits]),
+                 jnp.asarray(qk.scales).astype(abs_w.array.scale.dtype))
+  if scanned:  # each layer's leaves (values and scales too) stacked along a new first axis
+    n = pmodel.config.num_layers
+    for role in {_LAYER.sub('', p) for p in qparams.kernels if _LAYER.match(p)}:
+      layers = [i for i in range(n) if f'layers_{i}/{role}' in qparams.kernels]
+      if len(layers) != n:
+        raise ValueError(f'{role} is quantized in layers {layers} of {n}; a scanned model runs '
+                         'every layer alike, so quantize it in all of them (or none), or set '
+                         'scan_layers=False.')
+    flat = flax.traverse_util.flatten_dict(
+        decoder.stack_layers(flax.traverse_util.unflatten_dict(flat)))
+  for key, value in flat.items():
+    if isinstance(value, tuple):
+      abs_w = abstract.get(key)
+      if getattr(abs_w, 'array', None) is None or abs_w.array.scale.shape != value[1].shape:
+        raise ValueError(f"{'/'.join(key)}: the stacked layers' kernels do not match qwix's "
+                         'layout; quantize every layer of a scanned model the same way.')
+      qtype = abs_w.array.qtype
+      flat[key] = abs_w.replace(array=qwix.QArray(value[0], value[1], None, qtype))
   return flax.traverse_util.unflatten_dict(flat)

@@ -1,5 +1,7 @@
 """Checks a config before anything is compiled or written; every error says what to do."""
 
+import dataclasses
+
 import jax
 from absl import logging
 
@@ -267,11 +269,15 @@ def check_encoder_peft(config) -> None:
                       'those')
 
 
-def _param_shapes(student):
-  """The variables tree of `student` (a Decoder / Encoder module or a kd Model), as shapes."""
+def _param_shapes(student, per_layer: bool = False):
+  """The variables tree of `student` (a Decoder / Encoder module or a kd Model), as shapes;
+  `per_layer`: named per layer (`layers_{i}`) even with scan_layers, as kd.quant stores them."""
   if _is_encoder(student):
     return models.encoder.param_shapes(student.config)
-  return jax.eval_shape(lambda: models.init_params(student.config, jax.random.key(0)))
+  config = student.config
+  if per_layer and config.scan_layers:
+    config = dataclasses.replace(config, scan_layers=False)
+  return jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
 
 
 def check_peft(config, student) -> None:
@@ -353,12 +359,11 @@ def check_teacher_quant(config, teacher) -> None:
     return
   problems = [p for p, bad in (
       ('teacher.count=1', int(config.teacher.get('count', 1)) != 1),
-      ("teacher.cache=''", config.teacher.get('cache', '')),
-      ('teacher.model.scan_layers=False', getattr(teacher.config, 'scan_layers', False))) if bad]
+      ("teacher.cache=''", config.teacher.get('cache', ''))) if bad]
   if problems:
     raise ConfigError('a quantized teacher (config.teacher.quant.bits > 0) needs '
                       f"{', '.join(problems)}, or set teacher.quant.bits=0")
-  _check_quant_targets(_param_shapes(teacher), qcfg, 'config.teacher.quant')
+  _check_quant_targets(_param_shapes(teacher, per_layer=True), qcfg, 'config.teacher.quant')
 
 
 def check_quant(config, student) -> None:
