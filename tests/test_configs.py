@@ -92,19 +92,24 @@ def test_layer_map_out_of_range_is_refused():
 
 
 @pytest.mark.parametrize('edit, message', [
-    (lambda c: c.peft.update(method='lora'), "peft.method='lora' needs per-layer params"),
-    (lambda c: c.peft.update(method='adapter', size=4), "'adapter' needs per-layer params"),
     (lambda c: c.quant.update(method='qat'), "quant.method='qat' quantizes per-layer kernels"),
+    (lambda c: (c.peft.update(method='lora'), c.quant.update(method='qlora')),
+     "quant.method='qlora' quantizes per-layer kernels"),
 ])
-def test_scanned_layers_refuse_per_layer_compression(edit, message):
+def test_scanned_layers_refuse_a_quantized_student(edit, message):
   config = _tiny()
   config.student.scan_layers = True
   config.teacher.model.scan_layers = True
   teacher = run.build_model(config.teacher.model, 300)
   student = run.build_model(config.student, 300)
   config_check.check_models(config, student, teacher)  # plain KD with scanned layers is fine
-  config.teacher.quant.bits = 8  # and a quantized teacher (qwix inside the scan)
+  config.teacher.quant.bits = 8  # a quantized teacher (qwix inside the scan) too
   config_check.check_models(config, student, teacher)
+  for peft in ({'method': 'lora'}, {'method': 'adapter', 'size': 4}):  # and PEFT students
+    with config.peft.unlocked():
+      config.peft.update(peft)
+    config_check.check_models(config, student, teacher)
+  config.peft.method = 'none'
   edit(config)
   with pytest.raises(ValueError, match=message):
     config_check.check_models(config, student, teacher)

@@ -1,6 +1,7 @@
 """LoRA (kd.peft, via qwix) against independent numpy references; qwix QAT/PTQ on the Decoder."""
 
 import dataclasses
+import functools
 
 import flax
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import qwix
 
+from kd import models
 from kd import peft
 from kd.models import Decoder, DecoderConfig, init_params
 
@@ -103,6 +105,30 @@ def test_merge_matches_numpy_and_is_a_plain_decoder_tree():
   out = model.apply(peft.combine(lora, base), IDS)
   head = model.apply(peft.combine(lora, base), out['hidden'], method='project')
   np.testing.assert_allclose(np.asarray(head), np.asarray(out['logits']), atol=1e-6)
+
+
+def test_lora_on_scanned_layers():
+  """scan_layers: qwix's adapters made inside the scan come stacked ([L, in, r], [L, r, out]);
+  with the same values the scanned model equals the unrolled one, and merge does each layer."""
+  lcfg = dataclasses.replace(LCFG, target=r'.*(q_proj|v_proj|down_proj|lm_head)')
+  base, model, lora = _setup(lcfg=lcfg)
+  lora = _randomize(lora)
+  scanned = dataclasses.replace(CFG, scan_layers=True)
+  smodel = peft.lora_model(Decoder(scanned), lcfg)
+  sbase = models.stack_layers(base)
+  fresh = peft.init_lora(smodel, sbase, jax.random.key(1), lcfg)
+  shapes = {'/'.join(k): v.shape for k, v in _flat(fresh).items()}
+  assert shapes['params/layers/attn/v_proj/kernel_lora_a'] == (2, 32, 4)
+  assert shapes['params/layers/mlp/down_proj/kernel_lora_b'] == (2, 4, 32)
+  assert shapes['params/lm_head/kernel_lora_a'] == (32, 4)
+  assert not np.any(np.asarray(fresh['params']['layers']['attn']['q_proj']['kernel_lora_b']))
+  slora = models.stack_layers(lora)
+  got = smodel.apply(peft.combine(slora, sbase), IDS)['logits']
+  want = model.apply(peft.combine(lora, base), IDS)['logits']
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-5)
+  merged = peft.merge(peft.combine(slora, sbase), lcfg)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6), merged,
+               models.stack_layers(peft.merge(peft.combine(lora, base), lcfg)))
 
 
 def test_split_and_combine_round_trip():

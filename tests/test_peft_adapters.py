@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kd import models
 from kd.models import Decoder, DecoderConfig, init_params
 from kd.models import cache as kv_cache
 from kd.models import decoder as decoder_lib
@@ -374,6 +375,30 @@ def test_hf_save_and_load_round_trip_all_three(tmp_path):
   base = kd.hf.load(str(tmp_path))  # without config.json's entry: the base model
   np.testing.assert_array_equal(_fwd(CFG)(base.params, IDS)['logits'],
                                 _fwd(CFG)(_base(), IDS)['logits'])
+
+
+def test_all_three_on_scanned_layers(tmp_path):
+  """scan_layers: adapters and prefixes grow stacked under `layers`; the scanned model equals
+  the unrolled one on the same values; kd.hf saves it per layer and loads it stacked again."""
+  import kd.hf  # pylint: disable=g-import-not-at-top
+  from kd.models import Model  # pylint: disable=g-import-not-at-top
+  cfg, variables = dataclasses.replace(CFG, scan_layers=True), models.stack_layers(_base())
+  for method in ('adapter', 'prefix', 'prompt'):
+    cfg, variables = adapters.add_peft_params(cfg, variables, method, SIZES[method],
+                                              jax.random.key(4))
+  flat = {'/'.join(k): v.shape for k, v in _flat(variables).items()}
+  assert flat['params/layers/attn_adapter/down/kernel'] == (2, 32, 4)
+  assert flat['params/layers/attn/prefix_k'] == (2, 3, 2, 8)
+  trainable, frozen = adapters.split(('adapter', 'prefix', 'prompt'), variables)
+  variables = adapters.combine(_perturb(trainable, 5), frozen)
+  unrolled = dataclasses.replace(cfg, scan_layers=False)
+  want = _fwd(unrolled)(models.unstack_layers(variables), IDS, attention_mask=RIGHT_PAD)['logits']
+  got = _fwd(cfg)(variables, IDS, attention_mask=RIGHT_PAD)['logits']
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
+  kd.hf.save(Model(Decoder(cfg), variables), str(tmp_path))
+  loaded = kd.hf.load(str(tmp_path), scan_layers=True)
+  assert loaded.config == cfg
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, variables)
 
 
 def test_round_trip_of_the_new_config_fields():

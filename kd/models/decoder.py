@@ -654,7 +654,8 @@ class Decoder(nn.Module):
       # self (0), h, xs, cos, sin, masks, cache_index are traced; the flags (7-10) are static.
       body = (nn.remat(ScanBlock, static_argnums=(7, 8, 9, 10), policy=policy,
                        prevent_cse=False) if c.remat else ScanBlock)
-      self.layers = nn.scan(body, variable_axes={'params': 0}, split_rngs={'params': True},
+      self.layers = nn.scan(body, variable_axes={'params': 0},
+                            split_rngs={'params': True, 'dropout': True},  # (LoRA dropout)
                             in_axes=(0,) + (nn.broadcast,) * 8, length=c.num_layers)(c)
     else:
       # self (0), h, cos, sin, mask are traced; want_probs, want_qkv, causal (5-7) are static.

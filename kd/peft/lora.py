@@ -120,10 +120,11 @@ combine = trees.combine  # the inverse of `split`; raises if the two trees share
 
 
 def target_kernels(variables, config: LoraConfig) -> list[str]:
-  """Paths of the modules with a 2-D `kernel` that `config.target` fully matches."""
+  """Paths of the modules with a 2-D `kernel` (3-D, [layers, in, out], under the stacked
+  `layers` of a scan_layers model) that `config.target` fully matches."""
   flat = flax.traverse_util.flatten_dict(variables['params'])
   return sorted('/'.join(k[:-1]) for k, v in flat.items()
-                if k[-1] == 'kernel' and np.ndim(v) == 2
+                if k[-1] == 'kernel' and len(v.shape) == 2 + (k[0] == 'layers')
                 and re.fullmatch(config.target, '/'.join(k[:-1])))
 
 
@@ -158,7 +159,7 @@ def init_lora(model: nn.Module, base_variables, rng, config: LoraConfig,
 def merge(variables, config: LoraConfig) -> dict:
   """A plain-model variables tree: kernel + scale * A @ B for each adapter, adapters dropped.
 
-  Computed in float32, cast back to the kernel's dtype.
+  Computed in float32, cast back to the kernel's dtype (stacked layers: one product per layer).
   """
   flat = flax.traverse_util.flatten_dict(variables)
   out = {k: v for k, v in flat.items() if not is_lora(k)}

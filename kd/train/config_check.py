@@ -298,10 +298,6 @@ def check_peft(config, student) -> None:
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
       raise ConfigError(f'config.peft.size must be a positive int (the {method} '
                         f'{"bottleneck width" if method == "adapter" else "length"}), got {size!r}')
-  if getattr(student.config, 'scan_layers', False):
-    raise ConfigError(f'config.peft.method={method!r} needs per-layer params (LoRA targets each '
-                      'projection; PEFT exports name each layer); set '
-                      'config.student.scan_layers=False')
   if lora is None:
     return
   shapes = _param_shapes(student)
