@@ -91,27 +91,23 @@ def test_layer_map_out_of_range_is_refused():
     config_check.check_models(config, student, teacher)
 
 
-@pytest.mark.parametrize('edit, message', [
-    (lambda c: c.quant.update(method='qat'), "quant.method='qat' quantizes per-layer kernels"),
-    (lambda c: (c.peft.update(method='lora'), c.quant.update(method='qlora')),
-     "quant.method='qlora' quantizes per-layer kernels"),
-])
-def test_scanned_layers_refuse_a_quantized_student(edit, message):
+def test_scanned_layers_take_every_compression():
+  """scan_layers in student and teacher passes the checks with PEFT, a quantized teacher and a
+  quantized student (all stored per layer, run stacked)."""
   config = _tiny()
   config.student.scan_layers = True
   config.teacher.model.scan_layers = True
   teacher = run.build_model(config.teacher.model, 300)
   student = run.build_model(config.student, 300)
-  config_check.check_models(config, student, teacher)  # plain KD with scanned layers is fine
-  config.teacher.quant.bits = 8  # a quantized teacher (qwix inside the scan) too
   config_check.check_models(config, student, teacher)
-  for peft in ({'method': 'lora'}, {'method': 'adapter', 'size': 4}):  # and PEFT students
-    with config.peft.unlocked():
+  config.teacher.quant.bits = 8
+  for peft, quant in (({'method': 'lora'}, {'method': 'none'}),
+                      ({'method': 'adapter', 'size': 4}, {'method': 'none'}),
+                      ({'method': 'none'}, {'method': 'qat'}),
+                      ({'method': 'lora'}, {'method': 'qlora', 'bits': 4, 'group_size': 16})):
+    with config.unlocked():
       config.peft.update(peft)
-    config_check.check_models(config, student, teacher)
-  config.peft.method = 'none'
-  edit(config)
-  with pytest.raises(ValueError, match=message):
+      config.quant.update(quant)
     config_check.check_models(config, student, teacher)
 
 

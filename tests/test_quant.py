@@ -1,6 +1,7 @@
 """kd.quant (RTN, GPTQ, mixed precision, export, qwix runtime) against numpy references."""
 
 import dataclasses
+import functools
 import os
 
 import flax
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from kd import models
 from kd import quant
 from kd.models import Decoder, DecoderConfig, init_params
 from kd.quant import gptq, rtn, sensitivity
@@ -474,3 +476,38 @@ def test_qwix_runtime_on_scanned_layers(base, bits, group):
   some = quant.quantize_params(base, dataclasses.replace(QCFG, target=r'layers_0/.*_proj'))
   with pytest.raises(ValueError, match=r'quantized in layers \[0\] of 2'):
     quant.ptq_variables(quant.ptq_model(Decoder(scanned), some), some, IDS)
+
+
+def test_scanned_student_quantized_per_layer(base, tmp_path):
+  """A scan_layers tree is quantized per layer (the same kernels as the unrolled tree, layer
+  mixes allowed), marked stacked, dequantized stacked again; kept through save/load; QAT fakes
+  it per layer with straight-through gradients; GPTQ calibrates the unrolled twin."""
+  scanned = dataclasses.replace(CFG, scan_layers=True)
+  stacked = models.stack_layers(base)
+  qcfg = dataclasses.replace(QCFG, layer_bits={'layers_1/mlp/up_proj': 8})
+  flat, q = quant.quantize_params(base, qcfg), quant.quantize_params(stacked, qcfg)
+  assert q.stacked and not flat.stacked and sorted(q.kernels) == sorted(flat.kernels)
+  for p, qk in flat.kernels.items():
+    np.testing.assert_array_equal(q.kernels[p].values, qk.values)
+  _leaves_equal(quant.dequantize(q), models.stack_layers(quant.dequantize(flat)))
+  umask = os.umask(0o022)
+  try:
+    quant.save(str(tmp_path / 'q.safetensors'), q)
+  finally:
+    os.umask(umask)
+  assert quant.load(str(tmp_path / 'q.safetensors')).stacked
+  assert os.stat(tmp_path / 'q.safetensors').st_mode & 0o777 == 0o644  # the umask's, not 0600
+
+  fake = lambda v: quant.fake_quant(v, qcfg)
+  _leaves_equal(fake(stacked), models.stack_layers(fake(base)))
+  loss = lambda v: jnp.sum(Decoder(scanned).apply(fake(v), IDS)['logits'] ** 2)
+  g = jax.grad(loss)(stacked)  # straight through: the gradient at the quantized weights
+  g_ref = jax.grad(lambda v: jnp.sum(Decoder(scanned).apply(v, IDS)['logits'] ** 2))(
+      quant.dequantize(q))
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), g, g_ref)
+
+  gq = quant.quantize_model(Decoder(scanned), stacked, BATCHES, QCFG, sequential=False)
+  want = quant.quantize_model(Decoder(CFG), base, BATCHES, QCFG, sequential=False)
+  assert gq.stacked
+  for p, qk in want.kernels.items():
+    np.testing.assert_array_equal(gq.kernels[p].values, qk.values)

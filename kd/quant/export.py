@@ -77,7 +77,7 @@ def save(path: str, qparams: rtn.QuantizedParams) -> None:
     if name in _AS_BITS:
       dtypes[k] = name
   header = {'version': VERSION, 'config': qparams.config.to_dict(), 'kernels': kernels,
-            'rest_dtypes': dtypes}
+            'rest_dtypes': dtypes, 'stacked': qparams.stacked}
   data = safetensors.numpy.save(tensors, metadata={FORMAT: json.dumps(header)})
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
@@ -88,6 +88,9 @@ def save(path: str, qparams: rtn.QuantizedParams) -> None:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # (mkstemp makes it 0600)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -120,7 +123,7 @@ def load(path: str) -> rtn.QuantizedParams:
         k = key[len('rest/'):]
         rest[k] = _from_numpy(f.get_tensor(key), header['rest_dtypes'].get(k, ''))
   config = rtn.QuantConfig.from_dict(header['config'])
-  return rtn.QuantizedParams(config, kernels, rest)
+  return rtn.QuantizedParams(config, kernels, rest, stacked=header.get('stacked', False))
 
 
 def size_on_disk(path: str) -> int:

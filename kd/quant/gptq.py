@@ -29,6 +29,7 @@ grid; kd keeps one (values, scales) form for RTN, GPTQ, export and the qwix runt
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from kd.models import decoder
 from kd.quant import rtn
 
 COLLECTION = 'kd_quant_stats'  # the flax collection the capture sows X^T X into
@@ -227,6 +229,11 @@ def quantize_model(model: nn.Module, variables, batches: Sequence[Any],
   batches = list(batches)
   if not batches:
     raise ValueError('quantize_model needs at least one calibration batch.')
+  if getattr(getattr(model, 'config', None), 'scan_layers', False):  # calibrate it unrolled
+    unrolled = type(model)(dataclasses.replace(model.config, scan_layers=False))
+    return dataclasses.replace(quantize_model(
+        unrolled, decoder.unstack_layers(variables), batches, config, damp=damp,
+        sequential=sequential), stacked=True)
   paths = rtn.target_paths(variables, config.target)
   rtn.check_layer_bits(paths, config)
   groups = call_groups(model, variables, batches[0], paths) if sequential else [paths]

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd.models import decoder
 from kd.quant import rtn
 
 
@@ -35,7 +36,10 @@ def fake_quant_kernel(w, bits: int, group_size: int | None, scale_dtype: str = '
 
 
 def fake_quant(variables, config: rtn.QuantConfig) -> dict[str, Any]:
-  """`variables` with every kernel `config.target` matches fake-quantized (see module doc)."""
+  """`variables` with every kernel `config.target` matches fake-quantized (see module doc); a
+  scan_layers tree per layer, as rtn.quantize_params stores it."""
+  if rtn.is_stacked(variables):
+    return decoder.stack_layers(fake_quant(decoder.unstack_layers(variables), config))
   paths = rtn.target_paths(variables, config.target)
   rtn.check_layer_bits(paths, config)
   out = rtn.replace_kernels(variables, {

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd.models import decoder
+
 BITS = (4, 8)
 SCALE_DTYPES = ('float16', 'float32')
 _SCALE_FLOOR = {'float16': float(np.finfo(np.float16).smallest_subnormal),
@@ -137,6 +139,9 @@ class QuantizedParams:
   # module path ('layers_0/attn/q_proj', 'embed' for an embedding table) -> kernel
   kernels: dict[str, QuantizedKernel]
   rest: dict[str, Any]  # every other leaf, by its full '/'-joined path ('params/embed/...')
+  # Quantized from a scan_layers model's stacked tree: stored per layer like any other (the
+  # paths above), and `dequantize` stacks the layers again.
+  stacked: bool = False
 
 
 # Pytrees, so that a quantized frozen base (QLoRA) can be an argument of a jitted step: the
@@ -144,7 +149,12 @@ class QuantizedParams:
 jax.tree_util.register_dataclass(QuantizedKernel, data_fields=['values', 'scales'],
                                  meta_fields=['bits', 'group_size', 'dtype', 'leaf'])
 jax.tree_util.register_dataclass(QuantizedParams, data_fields=['kernels', 'rest'],
-                                 meta_fields=['config'])
+                                 meta_fields=['config', 'stacked'])
+
+
+def is_stacked(variables) -> bool:
+  """Whether `variables` are a scan_layers decoder's (layers stacked under `layers`)."""
+  return 'layers' in variables.get('params', {})
 
 
 def target_paths(variables, target: str) -> list[str]:
@@ -293,7 +303,11 @@ def assemble(config: QuantConfig, variables, kernels: dict[str, QuantizedKernel]
 
 def quantize_params(variables, config: QuantConfig) -> QuantizedParams:
   """RTN-quantizes the kernels `config.target` matches (and the embedding tables when
-  config.embed_bits is set); other leaves are kept as they are."""
+  config.embed_bits is set); other leaves are kept as they are. A scan_layers tree is
+  quantized per layer (the target sees `layers_{i}/...` paths)."""
+  if is_stacked(variables):
+    return dataclasses.replace(
+        quantize_params(decoder.unstack_layers(variables), config), stacked=True)
   paths = target_paths(variables, config.target)
   check_layer_bits(paths, config)
   kernels = {p: quantize_kernel(kernel(variables, p), config.bits_for(p), config.group_size,
@@ -306,7 +320,8 @@ def dequantize(qparams: QuantizedParams) -> dict[str, Any]:
   flat = {tuple(k.split('/')): v for k, v in qparams.rest.items()}
   for p, qk in qparams.kernels.items():
     flat[('params', *p.split('/'), qk.leaf)] = dequantize_kernel(qk)
-  return flax.traverse_util.unflatten_dict(flat)
+  out = flax.traverse_util.unflatten_dict(flat)
+  return decoder.stack_layers(out) if qparams.stacked else out
 
 
 def replace_kernels(variables, new: dict[str, Any]) -> dict[str, Any]:

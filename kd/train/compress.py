@@ -21,7 +21,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from kd import models
 from kd import peft
 from kd import quant
 from kd.train import config_check
@@ -134,8 +133,6 @@ def quantized_teacher(config, teacher, teacher_params, seq_len: int = 8):
   qcfg = config_check.teacher_quant_config(config)
   if qcfg is None:
     return teacher, teacher_params
-  if getattr(teacher.config, 'scan_layers', False):  # quantized per layer, run stacked
-    teacher_params = models.unstack_layers(teacher_params)
-  qparams = quant.quantize_params(teacher_params, qcfg)
+  qparams = quant.quantize_params(teacher_params, qcfg)  # (per layer, also when scanned)
   model = quant.ptq_model(teacher, qparams)
   return model, quant.ptq_variables(model, qparams, jnp.zeros((1, seq_len), jnp.int32))

@@ -369,9 +369,6 @@ def check_quant(config, student) -> None:
   method, qcfg = quant_config(config)
   if qcfg is None:
     return
-  if getattr(student.config, 'scan_layers', False):
-    raise ConfigError(f'config.quant.method={method!r} quantizes per-layer kernels; set '
-                      'config.student.scan_layers=False')
   lora = peft.from_config(config.get('peft'))
   if method == 'qat' and lora is not None:
     raise ConfigError("config.quant.method='qat' trains every student weight; with "
@@ -379,7 +376,7 @@ def check_quant(config, student) -> None:
   if method == 'qlora' and lora is None:
     raise ConfigError("config.quant.method='qlora' quantizes a LoRA student's frozen base: set "
                       "config.peft.method='lora', or use quant.method='qat'")
-  _check_quant_targets(_param_shapes(student), qcfg, 'config.quant')
+  _check_quant_targets(_param_shapes(student, per_layer=True), qcfg, 'config.quant')
 
 
 def _check_quant_targets(shapes, qcfg, where: str) -> None:
