@@ -99,25 +99,26 @@ _COMPILE_ONLY = flags.DEFINE_bool(
 _PEAK = flags.DEFINE_float('peak_tflops', 790.0, 'Peak matmul TFLOP/s for MFU (H100 bf16 measured).')
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normal(key, shape, dtype):
+  return (0.02 * jax.random.normal(key, shape)).astype(dtype)
+
+
 def _random_params(config, seed: int):
-  """Params of the right shapes and dtypes, N(0, 0.02) (norm scales 1), made in one jit.
+  """Params of the right shapes and dtypes, N(0, 0.02) (norm scales 1), a jit per distinct
+  shape and dtype.
 
   The benchmark times the step, not the init. On an H100 XLA took over 100 s to compile the
-  default (threefry) random fill of the 1B shapes, in models.init_params as in a plain
-  normal fill, so this uses the 'rbg' generator (XLA's RngBitGenerator), whose values are as
-  good for timing; the values do not change the step's cost."""
+  random fill of the 1B shapes as one program (in models.init_params as in a plain normal
+  fill), whose 200 outputs are as many kernels; the same few shapes recur in every layer, so
+  here each distinct one compiles once (7 at 1b-160m-152k unrolled). 'rbg' (XLA's
+  RngBitGenerator) draws the values: as good for timing, which they do not change."""
   shapes = jax.eval_shape(functools.partial(models.init_params, config), jax.random.key(seed))
-
-  @jax.jit
-  def fill(key):
-    paths, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    keys = jax.random.split(key, len(paths))
-    leaves = [jnp.ones(s.shape, s.dtype) if 'scale' in jax.tree_util.keystr(p)
-              else (0.02 * jax.random.normal(k, s.shape)).astype(s.dtype)
-              for k, (p, s) in zip(keys, paths)]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-  return fill(jax.random.key(seed, impl='rbg'))
+  paths, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  keys = jax.random.split(jax.random.key(seed, impl='rbg'), len(paths))
+  leaves = [jnp.ones(s.shape, s.dtype) if 'scale' in jax.tree_util.keystr(p)
+            else _normal(k, s.shape, jnp.dtype(s.dtype)) for k, (p, s) in zip(keys, paths)]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _random_quantized(teacher, bits: int, group: int, seed: int, abstract: bool = False):
