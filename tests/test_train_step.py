@@ -372,3 +372,24 @@ def test_a_checkpoint_from_before_a_state_field_existed_restores(tmp_path):
   np.testing.assert_array_equal(restored.rng, np.asarray(new.rng) + 1)
   with pytest.raises(ValueError, match=r"no \['ema'\].*fresh --workdir"):
     checkpoint.restore_latest(mngr, new.replace(ema=params['student']))
+
+
+def test_a_checkpoint_of_the_other_layer_layout_is_refused_clearly(tmp_path):
+  """A run resumed with scan_layers flipped: the checkpoint's layers_{i} against the model's
+  stacked `layers` (and back) is named in the error, not left to orbax's tree diff."""
+  import optax
+  from kd.train import checkpoint
+
+  cfg = models.DecoderConfig(vocab_size=V, hidden_size=16, num_layers=2, num_heads=2,
+                             num_kv_heads=1, intermediate_size=32)
+  per_layer = models.init_params(cfg, jax.random.key(0))
+  tx = optax.sgd(0.1)
+  state = lambda variables: step_lib.create_state({'student': variables, 'proj': {}}, tx, 0)
+  for saved, resumed, words in ((per_layer, models.stack_layers(per_layer), 'per layer'),
+                                (models.stack_layers(per_layer), per_layer, 'stacked')):
+    mngr = checkpoint.manager(str(tmp_path / words.replace(' ', '_')))
+    checkpoint.save(mngr, 3, state(saved))
+    mngr.wait_until_finished()
+    assert int(checkpoint.restore_latest(mngr, state(saved)).step) == 0  # same layout: fine
+    with pytest.raises(ValueError, match=f'holds its layers {words}.*scan_layers differs'):
+      checkpoint.restore_latest(mngr, state(resumed))

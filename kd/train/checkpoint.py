@@ -46,6 +46,7 @@ def restore_latest(mngr: ocp.CheckpointManager, state, data_iter=None):
   if step is None:
     return state
   target = state
+  _check_layer_layout(mngr.item_metadata(step)['state'], state, step, mngr.directory)
   if dataclasses.is_dataclass(state):
     saved = set(mngr.item_metadata(step)['state'].keys())
     fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
@@ -62,6 +63,26 @@ def restore_latest(mngr: ocp.CheckpointManager, state, data_iter=None):
     items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
   restored = mngr.restore(step, args=ocp.args.Composite(**items))['state']
   return dataclasses.replace(state, **restored) if target is not state else restored
+
+
+def _layer_layout(tree) -> set:
+  """'stacked' and/or 'per layer': how the decoders in `tree` hold their layers."""
+  names = {str(getattr(k, 'key', getattr(k, 'name', k)))
+           for path, _ in jax.tree_util.tree_leaves_with_path(tree) for k in path}
+  return ({'stacked'} if 'layers' in names else set()) | (
+      {'per layer'} if 'layers_0' in names else set())
+
+
+def _check_layer_layout(saved, state, step: int, directory) -> None:
+  """A clear error for a checkpoint whose decoder layers are laid out otherwise than the run's
+  (DecoderConfig.scan_layers changed between the run that wrote it and this one)."""
+  have, want = _layer_layout(saved), _layer_layout(state)
+  if have and want and have != want:
+    raise ValueError(
+        f'the checkpoint at step {step} in {directory} holds its layers {" and ".join(have)}, '
+        f'but this run\'s model holds them {" and ".join(want)}: scan_layers differs from the run '
+        'that wrote it. Resume with the scan_layers it was started with, or start in a fresh '
+        "--workdir (config.student_init.source='run' converts a finished student).")
 
 
 def save_host_state(path: str, tree: dict) -> None:
