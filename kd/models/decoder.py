@@ -761,10 +761,13 @@ class Decoder(nn.Module):
       h_BxTxD, (hs, probs, qkv, new_kvs) = self._scan(
           h_BxTxD, cos_BxTxH, sin_BxTxH, masks, causal, cache, cache_index,
           output_attentions, output_qkv, output_hidden_states)
-      for i in range(c.num_layers):  # (the stacked cache stays stacked)
-        hidden_states.append(hs[i] if output_hidden_states else None)
-        attentions.append(None if probs is None else probs[i])
-        qkvs.append(None if qkv is None else {name: x[i] for name, x in qkv.items()})
+      layers = range(c.num_layers)  # the stacked outputs, per layer (the cache stays stacked)
+      if output_hidden_states:
+        hidden_states += [hs[i] for i in layers]
+      if output_attentions:
+        attentions = [probs[i] for i in layers]
+      if output_qkv:
+        qkvs = [{name: x[i] for name, x in qkv.items()} for i in layers]
     else:
       for i, layer in enumerate(self.layers):
         kv = None if cache is None else cache['layers'][i]

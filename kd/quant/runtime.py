@@ -54,7 +54,6 @@ def rules(qparams: rtn.QuantizedParams, scanned: bool = False) -> list[qwix.Quan
       raise ValueError(f'{p} has (bits, group) {how} but another layer\'s {path} has '
                        f'{found[path]}: scanned layers run one quantization per projection. '
                        'Use one setting for every layer, or scan_layers=False.')
-    found[path] = how
   return [qwix.QuantizationRule(module_path=re.escape(path), weight_qtype=QTYPES[bits],
                                 tile_size=tile) for path, (bits, tile) in sorted(found.items())]
 
