@@ -213,6 +213,23 @@ def residual_bytes(spec, state, teacher_params, batch) -> int:
                                     state.params, teacher_params, t_out, batch)
 
 
+def matmul_flops(spec, state, teacher_params, batch) -> dict:
+  """Matmul GFLOPs per token, counted on traced programs (kd.eval.speed.matmul_flops: loops
+  multiplied out, remat's recomputation included): the step's; the `plain` count, the teacher's
+  forward and 3x the student's (full logits both), what autodiff runs with nothing recomputed;
+  and `recompute`, the first over the second."""
+  tokens = batch['input_ids'].shape[0] * batch['input_ids'].shape[1]
+  forward = lambda model, params: speed.matmul_flops(
+      lambda v, ids: model.apply(v, ids)['logits'], params, batch['input_ids'])
+  plain = (forward(spec.teacher, teacher_params)
+           + 3 * forward(spec.student, state.params['student']))
+  step = speed.matmul_flops(lambda s, t, b: step_lib.train_step(s, t, b, spec), state,
+                            teacher_params, batch)
+  per_token = lambda f: float(f'{f / tokens / 1e9:.6g}')
+  return dict(step_gflops_per_token=per_token(step), plain_gflops_per_token=per_token(plain),
+              recompute=round(step / plain, 4))
+
+
 def _phase(name: str, t0: float):
   print(f'[bench_step] {name}: {time.perf_counter() - t0:.1f} s', file=sys.stderr, flush=True)
 
@@ -242,6 +259,10 @@ def bench(chunk_size: int, fused: bool) -> dict:
                   xla_temp_gb=gb('temp_size_in_bytes'), xla_args_gb=gb('argument_size_in_bytes'))
   settings['residual_bytes'] = residual_bytes(spec, state, teacher_params, batch)
   settings['residual_gb'] = round(settings['residual_bytes'] / 2**30, 4)
+  settings.update(matmul_flops(spec, state, teacher_params, batch))
+  settings['model_gflops_per_token'] = round(flops_per_token(
+      tdims, sdims, seq, models.count_params(teacher_params),
+      models.count_params(state.params['student'])) / 1e9, 4)
   if _COMPILE_ONLY.value:
     return dict(settings, compile_only=True, xla_output_gb=gb('output_size_in_bytes'),
                 xla_alias_gb=gb('alias_size_in_bytes'))

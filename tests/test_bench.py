@@ -117,9 +117,55 @@ def test_saved_residual_bytes_counts_what_the_backward_pass_keeps():
     assert speed.saved_residual_bytes(lambda w, x: net(w, x, True), ws, x) == size * 2 * 16 * 64
 
 
-def test_bench_step_residuals_shrink_under_remat():
+def test_matmul_flops_counts_loops_branches_and_recomputation():
+  """The same 3-layer MLP, by hand, in units of one [16, 64] x [64, 32] product (65536 FLOPs):
+  forward 2 a layer, 6; its gradient with respect to the Ws adds dW twice and dx twice a layer,
+  but no dx for layer 1, whose input is not differentiated: 6 + 11 = 17. Under jax.checkpoint
+  the backward pass runs each layer's 2 products again: 23. As a scan over stacked Ws the body is
+  one program, so layer 1 makes its dx too: 18. A cond counts its costlier branch; a while loop,
+  whose trip count is unknown, is refused."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from kd.eval import speed  # pylint: disable=g-import-not-at-top
+
+  layer = lambda w, x: x + jnp.tanh(jnp.tanh(x @ w) @ w.T)
+
+  def net(ws, x, remat):
+    for w in ws:
+      x = (jax.checkpoint(layer) if remat else layer)(w, x)
+    return x.sum()
+
+  scanned = lambda ws, x: jax.lax.scan(lambda x, w: (layer(w, x), None), x, ws)[0].sum()
+  w = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+  x = jax.ShapeDtypeStruct((16, 64), jnp.float32)
+  unit = 2 * 16 * 64 * 32
+  count = lambda f, *a: speed.matmul_flops(f, *a) / unit
+  assert count(lambda ws, x: net(ws, x, False), [w] * 3, x) == 6
+  assert count(jax.grad(lambda ws, x: net(ws, x, False)), [w] * 3, x) == 17
+  assert count(jax.grad(lambda ws, x: net(ws, x, True)), [w] * 3, x) == 23
+  stacked = jax.ShapeDtypeStruct((3, 64, 32), jnp.float32)
+  assert count(scanned, stacked, x) == 6 and count(jax.grad(scanned), stacked, x) == 18
+  branches = lambda w, x: jax.lax.cond(x.sum() > 0, lambda: x @ w, lambda: (x @ w) @ (w.T @ w))
+  assert count(branches, w, x) == 1 + 2 + 0.5  # x@w, w.T@w [32, 64]x[64, 32], then [16, 32]x[32, 32]
+  loop = lambda x: jax.lax.while_loop(lambda c: c.sum() < 1, lambda c: c @ c.T @ c, x)
+  with pytest.raises(ValueError, match='while loop'):
+    speed.matmul_flops(loop, x)
+
+
+def test_bench_step_residuals_and_flops_under_remat():
   """bench_step's residual bytes (what the step's backward keeps): remat keeps far less. (The
-  compile-only test above checks they equal a run's.)"""
+  compile-only test above checks they equal a run's.) Its matmul count: with nothing
+  rematerialised and the head's gradient made in the forward pass (fused chunks) the step runs
+  what plain autodiff of the full logits runs; remat adds the blocks' forward again; unfused
+  chunks add both heads again (the loss recomputes them in the backward pass)."""
   (remat,) = _bench_step('--shape=cpu-tiny', '--compile_only', '--chunk_size=16')
   (no_remat,) = _bench_step('--shape=cpu-tiny', '--compile_only', '--chunk_size=16', '--noremat')
+  (unfused,) = _bench_step('--shape=cpu-tiny', '--compile_only', '--chunk_size=16', '--noremat',
+                           '--nofused_chunks')
   assert no_remat['residual_bytes'] > 2 * remat['residual_bytes'] > 0
+  assert no_remat['recompute'] == 1.0
+  assert no_remat['step_gflops_per_token'] == no_remat['plain_gflops_per_token']
+  assert 1.0 < remat['recompute'] < 4 / 3  # at most the whole forward once more
+  # Both heads once more, [512, 64] and [512, 32], per token: 2 * 512 * (64 + 32) FLOPs.
+  extra = unfused['step_gflops_per_token'] - no_remat['step_gflops_per_token']
+  np.testing.assert_allclose(extra, 2 * 512 * (64 + 32) / 1e9, rtol=2e-3)

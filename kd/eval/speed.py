@@ -3,13 +3,16 @@
   encode_throughput(model, sentences, batch_size=64)  # sentences/s through kd.eval.sts.encode
   forward_memory(model, batch_size=64, seq_len=48)     # bytes XLA plans for one forward
   saved_residual_bytes(loss_fn, params, *consts)       # what autodiff keeps for the backward
+  matmul_flops(fn, *args)                              # the matmul FLOPs fn's program runs
 
 Throughput is the best of `runs` timed passes after one untimed pass (which compiles), so it
 measures the steady state and not the compiler; it includes tokenisation and the host copy,
 like a user's `encode`. Memory is XLA's own plan for the compiled forward: the arguments
 (parameters and inputs), the outputs and the temporary buffers, the peak a device must hold.
 Saved residuals are JAX's, before any compiler: the same on every backend (XLA:CPU's temp bytes,
-by contrast, do not show what remat saves; experiments/bench_step.py).
+by contrast, do not show what remat saves; experiments/bench_step.py). Matmul FLOPs are counted
+on the same traced program, loops multiplied out and remat's recomputation included, so they show
+what a setting adds to the model's own FLOPs; XLA's cost_analysis counts a loop's body once.
 """
 
 import contextlib
@@ -86,4 +89,42 @@ def saved_residual_bytes(fn, wrt, *consts) -> int:
       continue
     bits = 8 if dtype == 'bool' else int(bits)
     total += -(-math.prod(int(d) for d in dims.split(',') if d) * bits // 8)
+  return total
+
+
+def matmul_flops(fn, *args) -> int:
+  """The FLOPs of every matrix product (dot_general) that fn(*args) runs, 2 per multiply-add.
+
+  Counted on fn's jaxpr, so anything may be jax.ShapeDtypeStruct and nothing runs: a scan's
+  body counts `length` times, a cond its costliest branch, and what remat recomputes in the
+  backward pass counts again, as it runs. Elementwise work is left out; so are products XLA
+  would call a library for that are not dot_generals in JAX (e.g. cuDNN's attention, asked for
+  by name). A while loop's trip count is not known before it runs: it is refused.
+  """
+  return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _jaxpr_flops(jaxpr) -> int:
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'dot_general':
+      (contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+    elif name == 'scan':
+      total += eqn.params['length'] * _jaxpr_flops(eqn.params['jaxpr'].jaxpr)
+    elif name == 'cond':
+      total += max(_jaxpr_flops(b.jaxpr) for b in eqn.params['branches'])
+    elif name == 'while':
+      raise ValueError('matmul_flops cannot count a while loop (its trip count is known only '
+                       'when it runs); write the loop as a lax.scan or a fori_loop with '
+                       'Python-int bounds.')
+    else:
+      for value in eqn.params.values():  # pjit, remat, custom_jvp/vjp, shard_map, ...
+        for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            total += _jaxpr_flops(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            total += _jaxpr_flops(sub)
   return total
