@@ -117,7 +117,9 @@ def get_config(arg=None):
   # as int8 or int4 (`bits`; 0 = float) with one scale per `group_size` input rows (0 = per
   # output channel) and run as quantized matmuls (qwix), a half or a quarter of their bf16
   # memory. The student's init (student_init.source='teacher') takes the float weights.
-  c.teacher.quant = ml_collections.ConfigDict(dict(bits=0, group_size=0,
+  # act_bits=8 (with bits=8) quantizes those projections' inputs too, per token as they run:
+  # int8 x int8 matmuls, the rate of int8 tensor cores (W8A8); 0 keeps the inputs in float.
+  c.teacher.quant = ml_collections.ConfigDict(dict(bits=0, group_size=0, act_bits=0,
                                                    target=r'.*_proj|lm_head'))
   c.teacher.optimizer = ml_collections.ConfigDict(dict(
       name='adamw', lr=3e-3, warmup_steps=50, schedule='cosine', weight_decay=0.05,

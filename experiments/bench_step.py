@@ -11,7 +11,9 @@ chunked fused one (gradient made in the forward pass), which on a CPU shows the 
 paths save (XLA's compiled temp bytes). experiments/bench_vs_peer.py runs it beside the peer.
 --teacher_bits=8|4 runs the teacher quantized (config.teacher.quant: int values and scales on
 qwix's matmuls, random values made on the device), for a teacher too big for its bf16 memory;
-`teacher_bytes` and XLA's argument bytes show what it saves.
+`teacher_bytes` and XLA's argument bytes show what it saves. --teacher_act_bits=8 (with
+--teacher_bits=8) quantizes the inputs of those matmuls per token too, so they run int8 x int8
+(W8A8), the rate of int8 tensor cores: a different teacher (numerically), for speed.
 --compile_only makes no parameters: it compiles the step on abstract shapes and prints XLA's
 memory analysis (argument, temp, output bytes) in seconds, so a setting can be sized before a
 GPU is spent on it (with --teacher_bits too: the int values and scales as shapes). On a CPU the
@@ -90,6 +92,8 @@ _MU = flags.DEFINE_string('mu_dtype', None, "Adam's first-moment dtype (None: th
 _TBITS = flags.DEFINE_integer('teacher_bits', 0, 'Run the teacher quantized (config.teacher.quant):'
                               ' 8 or 4 (0 = bf16), int values on qwix\'s matmuls.')
 _TGROUP = flags.DEFINE_integer('teacher_group', 0, 'Its input rows per scale (0 = per channel).')
+_TACT = flags.DEFINE_integer('teacher_act_bits', 0, 'With --teacher_bits=8: 8 quantizes the '
+                             'projections\' inputs per token too (int8 x int8 matmuls, W8A8).')
 _CLOSED = flags.DEFINE_enum(
     'closed_form', 'auto', ['auto', 'true', 'false'],
     "Fused chunks: the logits' gradient in closed form (auto: where the terms allow, as here).")
@@ -121,7 +125,8 @@ def _random_params(config, seed: int):
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _random_quantized(teacher, bits: int, group: int, seed: int, abstract: bool = False):
+def _random_quantized(teacher, bits: int, group: int, seed: int, abstract: bool = False,
+                      act_bits: int | None = None):
   """(qwix PTQ teacher, its variables) for random int values and scales of the right shapes,
   made on the device (RTN of a random float teacher would take minutes on the host at 8B);
   `abstract`: the variables as shapes only (nothing made), for --compile_only."""
@@ -160,7 +165,7 @@ def _random_quantized(teacher, bits: int, group: int, seed: int, abstract: bool 
                                  dtype=str(quant.rtn.kernel(shapes, p).dtype))
         for p, (v, sc) in arrays.items()}, others)
 
-  model = quant.ptq_model(teacher, qparams(arrays, others))  # (needs the shapes only)
+  model = quant.ptq_model(teacher, qparams(arrays, others), act_bits)  # (the shapes only)
   variables = lambda a, o: quant.ptq_variables(model, qparams(a, o), jnp.zeros((1, 8), jnp.int32))
   return model, (jax.eval_shape(variables, arrays, others) if abstract
                  else variables(arrays, others))
@@ -186,7 +191,8 @@ def build(chunk_size: int, fused: bool):
               else lambda f, *a: f(*a))
   if _TBITS.value:
     model, teacher_params = _random_quantized(teacher, _TBITS.value, _TGROUP.value, 1,
-                                              abstract=_COMPILE_ONLY.value)
+                                              abstract=_COMPILE_ONLY.value,
+                                              act_bits=_TACT.value or None)
     spec = dataclasses.replace(spec, teacher=model)
   else:
     teacher_params = abstract(_random_params, teacher.config, 1)
@@ -217,17 +223,20 @@ def matmul_flops(spec, state, teacher_params, batch) -> dict:
   """Matmul GFLOPs per token, counted on traced programs (kd.eval.speed.matmul_flops: loops
   multiplied out, remat's recomputation included): the step's; the `plain` count, the teacher's
   forward and 3x the student's (full logits both), what autodiff runs with nothing recomputed;
-  and `recompute`, the first over the second."""
+  `recompute`, the first over the second; and `int8_share`, the step's part run int8 x int8
+  (a W8A8 teacher, --teacher_act_bits=8)."""
   tokens = batch['input_ids'].shape[0] * batch['input_ids'].shape[1]
   forward = lambda model, params: speed.matmul_flops(
       lambda v, ids: model.apply(v, ids)['logits'], params, batch['input_ids'])
   plain = (forward(spec.teacher, teacher_params)
            + 3 * forward(spec.student, state.params['student']))
-  step = speed.matmul_flops(lambda s, t, b: step_lib.train_step(s, t, b, spec), state,
-                            teacher_params, batch)
+  by_dtype = speed.matmul_flops(lambda s, t, b: step_lib.train_step(s, t, b, spec), state,
+                                teacher_params, batch, by_dtype=True)
+  step = sum(by_dtype.values())
   per_token = lambda f: float(f'{f / tokens / 1e9:.6g}')
   return dict(step_gflops_per_token=per_token(step), plain_gflops_per_token=per_token(plain),
-              recompute=round(step / plain, 4))
+              recompute=round(step / plain, 4),
+              int8_share=round(by_dtype.get('int8 x int8', 0) / step, 4))
 
 
 def _phase(name: str, t0: float):
@@ -253,6 +262,7 @@ def bench(chunk_size: int, fused: bool) -> dict:
                   remat_policy=_POLICY.value, scan_layers=_SCAN.value,
                   attention_impl=_ATTN.value,
                   student_param_dtype=_SPD.value, mu_dtype=_MU.value, teacher_bits=_TBITS.value,
+                  teacher_act_bits=_TACT.value,
                   teacher_bytes=sum(x.size * x.dtype.itemsize
                                     for x in jax.tree.leaves(teacher_params)),
                   device=jax.devices()[0].device_kind, compile_s=round(compile_s, 1),
@@ -290,6 +300,8 @@ def bench(chunk_size: int, fused: bool) -> dict:
 
 def main(argv):
   del argv
+  if _TACT.value and _TBITS.value != 8:
+    raise app.UsageError('--teacher_act_bits=8 multiplies int8 by int8: add --teacher_bits=8.')
   chunk = _CHUNK.value or 256
   runs = ([(0, False), (chunk, False), (chunk, True)] if _COMPARE.value
           else [(_CHUNK.value, _FUSED.value)])

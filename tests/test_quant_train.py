@@ -137,12 +137,20 @@ def test_a_quantized_teacher_teaches_as_its_dequantized_weights():
   assert m['loss'] != m_float['loss']  # the rounding is there
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                new.params, ref.params)
+  # W8A8 (act_bits=8): the projections' inputs rounded per token too; a nearby, different loss.
+  config.teacher.quant['act_bits'] = 8
+  w8a8, w8a8_params = compress.quantized_teacher(config, plain_spec.teacher, tp)
+  _, m_act = step(dataclasses.replace(plain_spec, teacher=w8a8), w8a8_params)
+  assert m_act['loss'] != m['loss']
+  np.testing.assert_allclose(m_act['loss'], m['loss'], rtol=1e-2)
 
 
 @pytest.mark.parametrize('edit,message', [
     (lambda c: c.teacher.quant.update(bits=3), 'config.teacher.quant'),
     (lambda c: c.teacher.update(count=2), 'teacher.count=1'),
     (lambda c: c.teacher.quant.update(target='nothing'), 'matches no kernel'),
+    (lambda c: c.teacher.quant.update(act_bits=4), r'act_bits=4: use 8'),
+    (lambda c: c.teacher.quant.update(act_bits=8, bits=4), 'needs teacher.quant.bits=8'),
 ])
 def test_teacher_quant_config_errors(edit, message, shakespeare_config):
   config = shakespeare_config('tiny')

@@ -15,6 +15,7 @@ on the same traced program, loops multiplied out and remat's recomputation inclu
 what a setting adds to the model's own FLOPs; XLA's cost_analysis counts a loop's body once.
 """
 
+import collections
 import contextlib
 import io
 import math
@@ -92,8 +93,10 @@ def saved_residual_bytes(fn, wrt, *consts) -> int:
   return total
 
 
-def matmul_flops(fn, *args) -> int:
-  """The FLOPs of every matrix product (dot_general) that fn(*args) runs, 2 per multiply-add.
+def matmul_flops(fn, *args, by_dtype: bool = False):
+  """The FLOPs of every matrix product (dot_general) that fn(*args) runs, 2 per multiply-add;
+  `by_dtype`: a dict of them by operand dtypes, e.g. {'bfloat16 x bfloat16': ..., 'int8 x
+  int8': ...}, which shows what runs on int8 (or fp8) units.
 
   Counted on fn's jaxpr, so anything may be jax.ShapeDtypeStruct and nothing runs: a scan's
   body counts `length` times, a cond its costliest branch, and what remat recomputes in the
@@ -101,21 +104,25 @@ def matmul_flops(fn, *args) -> int:
   would call a library for that are not dot_generals in JAX (e.g. cuDNN's attention, asked for
   by name). A while loop's trip count is not known before it runs: it is refused.
   """
-  return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+  counts = _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+  return dict(counts) if by_dtype else sum(counts.values())
 
 
-def _jaxpr_flops(jaxpr) -> int:
-  total = 0
+def _jaxpr_flops(jaxpr) -> collections.Counter:
+  total = collections.Counter()
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     if name == 'dot_general':
       (contract, _), _ = eqn.params['dimension_numbers']
-      lhs = eqn.invars[0].aval.shape
-      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+      lhs, rhs = (v.aval for v in eqn.invars)
+      total[f'{lhs.dtype} x {rhs.dtype}'] += (
+          2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in contract))
     elif name == 'scan':
-      total += eqn.params['length'] * _jaxpr_flops(eqn.params['jaxpr'].jaxpr)
+      body = _jaxpr_flops(eqn.params['jaxpr'].jaxpr)
+      total.update({k: eqn.params['length'] * v for k, v in body.items()})
     elif name == 'cond':
-      total += max(_jaxpr_flops(b.jaxpr) for b in eqn.params['branches'])
+      total.update(max((_jaxpr_flops(b.jaxpr) for b in eqn.params['branches']),
+                       key=lambda c: sum(c.values())))
     elif name == 'while':
       raise ValueError('matmul_flops cannot count a while loop (its trip count is known only '
                        'when it runs); write the loop as a lax.scan or a fori_loop with '
@@ -124,7 +131,7 @@ def _jaxpr_flops(jaxpr) -> int:
       for value in eqn.params.values():  # pjit, remat, custom_jvp/vjp, shard_map, ...
         for sub in (value if isinstance(value, (tuple, list)) else (value,)):
           if isinstance(sub, jax.extend.core.ClosedJaxpr):
-            total += _jaxpr_flops(sub.jaxpr)
+            total.update(_jaxpr_flops(sub.jaxpr))
           elif isinstance(sub, jax.extend.core.Jaxpr):
-            total += _jaxpr_flops(sub)
+            total.update(_jaxpr_flops(sub))
   return total

@@ -5,9 +5,15 @@ scales, so each target projection runs as qwix's quantized dot_general (int4 til
 contraction axis with tile_size = group_size, int8 or int4 per output channel when the group is
 the whole input axis) and no float copy of the kernel is kept:
 
-  pmodel = ptq_model(Decoder(cfg), qparams)
+  pmodel = ptq_model(Decoder(cfg), qparams)               # weights int, activations float
+  pmodel = ptq_model(Decoder(cfg), qparams, act_bits=8)   # int8 x int8 matmuls (W8A8)
   pvars = ptq_variables(pmodel, qparams, ids)
   logits = pmodel.apply(pvars, ids)['logits']
+
+With act_bits=8 each target projection's input is quantized too, as it runs: int8 with one
+absmax scale per token (per row of the non-contracted axes), so the product is int8 x int8 with
+int32 accumulation, scaled back after (qwix's dynamic-range path). That is the matmul int8 tensor
+cores run (twice bf16's rate on an H100); the weights must then be int8 (bits 8).
 
 qwix keeps jnp.int4 values one per byte in memory on CPU; the packed form is kd.quant.export's.
 Quantized embedding tables (QuantConfig.embed_bits) are lookups, not matmuls: they are handed
@@ -38,30 +44,46 @@ def _is_scanned(model: nn.Module) -> bool:
   return bool(getattr(getattr(model, 'config', None), 'scan_layers', False))
 
 
-def rules(qparams: rtn.QuantizedParams, scanned: bool = False) -> list[qwix.QuantizationRule]:
+ACT_BITS = (None, 8)
+
+
+def rules(qparams: rtn.QuantizedParams, scanned: bool = False,
+          act_bits: int | None = None) -> list[qwix.QuantizationRule]:
   """One qwix rule per quantized kernel (exact path), with its bits and tile size.
 
   `scanned`: for a model with DecoderConfig.scan_layers, whose layers are one module `layers`:
   each projection's rule covers every layer, so all layers must agree on its bits and group.
+  `act_bits=8` quantizes each such projection's input per token as it runs (module doc).
   """
+  if act_bits not in ACT_BITS:
+    raise ValueError(f'act_bits={act_bits!r} is not supported: use 8 (int8 x int8 matmuls) or '
+                     'None (the activations stay in float).')
   found = {}
   for p, qk in sorted(qparams.kernels.items()):
     if qk.leaf != 'kernel':
       continue
     how = (qk.bits, None if qk.group_size == qk.shape[0] else qk.group_size)
+    if act_bits and qk.bits != 8:
+      raise ValueError(f'act_bits=8 multiplies int8 by int8, but {p} is stored in {qk.bits} '
+                       'bits: quantize the weights with bits=8, or leave act_bits unset.')
     path = _LAYER.sub('layers/', p) if scanned else p
     if found.setdefault(path, how) != how:
       raise ValueError(f'{p} has (bits, group) {how} but another layer\'s {path} has '
                        f'{found[path]}: scanned layers run one quantization per projection. '
                        'Use one setting for every layer, or scan_layers=False.')
+  act = dict(act_qtype=QTYPES[act_bits], act_calibration_method='absmax',
+             act_static_scale=False) if act_bits else {}
   return [qwix.QuantizationRule(module_path=re.escape(path), weight_qtype=QTYPES[bits],
-                                tile_size=tile) for path, (bits, tile) in sorted(found.items())]
+                                tile_size=tile, **act)
+          for path, (bits, tile) in sorted(found.items())]
 
 
-def ptq_model(model: nn.Module, qparams: rtn.QuantizedParams) -> nn.Module:
+def ptq_model(model: nn.Module, qparams: rtn.QuantizedParams,
+              act_bits: int | None = None) -> nn.Module:
   """`model` (a linen module) whose quantized projections run on qwix's PTQ path. `qparams`
-  name each layer (`layers_{i}/...`), also for a model with scan_layers."""
-  provider = qwix.PtqProvider(rules(qparams, scanned=_is_scanned(model)))
+  name each layer (`layers_{i}/...`), also for a model with scan_layers. `act_bits=8`: their
+  inputs are quantized per token as they run, so the matmuls are int8 x int8 (module doc)."""
+  provider = qwix.PtqProvider(rules(qparams, scanned=_is_scanned(model), act_bits=act_bits))
   return qwix.quantize_model(model, provider, methods=METHODS)
 
 

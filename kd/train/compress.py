@@ -129,10 +129,11 @@ def finish(config, trained, frozen):
 def quantized_teacher(config, teacher, teacher_params, seq_len: int = 8):
   """(teacher, params) as config.teacher.quant says: the target projections stored as int8 /
   int4 values and scales (kd.quant RTN) and run as qwix's quantized matmuls
-  (kd.quant.runtime), so no float copy of them is kept; the pair unchanged when bits is 0."""
+  (kd.quant.runtime), so no float copy of them is kept; the pair unchanged when bits is 0.
+  With teacher.quant.act_bits=8 their inputs are quantized per token too (int8 x int8)."""
   qcfg = config_check.teacher_quant_config(config)
   if qcfg is None:
     return teacher, teacher_params
   qparams = quant.quantize_params(teacher_params, qcfg)  # (per layer, also when scanned)
-  model = quant.ptq_model(teacher, qparams)
+  model = quant.ptq_model(teacher, qparams, act_bits=config_check.teacher_act_bits(config))
   return model, quant.ptq_variables(model, qparams, jnp.zeros((1, seq_len), jnp.int32))

@@ -348,8 +348,23 @@ def teacher_quant_config(config):
     raise ConfigError(f'config.teacher.quant: {e} (bits 0 keeps the teacher in float)') from None
 
 
+def teacher_act_bits(config) -> int | None:
+  """config.teacher.quant.act_bits: 8 quantizes the quantized projections' inputs too, per
+  token as they run (int8 x int8 matmuls, kd.quant.runtime); 0 or absent keeps them in float."""
+  tq = (config.get('teacher') or {}).get('quant') or {}
+  act = int(tq.get('act_bits', 0)) or None
+  if act is not None and act != 8:
+    raise ConfigError(f'config.teacher.quant.act_bits={act}: use 8 (int8 x int8 matmuls) or 0 '
+                      '(the inputs of the quantized projections stay in float).')
+  if act and int(tq.get('bits', 0)) != 8:
+    raise ConfigError(f"config.teacher.quant.act_bits=8 multiplies int8 by int8, so it needs "
+                      f"teacher.quant.bits=8 (got {tq.get('bits', 0)}): set bits=8, or act_bits=0.")
+  return act
+
+
 def check_teacher_quant(config, teacher) -> None:
   """config.teacher.quant fits the run and the teacher's kernels."""
+  teacher_act_bits(config)
   qcfg = teacher_quant_config(config)
   if qcfg is None:
     return
