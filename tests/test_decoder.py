@@ -299,13 +299,21 @@ def test_scan_layers_same_outputs_grads_and_cache(remat):
     assert len(b['hidden_states']) == 4 and len(b['attentions']) == len(b['qkv']) == 3
     jax.tree.map(functools.partial(np.testing.assert_allclose, atol=2e-6, rtol=1e-5), b, a)
 
-  def loss(cfg, params):
-    out = Decoder(cfg).apply(params, ids, attention_mask=RIGHT_PAD, output_hidden_states=True)
+  # Without padding the sliding layer takes the fused kernel's local window instead of a mask
+  # (in the scan, a lax.cond on its flag): the same logits as the explicit path's band mask.
+  explicit = _run(config, variables, ids, explicit=True)['logits']
+  for cfg, params in ((config, variables), (scanned, stacked)):
+    np.testing.assert_allclose(_run(cfg, params, ids)['logits'], explicit, atol=2e-6, rtol=1e-5)
+
+  def loss(cfg, params, pad):
+    out = Decoder(cfg).apply(params, ids, attention_mask=pad, output_hidden_states=True)
     return jnp.mean(jax.nn.logsumexp(out['logits'], -1)) + jnp.mean(out['hidden_states'][2] ** 2)
 
-  g0 = models.stack_layers(jax.jit(jax.grad(functools.partial(loss, config)))(variables))
-  g1 = jax.jit(jax.grad(functools.partial(loss, scanned)))(stacked)
-  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6, rtol=1e-5), g1, g0)
+  for pad in (RIGHT_PAD, None):
+    g0 = models.stack_layers(jax.jit(jax.grad(functools.partial(loss, config, pad=pad)))(
+        variables))
+    g1 = jax.jit(jax.grad(functools.partial(loss, scanned, pad=pad)))(stacked)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6, rtol=1e-5), g1, g0)
 
   # Incremental decoding with a stacked cache: the same logits as one full forward.
   cache = kv_cache.init_cache(scanned, B, T)

@@ -16,6 +16,7 @@ transformers = pytest.importorskip('transformers')
 
 from kd import hf  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.hf import io  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.models import Decoder  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.models import init_from  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 V, B, T = 97, 2, 12
@@ -128,6 +129,23 @@ def test_load_matches_transformers_and_exports(name, tmp_root):
   reloaded = hf.load(out_dir)
   assert reloaded.config == model.config
   jax.tree.map(np.testing.assert_array_equal, reloaded.params, model.params)
+
+
+@pytest.mark.parametrize('name, scan', [('mistral', False), ('qwen2_sliding', False),
+                                        ('qwen2_sliding', True)])
+def test_sliding_layers_without_padding_use_the_kernels_window(name, scan, tmp_root):
+  """No padding mask: the sliding layers give the fused kernel its local window (no [T, T]
+  mask is made; in a scanned stack of mixed layer types, a lax.cond on each layer's flag), and
+  the logits are transformers'. (The tests above, with padding, fold the band into the mask.)"""
+  path = _checkpoint(name, tmp_root)
+  reference = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation='eager')
+  model = hf.load(path, scan_layers=scan)
+  ids = _ids()
+  want = _torch_forward(reference, ids, mask=np.ones_like(MASK)).logits.numpy()
+  fn = jax.jit(lambda p, i: Decoder(model.config).apply(p, i)['logits'])
+  jaxpr = str(jax.make_jaxpr(fn)(model.params, ids))
+  assert 'cond[' in jaxpr if scan else 'cond[' not in jaxpr
+  close(np.asarray(fn(model.params, ids)), want)
 
 
 def test_sliding_window_matters(tmp_root):

@@ -110,7 +110,9 @@ class DecoderConfig:
   positions: str = 'rope'  # 'rope' or 'learned' (absolute position embeddings, GPT-2).
   embed_scale: bool = False  # Multiply embeddings by sqrt(hidden_size) (Gemma).
   attn_scale: float | None = None  # Attention logit scale; None: head_dim ** -0.5.
-  sliding_window: int | None = None  # A query sees keys less than this many slots back.
+  # A query sees keys less than this many slots back. With no padding, segment or prompt mask
+  # the fused kernel gets it as its local window (cuDNN's on a GPU; no [T, T] mask is made).
+  sliding_window: int | None = None
   # Per layer 'full_attention' / 'sliding_attention' (Qwen2); None: every layer is sliding when
   # sliding_window is set (Mistral).
   layer_types: tuple[str, ...] | None = None
@@ -476,7 +478,12 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, mask, want_probs: bool, want_qkv: bool,
-               causal: bool = True, kv=None, cache_index=None):
+               causal: bool = True, kv=None, cache_index=None, window: int | None = None,
+               sliding=None):
+    """`window`: a sliding-window layer with no other mask (`mask` None): keys less than
+    `window` slots back, given to the fused kernel as its local window (no [T, T] mask is
+    made); with `sliding`, a traced bool (a scanned stack of mixed layer types), only when it
+    is true."""
     c = self.config
     dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
     b, t, _ = x_BxTxD.shape
@@ -506,6 +513,13 @@ class Attention(nn.Module):
       keys_BxSxKxH, values_BxSxKxH = new_kv['k'].astype(dtype), new_kv['v'].astype(dtype)
     scale = c.attn_scale if c.attn_scale is not None else h ** -0.5
     p = c.prefix_len
+    local = None
+    if window is not None:
+      if want_probs or p:  # these paths take the band as a mask
+        band = sliding_window_mask(mask, t, window)
+        mask = band if sliding is None else band | ~sliding
+      else:
+        local = (window - 1, 0)  # jax's (left, right): i - j <= window - 1
     if p:
       prefix_k = self.param('prefix_k', _INIT, (p, k, h), param_dtype).astype(keys_BxSxKxH.dtype)
       prefix_v = self.param('prefix_v', _INIT, (p, k, h), param_dtype).astype(
@@ -522,9 +536,14 @@ class Attention(nn.Module):
       probs = probs[..., p:]  # the real keys only: rows sum to 1 minus the prefix's share
     else:
       # A fused kernel where the backend has one; handles GQA without repeats.
-      out_BxTxNxH = jax.nn.dot_product_attention(
+      attend = lambda local: jax.nn.dot_product_attention(
           q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, mask=mask, scale=scale, is_causal=causal,
-          implementation=attention_impl(c, q_BxTxNxH.dtype, mask, causal))
+          local_window_size=local, implementation=attention_impl(c, q_BxTxNxH.dtype, mask,
+                                                                 causal))
+      if local is not None and sliding is not None:  # this layer's flag picks the window
+        out_BxTxNxH = jax.lax.cond(sliding, lambda: attend(local), lambda: attend(None))
+      else:
+        out_BxTxNxH = attend(local)
       probs = None
     out_BxTxD = proj(c.hidden_size, 'o_proj', c.attn_out_bias)(out_BxTxNxH.reshape(b, t, n * h))
 
@@ -557,12 +576,12 @@ class MLP(nn.Module):
 
 
 def _block(c: DecoderConfig, h_BxTxD, cos_BxTxH, sin_BxTxH, mask, want_probs: bool,
-           want_qkv: bool, causal: bool, kv, cache_index):
+           want_qkv: bool, causal: bool, kv, cache_index, window=None, sliding=None):
   """One block's computation; called inside a compact method, whose module owns the params
   (`Block`, one layer, or `ScanBlock`, the body of the scanned stack)."""
   attn_BxTxD, probs, qkv, new_kv = Attention(c, name='attn')(
       _norm(c, 'input_norm')(h_BxTxD), cos_BxTxH, sin_BxTxH, mask, want_probs, want_qkv,
-      causal, kv, cache_index)
+      causal, kv, cache_index, window, sliding)
   if c.adapter_size:
     attn_BxTxD = Adapter(c, name='attn_adapter')(attn_BxTxD)
   h_BxTxD = h_BxTxD + attn_BxTxD
@@ -583,28 +602,31 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, h_BxTxD, cos_BxTxH, sin_BxTxH, mask, want_probs: bool, want_qkv: bool,
-               causal: bool = True, kv=None, cache_index=None):
+               causal: bool = True, kv=None, cache_index=None, window: int | None = None):
     return _block(self.config, h_BxTxD, cos_BxTxH, sin_BxTxH, mask, want_probs, want_qkv,
-                  causal, kv, cache_index)
+                  causal, kv, cache_index, window)
 
 
 class ScanBlock(nn.Module):
   """The body of `nn.scan` over the layers (config.scan_layers): one block, carry h.
 
   `xs` is this layer's (cache entry or None, is-sliding flag or None); `masks` is the one mask
-  every layer uses, or (full, sliding) for mixed layer types, picked by the flag. Returns the
-  new h and (h if want_hidden, probs, qkv, new cache entry), stacked by the scan.
+  every layer uses, or (full, sliding) for mixed layer types, picked by the flag. With `window`
+  there is no mask to pick: the flag (or, with none, every layer) takes the kernel's window.
+  Returns the new h and (h if want_hidden, probs, qkv, new cache entry), stacked by the scan.
   """
 
   config: DecoderConfig
 
   @nn.compact
   def __call__(self, h_BxTxD, xs, cos_BxTxH, sin_BxTxH, masks, cache_index, want_probs: bool,
-               want_qkv: bool, want_hidden: bool, causal: bool):
+               want_qkv: bool, want_hidden: bool, causal: bool, window: int | None = None):
     kv, sliding = xs
-    mask = masks if sliding is None else jnp.where(sliding, masks[1], masks[0])
-    h_BxTxD, probs, qkv, new_kv = _block(self.config, h_BxTxD, cos_BxTxH, sin_BxTxH, mask,
-                                         want_probs, want_qkv, causal, kv, cache_index)
+    if window is None and sliding is not None:
+      masks, sliding = jnp.where(sliding, masks[1], masks[0]), None
+    h_BxTxD, probs, qkv, new_kv = _block(self.config, h_BxTxD, cos_BxTxH, sin_BxTxH, masks,
+                                         want_probs, want_qkv, causal, kv, cache_index, window,
+                                         sliding)
     return h_BxTxD, (h_BxTxD if want_hidden else None, probs, qkv, new_kv)
 
 
@@ -651,15 +673,17 @@ class Decoder(nn.Module):
                                 param_dtype=param_dtype, embedding_init=_INIT)
     policy = REMAT_POLICIES[c.remat_policy]
     if c.scan_layers:  # one `layers` subtree, each leaf [num_layers, ...]
-      # self (0), h, xs, cos, sin, masks, cache_index are traced; the flags (7-10) are static.
-      body = (nn.remat(ScanBlock, static_argnums=(7, 8, 9, 10), policy=policy,
+      # self (0), h, xs, cos, sin, masks, cache_index are traced; flags and window (7-11) static.
+      body = (nn.remat(ScanBlock, static_argnums=(7, 8, 9, 10, 11), policy=policy,
                        prevent_cse=False) if c.remat else ScanBlock)
       self.layers = nn.scan(body, variable_axes={'params': 0},
                             split_rngs={'params': True, 'dropout': True},  # (LoRA dropout)
-                            in_axes=(0,) + (nn.broadcast,) * 8, length=c.num_layers)(c)
+                            in_axes=(0,) + (nn.broadcast,) * 9, length=c.num_layers)(c)
     else:
-      # self (0), h, cos, sin, mask are traced; want_probs, want_qkv, causal (5-7) are static.
-      block = (nn.remat(Block, static_argnums=(5, 6, 7), policy=policy) if c.remat else Block)
+      # self (0), h, cos, sin, mask are traced; want_probs, want_qkv, causal (5-7) and window
+      # (10) are static.
+      block = (nn.remat(Block, static_argnums=(5, 6, 7, 10), policy=policy) if c.remat
+               else Block)
       self.layers = [block(c) for _ in range(c.num_layers)]  # Named layers_0, layers_1, ...
     self.final_norm = _norm(c, None)
     if c.prompt_len:
@@ -714,6 +738,7 @@ class Decoder(nn.Module):
         raise ValueError(f'{name} has shape {arr.shape}; expected {(b, t)} like input_ids.')
 
     p = c.prompt_len
+    window = None  # set below where sliding layers use the kernel's local window
     lead = p if cache is None or prefill else 0  # prompt positions in front of this call's T
     if cache is None:
       if t + p > c.max_seq_len:
@@ -724,7 +749,11 @@ class Decoder(nn.Module):
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
       full_mask = attention_mask_Bx1xTxT(attention_mask, segment_ids)
       masks = {'full_attention': full_mask, 'sliding_attention': None}
-      if c.sliding_window is not None:
+      # Sliding layers with no padding, segment or prompt mask: the kernel's local window
+      # (cuDNN's on a GPU), no [T, T] mask; otherwise the band is folded into the mask.
+      if c.sliding_window is not None and full_mask is None and not p:
+        window = c.sliding_window
+      elif c.sliding_window is not None:
         masks['sliding_attention'] = sliding_window_mask(full_mask, t, c.sliding_window)
       if p:  # the prompt takes positions 0..P-1; real tokens keep their offsets, shifted by P
         masks = {kind: with_prompt_queries(m, p) for kind, m in masks.items()}
@@ -760,7 +789,7 @@ class Decoder(nn.Module):
     if c.scan_layers:
       h_BxTxD, (hs, probs, qkv, new_kvs) = self._scan(
           h_BxTxD, cos_BxTxH, sin_BxTxH, masks, causal, cache, cache_index,
-          output_attentions, output_qkv, output_hidden_states)
+          output_attentions, output_qkv, output_hidden_states, window)
       layers = range(c.num_layers)  # the stacked outputs, per layer (the cache stays stacked)
       if output_hidden_states:
         hidden_states += [hs[i] for i in layers]
@@ -771,9 +800,11 @@ class Decoder(nn.Module):
     else:
       for i, layer in enumerate(self.layers):
         kv = None if cache is None else cache['layers'][i]
+        sliding = c.layer_type(i) == 'sliding_attention'
         h_BxTxD, probs, qkv, new_kv = layer(h_BxTxD, cos_BxTxH, sin_BxTxH,
                                             masks[c.layer_type(i)], output_attentions,
-                                            output_qkv, causal, kv, cache_index)
+                                            output_qkv, causal, kv, cache_index,
+                                            window if sliding else None)
         hidden_states.append(h_BxTxD)
         attentions.append(probs)
         qkvs.append(qkv)
@@ -795,12 +826,16 @@ class Decoder(nn.Module):
     return out
 
   def _scan(self, h_BxTxD, cos_BxTxH, sin_BxTxH, masks, causal, cache, cache_index,
-            want_probs, want_qkv, want_hidden):
+            want_probs, want_qkv, want_hidden, window):
     """The layers as one lax.scan (config.scan_layers): one layer is traced and compiled."""
     c = self.config
     types = [c.layer_type(i) for i in range(c.num_layers)]
     if len(set(types)) == 1:
       sliding_L, layer_masks = None, masks[types[0]]
+      window = window if types[0] == 'sliding_attention' else None
+    elif window is not None:  # no mask: each layer's flag picks the kernel's window or none
+      sliding_L = jnp.asarray([k == 'sliding_attention' for k in types])
+      layer_masks = None
     else:  # both masks, picked per layer by a scanned flag; causality made explicit
       full = masks['full_attention']
       if causal:
@@ -811,7 +846,7 @@ class Decoder(nn.Module):
       layer_masks = (full, masks['sliding_attention'])
     kv = None if cache is None else cache['layers']
     return self.layers(h_BxTxD, (kv, sliding_L), cos_BxTxH, sin_BxTxH, layer_masks, cache_index,
-                       want_probs, want_qkv, want_hidden, causal)
+                       want_probs, want_qkv, want_hidden, causal, window)
 
   def _cache_inputs(self, cache, t, segment_ids, positions, attention_mask):
     c = self.config
