@@ -108,6 +108,16 @@ def _normal(key, shape, dtype):
   return (0.02 * jax.random.normal(key, shape)).astype(dtype)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _int8(key, shape, qmax):
+  return jax.random.randint(key, shape, -qmax, qmax + 1, jnp.int8)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _scales(key, shape, qmax):
+  return (0.02 / qmax * (1 + jax.random.uniform(key, shape))).astype(jnp.float16)
+
+
 def _random_params(config, seed: int):
   """Params of the right shapes and dtypes, N(0, 0.02) (norm scales 1), a jit per distinct
   shape and dtype.
@@ -139,21 +149,18 @@ def _random_quantized(teacher, bits: int, group: int, seed: int, abstract: bool 
   rest = quant.rtn.split_rest(shapes, paths)
   qmax = quant.rtn.qmax(bits)
 
-  @jax.jit
-  def fill(key):
+  def fill(key):  # as _random_params: a jit per distinct shape, not one for the whole teacher
     keys = iter(jax.random.split(key, 2 * len(paths) + len(rest)))
     kernels = {}
     for p in paths:
       d_in, d_out = quant.rtn.kernel(shapes, p).shape
       g = group or d_in
-      values = jax.random.randint(next(keys), (d_in, d_out), -qmax, qmax + 1, jnp.int8)
-      scales = (0.02 / qmax * (1 + jax.random.uniform(next(keys), (d_in // g, d_out)))
-                ).astype(jnp.float16)
-      kernels[p] = (values, scales, g)
+      kernels[p] = (_int8(next(keys), (d_in, d_out), qmax),
+                    _scales(next(keys), (d_in // g, d_out), qmax))
     others = {k: (jnp.ones(v.shape, v.dtype) if k.endswith('scale') else
-                  (0.02 * jax.random.normal(next(keys), v.shape)).astype(v.dtype))
+                  _normal(next(keys), v.shape, jnp.dtype(v.dtype)))
               for k, v in rest.items()}
-    return {p: v[:2] for p, v in kernels.items()}, others
+    return kernels, others
 
   key = jax.random.key(seed, impl='rbg')
   arrays, others = jax.eval_shape(fill, key) if abstract else fill(key)

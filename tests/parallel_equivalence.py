@@ -229,27 +229,29 @@ def lora_runs(student, teacher, teacher_params, batches):
 
 def quantized_teacher_runs(student, teacher, teacher_params, batches):
   """An int8 teacher (config.teacher.quant, on qwix's matmuls) FSDP-sharded like a float one:
-  each plan's losses, and the mesh's sharding of one int-valued kernel."""
-  cfg = ml_collections.ConfigDict(
-      {'teacher': {'quant': {'bits': 8, 'group_size': 16, 'target': r'.*_proj|lm_head'}}})
-  model, qparams = compress.quantized_teacher(cfg, teacher, teacher_params)
-  spec = dataclasses.replace(run.make_spec(_config(1), student, teacher, LOSSES, 10),
-                             teacher=model)
-  state0 = jax.device_get(step_lib.create_state(run.init_student(spec, 0), spec.tx, 0))
+  each plan's losses, weight-only and W8A8 (act_bits=8, 'w8a8/' names), and the mesh's
+  sharding of one int-valued kernel."""
   got = {}
-  for name, plan in (('single', parallel.SinglePlan()), ('pmap', parallel.PmapPlan()),
-                     ('mesh2x2x2', parallel.MeshPlan(parallel.make_mesh(2, 2, 2),
-                                                     ('data', 'fsdp')))):
-    state, tp = plan.place_state(jax.tree.map(np.copy, state0)), plan.place_teacher(qparams)
-    fn = plan.train_step(spec, state)
-    losses = []
-    for b in batches:
-      state, m = fn(state, tp, b)
-      losses.append(float(m['loss']))
-    got[name] = losses
-    if name == 'mesh2x2x2':
-      q = tp['params']['layers_1']['mlp']['up_proj']['kernel'].array.qvalue
-      got['mesh_up_proj'] = [str(q.dtype), str(q.sharding.spec)]
+  for act_bits, group, prefix in ((0, 16, ''), (8, 0, 'w8a8/')):
+    cfg = ml_collections.ConfigDict({'teacher': {'quant': {
+        'bits': 8, 'group_size': group, 'act_bits': act_bits, 'target': r'.*_proj|lm_head'}}})
+    model, qparams = compress.quantized_teacher(cfg, teacher, teacher_params)
+    spec = dataclasses.replace(run.make_spec(_config(1), student, teacher, LOSSES, 10),
+                               teacher=model)
+    state0 = jax.device_get(step_lib.create_state(run.init_student(spec, 0), spec.tx, 0))
+    for name, plan in (('single', parallel.SinglePlan()), ('pmap', parallel.PmapPlan()),
+                       ('mesh2x2x2', parallel.MeshPlan(parallel.make_mesh(2, 2, 2),
+                                                       ('data', 'fsdp')))):
+      state, tp = plan.place_state(jax.tree.map(np.copy, state0)), plan.place_teacher(qparams)
+      fn = plan.train_step(spec, state)
+      losses = []
+      for b in batches:
+        state, m = fn(state, tp, b)
+        losses.append(float(m['loss']))
+      got[prefix + name] = losses
+      if name == 'mesh2x2x2' and not act_bits:
+        q = tp['params']['layers_1']['mlp']['up_proj']['kernel'].array.qvalue
+        got['mesh_up_proj'] = [str(q.dtype), str(q.sharding.spec)]
   return got
 
 

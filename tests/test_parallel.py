@@ -197,8 +197,10 @@ def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
 
   # An int8 teacher on qwix's matmuls, FSDP-split over ('data', 'fsdp') like a float teacher.
   assert qteacher.pop('mesh_up_proj') == ['int8', "P(None, ('data', 'fsdp'))"]
-  for name in ('pmap', 'mesh2x2x2'):
-    np.testing.assert_allclose(qteacher[name], qteacher['single'], rtol=1e-5)
+  for name in ('pmap', 'mesh2x2x2', 'w8a8/pmap', 'w8a8/mesh2x2x2'):
+    np.testing.assert_allclose(qteacher[name], qteacher[name.replace(name.split('/')[-1],
+                                                                     'single')], rtol=1e-5)
+  assert qteacher['w8a8/single'] != qteacher['single']  # the inputs were rounded too
 
 
 # --- two processes over loopback ----------------------------------------------------------------

@@ -11,7 +11,7 @@ the whole input axis) and no float copy of the kernel is kept:
   logits = pmodel.apply(pvars, ids)['logits']
 
 With act_bits=8 each target projection's input is quantized too, as it runs: int8 with one
-absmax scale per token (per row of the non-contracted axes), so the product is int8 x int8 with
+scale per token (absmax / 127 over each row of the non-contracted axes), so the product is int8 x int8 with
 int32 accumulation, scaled back after (qwix's dynamic-range path). That is the matmul int8 tensor
 cores run (twice bf16's rate on an H100); the weights must then be int8 (bits 8).
 
@@ -45,6 +45,11 @@ def _is_scanned(model: nn.Module) -> bool:
 
 
 ACT_BITS = (None, 8)
+# qwix's symmetric int8 bound is 127.5 (scale = absmax / 127.5), which puts every token's largest
+# input exactly on a rounding tie (+-127.5), decided by one ulp of a division that XLA may
+# compile differently in two programs (-128 or -127). Widening the range by 127.5 / 127 gives
+# the usual grid instead, scale = absmax / 127 and values in [-127, 127], with no tie.
+_ACT_CALIBRATION = f'absmax,{127.5 / 127!r}'
 
 
 def rules(qparams: rtn.QuantizedParams, scanned: bool = False,
@@ -71,7 +76,7 @@ def rules(qparams: rtn.QuantizedParams, scanned: bool = False,
       raise ValueError(f'{p} has (bits, group) {how} but another layer\'s {path} has '
                        f'{found[path]}: scanned layers run one quantization per projection. '
                        'Use one setting for every layer, or scan_layers=False.')
-  act = dict(act_qtype=QTYPES[act_bits], act_calibration_method='absmax',
+  act = dict(act_qtype=QTYPES[act_bits], act_calibration_method=_ACT_CALIBRATION,
              act_static_scale=False) if act_bits else {}
   return [qwix.QuantizationRule(module_path=re.escape(path), weight_qtype=QTYPES[bits],
                                 tile_size=tile, **act)
