@@ -296,9 +296,12 @@ def bench(chunk_size: int, fused: bool) -> dict:
   n_s = models.count_params(state.params['student'])
   tps = b * seq / dt
   tflops = flops_per_token(tdims, sdims, seq, n_t, n_s) * tps / 1e12
+  # hfu: the matmul FLOPs the step runs (counted, remat's recomputation included) per second
+  # over the peak; mfu: the peer's model FLOPs, the one to compare with the peer's.
+  hfu = settings['step_gflops_per_token'] * 1e9 * tps / 1e12 / _PEAK.value
   out = dict(settings, teacher_params=n_t, student_params=n_s, step_s=round(dt, 4),
              tokens_per_s=round(tps), tflops=round(tflops, 1), mfu=round(tflops / _PEAK.value, 3),
-             loss=float(m['loss']))
+             hfu=round(hfu, 3), loss=float(m['loss']))
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     out['peak_mem_gb'] = round(stats['peak_bytes_in_use'] / 2**30, 2)

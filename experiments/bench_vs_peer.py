@@ -7,7 +7,8 @@ r"""kd's train step beside the PyTorch peer, shape by shape, in one call: a rati
 For every shape the peer (`python3 PEER SHAPE --compile`) and each variant of
 experiments/bench_step.py (its flags after the colon) run as separate processes one after the
 other, so each has the GPU to itself and its own peak memory. Every JSON line goes to --out;
-the table printed last gives tokens/s, MFU, peak memory and the ratio of each to the peer's.
+the table printed last gives tokens/s, MFU, peak memory and the ratio of each to the peer's
+(and kd's HFU: the matmul FLOPs its step runs, remat's recomputation included, over the peak).
 Without --peer only kd's variants run (e.g. on a CPU).
 """
 
@@ -53,11 +54,11 @@ def _last_json(cmd: list[str], name: str, env=None) -> dict:
 
 def _row(name: str, r: dict, peer: dict | None) -> str:
   if 'error' in r:
-    return f'| {name} | failed: {r["error"]} | | | | |'
+    return f'| {name} | failed: {r["error"]} | | | | | |'
   ratio = lambda k: (f'{r[k] / peer[k]:.2f}x' if peer and 'error' not in peer and k in r
                      and peer.get(k) else '-')
-  mfu = r.get('mfu', '-')
-  return (f"| {name} | {r['tokens_per_s']:,} | {mfu} | {r.get('peak_mem_gb', '-')} | "
+  mfu, hfu = r.get('mfu', '-'), r.get('hfu', '-')
+  return (f"| {name} | {r['tokens_per_s']:,} | {mfu} | {hfu} | {r.get('peak_mem_gb', '-')} | "
           f"{ratio('tokens_per_s')} | {ratio('peak_mem_gb')} |")
 
 
@@ -78,8 +79,8 @@ def main(argv):
              *extra.split()]
       results.append((name, _last_json(cmd, name, env)))
     lines += [f'### {shape}', '',
-              '| run | tokens/s | MFU | peak GB | speed vs peer | memory vs peer |',
-              '|---|---:|---:|---:|---:|---:|']
+              '| run | tokens/s | MFU | HFU | peak GB | speed vs peer | memory vs peer |',
+              '|---|---:|---:|---:|---:|---:|---:|']
     lines += [_row(name, r, peer) for name, r in results] + ['']
   print('\n'.join(lines))
 
