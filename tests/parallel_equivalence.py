@@ -161,6 +161,7 @@ def main():
   out['generate'] = generation(student, state0.params['student'])
   out['lora'] = lora_runs(student, teacher, teacher_params, batches)
   out['quantized_teacher'] = quantized_teacher_runs(student, teacher, teacher_params, batches)
+  out['splash'] = splash_runs(student, teacher, teacher_params)
   json.dump(out, sys.stdout)
 
 
@@ -188,6 +189,38 @@ def scan_run(student, teacher, teacher_params, state0, batches, ref):
       jax.tree.leaves(got), jax.tree.leaves(ref))),
               student_q=str(kernel(state.params['student']).sharding.spec),
               teacher_q=str(kernel(tp).sharding.spec))
+
+
+def splash_runs(student, teacher, teacher_params):
+  """Student and teacher on the splash kernel (attention_impl='splash', Pallas interpret mode
+  on the CPU) at T = 128 without padding: 2 steps' losses on one device with XLA's attention,
+  on one device with splash, and on the 2x2x2 mesh, where the kernel runs per shard
+  (shard_map: the batch over ('data', 'fsdp'), the teacher's 2 KV heads over 'tensor')."""
+  t = 128
+  rng = np.random.default_rng(9)
+  batches = []
+  for _ in range(2):
+    ids = rng.integers(3, V, size=(B, t + 1)).astype(np.int32)
+    batches.append({'input_ids': ids[:, :-1], 'labels': ids[:, 1:],
+                    'loss_mask': np.ones((B, t), np.float32)})
+  with_impl = lambda m, impl: type(m)(dataclasses.replace(m.config, attention_impl=impl,
+                                                          max_seq_len=t))
+  got = {}
+  for name, impl, plan in (('xla', 'xla', parallel.SinglePlan()),
+                           ('single', 'splash', parallel.SinglePlan()),
+                           ('mesh2x2x2', 'splash', parallel.MeshPlan(parallel.make_mesh(2, 2, 2),
+                                                                     ('data', 'fsdp')))):
+    spec = run.make_spec(_config(1), with_impl(student, impl), with_impl(teacher, impl),
+                         LOSSES, 10)
+    state = plan.place_state(jax.device_get(
+        step_lib.create_state(run.init_student(spec, 0), spec.tx, 0)))
+    tp, fn = plan.place_teacher(teacher_params), plan.train_step(spec, state)
+    losses = []
+    for b in batches:
+      state, m = fn(state, tp, b)
+      losses.append(float(m['loss']))
+    got[name] = losses
+  return got
 
 
 def lora_runs(student, teacher, teacher_params, batches):

@@ -401,3 +401,49 @@ def test_explicit_head_dim():
   a = _run(config, variables, ids, attention_mask=RIGHT_PAD)['logits']
   b = _run(config, variables, ids, explicit=True, attention_mask=RIGHT_PAD)['logits']
   np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_splash_attention_equals_xla(scan):
+  """attention_impl='splash' (the TPU's Pallas kernel, interpreted on the CPU) on a model with
+  GQA and mixed sliding/full layers at T = 128: XLA's logits and gradients, unrolled and
+  scanned (a lax.cond picks each layer's window). With a padding mask, or at a length that is
+  not a multiple of 128, the model takes XLA's path (no Pallas call)."""
+  t = 128
+  config = _config(num_layers=3, sliding_window=40, max_seq_len=t, layer_types=(
+      'full_attention', 'sliding_attention', 'full_attention'), scan_layers=scan)
+  splash_cfg = dataclasses.replace(config, attention_impl='splash')
+  variables = _random_params(dataclasses.replace(config, scan_layers=False))
+  variables = models.stack_layers(variables) if scan else variables
+  ids = jnp.asarray(np.random.RandomState(3).randint(0, 97, (2, t)))
+
+  def loss(cfg, params, **kw):
+    return jnp.mean(jax.nn.logsumexp(Decoder(cfg).apply(params, ids, **kw)['logits'], -1))
+
+  pallas_calls = lambda cfg, **kw: _count(jax.make_jaxpr(functools.partial(loss, cfg, **kw))(
+      variables).jaxpr, 'pallas_call')
+  # Unrolled: a call per layer. Scanned: one body, whose cond holds the window and the full one.
+  assert pallas_calls(splash_cfg) == (2 if scan else 3) and pallas_calls(config) == 0
+  assert pallas_calls(splash_cfg, attention_mask=jnp.ones((2, t), jnp.int32)) == 0
+  out = Decoder(splash_cfg).apply(variables, ids)['logits']
+  np.testing.assert_allclose(out, Decoder(config).apply(variables, ids)['logits'], atol=2e-6)
+  grads = [jax.jit(jax.grad(functools.partial(loss, c)))(variables) for c in (splash_cfg, config)]
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6, rtol=1e-5), *grads)
+  short = ids[:, :8]
+  assert not _count(jax.make_jaxpr(lambda p: Decoder(splash_cfg).apply(p, short)['logits'])(
+      variables).jaxpr, 'pallas_call')
+
+
+def _count(jaxpr, primitive: str) -> int:
+  """Occurrences of `primitive` in jaxpr and every sub-jaxpr (each cond branch, a scan body
+  once), also where jax shares one sub-jaxpr between calls."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == primitive
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          n += _count(sub.jaxpr, primitive)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          n += _count(sub, primitive)
+  return n

@@ -144,6 +144,7 @@ def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
   ref = runs.pop('single/accum2')
   shardings, init = runs.pop('shardings'), runs.pop('init')
   gen, lora, qteacher = runs.pop('generate'), runs.pop('lora'), runs.pop('quantized_teacher')
+  splash = runs.pop('splash')
   scan = runs.pop('scan')
   # Stopped and resumed through loop.fit (unreplicated checkpoint, replicated on restore).
   assert runs.pop('pmap/fit_resumed')['same']
@@ -201,6 +202,11 @@ def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
     np.testing.assert_allclose(qteacher[name], qteacher[name.replace(name.split('/')[-1],
                                                                      'single')], rtol=1e-5)
   assert qteacher['w8a8/single'] != qteacher['single']  # the inputs were rounded too
+
+  # The splash kernel (Pallas, interpreted here): XLA's losses on one device, and on the mesh,
+  # where it runs per shard under shard_map.
+  for name in ('single', 'mesh2x2x2'):
+    np.testing.assert_allclose(splash[name], splash['xla'], rtol=1e-5, err_msg=name)
 
 
 # --- two processes over loopback ----------------------------------------------------------------

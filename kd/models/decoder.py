@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd.models import cache as kv_cache
+from kd.models import splash
 from kd.models.model import config_from_dict
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -52,7 +53,7 @@ REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ATTENTION_IMPLS = (None, 'xla', 'cudnn')
+ATTENTION_IMPLS = (None, 'xla', 'cudnn', 'splash')
 POSITIONS = ('rope', 'learned')
 LAYER_TYPES = ('full_attention', 'sliding_attention')
 # rope_scaling['rope_type'] -> the keys it needs (transformers' names).
@@ -90,11 +91,13 @@ class DecoderConfig:
   # jax.nn.dot_product_attention's implementation: 'xla', 'cudnn' (the fused flash kernel on
   # NVIDIA GPUs; fails at compile time where cuDNN cannot run it), or None: cuDNN where it is
   # known to apply (GPU, bf16/fp16, causal without a padding or segment mask), else XLA.
+  # 'splash': the TPU's Pallas flash kernel (kd.models.splash) for causal attention without a
+  # mask at lengths that are multiples of 128, XLA for the rest; asked for by name only.
   attention_impl: str | None = None
   # The layers as one nn.scan: params stored stacked under `layers` (each leaf [num_layers,
   # ...]; stack_layers / unstack_layers convert), one layer compiled instead of num_layers, and
-  # a stacked KV cache (kd.models.cache.init_cache). Mixed layer_types select their mask per
-  # layer inside the scan (so those models use XLA attention, not cuDNN).
+  # a stacked KV cache (kd.models.cache.init_cache). Mixed layer_types select their mask (or,
+  # without padding, the kernel's window) per layer inside the scan.
   scan_layers: bool = False
   # Family switches; the defaults are Llama.
   model_type: str = 'llama'  # The transformers family kd.hf.save exports to.
@@ -414,7 +417,7 @@ def explicit_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: flo
   return out_BxTxNxH, probs_BxNxTxS
 
 
-def attention_impl(c: DecoderConfig, dtype, mask, causal: bool) -> str | None:
+def attention_impl(c: DecoderConfig, dtype, mask, causal: bool, length: int = 0) -> str | None:
   """config.attention_impl, or when None the kernel to ask for: 'cudnn' where it applies.
 
   jax.nn.dot_product_attention's own default is the XLA path (2.7x slower for a whole KD step
@@ -423,6 +426,8 @@ def attention_impl(c: DecoderConfig, dtype, mask, causal: bool) -> str | None:
   """
   if c.prefix_len:  # the prefix needs an explicit mask; kd sends those to XLA
     return 'xla'
+  if c.attention_impl == 'splash':  # the TPU kernel (kd.models.splash): causal, no mask
+    return 'splash' if mask is None and causal and splash.fits(length) else 'xla'
   if c.attention_impl is not None:
     return c.attention_impl
   if (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
@@ -536,10 +541,16 @@ class Attention(nn.Module):
       probs = probs[..., p:]  # the real keys only: rows sum to 1 minus the prefix's share
     else:
       # A fused kernel where the backend has one; handles GQA without repeats.
-      attend = lambda local: jax.nn.dot_product_attention(
-          q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, mask=mask, scale=scale, is_causal=causal,
-          local_window_size=local, implementation=attention_impl(c, q_BxTxNxH.dtype, mask,
-                                                                 causal))
+      impl = attention_impl(c, q_BxTxNxH.dtype, mask, causal, t)
+
+      def attend(local):
+        if impl == 'splash':
+          return splash.attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, scale,
+                                  None if local is None else local[0] + 1)
+        return jax.nn.dot_product_attention(
+            q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, mask=mask, scale=scale, is_causal=causal,
+            local_window_size=local, implementation=impl)
+
       if local is not None and sliding is not None:  # this layer's flag picks the window
         out_BxTxNxH = jax.lax.cond(sliding, lambda: attend(local), lambda: attend(None))
       else:

@@ -143,14 +143,23 @@ class MeshPlan:
     fn = jax.jit(functools.partial(step_lib.train_step, spec=spec),
                  out_shardings=(self.state_shardings(state), self.replicated),
                  donate_argnums=(0,))
-    return lambda state, teacher_params, batch: fn(state, teacher_params, self.shard_batch(batch))
+    return self._in_mesh(
+        lambda state, teacher_params, batch: fn(state, teacher_params, self.shard_batch(batch)))
+
+  def _in_mesh(self, fn):
+    """fn, traced and run with this mesh set (jax.set_mesh): a kernel XLA cannot partition
+    (kd.models.splash) finds it there and runs per shard."""
+    def call(*args):
+      with jax.set_mesh(self.mesh):
+        return fn(*args)
+    return call
 
   def eval_step(self, spec: step_lib.Spec):
     """fn(params, teacher_params, batch) -> {name: (sum, count)}; `batch` is the same on every
     process."""
     fn = jax.jit(functools.partial(step_lib.eval_step, spec=spec), out_shardings=self.replicated)
-    return lambda params, teacher_params, batch: fn(params, teacher_params,
-                                                    self.shard_global_batch(batch))
+    return self._in_mesh(lambda params, teacher_params, batch: fn(
+        params, teacher_params, self.shard_global_batch(batch)))
 
   def generate(self, model, prompt_ids, prompt_mask=None, **kw):
     """kd.models.sample.generate on the sharded params with the prompt rows split over

@@ -1,0 +1,82 @@
+"""Causal attention on the TPU's Pallas splash kernel (`DecoderConfig.attention_impl='splash'`).
+
+  out_BxTxNxH = attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale, window=None)
+
+jax.nn.dot_product_attention has no TPU flash kernel (its 'xla' path holds the [B, N, T, T]
+logits); the splash kernel in jax.experimental.pallas.ops.tpu streams key blocks with an online
+softmax and skips the blocks the causal (or sliding-window) mask leaves empty, forward and
+backward. Grouped-query attention runs as the kernel's MQA form, once per KV head: the N / K
+query heads of a group share their key and value, which are never repeated.
+
+Under a mesh (`jax.set_mesh`, as kd.parallel.MeshPlan traces its step) the kernel runs per shard
+through `jax.shard_map`: the batch split over the mesh's 'data' and 'fsdp' axes and the KV heads
+over 'tensor' (where they divide), since a Pallas call cannot be partitioned by XLA itself.
+Off a TPU the kernel runs in Pallas' interpret mode (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+from jax.sharding import PartitionSpec as P
+
+BLOCK = 128  # the kernel's lane width: sequence blocks are multiples of it
+
+
+def fits(t: int) -> bool:
+  """Whether the kernel takes a sequence of length t (whole blocks; Decoder uses XLA else)."""
+  return t > 0 and t % BLOCK == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(t: int, group: int, window: int | None, interpret: bool):
+  """The MQA kernel for `group` query heads of length t sharing one key/value head."""
+  one = (masks.CausalMask((t, t)) if window is None
+         else masks.LocalMask((t, t), window_size=(window - 1, 0), offset=0))
+  block = max(b for b in (512, 256, BLOCK) if t % b == 0)
+  sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  with jax.ensure_compile_time_eval():  # its mask tables: concrete, so the cache holds no tracer
+    return kernel.make_splash_mqa_single_device(masks.MultiHeadMask([one] * group),
+                                                block_sizes=sizes, interpret=interpret)
+
+
+def _local(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, window, interpret):
+  _, _, g, t, _ = q_BxKxGxTxH.shape
+  run = _kernel(t, g, window, interpret)
+  return jax.vmap(jax.vmap(run))(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH)
+
+
+def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale: float, window: int | None = None):
+  """Causal attention (keys less than `window` slots back, if given), [B, T, N, H] out."""
+  b, t, n, h = q_BxTxNxH.shape
+  k = k_BxTxKxH.shape[2]
+  if not fits(t):
+    raise ValueError(f'splash attention needs a sequence length that is a multiple of {BLOCK} '
+                     f'(the kernel\'s blocks), got {t}: pad or cut the sequences.')
+  q_BxKxGxTxH = (q_BxTxNxH * jnp.asarray(scale, q_BxTxNxH.dtype)).reshape(
+      b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+  k_BxKxTxH, v_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3)
+  local = functools.partial(_local, window=window, interpret=jax.default_backend() != 'tpu')
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    batch = tuple(a for a in ('data', 'fsdp') if a in mesh.axis_names and mesh.shape[a] > 1)
+    batch = tuple(batch) if batch and b % _size(mesh, batch) == 0 else None
+    heads = 'tensor' if 'tensor' in mesh.axis_names and k % mesh.shape['tensor'] == 0 else None
+    spec = P(batch or None, heads)
+    local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                          check_vma=False)
+  out_BxKxGxTxH = local(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH)
+  return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _size(mesh, axes) -> int:
+  size = 1
+  for a in axes:
+    size *= mesh.shape[a]
+  return size
