@@ -97,9 +97,11 @@ def get_config(arg=None):
   c.teacher = ml_collections.ConfigDict()
   # Any kd.models.DecoderConfig field may be added, e.g. remat=True, or scan_layers=True (the
   # layers as one nn.scan over stacked params: one layer compiled instead of all of them).
+  # attention_impl: None (cuDNN on a GPU where it applies, else XLA), 'xla', 'cudnn', or
+  # 'splash' (the TPU's Pallas kernel; e.g. --config.student.attention_impl=splash).
   c.teacher.model = ml_collections.ConfigDict(dict(
       hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2, intermediate_size=512,
-      scan_layers=False))
+      scan_layers=False, attention_impl=ml_collections.config_dict.placeholder(str)))
   c.teacher.steps = 800
   # Where the teacher's run lives: '' = <workdir>/teacher. Runs that name the same directory
   # share one teacher (trained by the first, restored by the rest; same teacher settings, seed
@@ -127,7 +129,7 @@ def get_config(arg=None):
 
   c.student = ml_collections.ConfigDict(dict(
       hidden_size=96, num_layers=2, num_heads=3, num_kv_heads=1, intermediate_size=256,
-      scan_layers=False))
+      scan_layers=False, attention_impl=ml_collections.config_dict.placeholder(str)))
 
   # 'random', or 'teacher': start from the teacher's layers `layers` ('every_k' with stride k,
   # 'first_last', or the list `layers_list`), weights cut to the student's widths.

@@ -240,7 +240,9 @@ def share_teacher(config, workdir: str) -> None:
   keys = ('name', 'vocab_size', 'seq_len', 'batch_size')
   if c.data.get('task', 'lm') != 'lm':  # (absent for LM runs: older shared teachers match)
     keys += ('task', 'prompt_len', 'response_len')
-  mine = dict(seed=c.seed, model=c.teacher.model.to_dict(), steps=c.teacher.steps,
+  model = {k: v for k, v in c.teacher.model.to_dict().items()
+           if k != 'attention_impl'}  # (the kernel does not change what the teacher learns)
+  mine = dict(seed=c.seed, model=model, steps=c.teacher.steps,
               optimizer=c.teacher.get('optimizer', c.optimizer).to_dict(),
               data={k: c.data[k] for k in keys})
   if int(c.teacher.get('count', 1)) > 1:
