@@ -193,16 +193,18 @@ def scan_run(student, teacher, teacher_params, state0, batches, ref):
 
 def splash_runs(student, teacher, teacher_params):
   """Student and teacher on the splash kernel (attention_impl='splash', Pallas interpret mode
-  on the CPU) at T = 128 without padding: 2 steps' losses on one device with XLA's attention,
-  on one device with splash, and on the 2x2x2 mesh, where the kernel runs per shard
-  (shard_map: the batch over ('data', 'fsdp'), the teacher's 2 KV heads over 'tensor')."""
+  on the CPU) at T = 128 with ragged right padding (the kernel's segment ids): 2 steps' losses
+  on one device with XLA's attention, on one device with splash, and on the 2x2x2 mesh, where
+  the kernel runs per shard (shard_map: the batch and its segment ids over ('data', 'fsdp'),
+  the teacher's 2 KV heads over 'tensor')."""
   t = 128
   rng = np.random.default_rng(9)
   batches = []
   for _ in range(2):
     ids = rng.integers(3, V, size=(B, t + 1)).astype(np.int32)
+    real = np.arange(t)[None] < rng.integers(64, t + 1, size=B)[:, None]  # right padding
     batches.append({'input_ids': ids[:, :-1], 'labels': ids[:, 1:],
-                    'loss_mask': np.ones((B, t), np.float32)})
+                    'attention_mask': real.astype(np.int32), 'loss_mask': real.astype(np.float32)})
   with_impl = lambda m, impl: type(m)(dataclasses.replace(m.config, attention_impl=impl,
                                                           max_seq_len=t))
   got = {}

@@ -407,8 +407,9 @@ def test_explicit_head_dim():
 def test_splash_attention_equals_xla(scan):
   """attention_impl='splash' (the TPU's Pallas kernel, interpreted on the CPU) on a model with
   GQA and mixed sliding/full layers at T = 128: XLA's logits and gradients, unrolled and
-  scanned (a lax.cond picks each layer's window). With a padding mask, or at a length that is
-  not a multiple of 128, the model takes XLA's path (no Pallas call)."""
+  scanned (a lax.cond picks each layer's window); with padding on both sides or packed
+  sequences, the mask as the kernel's segment ids (compared on real tokens). At a length that
+  is not a multiple of 128, or when attention probabilities are asked for, XLA's path runs."""
   t = 128
   config = _config(num_layers=3, sliding_window=40, max_seq_len=t, layer_types=(
       'full_attention', 'sliding_attention', 'full_attention'), scan_layers=scan)
@@ -416,22 +417,33 @@ def test_splash_attention_equals_xla(scan):
   variables = _random_params(dataclasses.replace(config, scan_layers=False))
   variables = models.stack_layers(variables) if scan else variables
   ids = jnp.asarray(np.random.RandomState(3).randint(0, 97, (2, t)))
+  pos = jnp.arange(t)
+  padded = jnp.stack([(pos >= 10) & (pos < 100), pos < 128]).astype(jnp.int32)  # left + right
+  packed = jnp.stack([1 + (pos >= 50) + (pos >= 90), jnp.where(pos < 120, 1, 0)])
+  restart = jnp.stack([pos - jnp.where(pos >= 90, 90, jnp.where(pos >= 50, 50, 0)), pos])
 
-  def loss(cfg, params, **kw):
-    return jnp.mean(jax.nn.logsumexp(Decoder(cfg).apply(params, ids, **kw)['logits'], -1))
+  def loss(cfg, params, real, **kw):
+    logits = Decoder(cfg).apply(params, ids, **kw)['logits']
+    return jnp.sum(jax.nn.logsumexp(logits, -1) * real) / jnp.sum(real)
 
-  pallas_calls = lambda cfg, **kw: _count(jax.make_jaxpr(functools.partial(loss, cfg, **kw))(
-      variables).jaxpr, 'pallas_call')
+  pallas_calls = lambda cfg, **kw: _count(jax.make_jaxpr(functools.partial(
+      loss, cfg, real=1.0, **kw))(variables).jaxpr, 'pallas_call')
   # Unrolled: a call per layer. Scanned: one body, whose cond holds the window and the full one.
   assert pallas_calls(splash_cfg) == (2 if scan else 3) and pallas_calls(config) == 0
-  assert pallas_calls(splash_cfg, attention_mask=jnp.ones((2, t), jnp.int32)) == 0
-  out = Decoder(splash_cfg).apply(variables, ids)['logits']
-  np.testing.assert_allclose(out, Decoder(config).apply(variables, ids)['logits'], atol=2e-6)
-  grads = [jax.jit(jax.grad(functools.partial(loss, c)))(variables) for c in (splash_cfg, config)]
-  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6, rtol=1e-5), *grads)
+  for kw, real in (({}, jnp.ones((2, t))), ({'attention_mask': padded}, padded),
+                   ({'segment_ids': packed, 'positions': restart}, packed > 0)):
+    assert pallas_calls(splash_cfg, **kw) == (2 if scan else 3)
+    out, want = (Decoder(c).apply(variables, ids, **kw)['logits'] for c in (splash_cfg, config))
+    keep = np.asarray(real, bool)
+    np.testing.assert_allclose(np.asarray(out)[keep], np.asarray(want)[keep], atol=2e-6)
+    grads = [jax.jit(jax.grad(functools.partial(loss, c, real=real, **kw)))(variables)
+             for c in (splash_cfg, config)]
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6, rtol=1e-5), *grads)
   short = ids[:, :8]
   assert not _count(jax.make_jaxpr(lambda p: Decoder(splash_cfg).apply(p, short)['logits'])(
       variables).jaxpr, 'pallas_call')
+  assert not _count(jax.make_jaxpr(lambda p: Decoder(splash_cfg).apply(
+      p, ids, output_attentions=True)['logits'])(variables).jaxpr, 'pallas_call')
 
 
 def _count(jaxpr, primitive: str) -> int:

@@ -91,8 +91,9 @@ class DecoderConfig:
   # jax.nn.dot_product_attention's implementation: 'xla', 'cudnn' (the fused flash kernel on
   # NVIDIA GPUs; fails at compile time where cuDNN cannot run it), or None: cuDNN where it is
   # known to apply (GPU, bf16/fp16, causal without a padding or segment mask), else XLA.
-  # 'splash': the TPU's Pallas flash kernel (kd.models.splash) for causal attention without a
-  # mask at lengths that are multiples of 128, XLA for the rest; asked for by name only.
+  # 'splash': the TPU's Pallas flash kernel (kd.models.splash) for causal attention at lengths
+  # that are multiples of 128 (a padding mask or packed segment_ids become its segment ids), XLA
+  # for the rest (prompt/prefix tuning, a KV cache, output_attentions); asked for by name only.
   attention_impl: str | None = None
   # The layers as one nn.scan: params stored stacked under `layers` (each leaf [num_layers,
   # ...]; stack_layers / unstack_layers convert), one layer compiled instead of num_layers, and
@@ -484,11 +485,11 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, mask, want_probs: bool, want_qkv: bool,
                causal: bool = True, kv=None, cache_index=None, window: int | None = None,
-               sliding=None):
+               sliding=None, segments=None):
     """`window`: a sliding-window layer with no other mask (`mask` None): keys less than
     `window` slots back, given to the fused kernel as its local window (no [T, T] mask is
     made); with `sliding`, a traced bool (a scanned stack of mixed layer types), only when it
-    is true."""
+    is true. `segments` [B, T]: the splash kernel's segment ids, in place of `mask`."""
     c = self.config
     dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
     b, t, _ = x_BxTxD.shape
@@ -546,7 +547,7 @@ class Attention(nn.Module):
       def attend(local):
         if impl == 'splash':
           return splash.attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, scale,
-                                  None if local is None else local[0] + 1)
+                                  None if local is None else local[0] + 1, segments)
         return jax.nn.dot_product_attention(
             q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, mask=mask, scale=scale, is_causal=causal,
             local_window_size=local, implementation=impl)
@@ -587,12 +588,13 @@ class MLP(nn.Module):
 
 
 def _block(c: DecoderConfig, h_BxTxD, cos_BxTxH, sin_BxTxH, mask, want_probs: bool,
-           want_qkv: bool, causal: bool, kv, cache_index, window=None, sliding=None):
+           want_qkv: bool, causal: bool, kv, cache_index, window=None, sliding=None,
+           segments=None):
   """One block's computation; called inside a compact method, whose module owns the params
   (`Block`, one layer, or `ScanBlock`, the body of the scanned stack)."""
   attn_BxTxD, probs, qkv, new_kv = Attention(c, name='attn')(
       _norm(c, 'input_norm')(h_BxTxD), cos_BxTxH, sin_BxTxH, mask, want_probs, want_qkv,
-      causal, kv, cache_index, window, sliding)
+      causal, kv, cache_index, window, sliding, segments)
   if c.adapter_size:
     attn_BxTxD = Adapter(c, name='attn_adapter')(attn_BxTxD)
   h_BxTxD = h_BxTxD + attn_BxTxD
@@ -613,9 +615,10 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, h_BxTxD, cos_BxTxH, sin_BxTxH, mask, want_probs: bool, want_qkv: bool,
-               causal: bool = True, kv=None, cache_index=None, window: int | None = None):
+               causal: bool = True, kv=None, cache_index=None, window: int | None = None,
+               segments=None):
     return _block(self.config, h_BxTxD, cos_BxTxH, sin_BxTxH, mask, want_probs, want_qkv,
-                  causal, kv, cache_index, window)
+                  causal, kv, cache_index, window, None, segments)
 
 
 class ScanBlock(nn.Module):
@@ -631,13 +634,14 @@ class ScanBlock(nn.Module):
 
   @nn.compact
   def __call__(self, h_BxTxD, xs, cos_BxTxH, sin_BxTxH, masks, cache_index, want_probs: bool,
-               want_qkv: bool, want_hidden: bool, causal: bool, window: int | None = None):
+               want_qkv: bool, want_hidden: bool, causal: bool, window: int | None = None,
+               segments=None):
     kv, sliding = xs
     if window is None and sliding is not None:
       masks, sliding = jnp.where(sliding, masks[1], masks[0]), None
     h_BxTxD, probs, qkv, new_kv = _block(self.config, h_BxTxD, cos_BxTxH, sin_BxTxH, masks,
                                          want_probs, want_qkv, causal, kv, cache_index, window,
-                                         sliding)
+                                         sliding, segments)
     return h_BxTxD, (h_BxTxD if want_hidden else None, probs, qkv, new_kv)
 
 
@@ -689,7 +693,7 @@ class Decoder(nn.Module):
                        prevent_cse=False) if c.remat else ScanBlock)
       self.layers = nn.scan(body, variable_axes={'params': 0},
                             split_rngs={'params': True, 'dropout': True},  # (LoRA dropout)
-                            in_axes=(0,) + (nn.broadcast,) * 9, length=c.num_layers)(c)
+                            in_axes=(0,) + (nn.broadcast,) * 10, length=c.num_layers)(c)
     else:
       # self (0), h, cos, sin, mask are traced; want_probs, want_qkv, causal (5-7) and window
       # (10) are static.
@@ -750,6 +754,7 @@ class Decoder(nn.Module):
 
     p = c.prompt_len
     window = None  # set below where sliding layers use the kernel's local window
+    segments = None  # set below where the splash kernel takes segment ids for the mask
     lead = p if cache is None or prefill else 0  # prompt positions in front of this call's T
     if cache is None:
       if t + p > c.max_seq_len:
@@ -758,6 +763,10 @@ class Decoder(nn.Module):
                          'raise DecoderConfig.max_seq_len or truncate the inputs.')
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      if (c.attention_impl == 'splash' and splash.fits(t) and not p and not c.prefix_len
+          and not output_attentions):  # the kernel's segment ids instead of a [T, T] mask
+        segments = segment_ids if segment_ids is not None else attention_mask
+        segment_ids = attention_mask = None
       full_mask = attention_mask_Bx1xTxT(attention_mask, segment_ids)
       masks = {'full_attention': full_mask, 'sliding_attention': None}
       # Sliding layers with no padding, segment or prompt mask: the kernel's local window
@@ -800,7 +809,7 @@ class Decoder(nn.Module):
     if c.scan_layers:
       h_BxTxD, (hs, probs, qkv, new_kvs) = self._scan(
           h_BxTxD, cos_BxTxH, sin_BxTxH, masks, causal, cache, cache_index,
-          output_attentions, output_qkv, output_hidden_states, window)
+          output_attentions, output_qkv, output_hidden_states, window, segments)
       layers = range(c.num_layers)  # the stacked outputs, per layer (the cache stays stacked)
       if output_hidden_states:
         hidden_states += [hs[i] for i in layers]
@@ -815,7 +824,7 @@ class Decoder(nn.Module):
         h_BxTxD, probs, qkv, new_kv = layer(h_BxTxD, cos_BxTxH, sin_BxTxH,
                                             masks[c.layer_type(i)], output_attentions,
                                             output_qkv, causal, kv, cache_index,
-                                            window if sliding else None)
+                                            window if sliding else None, segments)
         hidden_states.append(h_BxTxD)
         attentions.append(probs)
         qkvs.append(qkv)
@@ -837,7 +846,7 @@ class Decoder(nn.Module):
     return out
 
   def _scan(self, h_BxTxD, cos_BxTxH, sin_BxTxH, masks, causal, cache, cache_index,
-            want_probs, want_qkv, want_hidden, window):
+            want_probs, want_qkv, want_hidden, window, segments):
     """The layers as one lax.scan (config.scan_layers): one layer is traced and compiled."""
     c = self.config
     types = [c.layer_type(i) for i in range(c.num_layers)]
@@ -857,7 +866,7 @@ class Decoder(nn.Module):
       layer_masks = (full, masks['sliding_attention'])
     kv = None if cache is None else cache['layers']
     return self.layers(h_BxTxD, (kv, sliding_L), cos_BxTxH, sin_BxTxH, layer_masks, cache_index,
-                       want_probs, want_qkv, want_hidden, causal, window)
+                       want_probs, want_qkv, want_hidden, causal, window, segments)
 
   def _cache_inputs(self, cache, t, segment_ids, positions, attention_mask):
     c = self.config

@@ -1,11 +1,14 @@
 """Causal attention on the TPU's Pallas splash kernel (`DecoderConfig.attention_impl='splash'`).
 
-  out_BxTxNxH = attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale, window=None)
+  out_BxTxNxH = attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale, window=None,
+                          segments_BxT=None)
 
 jax.nn.dot_product_attention has no TPU flash kernel (its 'xla' path holds the [B, N, T, T]
 logits); the splash kernel in jax.experimental.pallas.ops.tpu streams key blocks with an online
 softmax and skips the blocks the causal (or sliding-window) mask leaves empty, forward and
-backward. Grouped-query attention runs as the kernel's MQA form, once per KV head: the N / K
+backward. `segments_BxT` (ints) restricts each query to keys of its own segment: packed
+sequences, or padding (0) apart from real tokens (1), whose rows are then not a real token's.
+Grouped-query attention runs as the kernel's MQA form, once per KV head: the N / K
 query heads of a group share their key and value, which are never repeated.
 
 Under a mesh (`jax.set_mesh`, as kd.parallel.MeshPlan traces its step) the kernel runs per shard
@@ -46,14 +49,20 @@ def _kernel(t: int, group: int, window: int | None, interpret: bool):
                                                 block_sizes=sizes, interpret=interpret)
 
 
-def _local(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, window, interpret):
+def _local(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, segments_BxT, window, interpret):
   _, _, g, t, _ = q_BxKxGxTxH.shape
   run = _kernel(t, g, window, interpret)
-  return jax.vmap(jax.vmap(run))(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH)
+  if segments_BxT is None:
+    return jax.vmap(jax.vmap(run))(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH)
+  per_example = lambda q, k, v, s: jax.vmap(
+      lambda q, k, v: run(q, k, v, segment_ids=kernel.SegmentIds(s, s)))(q, k, v)
+  return jax.vmap(per_example)(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, segments_BxT)
 
 
-def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale: float, window: int | None = None):
-  """Causal attention (keys less than `window` slots back, if given), [B, T, N, H] out."""
+def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale: float, window: int | None = None,
+              segments_BxT=None):
+  """Causal attention (keys less than `window` slots back, if given; within each query's
+  segment, if `segments_BxT` is given), [B, T, N, H] out."""
   b, t, n, h = q_BxTxNxH.shape
   k = k_BxTxKxH.shape[2]
   if not fits(t):
@@ -69,9 +78,10 @@ def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale: float, window: int | None 
     batch = tuple(batch) if batch and b % _size(mesh, batch) == 0 else None
     heads = 'tensor' if 'tensor' in mesh.axis_names and k % mesh.shape['tensor'] == 0 else None
     spec = P(batch or None, heads)
-    local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                          check_vma=False)
-  out_BxKxGxTxH = local(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH)
+    local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch or None)),
+                          out_specs=spec, check_vma=False)
+  segments = None if segments_BxT is None else segments_BxT.astype(jnp.int32)
+  out_BxKxGxTxH = local(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, segments)
   return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
