@@ -194,7 +194,8 @@ def scan_run(student, teacher, teacher_params, state0, batches, ref):
 def splash_runs(student, teacher, teacher_params):
   """Student and teacher on the splash kernel (attention_impl='splash', Pallas interpret mode
   on the CPU) at T = 128 with ragged right padding (the kernel's segment ids): 2 steps' losses
-  on one device with XLA's attention, on one device with splash, and on the 2x2x2 mesh, where
+  on one device with XLA's attention, on one device with splash, under pmap (each device's
+  own call), and on the 2x2x2 mesh, where
   the kernel runs per shard (shard_map: the batch and its segment ids over ('data', 'fsdp'),
   the teacher's 2 KV heads over 'tensor')."""
   t = 128
@@ -210,6 +211,7 @@ def splash_runs(student, teacher, teacher_params):
   got = {}
   for name, impl, plan in (('xla', 'xla', parallel.SinglePlan()),
                            ('single', 'splash', parallel.SinglePlan()),
+                           ('pmap', 'splash', parallel.PmapPlan()),
                            ('mesh2x2x2', 'splash', parallel.MeshPlan(parallel.make_mesh(2, 2, 2),
                                                                      ('data', 'fsdp')))):
     spec = run.make_spec(_config(1), with_impl(student, impl), with_impl(teacher, impl),

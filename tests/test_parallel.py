@@ -205,7 +205,7 @@ def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
 
   # The splash kernel (Pallas, interpreted here): XLA's losses on one device, and on the mesh,
   # where it runs per shard under shard_map.
-  for name in ('single', 'mesh2x2x2'):
+  for name in ('single', 'pmap', 'mesh2x2x2'):
     np.testing.assert_allclose(splash[name], splash['xla'], rtol=1e-5, err_msg=name)
 
 

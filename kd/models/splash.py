@@ -11,7 +11,8 @@ sequences, or padding (0) apart from real tokens (1), whose rows are then not a 
 Grouped-query attention runs as the kernel's MQA form, once per KV head: the N / K
 query heads of a group share their key and value, which are never repeated.
 
-Under a mesh (`jax.set_mesh`, as kd.parallel.MeshPlan traces its step) the kernel runs per shard
+Under pmap each device calls the kernel on its own rows. Under a mesh (`jax.set_mesh`, as
+kd.parallel.MeshPlan traces its step) the kernel runs per shard
 through `jax.shard_map`: the batch split over the mesh's 'data' and 'fsdp' axes and the KV heads
 over 'tensor' (where they divide), since a Pallas call cannot be partitioned by XLA itself.
 Off a TPU the kernel runs in Pallas' interpret mode (slow; for tests).
