@@ -12,6 +12,7 @@ import pytest
 from kd import models
 from kd.models import Decoder, DecoderConfig, count_params, head_fn, init_params
 from kd.models import cache as kv_cache
+from kd.models import decoder as decoder_lib
 
 TINY = dict(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
             intermediate_size=96, rope_theta=10000.0, rms_norm_eps=1e-6, max_seq_len=64)
@@ -444,6 +445,14 @@ def test_splash_attention_equals_xla(scan):
       variables).jaxpr, 'pallas_call')
   assert not _count(jax.make_jaxpr(lambda p: Decoder(splash_cfg).apply(
       p, ids, output_attentions=True)['logits'])(variables).jaxpr, 'pallas_call')
+
+
+def test_splash_on_a_gpu_is_refused(monkeypatch):
+  """A GPU would run the TPU kernel interpreted: a clear error names the GPU's choices."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  config = _config(attention_impl='splash', max_seq_len=128)
+  with pytest.raises(ValueError, match="on a GPU use None or 'cudnn'"):
+    decoder_lib.attention_impl(config, jnp.bfloat16, None, True, 128)
 
 
 def _count(jaxpr, primitive: str) -> int:

@@ -428,6 +428,9 @@ def attention_impl(c: DecoderConfig, dtype, mask, causal: bool, length: int = 0)
   if c.prefix_len:  # the prefix needs an explicit mask; kd sends those to XLA
     return 'xla'
   if c.attention_impl == 'splash':  # the TPU kernel (kd.models.splash): causal, no mask
+    if jax.default_backend() == 'gpu':
+      raise ValueError("attention_impl='splash' is the TPU's Pallas kernel (a GPU would run it "
+                       "interpreted); on a GPU use None or 'cudnn'.")
     return 'splash' if mask is None and causal and splash.fits(length) else 'xla'
   if c.attention_impl is not None:
     return c.attention_impl
