@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kd import models
+from kd.eval import speed
 from kd.models import Decoder, DecoderConfig, count_params, head_fn, init_params
 from kd.models import cache as kv_cache
 from kd.models import decoder as decoder_lib
@@ -458,13 +459,6 @@ def test_splash_on_a_gpu_is_refused(monkeypatch):
 def _count(jaxpr, primitive: str) -> int:
   """Occurrences of `primitive` in jaxpr and every sub-jaxpr (each cond branch, a scan body
   once), also where jax shares one sub-jaxpr between calls."""
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += eqn.primitive.name == primitive
-    for value in eqn.params.values():
-      for sub in (value if isinstance(value, (tuple, list)) else (value,)):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          n += _count(sub.jaxpr, primitive)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          n += _count(sub, primitive)
-  return n
+  return sum((eqn.primitive.name == primitive)
+             + sum(_count(sub, primitive) for sub in speed.sub_jaxprs(eqn))
+             for eqn in jaxpr.eqns)

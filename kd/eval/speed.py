@@ -4,6 +4,7 @@
   forward_memory(model, batch_size=64, seq_len=48)     # bytes XLA plans for one forward
   saved_residual_bytes(loss_fn, params, *consts)       # what autodiff keeps for the backward
   matmul_flops(fn, *args)                              # the matmul FLOPs fn's program runs
+  sub_jaxprs(eqn)                                      # the jaxprs a jaxpr equation holds
 
 Throughput is the best of `runs` timed passes after one untimed pass (which compiles), so it
 measures the steady state and not the compiler; it includes tokenisation and the host copy,
@@ -127,11 +128,18 @@ def _jaxpr_flops(jaxpr) -> collections.Counter:
       raise ValueError('matmul_flops cannot count a while loop (its trip count is known only '
                        'when it runs); write the loop as a lax.scan or a fori_loop with '
                        'Python-int bounds.')
-    else:
-      for value in eqn.params.values():  # pjit, remat, custom_jvp/vjp, shard_map, ...
-        for sub in (value if isinstance(value, (tuple, list)) else (value,)):
-          if isinstance(sub, jax.extend.core.ClosedJaxpr):
-            total.update(_jaxpr_flops(sub.jaxpr))
-          elif isinstance(sub, jax.extend.core.Jaxpr):
-            total.update(_jaxpr_flops(sub))
+    else:  # pjit, remat, custom_jvp/vjp, shard_map, ...
+      for sub in sub_jaxprs(eqn):
+        total.update(_jaxpr_flops(sub))
   return total
+
+
+def sub_jaxprs(eqn):
+  """The jaxprs a jaxpr equation holds (a pjit's, remat's or shard_map's body, each branch of
+  a cond, a scan's body, ...), each once."""
+  for value in eqn.params.values():
+    for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+      if isinstance(sub, jax.extend.core.ClosedJaxpr):
+        yield sub.jaxpr
+      elif isinstance(sub, jax.extend.core.Jaxpr):
+        yield sub

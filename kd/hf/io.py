@@ -41,14 +41,22 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
 
 
 def save_file(tensors: dict[str, np.ndarray], file: str, metadata=None) -> None:
-  """safetensors.numpy.save_file, atomically (a reader sees the old file or the new one) and
-  with the mode any new file gets under the umask (safetensors itself writes 0600)."""
+  """safetensors.numpy.save_file, atomically (a reader sees the old file or the new one, and no
+  temporary file is left on failure), synced to disk, and with the mode any new file gets
+  under the umask (safetensors itself writes 0600)."""
   tmp = f'{file}.tmp{os.getpid()}'
-  safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o666 & ~umask)
-  os.replace(tmp, file)
+  try:
+    safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
+    with open(tmp, 'rb') as f:
+      os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, file)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def write_tensors(tensors: dict[str, np.ndarray], path: str, *,

@@ -522,13 +522,10 @@ class Attention(nn.Module):
       keys_BxSxKxH, values_BxSxKxH = new_kv['k'].astype(dtype), new_kv['v'].astype(dtype)
     scale = c.attn_scale if c.attn_scale is not None else h ** -0.5
     p = c.prefix_len
-    local = None
-    if window is not None:
-      if want_probs or p:  # these paths take the band as a mask
-        band = sliding_window_mask(mask, t, window)
-        mask = band if sliding is None else band | ~sliding
-      else:
-        local = (window - 1, 0)  # jax's (left, right): i - j <= window - 1
+    if window is not None and (want_probs or p):  # these paths take the band as a mask
+      band = sliding_window_mask(mask, t, window)
+      mask = band if sliding is None else band | ~sliding
+      window = None
     if p:
       prefix_k = self.param('prefix_k', _INIT, (p, k, h), param_dtype).astype(keys_BxSxKxH.dtype)
       prefix_v = self.param('prefix_v', _INIT, (p, k, h), param_dtype).astype(
@@ -547,18 +544,18 @@ class Attention(nn.Module):
       # A fused kernel where the backend has one; handles GQA without repeats.
       impl = attention_impl(c, q_BxTxNxH.dtype, mask, causal, t)
 
-      def attend(local):
+      def attend(window):
         if impl == 'splash':
-          return splash.attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, scale,
-                                  None if local is None else local[0] + 1, segments)
-        return jax.nn.dot_product_attention(
+          return splash.attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, scale, window,
+                                  segments)
+        return jax.nn.dot_product_attention(  # jax's (left, right) window: i - j <= window - 1
             q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, mask=mask, scale=scale, is_causal=causal,
-            local_window_size=local, implementation=impl)
+            local_window_size=None if window is None else (window - 1, 0), implementation=impl)
 
-      if local is not None and sliding is not None:  # this layer's flag picks the window
-        out_BxTxNxH = jax.lax.cond(sliding, lambda: attend(local), lambda: attend(None))
+      if window is not None and sliding is not None:  # this layer's flag picks the window
+        out_BxTxNxH = jax.lax.cond(sliding, lambda: attend(window), lambda: attend(None))
       else:
-        out_BxTxNxH = attend(local)
+        out_BxTxNxH = attend(window)
       probs = None
     out_BxTxD = proj(c.hidden_size, 'o_proj', c.attn_out_bias)(out_BxTxNxH.reshape(b, t, n * h))
 

@@ -21,6 +21,7 @@ Off a TPU the kernel runs in Pallas' interpret mode (slow; for tests).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -76,18 +77,13 @@ def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale: float, window: int | None 
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty:
     batch = tuple(a for a in ('data', 'fsdp') if a in mesh.axis_names and mesh.shape[a] > 1)
-    batch = tuple(batch) if batch and b % _size(mesh, batch) == 0 else None
+    if not batch or b % math.prod(mesh.shape[a] for a in batch):
+      batch = None
     heads = 'tensor' if 'tensor' in mesh.axis_names and k % mesh.shape['tensor'] == 0 else None
-    spec = P(batch or None, heads)
-    local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch or None)),
+    spec = P(batch, heads)
+    local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch)),
                           out_specs=spec, check_vma=False)
   segments = None if segments_BxT is None else segments_BxT.astype(jnp.int32)
   out_BxKxGxTxH = local(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, segments)
   return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
-
-def _size(mesh, axes) -> int:
-  size = 1
-  for a in axes:
-    size *= mesh.shape[a]
-  return size

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
 from safetensors import safe_open
-import safetensors.numpy
 
+from kd.hf import io
 from kd.quant import rtn
 
 FORMAT = 'kd.quant'
@@ -61,7 +60,7 @@ def _from_numpy(a: np.ndarray, name: str) -> np.ndarray:
 
 
 def save(path: str, qparams: rtn.QuantizedParams) -> None:
-  """Writes `qparams` to `path` (a .safetensors file): to a temporary file, then os.replace."""
+  """Writes `qparams` to `path` (a .safetensors file), atomically (kd.hf.io.save_file)."""
   tensors, dtypes, kernels = {}, {}, {}
   for p, qk in qparams.kernels.items():
     if qk.bits == 4:
@@ -78,24 +77,8 @@ def save(path: str, qparams: rtn.QuantizedParams) -> None:
       dtypes[k] = name
   header = {'version': VERSION, 'config': qparams.config.to_dict(), 'kernels': kernels,
             'rest_dtypes': dtypes, 'stacked': qparams.stacked}
-  data = safetensors.numpy.save(tensors, metadata={FORMAT: json.dumps(header)})
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
-                             suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # (mkstemp makes it 0600)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  io.save_file(tensors, path, metadata={FORMAT: json.dumps(header)})
 
 
 def load(path: str) -> rtn.QuantizedParams:
