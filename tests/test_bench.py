@@ -181,3 +181,20 @@ def test_bench_step_residuals_and_flops_under_remat():
   # Both heads once more, [512, 64] and [512, 32], per token: 2 * 512 * (64 + 32) FLOPs.
   extra = unfused['step_gflops_per_token'] - no_remat['step_gflops_per_token']
   np.testing.assert_allclose(extra, 2 * 512 * (64 + 32) / 1e9, rtol=2e-3)
+
+
+def test_bench_logit_chunk_times_closed_form_and_autodiff_per_divergence():
+  proc = subprocess.run(
+      [sys.executable, 'experiments/bench_logit_chunk.py', '--vocab=300', '--seq=12',
+       '--chunk_size=5', '--hidden=8', '--runs=1'], cwd=ROOT, capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [line.split('|')[1:-1] for line in proc.stdout.splitlines() if ' + ce |' in line]
+  assert [r[0].strip() for r in rows] == [f'{n} + ce' for n in sorted(
+      ['kl', 'reverse_kl', 'jsd', 'tvd', 'skew_kl', 'skew_reverse_kl'])]
+  for row in rows:
+    temp_a, temp_c, s_a, s_c, ratio = map(float, row[1:])
+    assert s_a > 0 and s_c > 0 and temp_a >= 0 and temp_c >= 0 and ratio > 0
+  bad = subprocess.run([sys.executable, 'experiments/bench_logit_chunk.py', '--divergences=klx'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert bad.returncode != 0 and "unknown ['klx']" in bad.stderr

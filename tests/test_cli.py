@@ -157,6 +157,20 @@ def test_offline_teacher_cache_end_to_end(tmp_path):
   rows = [json.loads(l) for l in (tmp_path / 'w' / 'student_kd' / 'metrics.jsonl').read_text().splitlines()]
   assert np.isfinite(rows[0]['terms/kl']) and np.isfinite(results['student_kd']['perplexity'])
 
+  # The student's logits in chunks read the same cache: the same run to float tolerance.
+  config.chunk_size = 8
+  run.main(config, str(tmp_path / 'chunked'))
+  chunked = [json.loads(l) for l in (tmp_path / 'chunked' / 'student_kd' / 'metrics.jsonl')
+             .read_text().splitlines()]
+  kl = lambda rs: [(r['step'], r['terms/kl']) for r in rs if 'terms/kl' in r]
+  assert len(kl(rows)) > 1 and [s for s, _ in kl(chunked)] == [s for s, _ in kl(rows)]
+  np.testing.assert_allclose([v for _, v in kl(chunked)], [v for _, v in kl(rows)], rtol=1e-3)
+  config.closed_form = True
+  with pytest.raises(ValueError, match='has no closed-form gradient'):
+    run.main(config, str(tmp_path / 'w4'))
+  config.closed_form = None
+  config.chunk_size = 0
+
   config.losses = {'ce': 0.5, 'jsd': 0.5}
   with pytest.raises(ValueError, match="holds top-k logits only: use 'kl' and 'ce'"):
     run.main(config, str(tmp_path / 'w2'))

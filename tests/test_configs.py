@@ -69,8 +69,9 @@ def _tiny():
     (lambda c: c.update({'data': {'batch_size': 6}, 'train': {'accum_steps': 4}}),
      'not divisible by devices'),
     (lambda c: c.train.update(accum_steps=3), 'use a multiple of 3'),
-    (lambda c: c.update({'losses': {'jsd': 1.0}, 'chunk_size': 8, 'closed_form': True}),
-     'closed_form=True writes the gradient of kl and ce only'),
+    (lambda c: c.update({'losses': {'kl': 1.0}, 'loss_kwargs': {'kl': {'beta': 0.3}},
+                         'chunk_size': 8, 'closed_form': True}),
+     'closed_form=True writes the gradient of these terms and kwargs only'),
 ])
 def test_bad_config_is_refused_before_anything_runs(edit, message, tmp_path):
   config = _tiny()

@@ -369,9 +369,9 @@ KL_CE = {'kl': {'temperature': 3.0}, 'ce': {'label_smoothing': 0.1}}
 
 
 @pytest.mark.parametrize('chunk_size,terms,closed_form', [
-    (4, ALL_TERMS, None), (13, ALL_TERMS, None),  # autodiff of the terms
-    (4, KL_CE, True), (13, {'kl': {}, 'ce': {}}, None), (5, {'kl': {}}, True),  # closed form
-    (5, {'ce': {}}, True), (4, KL_CE, False)])
+    (4, ALL_TERMS, False), (13, ALL_TERMS, False), (4, KL_CE, False),  # autodiff of the terms
+    (4, ALL_TERMS, None), (13, ALL_TERMS, True), (4, KL_CE, True),  # closed form
+    (13, {'kl': {}, 'ce': {}}, None), (5, {'kl': {}}, True), (5, {'ce': {}}, True)])
 def test_fused_gradients_equal_plain(chunk_size, terms, closed_form):
   # The fused path's surrogate must carry the gradient of sum_i c_i * sum_i: compare with
   # autodiff of the plain [B, T, V] computation, every term weighted differently.
@@ -404,8 +404,8 @@ def test_fused_gradients_equal_plain(chunk_size, terms, closed_form):
     L.fused_logit_losses({'kl': {}}, {}, hs, params, lambda q, x: x @ q['w'], ht,
                          lambda x: x @ teacher_w, chunk_size=4)
   with pytest.raises(ValueError, match='closed_form=True covers'):
-    L.fused_logit_losses({'jsd': {}}, {'jsd': 1.0}, hs, params, lambda q, x: x @ q['w'], ht,
-                         lambda x: x @ teacher_w, chunk_size=4, closed_form=True)
+    L.fused_logit_losses({'kl': {'beta': 0.3}}, {'kl': 1.0}, hs, params, lambda q, x: x @ q['w'],
+                         ht, lambda x: x @ teacher_w, chunk_size=4, closed_form=True)
 
 
 def test_closed_form_matches_numpy_and_ignores_a_shared_neg_inf_vocab():
@@ -418,7 +418,7 @@ def test_closed_form_matches_numpy_and_ignores_a_shared_neg_inf_vocab():
   off[[9, 10, 11]] = True  # labels are below 9
   s_inf, t_inf = (np.where(off, -np.inf, x).astype(np.float32) for x in (s, t))
   coeffs, temp = {'kl': 0.7, 'ce': 0.3}, 3.0
-  out, grad = LG._kl_ce_with_grad({'kl': {}, 'ce': {}}, coeffs, s_inf, t_inf, mask, labels, temp)
+  out, grad = LG._terms_with_grad({'kl': {}, 'ce': {}}, coeffs, s_inf, t_inf, mask, labels, temp)
 
   def log_softmax(x):
     x = x.astype(np.float64)
@@ -437,6 +437,34 @@ def test_closed_form_matches_numpy_and_ignores_a_shared_neg_inf_vocab():
   assert np.all(grad[..., off] == 0)
   np.testing.assert_allclose(grad[..., ~off], want, rtol=1e-5, atol=1e-6)
   assert np.abs(want).max() > 0.1  # not vacuous
+
+
+@pytest.mark.parametrize('name,kw', CASES)
+def test_every_divergence_closed_form_matches_numpy_finite_differences(name, kw):
+  # Each divergence's closed-form value and student-logit gradient against float64 numpy: the
+  # value by its definition (np_per_token), the gradient by central differences of it. Two
+  # vocabulary entries are -inf for both models; they add nothing and get a zero gradient.
+  s, t, mask = random_logits(11, (2, 3, 9), scale=2.0)
+  off = np.zeros(9, bool)
+  off[[2, 7]] = True
+  s, t = (np.where(off, -np.inf, x).astype(np.float32) for x in (s, t))
+  temp, coeff = 1.7, 0.6
+  out, grad = LG._terms_with_grad({name: kw}, {name: coeff}, s, t, mask, None, temp)
+
+  per_token = lambda s64: np_per_token(name, s64, t, temp, kw)  # [2, 3], float64
+  np.testing.assert_allclose(out[name][0], (per_token(s) * mask).sum(), rtol=2e-5, atol=1e-6)
+  assert float(out[name][1]) == mask.sum()
+  want, step = np.zeros(s.shape), 1e-5
+  for j in np.flatnonzero(~off):  # rows are independent: move entry j of every row at once
+    up, down = s.astype(np.float64), s.astype(np.float64)
+    up[..., j] += step
+    down[..., j] -= step
+    want[..., j] = coeff * mask * (per_token(up) - per_token(down)) / (2 * step)
+  grad = np.asarray(grad)
+  assert np.all(grad[..., off] == 0)
+  np.testing.assert_allclose(grad, want, rtol=1e-4, atol=2e-6)
+  if per_token(s).max() > 0:  # every case but the weights that make D identically 0
+    assert np.abs(want).max() > 0.01  # not vacuous (atol is 2e-6)
 
 
 def test_closed_form_keeps_fewer_logits_sized_arrays():

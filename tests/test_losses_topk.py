@@ -82,3 +82,62 @@ def test_errors():
     topk.topk_kl_per_token(s, ids, vals, lse, semantics='sparse')
   with pytest.raises(ValueError, match="needs the teacher's logsumexp"):
     topk.topk_kl_per_token(s, ids, vals, None, semantics='student_full')
+
+
+@pytest.mark.parametrize('semantics', topk.SEMANTICS)
+def test_chunked_and_fused_cached_teacher_equal_the_full_logits_loss(semantics):
+  # A cached top-k teacher through the chunked paths (T = 13 in chunks of 4: the last one
+  # padded): the KL and CE sums and their gradients equal those of full [B, T, V] logits, and
+  # the KL equals the numpy reference.
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from kd import losses  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  b, t, d, v, k, temp = 2, 13, 6, 40, 5, 2.0
+  hs = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+  params = {'w': jnp.asarray(rng.normal(size=(d, v)), jnp.float32)}
+  t_logits = rng.normal(size=(b, t, v)).astype(np.float32) * 2.0
+  cache = topk.topk_from_logits(t_logits, k, temperature=temp)
+  labels = jnp.asarray(rng.integers(0, v, (b, t)))
+  mask = jnp.asarray(rng.random((b, t)) < 0.7)
+  coeffs = {'kl': 0.7, 'ce': 0.3}
+  terms = {'kl': {}, 'ce': {}}
+  project = lambda p, x: x @ p['w']
+
+  def plain(h, p):
+    s_logits = project(p, h)
+    out = {'kl': topk.topk_kl_sum(s_logits, *cache, mask=mask, temperature=temp,
+                                  semantics=semantics),
+           'ce': losses.ce_sum(s_logits, labels, mask=mask)}
+    return sum(coeffs[n] * s for n, (s, _) in out.items()), out
+
+  def chunked(h, p):
+    out = losses.chunked_logit_losses(
+        terms, h, lambda x: project(p, x), cache, lambda c: c, labels=labels, mask=mask,
+        temperature=temp, chunk_size=4, divergences=topk.chunk_divergences(semantics))
+    return sum(coeffs[n] * s for n, (s, _) in out.items()), out
+
+  def fused(h, p):
+    out, surrogate = losses.fused_logit_losses(
+        terms, coeffs, h, p, project, cache, lambda c: c, labels=labels, mask=mask,
+        temperature=temp, chunk_size=4, divergences=topk.chunk_divergences(semantics))
+    return sum(coeffs[n] * s for n, (s, _) in out.items()) + surrogate, out
+
+  grad = lambda fn: jax.jit(jax.value_and_grad(fn, (0, 1), has_aux=True))(hs, params)
+  (_, want_terms), want = grad(plain)
+  ref = _reference(np.asarray(project(params, hs)), t_logits, k, temp, semantics)
+  np.testing.assert_allclose(want_terms['kl'][0], (ref * np.asarray(mask)).sum(), rtol=1e-4)
+  assert float(np.abs(want[0]).max()) > 0.01
+  for fn in (chunked, fused):
+    (_, got_terms), got = grad(fn)
+    for name in terms:
+      np.testing.assert_allclose(got_terms[name][0], want_terms[name][0], rtol=1e-5, atol=1e-5)
+      assert float(got_terms[name][1]) == float(mask.sum())
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      assert np.all(np.isfinite(g))
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match='closed_form=True covers'):
+    losses.fused_logit_losses(terms, coeffs, hs, params, project, cache, lambda c: c,
+                              labels=labels, chunk_size=4, closed_form=True,
+                              divergences=topk.chunk_divergences(semantics))
+  with pytest.raises(ValueError, match='unknown top-k semantics'):
+    topk.chunk_divergences('rest')

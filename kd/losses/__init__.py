@@ -26,15 +26,17 @@ from kd.losses.embeddings import (EMBEDDING_LOSSES, PAIR_LOSSES, cosine_score_ms
 from kd.losses.features import (FEATURE_LOSSES, feature_loss_sum, hidden_cosine,
                                 hidden_cosine_sum, hidden_mse, hidden_mse_sum, init_projection,
                                 layer_map, project)
-from kd.losses.logits import (DIVERGENCES, ce, ce_sum, chunked_logit_losses, closed_form_applies,
-                              fused_logit_losses, jsd, jsd_per_token, jsd_sum, kl, kl_from_log_probs, kl_per_token, kl_sum, masked_sum,
+from kd.losses.logits import (CLOSED_FORM, DIVERGENCES, ce, ce_sum, chunked_logit_losses,
+                              closed_form_applies, fused_logit_losses, jsd, jsd_per_token,
+                              jsd_sum, kl, kl_from_log_probs, kl_per_token, kl_sum, masked_sum,
                               mean, reverse_kl, reverse_kl_per_token, reverse_kl_sum, skew_kl,
                               skew_kl_per_token, skew_kl_sum, skew_reverse_kl,
                               skew_reverse_kl_per_token, skew_reverse_kl_sum, tvd,
                               tvd_per_token, tvd_sum)
 
 from kd.losses.topk import SEMANTICS as TOPK_SEMANTICS
-from kd.losses.topk import topk_from_logits, topk_kl_per_token, topk_kl_sum
+from kd.losses.topk import (chunk_divergences as topk_chunk_divergences, topk_from_logits,
+                            topk_kl_per_token, topk_kl_sum)
 
 KINDS = ('logits', 'ce', 'hidden', 'attention', 'relation', 'embedding', 'pairs')
 

@@ -278,15 +278,17 @@ DIVERGENCES = {
 
 
 def _chunk_inputs(terms, student_hidden_BxTxD, teacher_hidden_BxTxE, labels, mask, temperature,
-                  chunk_size):
+                  chunk_size, divergences):
   """Checks the arguments of the chunked paths -> (needs_teacher, chunks, unchunk).
 
   `chunks` = (student hidden, teacher hidden or None, mask, labels), each [n, B, C, ...] with
   the last chunk padded (and masked); `unchunk` maps an [n, B, C, ...] array back to [B, T, ...].
+  The teacher's input may be any pytree of [B, T, ...] arrays; its padding repeats the last
+  token, so a divergence function never sees a made-up all-zero teacher row (it is masked).
   """
-  unknown = sorted(set(terms) - set(DIVERGENCES) - {'ce'})
+  unknown = sorted(set(terms) - set(divergences) - {'ce'})
   if unknown:
-    raise ValueError(f'unknown logit loss(es) {unknown}; valid: {sorted(DIVERGENCES) + ["ce"]}.')
+    raise ValueError(f'unknown logit loss(es) {unknown}; valid: {sorted(divergences) + ["ce"]}.')
   if 'ce' in terms and labels is None:
     raise ValueError("the 'ce' term needs labels=...; pass the target token ids [B, T].")
   needs_teacher = any(name != 'ce' for name in terms)
@@ -297,9 +299,9 @@ def _chunk_inputs(terms, student_hidden_BxTxD, teacher_hidden_BxTxE, labels, mas
   _check_temperature(temperature)
 
   b, t = student_hidden_BxTxD.shape[:2]
-  if needs_teacher and teacher_hidden_BxTxE.shape[:2] != (b, t):
-    raise ValueError(f'student hidden {student_hidden_BxTxD.shape} and teacher hidden '
-                     f'{teacher_hidden_BxTxE.shape} must share [B, T].')
+  if needs_teacher and any(x.shape[:2] != (b, t) for x in jax.tree.leaves(teacher_hidden_BxTxE)):
+    raise ValueError(f'student hidden {student_hidden_BxTxD.shape} and teacher input '
+                     f'{jax.tree.map(jnp.shape, teacher_hidden_BxTxE)} must share [B, T].')
   mask_BxT = jnp.ones((b, t), bool) if mask is None else jnp.asarray(mask).astype(bool)
   labels_BxT = jnp.zeros((b, t), jnp.int32) if labels is None else jnp.asarray(labels)
   for what, arr in (('mask', mask_BxT), ('labels', labels_BxT)):
@@ -309,8 +311,8 @@ def _chunk_inputs(terms, student_hidden_BxTxD, teacher_hidden_BxTxE, labels, mas
   n = math.ceil(t / chunk_size)
   pad = n * chunk_size - t
 
-  def to_chunks(x):  # [B, T, ...] -> [n, B, C, ...], padded positions masked out
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  def to_chunks(x, mode='constant'):  # [B, T, ...] -> [n, B, C, ...], padding masked out
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode=mode)
     x = x.reshape((b, n, chunk_size) + x.shape[2:])
     return jnp.moveaxis(x, 1, 0)
 
@@ -319,12 +321,14 @@ def _chunk_inputs(terms, student_hidden_BxTxD, teacher_hidden_BxTxE, labels, mas
     return x.reshape((b, n * chunk_size) + x.shape[3:])[:, :t]
 
   chunks = (to_chunks(student_hidden_BxTxD),
-            to_chunks(teacher_hidden_BxTxE) if needs_teacher else None,
+            jax.tree.map(lambda x: to_chunks(x, 'edge'), teacher_hidden_BxTxE)
+            if needs_teacher else None,
             to_chunks(mask_BxT), to_chunks(labels_BxT))
   return needs_teacher, chunks, unchunk
 
 
-def _terms_of_logits(terms, logits_BxCxV, teacher_BxCxV, mask_BxC, labels_BxC, temperature):
+def _terms_of_logits(terms, logits_BxCxV, teacher_BxCxV, mask_BxC, labels_BxC, temperature,
+                     divergences):
   out = {}
   for name, kw in terms.items():
     kw = dict(kw or {})
@@ -332,13 +336,13 @@ def _terms_of_logits(terms, logits_BxCxV, teacher_BxCxV, mask_BxC, labels_BxC, t
       out[name] = ce_sum(logits_BxCxV, labels_BxC, mask=mask_BxC, **kw)
     else:
       kw.setdefault('temperature', temperature)
-      out[name] = DIVERGENCES[name](logits_BxCxV, teacher_BxCxV, mask=mask_BxC, **kw)
+      out[name] = divergences[name](logits_BxCxV, teacher_BxCxV, mask=mask_BxC, **kw)
   return out
 
 
 def chunked_logit_losses(terms, student_hidden_BxTxD, student_project, teacher_hidden_BxTxE,
                          teacher_project, *, labels=None, mask=None, temperature=1.0,
-                         chunk_size=128):
+                         chunk_size=128, divergences=None):
   """Logit losses from hidden states without ever holding [B, T, V] logits.
 
   `terms` maps a loss name (a key of DIVERGENCES, or 'ce' which uses `labels`) to its kwargs
@@ -348,16 +352,22 @@ def chunked_logit_losses(terms, student_hidden_BxTxD, student_project, teacher_h
   are gradient-stopped. Returns {name: (sum, count)}, equal to projecting fully then `<name>_sum`.
   `fused_logit_losses` does the same work without the recomputation, when the loss weights are
   known before the backward pass (they are in kd.train.step).
+
+  `teacher_hidden_BxTxE` may be any pytree of [B, T, ...] arrays and `teacher_project` any map
+  of its chunk to what the divergences take as the teacher: with `divergences` ({name:
+  fn(student_logits, teacher, *, mask, temperature, **kw) -> (sum, count)}, by default
+  DIVERGENCES) that is how a cached top-k teacher is chunked (kd.losses.topk.chunk_divergences).
   """
+  divergences = DIVERGENCES if divergences is None else divergences
   needs_teacher, xs, _ = _chunk_inputs(terms, student_hidden_BxTxD, teacher_hidden_BxTxE, labels,
-                                       mask, temperature, chunk_size)
+                                       mask, temperature, chunk_size, divergences)
 
   @jax.checkpoint
   def chunk_terms(hs_BxCxD, ht_BxCxE, mask_BxC, labels_BxC):
     teacher_BxCxV = (jax.lax.stop_gradient(teacher_project(ht_BxCxE)) if needs_teacher
                      else None)
     return _terms_of_logits(terms, student_project(hs_BxCxD), teacher_BxCxV, mask_BxC,
-                            labels_BxC, temperature)
+                            labels_BxC, temperature, divergences)
 
   def step(acc, chunk):
     out = chunk_terms(*chunk)
@@ -370,8 +380,11 @@ def chunked_logit_losses(terms, student_hidden_BxTxD, student_project, teacher_h
 
 
 # Terms (and their kwargs) whose gradient with respect to the student's logits
-# `_kl_ce_with_grad` writes in closed form.
-CLOSED_FORM = {'kl': {'temperature'}, 'ce': {'label_smoothing', 'temperature'}}
+# `_terms_with_grad` writes in closed form.
+CLOSED_FORM = {'kl': {'temperature'}, 'reverse_kl': {'temperature'}, 'tvd': {'temperature'},
+               'jsd': {'temperature', 'beta'}, 'skew_kl': {'temperature', 'alpha'},
+               'skew_reverse_kl': {'temperature', 'alpha'},
+               'ce': {'label_smoothing', 'temperature'}}
 
 
 def closed_form_applies(terms) -> bool:
@@ -379,13 +392,58 @@ def closed_form_applies(terms) -> bool:
   return all(n in CLOSED_FORM and set(kw or {}) <= CLOSED_FORM[n] for n, kw in terms.items())
 
 
-def _kl_ce_with_grad(terms, coeffs, logits_BxCxV, teacher_BxCxV, mask_BxC, labels_BxC,
+def _divergence_and_h(name, kw, lq, lp):
+  """(D per token, h = q ⊙ ∂D/∂q) of divergence `name` between the student's log-probs `lq`
+  and the teacher's `lp` (float32 [..., V], -inf allowed), q = e^lq and p = e^lp.
+
+  With q = softmax(a), ∂D/∂a = h − q·Σh (the softmax Jacobian), so each divergence needs its
+  value and one elementwise array h. Constants in ∂D/∂q cancel there (Σq = 1) and are left out.
+  h is written in log space where ∂D/∂q has a ratio (p/m, q/m), so a tiny q or m never makes
+  0·inf.
+  """
+  ok_q = jnp.isfinite(lq)
+  q = jnp.exp(lq)
+  if name == 'tvd':  # ∂/∂q = −½ sign(p − q)
+    p = jnp.exp(lp)
+    return 0.5 * jnp.sum(jnp.abs(p - q), axis=-1), -0.5 * q * jnp.sign(p - q)
+  if name == 'skew_kl':  # KL(p‖m), m = αp + (1−α)q: ∂/∂q = −(1−α)·p/m
+    alpha = kw.get('alpha', 0.1)
+    _check_weight('alpha', alpha)
+    lm = _log_mix(alpha, lp, lq)
+    ok = ok_q & jnp.isfinite(lp)
+    h = -(1.0 - jnp.asarray(alpha, jnp.float32)) * jnp.exp(
+        jnp.where(ok, lq + lp - jnp.where(ok, lm, 0.0), -jnp.inf))
+    return kl_from_log_probs(lp, lm), h
+  if name == 'skew_reverse_kl':  # KL(q‖m), m = αq + (1−α)p: ∂/∂q = log q − log m − α·q/m (+1)
+    alpha = kw.get('alpha', 0.1)
+    if _check_weight('alpha', alpha) == 1.0:  # m = q: identically 0
+      return jnp.zeros(lq.shape[:-1], jnp.float32), jnp.zeros_like(lq)
+    lm = _log_mix(alpha, lq, lp)
+    lq0, lm0 = jnp.where(ok_q, lq, 0.0), jnp.where(ok_q, lm, 0.0)
+    h = jnp.where(ok_q, q * (lq0 - lm0) - jnp.asarray(alpha, jnp.float32)
+                  * jnp.exp(2.0 * lq0 - lm0), 0.0)
+    return kl_from_log_probs(lq, lm), h
+  if name == 'jsd':  # β·KL(p‖m) + (1−β)·KL(q‖m), m = βp + (1−β)q: ∂/∂q = (1−β)·log(q/m) (+c)
+    beta = _check_weight('beta', kw.get('beta', 0.5))
+    if beta in (0.0, 1.0):  # M equals one of the two: identically 0, as jsd_per_token
+      return jnp.zeros(lq.shape[:-1], jnp.float32), jnp.zeros_like(lq)
+    lm = _log_mix(beta, lp, lq)
+    beta = jnp.asarray(kw.get('beta', 0.5), jnp.float32)
+    d = beta * kl_from_log_probs(lp, lm) + (1.0 - beta) * kl_from_log_probs(lq, lm)
+    lq0, lm0 = jnp.where(ok_q, lq, 0.0), jnp.where(ok_q, lm, 0.0)
+    return d, (1.0 - beta) * jnp.where(ok_q, q * (lq0 - lm0), 0.0)
+  raise ValueError(f'no closed form for {name!r}; valid: {sorted(CLOSED_FORM)}.')
+
+
+def _terms_with_grad(terms, coeffs, logits_BxCxV, teacher_BxCxV, mask_BxC, labels_BxC,
                      temperature):
-  """({name: (sum, count)}, d/d logits of Σ coeffs[n]·sum_n) for 'kl' and 'ce' terms.
+  """({name: (sum, count)}, d/d logits of Σ coeffs[n]·sum_n) for the terms of CLOSED_FORM.
 
   d(T²·KL(p_T‖p_S))/dz = T·(p_S − p_T) with p = softmax(z / T), and d CE/dz = softmax(z) −
   target, so a chunk needs its two logits arrays and the gradient, where autodiff of the terms
-  keeps their log-probs for the backward pass too. Same values as `_terms_of_logits`.
+  keeps their log-probs for the backward pass too. Reverse KL's is T·q·(log q − log p − KL)
+  with q = p_S; the other divergences go through the softmax Jacobian (`_divergence_and_h`):
+  d(T²·D)/dz = T·(h − q·Σh). Same values as `_terms_of_logits`.
 
   Every row statistic is a sum over the vocabulary of an elementwise function of the logits,
   shifted by one row maximum per model (max(z / T) = max(z) / T for every T > 0), so the
@@ -401,6 +459,7 @@ def _kl_ce_with_grad(terms, coeffs, logits_BxCxV, teacher_BxCxV, mask_BxC, label
     return jnp.where(jnp.isfinite(m), m, 0.0)
 
   z_shift = z - row_max(z)  # <= 0
+  zt_shift = None
   out, grads = {}, []
   for name, kw in terms.items():
     kw = dict(kw or {})
@@ -415,27 +474,42 @@ def _kl_ce_with_grad(terms, coeffs, logits_BxCxV, teacher_BxCxV, mask_BxC, label
         target = (1.0 - eps) * target + eps / z.shape[-1]
       out[name] = (jnp.sum(jnp.where(mask, nll, 0.0)), count)
       grads.append(coeffs[name] * (jnp.exp(z_shift - log_sum[..., None]) - target))
-    else:  # 'kl'
-      t = kw.get('temperature', temperature)
-      _check_temperature(t)
-      _check_pair(logits_BxCxV, teacher_BxCxV)
-      t = jnp.asarray(t, jnp.float32)
+      continue
+    t = kw.pop('temperature', temperature)
+    _check_temperature(t)
+    _check_pair(logits_BxCxV, teacher_BxCxV)
+    t = jnp.asarray(t, jnp.float32)
+    if zt_shift is None:
       zt = jnp.asarray(teacher_BxCxV, jnp.float32)
-      a, b = z_shift / t, (zt - row_max(zt)) / t  # z / T and z_T / T, each less its row max
-      sum_s, sum_t = jnp.sum(jnp.exp(a), axis=-1), jnp.sum(jnp.exp(b), axis=-1)
+      zt_shift = zt - row_max(zt)
+    a, b = z_shift / t, zt_shift / t  # z / T and z_T / T, each less its row max
+    sum_s, sum_t = jnp.sum(jnp.exp(a), axis=-1), jnp.sum(jnp.exp(b), axis=-1)
+    if name == 'kl':
       # KL = Σ p_T (b − a) − log Σ e^b + log Σ e^a (the maxima cancel), with Σ p_T (b − a) =
       # Σ e^b (b − a) / Σ e^b: no log-prob arrays. Entries with p_T = 0 add 0.
       cross = jnp.sum(jnp.where(jnp.isfinite(b), jnp.exp(b) * (b - a), 0.0), axis=-1)
-      per_token = jnp.square(t) * (cross / sum_t - jnp.log(sum_t) + jnp.log(sum_s))
-      out[name] = (jnp.sum(jnp.where(mask, per_token, 0.0)), count)
-      grads.append(coeffs[name] * t * (jnp.exp(a) / sum_s[..., None]
-                                        - jnp.exp(b) / sum_t[..., None]))
+      per_token = cross / sum_t - jnp.log(sum_t) + jnp.log(sum_s)
+      grad = jnp.exp(a) / sum_s[..., None] - jnp.exp(b) / sum_t[..., None]
+    elif name == 'reverse_kl':
+      # KL(q‖p) = Σ e^a (a − b) / Σ e^a − log Σ e^a + log Σ e^b; d/da = q·(log q − log p − KL).
+      fa = jnp.isfinite(a)
+      cross = jnp.sum(jnp.where(fa, jnp.exp(a) * (a - b), 0.0), axis=-1)
+      shift = jnp.log(sum_t) - jnp.log(sum_s)
+      per_token = cross / sum_s + shift
+      grad = jnp.where(fa, jnp.exp(a) / sum_s[..., None]
+                       * (a - b + (shift - per_token)[..., None]), 0.0)
+    else:
+      lq = a - jnp.log(sum_s)[..., None]
+      per_token, h = _divergence_and_h(name, kw, lq, b - jnp.log(sum_t)[..., None])
+      grad = h - jnp.exp(lq) * jnp.sum(h, axis=-1, keepdims=True)
+    out[name] = (jnp.sum(jnp.where(mask, jnp.square(t) * per_token, 0.0)), count)
+    grads.append(coeffs[name] * t * grad)
   return out, jnp.where(mask[..., None], sum(grads), 0.0)
 
 
 def fused_logit_losses(terms, coeffs, student_hidden_BxTxD, head_params, student_project,
                        teacher_hidden_BxTxE, teacher_project, *, labels=None, mask=None,
-                       temperature=1.0, chunk_size=128, closed_form=None):
+                       temperature=1.0, chunk_size=128, closed_form=None, divergences=None):
   """The chunked logit losses with their gradient made in the forward pass (no recomputation).
 
   For each chunk of the sequence both heads project once, every term is evaluated, and
@@ -453,9 +527,12 @@ def fused_logit_losses(terms, coeffs, student_hidden_BxTxD, head_params, student
     student_project: (head_params, h [..., D]) -> logits [..., V].
     teacher_hidden_BxTxE, teacher_project, labels, mask, temperature, chunk_size: as in
       chunked_logit_losses.
-    closed_form: write the logits' gradient in closed form (`_kl_ce_with_grad`: fewer
+    closed_form: write the logits' gradient in closed form (`_terms_with_grad`: fewer
       [B, C, V] arrays live per chunk) rather than by autodiff of the terms. None: when every
-      term allows it (`closed_form_applies`: 'kl' and 'ce').
+      term allows it (`closed_form_applies`: the names and kwargs of CLOSED_FORM, for the
+      built-in divergences).
+    divergences: as in chunked_logit_losses; a name it maps to its own function is
+      differentiated by autodiff.
 
   Returns:
     ({name: (sum, count)} with gradient-stopped sums, surrogate): `surrogate` is exactly 0 and
@@ -463,20 +540,24 @@ def fused_logit_losses(terms, coeffs, student_hidden_BxTxD, head_params, student
     Σ_i coeffs[i]·sum_i. Add it to the objective (together with the stopped sums' weighted
     value) to train on the terms.
   """
+  divergences = DIVERGENCES if divergences is None else divergences
   needs_teacher, xs, unchunk = _chunk_inputs(terms, student_hidden_BxTxD, teacher_hidden_BxTxE,
-                                             labels, mask, temperature, chunk_size)
+                                             labels, mask, temperature, chunk_size, divergences)
   sg = jax.lax.stop_gradient
   fixed_params, coeffs = sg(head_params), sg(dict(coeffs))
   missing = sorted(set(terms) - set(coeffs))
   if missing:
     raise ValueError(f'coeffs has no weight for {missing}; give one per term.')
   hs_chunks = sg(xs[0])
+  own = sorted(n for n in terms if n != 'ce' and divergences[n] is not DIVERGENCES.get(n))
+  applies = closed_form_applies(terms) and not own
   if closed_form is None:
-    closed_form = closed_form_applies(terms)
-  elif closed_form and not closed_form_applies(terms):
+    closed_form = applies
+  elif closed_form and not applies:
     raise ValueError(f'closed_form=True covers {sorted(CLOSED_FORM)} with kwargs '
-                     f'{ {k: sorted(v) for k, v in CLOSED_FORM.items()} }, not {dict(terms)}; '
-                     'pass closed_form=None to use it only where it applies.')
+                     f'{ {k: sorted(v) for k, v in CLOSED_FORM.items()} } and the built-in '
+                     f'divergences, not {dict(terms)} (own functions: {own}); pass '
+                     'closed_form=None to use it only where it applies.')
 
   def step(carry, chunk):
     acc, d_params = carry
@@ -485,13 +566,13 @@ def fused_logit_losses(terms, coeffs, student_hidden_BxTxD, head_params, student
 
     if closed_form:
       logits_BxCxV, project_vjp = jax.vjp(student_project, fixed_params, hs_BxCxD)
-      out, d_logits = _kl_ce_with_grad(terms, coeffs, logits_BxCxV, teacher_BxCxV, mask_BxC,
+      out, d_logits = _terms_with_grad(terms, coeffs, logits_BxCxV, teacher_BxCxV, mask_BxC,
                                        labels_BxC, temperature)
       d_chunk_params, d_h_BxCxD = project_vjp(d_logits.astype(logits_BxCxV.dtype))
     else:
       def weighted(params, h_BxCxD):
         out = _terms_of_logits(terms, student_project(params, h_BxCxD), teacher_BxCxV,
-                               mask_BxC, labels_BxC, temperature)
+                               mask_BxC, labels_BxC, temperature, divergences)
         return sum(coeffs[n] * s for n, (s, _) in out.items()), out
 
       _, vjp, out = jax.vjp(weighted, fixed_params, hs_BxCxD, has_aux=True)

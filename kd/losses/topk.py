@@ -82,6 +82,19 @@ def topk_kl_sum(student_logits, topk_ids, topk_logits, lse=None, *, mask=None, t
                                       temperature=temperature, semantics=semantics), mask)
 
 
+def chunk_divergences(semantics='rest_bucket'):
+  """{'kl': fn} for the chunked logit losses (kd.losses.chunked_logit_losses and
+  fused_logit_losses) with a cached teacher: pass the cache's (topk_ids, topk_logits, lse),
+  each [B, T, ...], as the teacher's input and the identity as its projection."""
+  if semantics not in SEMANTICS:
+    raise ValueError(f'unknown top-k semantics {semantics!r}; valid: {", ".join(SEMANTICS)}')
+
+  def kl_sum(student_logits, teacher, *, mask=None, temperature=1.0):
+    return topk_kl_sum(student_logits, *teacher, mask=mask, temperature=temperature,
+                       semantics=semantics)
+  return {'kl': kl_sum}
+
+
 def topk_from_logits(teacher_logits, k: int, *, temperature=1.0):
   """What a cache stores for `teacher_logits` [..., V]: (ids int32, logits, lse at T)."""
   logits = jnp.asarray(teacher_logits, jnp.float32)

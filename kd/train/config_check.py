@@ -51,9 +51,10 @@ def check(config) -> None:
     logit = {n: dict(kwargs.get(n, {})) for n in config.losses
              if losses.get(n).kind in ('logits', 'ce')}
     if not losses.closed_form_applies(logit):
-      raise ConfigError(f'config.closed_form=True writes the gradient of kl and ce only (kwargs '
-                        f'temperature, label_smoothing); the logit terms are {logit}. Set '
-                        'closed_form=None (where it applies) or False.')
+      allowed = {n: sorted(kw) for n, kw in losses.CLOSED_FORM.items()}
+      raise ConfigError(f'config.closed_form=True writes the gradient of these terms and kwargs '
+                        f'only: {allowed}; the logit terms are {logit}. Set closed_form=None '
+                        '(where it applies) or False.')
   check_on_policy(config)
   check_ensemble(config)
   decay = float((config.get('self_distill') or {}).get('ema_decay', 0.0))
@@ -189,8 +190,9 @@ def check_teacher_cache(config, teacher) -> None:
   if other:
     raise ConfigError(f'a teacher cache (config.teacher.cache={path}) holds top-k logits only: '
                       f"use 'kl' and 'ce'; {other} need the teacher run online (cache='')")
-  if int(config.get('chunk_size', 0)):
-    raise ConfigError('config.chunk_size > 0 needs the online teacher; set it to 0 with a cache')
+  if config.get('closed_form', None) is True and int(config.get('chunk_size', 0)):
+    raise ConfigError("config.closed_form=True: a cached teacher's top-k KL has no closed-form "
+                      'gradient (autodiff per chunk); set closed_form=None or False')
   semantics = config.teacher.get('topk_semantics', 'rest_bucket')
   if semantics not in topk.SEMANTICS:
     raise ConfigError(f'config.teacher.topk_semantics={semantics!r}; valid: {topk.SEMANTICS}')

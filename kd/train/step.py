@@ -96,7 +96,7 @@ class Spec:
   # With chunk_size: make the logit losses' gradient in the forward pass
   # (losses.fused_logit_losses) instead of recomputing each chunk's logits in the backward pass.
   fused_chunks: bool = True
-  # Fused: the logits' gradient in closed form (losses.closed_form_applies: KL and CE terms),
+  # Fused: the logits' gradient in closed form (losses.closed_form_applies: every built-in term),
   # None where the terms allow it.
   closed_form: bool | None = None
   accum_steps: int = 1
@@ -218,24 +218,29 @@ def _loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, logit_co
   # With padded vocabularies every logit loss sees the shared rows only (labels never fall in
   # the padding, so CE is unchanged but for the padded rows' mass).
   cut = (lambda x: x[..., :spec.vocab]) if spec.vocab else (lambda x: x)
-  if logit_terms and spec.chunk_size and logit_coeffs is not None:
-    teacher_head = None if t_out is None else head_fn(spec.teacher, teacher_params)
-    terms, surrogate = losses.fused_logit_losses(
-        logit_terms, logit_coeffs, s_out['hidden'], head_params(spec.student, student),
-        lambda p, h: cut(project_with(spec.student)(p, h)),
-        None if t_out is None else t_out['hidden'],
-        None if t_out is None else (lambda h: cut(teacher_head(h))),
-        labels=batch['labels'], mask=mask, temperature=temperature, chunk_size=spec.chunk_size,
-        closed_form=spec.closed_form)
-    out.update(terms)
-  elif logit_terms and spec.chunk_size:
-    student_head = head_fn(spec.student, student)
-    teacher_head = None if t_out is None else head_fn(spec.teacher, teacher_params)
-    out.update(losses.chunked_logit_losses(
-        logit_terms, s_out['hidden'], lambda h: cut(student_head(h)),
-        None if t_out is None else t_out['hidden'],
-        None if t_out is None else (lambda h: cut(teacher_head(h))),
-        labels=batch['labels'], mask=mask, temperature=temperature, chunk_size=spec.chunk_size))
+  if logit_terms and spec.chunk_size:
+    # The teacher per chunk: its hidden states through its head, or a cache's top-k rows as
+    # they are (config_check allows only 'kl' with a cache).
+    teacher_in, teacher_project, divergences = None, None, None
+    if t_out is not None and 'topk' in t_out:
+      teacher_in, teacher_project = t_out['topk'], lambda chunk: chunk
+      divergences = losses.topk_chunk_divergences(spec.topk_semantics)
+    elif t_out is not None:
+      teacher_head = head_fn(spec.teacher, teacher_params)
+      teacher_in, teacher_project = t_out['hidden'], lambda h: cut(teacher_head(h))
+    chunked = dict(labels=batch['labels'], mask=mask, temperature=temperature,
+                   chunk_size=spec.chunk_size, divergences=divergences)
+    if logit_coeffs is not None:
+      terms, surrogate = losses.fused_logit_losses(
+          logit_terms, logit_coeffs, s_out['hidden'], head_params(spec.student, student),
+          lambda p, h: cut(project_with(spec.student)(p, h)), teacher_in, teacher_project,
+          closed_form=spec.closed_form, **chunked)
+      out.update(terms)
+    else:
+      student_head = head_fn(spec.student, student)
+      out.update(losses.chunked_logit_losses(
+          logit_terms, s_out['hidden'], lambda h: cut(student_head(h)), teacher_in,
+          teacher_project, **chunked))
   else:
     for name, kw in logit_terms.items():
       fn = losses.get(name).fn_sum
