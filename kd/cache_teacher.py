@@ -4,7 +4,8 @@ r"""Writes an offline teacher: its top-k logits over the training rows, to Array
 
 Trains (or restores) the teacher in DIR/teacher exactly as `kd.main` would, runs it once over the
 packed training rows in a fixed order, and writes DIR/teacher_cache (rows + top-k ids, logits and
-the full-vocabulary logsumexp at the config's temperature). Then distil from the cache, without
+the full-vocabulary logsumexp at the config's temperature). With `config.chunk_size > 0` the
+teacher's logits are made and reduced `chunk_size` tokens at a time. Then distil from the cache, without
 running the teacher in the train step:
   python -m kd.main --config=... --workdir=DIR --config.teacher.cache=DIR/teacher_cache
 """
@@ -18,6 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from kd import data as data_lib
+from kd import models
 from kd.data import teacher_cache
 from kd.losses import topk
 from kd.train import compile_cache
@@ -34,12 +36,20 @@ _CACHE = compile_cache.define_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def cache_rows(teacher, teacher_params, batches, *, k: int, temperature: float):
-  """Yields one dict per packed row: the batch fields plus topk_ids, topk_logits, lse."""
+def cache_rows(teacher, teacher_params, batches, *, k: int, temperature: float,
+               chunk_size: int = 0):
+  """Yields one dict per packed row: the batch fields plus topk_ids, topk_logits, lse.
+
+  With `chunk_size` the teacher's logits are made and reduced to top-k `chunk_size` tokens at a
+  time (the same rows; no [B, T, V] logits held)."""
   @jax.jit
   def teacher_topk(params, batch):
-    logits = step_lib.forward(teacher, params, batch)['logits']
-    return topk.topk_from_logits(logits, k, temperature=temperature)
+    if not chunk_size:
+      logits = step_lib.forward(teacher, params, batch)['logits']
+      return topk.topk_from_logits(logits, k, temperature=temperature)
+    hidden = step_lib.forward(teacher, params, batch, return_hidden_only=True)['hidden']
+    return topk.topk_from_hidden(hidden, models.head_fn(teacher, params), k,
+                                 temperature=temperature, chunk_size=chunk_size)
 
   for batch in batches:
     ids, values, lse = jax.device_get(teacher_topk(teacher_params, batch))
@@ -65,8 +75,9 @@ def write_cache(config, workdir: str, *, k: int, out: str | None = None) -> str:
       data.student_source, data.tokenizer, seq_len=config.data.seq_len,
       batch_size=config.data.batch_size, seed=config.seed, shuffle=False, repeat=False)
   out = out or f'{workdir}/teacher_cache'
-  n = teacher_cache.write(cache_rows(teacher, teacher_params, batches, k=k, temperature=low),
-                          out, k=k, temperature=low, vocab_size=teacher.config.vocab_size)
+  rows = cache_rows(teacher, teacher_params, batches, k=k, temperature=low,
+                    chunk_size=int(config.get('chunk_size', 0)))
+  n = teacher_cache.write(rows, out, k=k, temperature=low, vocab_size=teacher.config.vocab_size)
   print(f'wrote {n} rows with the teacher top-{k} to {out}')
   return out
 

@@ -165,6 +165,12 @@ def test_offline_teacher_cache_end_to_end(tmp_path):
   kl = lambda rs: [(r['step'], r['terms/kl']) for r in rs if 'terms/kl' in r]
   assert len(kl(rows)) > 1 and [s for s, _ in kl(chunked)] == [s for s, _ in kl(rows)]
   np.testing.assert_allclose([v for _, v in kl(chunked)], [v for _, v in kl(rows)], rtol=1e-3)
+  # The cache written with the teacher's logits in chunks holds the same rows.
+  again = cache_teacher.write_cache(config, workdir, k=8, out=str(tmp_path / 'cache8'))
+  first = next(teacher_cache.make_iterator(again, batch_size=1, seed=0, shuffle=False))
+  np.testing.assert_array_equal(first['topk_ids'], row['topk_ids'])
+  np.testing.assert_allclose(first['topk_logits'], row['topk_logits'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(first['lse'], row['lse'], rtol=1e-5)
   config.closed_form = True
   with pytest.raises(ValueError, match='has no closed-form gradient'):
     run.main(config, str(tmp_path / 'w4'))

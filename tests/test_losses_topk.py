@@ -141,3 +141,18 @@ def test_chunked_and_fused_cached_teacher_equal_the_full_logits_loss(semantics):
                               divergences=topk.chunk_divergences(semantics))
   with pytest.raises(ValueError, match='unknown top-k semantics'):
     topk.chunk_divergences('rest')
+
+
+def test_topk_from_hidden_in_chunks_equals_full_logits():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  hidden = jnp.asarray(rng.normal(size=(2, 11, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(6, 50)), jnp.float32)
+  ids, values, lse = topk.topk_from_logits(hidden @ w, 7, temperature=2.0)
+  got = topk.topk_from_hidden(hidden, lambda h: h @ w, 7, temperature=2.0, chunk_size=4)
+  assert [x.shape for x in got] == [(2, 11, 7), (2, 11, 7), (2, 11)]
+  np.testing.assert_array_equal(got[0], ids)
+  np.testing.assert_allclose(got[1], values, rtol=1e-6)
+  np.testing.assert_allclose(got[2], lse, rtol=1e-6)
+  with pytest.raises(ValueError, match='chunk_size must be a positive int'):
+    topk.topk_from_hidden(hidden, lambda h: h @ w, 7, chunk_size=0)

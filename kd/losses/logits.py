@@ -8,6 +8,7 @@ Vocab entries that are -inf in *both* models (masked vocab) are skipped with whe
 the inputs of every log/exp, so values and gradients stay finite.
 """
 
+import functools
 import math
 
 import jax
@@ -308,23 +309,27 @@ def _chunk_inputs(terms, student_hidden_BxTxD, teacher_hidden_BxTxE, labels, mas
     if arr.shape != (b, t):
       raise ValueError(f'{what} shape {arr.shape} must be [B, T] = {(b, t)}.')
 
-  n = math.ceil(t / chunk_size)
-  pad = n * chunk_size - t
-
-  def to_chunks(x, mode='constant'):  # [B, T, ...] -> [n, B, C, ...], padding masked out
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode=mode)
-    x = x.reshape((b, n, chunk_size) + x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
-
-  def unchunk(x):  # [n, B, C, ...] -> [B, T, ...]
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape((b, n * chunk_size) + x.shape[3:])[:, :t]
-
-  chunks = (to_chunks(student_hidden_BxTxD),
-            jax.tree.map(lambda x: to_chunks(x, 'edge'), teacher_hidden_BxTxE)
+  chunk = functools.partial(to_chunks, chunk_size=chunk_size)
+  chunks = (chunk(student_hidden_BxTxD),
+            jax.tree.map(lambda x: chunk(x, mode='edge'), teacher_hidden_BxTxE)
             if needs_teacher else None,
-            to_chunks(mask_BxT), to_chunks(labels_BxT))
-  return needs_teacher, chunks, unchunk
+            chunk(mask_BxT), chunk(labels_BxT))
+  return needs_teacher, chunks, functools.partial(from_chunks, length=t)
+
+
+def to_chunks(x_BxTx, chunk_size: int, mode='constant'):
+  """[B, T, ...] -> [n, B, C, ...] with n = ceil(T / C); the last chunk is padded (`mode` as in
+  jnp.pad: zeros, or 'edge' to repeat the last token)."""
+  b, t = x_BxTx.shape[:2]
+  n = math.ceil(t / chunk_size)
+  x = jnp.pad(x_BxTx, [(0, 0), (0, n * chunk_size - t)] + [(0, 0)] * (x_BxTx.ndim - 2), mode=mode)
+  return jnp.moveaxis(x.reshape((b, n, chunk_size) + x.shape[2:]), 1, 0)
+
+
+def from_chunks(x_nxBxCx, length: int):
+  """The inverse of `to_chunks`: [n, B, C, ...] -> [B, length, ...], the padding dropped."""
+  n, b, c = x_nxBxCx.shape[:3]
+  return jnp.moveaxis(x_nxBxCx, 0, 1).reshape((b, n * c) + x_nxBxCx.shape[3:])[:, :length]
 
 
 def _terms_of_logits(terms, logits_BxCxV, teacher_BxCxV, mask_BxC, labels_BxC, temperature,

@@ -19,7 +19,8 @@ Every form is multiplied by T², like the full-vocabulary losses, and reduces to
 import jax
 import jax.numpy as jnp
 
-from kd.losses.logits import _check_temperature, _t2, kl_from_log_probs, masked_sum
+from kd.losses.logits import (_check_temperature, _t2, from_chunks, kl_from_log_probs,
+                              masked_sum, to_chunks)
 
 SEMANTICS = ('renormalize', 'student_full', 'rest_bucket')
 
@@ -101,3 +102,13 @@ def topk_from_logits(teacher_logits, k: int, *, temperature=1.0):
   values, ids = jax.lax.top_k(logits, k)
   lse = jax.nn.logsumexp(logits / jnp.asarray(temperature, jnp.float32), axis=-1)
   return ids.astype(jnp.int32), values, lse
+
+
+def topk_from_hidden(hidden_BxTxD, project, k: int, *, temperature=1.0, chunk_size: int):
+  """`topk_from_logits(project(hidden), k)` made `chunk_size` tokens at a time, so only
+  [B, C, V] logits are ever held (the cache writer's teacher at a large vocabulary)."""
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f'chunk_size must be a positive int, got {chunk_size!r}.')
+  chunks = jax.lax.map(lambda h: topk_from_logits(project(h), k, temperature=temperature),
+                       to_chunks(hidden_BxTxD, chunk_size))
+  return tuple(from_chunks(x, hidden_BxTxD.shape[1]) for x in chunks)
