@@ -1,5 +1,7 @@
 """Top-k offline-teacher KL in its three semantics, against numpy written from the definitions."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -116,10 +118,11 @@ def test_chunked_and_fused_cached_teacher_equal_the_full_logits_loss(semantics):
         temperature=temp, chunk_size=4, divergences=topk.chunk_divergences(semantics))
     return sum(coeffs[n] * s for n, (s, _) in out.items()), out
 
-  def fused(h, p):
+  def fused(h, p, closed_form=None):  # None: topk_kl_with_grad's closed form
     out, surrogate = losses.fused_logit_losses(
         terms, coeffs, h, p, project, cache, lambda c: c, labels=labels, mask=mask,
-        temperature=temp, chunk_size=4, divergences=topk.chunk_divergences(semantics))
+        temperature=temp, chunk_size=4, divergences=topk.chunk_divergences(semantics),
+        closed_form=closed_form)
     return sum(coeffs[n] * s for n, (s, _) in out.items()) + surrogate, out
 
   grad = lambda fn: jax.jit(jax.value_and_grad(fn, (0, 1), has_aux=True))(hs, params)
@@ -127,7 +130,7 @@ def test_chunked_and_fused_cached_teacher_equal_the_full_logits_loss(semantics):
   ref = _reference(np.asarray(project(params, hs)), t_logits, k, temp, semantics)
   np.testing.assert_allclose(want_terms['kl'][0], (ref * np.asarray(mask)).sum(), rtol=1e-4)
   assert float(np.abs(want[0]).max()) > 0.01
-  for fn in (chunked, fused):
+  for fn in (chunked, fused, functools.partial(fused, closed_form=False)):
     (_, got_terms), got = grad(fn)
     for name in terms:
       np.testing.assert_allclose(got_terms[name][0], want_terms[name][0], rtol=1e-5, atol=1e-5)
@@ -135,10 +138,6 @@ def test_chunked_and_fused_cached_teacher_equal_the_full_logits_loss(semantics):
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       assert np.all(np.isfinite(g))
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
-  with pytest.raises(ValueError, match='closed_form=True covers'):
-    losses.fused_logit_losses(terms, coeffs, hs, params, project, cache, lambda c: c,
-                              labels=labels, chunk_size=4, closed_form=True,
-                              divergences=topk.chunk_divergences(semantics))
   with pytest.raises(ValueError, match='unknown top-k semantics'):
     topk.chunk_divergences('rest')
 
@@ -156,3 +155,24 @@ def test_topk_from_hidden_in_chunks_equals_full_logits():
   np.testing.assert_allclose(got[2], lse, rtol=1e-6)
   with pytest.raises(ValueError, match='chunk_size must be a positive int'):
     topk.topk_from_hidden(hidden, lambda h: h @ w, 7, chunk_size=0)
+
+
+@pytest.mark.parametrize('semantics', topk.SEMANTICS)
+@pytest.mark.parametrize('k', [1, 5, 40])  # 40 = V: no rest at all
+def test_closed_form_gradient_equals_autodiff_of_the_loss(semantics, k):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(k)
+  s = rng.normal(size=(3, 4, 40)).astype(np.float32) * 3
+  t = rng.normal(size=(3, 4, 40)).astype(np.float32) * 3
+  mask = rng.random((3, 4)) < 0.7
+  cache = topk.topk_from_logits(t, k, temperature=2.0)
+  kw = dict(mask=mask, temperature=2.0, semantics=semantics)
+  want, want_grad = jax.value_and_grad(lambda z: topk.topk_kl_sum(z, *cache, **kw)[0])(
+      jnp.asarray(s))
+  (got, count), grad = topk.topk_kl_with_grad(s, *cache, **kw)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert float(count) == mask.sum()
+  assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[~mask] == 0)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
+  if not (semantics == 'renormalize' and k == 1):  # one outcome: KL and gradient are 0
+    assert float(np.abs(want_grad).max()) > 0.1

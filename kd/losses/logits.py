@@ -441,8 +441,9 @@ def _divergence_and_h(name, kw, lq, lp):
 
 
 def _terms_with_grad(terms, coeffs, logits_BxCxV, teacher_BxCxV, mask_BxC, labels_BxC,
-                     temperature):
-  """({name: (sum, count)}, d/d logits of Σ coeffs[n]·sum_n) for the terms of CLOSED_FORM.
+                     temperature, own=None):
+  """({name: (sum, count)}, d/d logits of Σ coeffs[n]·sum_n) for the terms of CLOSED_FORM, and
+  those `own` ({name: fn}) maps to a function with its own `with_grad` closed form.
 
   d(T²·KL(p_T‖p_S))/dz = T·(p_S − p_T) with p = softmax(z / T), and d CE/dz = softmax(z) −
   target, so a chunk needs its two logits arrays and the gradient, where autodiff of the terms
@@ -481,6 +482,11 @@ def _terms_with_grad(terms, coeffs, logits_BxCxV, teacher_BxCxV, mask_BxC, label
       grads.append(coeffs[name] * (jnp.exp(z_shift - log_sum[..., None]) - target))
       continue
     t = kw.pop('temperature', temperature)
+    if own and name in own:  # (sum, count), d sum / d logits
+      out[name], grad = own[name].with_grad(logits_BxCxV, teacher_BxCxV, mask=mask, temperature=t,
+                                            **kw)
+      grads.append(coeffs[name] * grad)
+      continue
     _check_temperature(t)
     _check_pair(logits_BxCxV, teacher_BxCxV)
     t = jnp.asarray(t, jnp.float32)
@@ -537,7 +543,9 @@ def fused_logit_losses(terms, coeffs, student_hidden_BxTxD, head_params, student
       term allows it (`closed_form_applies`: the names and kwargs of CLOSED_FORM, for the
       built-in divergences).
     divergences: as in chunked_logit_losses; a name it maps to its own function is
-      differentiated by autodiff.
+      differentiated by autodiff, or by the function's `with_grad(logits, teacher, *, mask,
+      temperature, **kw) -> ((sum, count), d sum / d logits)` when it has one and closed_form
+      allows (as kd.losses.topk.chunk_divergences' has).
 
   Returns:
     ({name: (sum, count)} with gradient-stopped sums, surrogate): `surrogate` is exactly 0 and
@@ -554,15 +562,17 @@ def fused_logit_losses(terms, coeffs, student_hidden_BxTxD, head_params, student
   if missing:
     raise ValueError(f'coeffs has no weight for {missing}; give one per term.')
   hs_chunks = sg(xs[0])
-  own = sorted(n for n in terms if n != 'ce' and divergences[n] is not DIVERGENCES.get(n))
-  applies = closed_form_applies(terms) and not own
+  own = {n: divergences[n] for n in terms
+         if n != 'ce' and divergences[n] is not DIVERGENCES.get(n)}
+  applies = (closed_form_applies({n: kw for n, kw in terms.items() if n not in own})
+             and all(hasattr(fn, 'with_grad') for fn in own.values()))
   if closed_form is None:
     closed_form = applies
   elif closed_form and not applies:
     raise ValueError(f'closed_form=True covers {sorted(CLOSED_FORM)} with kwargs '
-                     f'{ {k: sorted(v) for k, v in CLOSED_FORM.items()} } and the built-in '
-                     f'divergences, not {dict(terms)} (own functions: {own}); pass '
-                     'closed_form=None to use it only where it applies.')
+                     f'{ {k: sorted(v) for k, v in CLOSED_FORM.items()} }, and divergence '
+                     f'functions with a `with_grad`, not {dict(terms)} (own functions: '
+                     f'{sorted(own)}); pass closed_form=None to use it only where it applies.')
 
   def step(carry, chunk):
     acc, d_params = carry
@@ -572,7 +582,7 @@ def fused_logit_losses(terms, coeffs, student_hidden_BxTxD, head_params, student
     if closed_form:
       logits_BxCxV, project_vjp = jax.vjp(student_project, fixed_params, hs_BxCxD)
       out, d_logits = _terms_with_grad(terms, coeffs, logits_BxCxV, teacher_BxCxV, mask_BxC,
-                                       labels_BxC, temperature)
+                                       labels_BxC, temperature, own)
       d_chunk_params, d_h_BxCxD = project_vjp(d_logits.astype(logits_BxCxV.dtype))
     else:
       def weighted(params, h_BxCxD):

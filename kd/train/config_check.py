@@ -190,9 +190,6 @@ def check_teacher_cache(config, teacher) -> None:
   if other:
     raise ConfigError(f'a teacher cache (config.teacher.cache={path}) holds top-k logits only: '
                       f"use 'kl' and 'ce'; {other} need the teacher run online (cache='')")
-  if config.get('closed_form', None) is True and int(config.get('chunk_size', 0)):
-    raise ConfigError("config.closed_form=True: a cached teacher's top-k KL has no closed-form "
-                      'gradient (autodiff per chunk); set closed_form=None or False')
   semantics = config.teacher.get('topk_semantics', 'rest_bucket')
   if semantics not in topk.SEMANTICS:
     raise ConfigError(f'config.teacher.topk_semantics={semantics!r}; valid: {topk.SEMANTICS}')
