@@ -205,8 +205,14 @@ def test_cached_teacher_chunked_step_equals_plain_step(semantics, fused):
   full = dict(batch)
   for key in ('topk_ids', 'topk_logits', 'lse'):
     del full[key]
-  _, m_online = step_lib.train_step(state, tp, full, spec)
+  s_online, m_online = step_lib.train_step(state, tp, full, spec)
   assert abs(float(m1['loss']) - float(m_online['loss'])) > 1e-4  # the cache is really read
+  # The teacher's full logits carried by the batch, in chunks too: the online teacher's step.
+  full['teacher_logits'] = np.asarray(t_logits)
+  s_full, m_full = step_lib.train_step(state, tp, full, chunked)
+  np.testing.assert_allclose(m_full['loss'], m_online['loss'], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               s_online.params, s_full.params)
   np.testing.assert_allclose(m2['loss'], m1['loss'], rtol=1e-5)
   for name in ('kl', 'ce'):
     np.testing.assert_allclose(m2['terms'][name], m1['terms'][name], rtol=1e-5, atol=1e-5)

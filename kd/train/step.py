@@ -219,12 +219,14 @@ def _loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, logit_co
   # the padding, so CE is unchanged but for the padded rows' mass).
   cut = (lambda x: x[..., :spec.vocab]) if spec.vocab else (lambda x: x)
   if logit_terms and spec.chunk_size:
-    # The teacher per chunk: its hidden states through its head, or a cache's top-k rows as
-    # they are (config_check allows only 'kl' with a cache).
+    # The teacher per chunk: its hidden states through its head, a cache's top-k rows as they
+    # are (config_check allows only 'kl' with a cache), or the batch's full teacher logits.
     teacher_in, teacher_project, divergences = None, None, None
     if t_out is not None and 'topk' in t_out:
       teacher_in, teacher_project = t_out['topk'], lambda chunk: chunk
       divergences = losses.topk_chunk_divergences(spec.topk_semantics)
+    elif t_out is not None and 'hidden' not in t_out:
+      teacher_in, teacher_project = t_out['logits'], cut
     elif t_out is not None:
       teacher_head = head_fn(spec.teacher, teacher_params)
       teacher_in, teacher_project = t_out['hidden'], lambda h: cut(teacher_head(h))
