@@ -33,6 +33,15 @@ def _log1mexp(x):
   return jnp.where(x < 0.0, out, -jnp.inf)
 
 
+def _check(semantics, lse=0.0, temperature=1.0):  # lse: None when the cache has none
+  if semantics not in SEMANTICS:
+    raise ValueError(f'unknown top-k semantics {semantics!r}; valid: {", ".join(SEMANTICS)}')
+  if semantics != 'renormalize' and lse is None:
+    raise ValueError(f"semantics {semantics!r} needs the teacher's logsumexp `lse`; the cache "
+                     "writes it, or use semantics='renormalize'")
+  _check_temperature(temperature)
+
+
 def _rest_log_prob(s_scaled, topk_ids):
   """log Σ softmax(s) over the ids *not* in topk_ids, without cancellation: [..., 1]."""
   v = s_scaled.shape[-1]
@@ -49,12 +58,7 @@ def _rest_log_prob(s_scaled, topk_ids):
 def topk_kl_per_token(student_logits, topk_ids, topk_logits, lse=None, *, temperature=1.0,
                       semantics='rest_bucket'):
   """T²·KL per token between the cached teacher top-k and the student (float32 [...])."""
-  if semantics not in SEMANTICS:
-    raise ValueError(f'unknown top-k semantics {semantics!r}; valid: {", ".join(SEMANTICS)}')
-  if semantics != 'renormalize' and lse is None:
-    raise ValueError(f"semantics {semantics!r} needs the teacher's logsumexp `lse`; the cache "
-                     "writes it, or use semantics='renormalize'")
-  _check_temperature(temperature)
+  _check(semantics, lse, temperature)
   t = jnp.asarray(temperature, jnp.float32)
   s_scaled = jnp.asarray(student_logits, jnp.float32) / t
   s_k = jnp.take_along_axis(s_scaled, topk_ids, axis=-1)
@@ -100,11 +104,7 @@ def topk_kl_with_grad(student_logits, topk_ids, topk_logits, lse=None, *, mask=N
   so a chunk keeps a [.., V] bool of the kept ids (rest_bucket only) and the gradient, not
   autodiff's log-probs and scatter residuals.
   """
-  if semantics not in SEMANTICS:
-    raise ValueError(f'unknown top-k semantics {semantics!r}; valid: {", ".join(SEMANTICS)}')
-  if semantics != 'renormalize' and lse is None:
-    raise ValueError(f"semantics {semantics!r} needs the teacher's logsumexp `lse`")
-  _check_temperature(temperature)
+  _check(semantics, lse, temperature)
   t = jnp.asarray(temperature, jnp.float32)
   s = jnp.asarray(student_logits, jnp.float32) / t
   k = topk_ids.shape[-1]
@@ -147,8 +147,7 @@ def chunk_divergences(semantics='rest_bucket'):
   fused_logit_losses) with a cached teacher: pass the cache's (topk_ids, topk_logits, lse),
   each [B, T, ...], as the teacher's input and the identity as its projection. `fn.with_grad`
   is its closed form (topk_kl_with_grad), which fused_logit_losses takes by default."""
-  if semantics not in SEMANTICS:
-    raise ValueError(f'unknown top-k semantics {semantics!r}; valid: {", ".join(SEMANTICS)}')
+  _check(semantics)
 
   def kl_sum(student_logits, teacher, *, mask=None, temperature=1.0):
     return topk_kl_sum(student_logits, *teacher, mask=mask, temperature=temperature,
