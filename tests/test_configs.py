@@ -6,16 +6,19 @@ import pathlib
 import pytest
 
 import kd.hf
+from kd.hf import locate
+from kd.jobs import llm
 from kd.train import JOBS
 from kd.train import config_check
 from kd.train import run
 from kd.train import sentence
 
-CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / 'configs').glob('*.py'))
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+CONFIGS = sorted(CONFIG_DIR.rglob('*.py'))
 
 
 def load(path, arg=None):
-  spec = importlib.util.spec_from_file_location(path.stem, path)
+  spec = importlib.util.spec_from_file_location(path.stem, str(path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   assert module.__doc__ and 'python -m kd.main' in module.__doc__, f'{path}: docstring needs the command'
@@ -39,10 +42,16 @@ def _builds_sentence(config):
   assert len(keep) < num_layers
 
 
-BUILDERS = {'lm': _builds_lm, 'sentence_embedding': _builds_sentence}
+def _builds_llm(config):
+  llm.check(config)
+  path = locate.locate(config.teacher.path)  # an installed package, a directory or a .gguf
+  assert path.endswith('.gguf') or kd.hf.read_config(path)
 
 
-@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+BUILDERS = {'lm': _builds_lm, 'sentence_embedding': _builds_sentence, 'llm': _builds_llm}
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 @pytest.mark.parametrize('arg', [None, 'tiny'])
 def test_config_builds(path, arg):
   config = load(path, arg)
@@ -56,7 +65,7 @@ def _set_ignoring_type(config, key, value):
 
 
 def _tiny():
-  return load(pathlib.Path(CONFIGS[0]).parent / 'shakespeare_kd.py', 'tiny')
+  return load(CONFIG_DIR / 'shakespeare_kd.py', 'tiny')
 
 
 @pytest.mark.parametrize('edit, message', [

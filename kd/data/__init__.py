@@ -1,9 +1,13 @@
 """Data for kd: text corpora, BPE tokenizers and packed LM batches (grain)."""
 
+from kd.data.pipeline import Doc
 from kd.data.pipeline import FEATURES
 from kd.data.pipeline import make_eval_batches
 from kd.data.pipeline import make_iterator
 from kd.data.pipeline import make_lm_dataset
+from kd.data.pipeline import make_mixed_dataset
+from kd.data.pipeline import make_packed_dataset
+from kd.data.pipeline import make_packed_eval_batches
 from kd.data.pipeline import split_long
 from kd.data.pipeline import tokenize_documents
 from kd.data.text import CORPORA

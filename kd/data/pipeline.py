@@ -15,6 +15,12 @@ Because pieces overlap by one, every token of a document after `<bos>` is a
 label exactly once, so long documents are split without losing a prediction;
 positions restart at 0 in each piece (attention never crosses a segment).
 
+Documents tokenized elsewhere (a checkpoint's own tokenizer, a chat template)
+enter through `make_packed_dataset` / `make_packed_eval_batches` as `Doc`s: their
+token ids and, optionally, a per-token weight; a token of weight 0 is never a
+label (a chat's system and user turns), so `loss_mask` is 1 only where the
+label token has weight 1 and the same segment.
+
 Multi-host: each host passes its own `shard_index` (e.g.
 `jax.process_index()`) and `shard_count` (`jax.process_count()`) and reads only
 documents `shard_index::shard_count`, which it tokenizes, shuffles and packs on
@@ -30,6 +36,7 @@ inside `ocp.args.Composite`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import grain
@@ -47,6 +54,21 @@ _DTYPES = {
     "positions": np.int32,
 }
 DEFAULT_PACKING_BINS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Doc:
+  """One tokenized document: int32 ids [N] and the weight of each as a label
+  (None: every token counts; else float32 [N] of 0s and 1s)."""
+
+  ids: np.ndarray
+  weights: np.ndarray | None = None
+
+  def __post_init__(self):
+    if self.weights is not None and self.weights.shape != self.ids.shape:
+      raise ValueError(
+          f"Doc weights {self.weights.shape} must match ids {self.ids.shape}."
+      )
 
 
 def tokenize_documents(
@@ -72,21 +94,34 @@ def tokenize_documents(
   return [np.asarray(x, dtype=np.int32) for x in ids]
 
 
-def split_long(docs: Sequence[np.ndarray], seq_len: int) -> list[np.ndarray]:
+def split_long(docs: Sequence[np.ndarray | Doc], seq_len: int) -> list:
   """Pieces of at most seq_len + 1 tokens, consecutive pieces sharing a token.
 
   Piece k of a document is `doc[k*seq_len : k*seq_len + seq_len + 1]`, so the
-  labels of its pieces (`piece[1:]`) concatenate to `doc[1:]`.
+  labels of its pieces (`piece[1:]`) concatenate to `doc[1:]`. A `Doc` gives
+  `Doc` pieces (its weights cut alike); pieces without a label are dropped.
   """
   pieces = []
   for doc in docs:
-    for start in range(0, max(len(doc) - 1, 1), seq_len):
-      pieces.append(doc[start : start + seq_len + 1])
+    ids = doc.ids if isinstance(doc, Doc) else doc
+    for start in range(0, max(len(ids) - 1, 1), seq_len):
+      cut = slice(start, start + seq_len + 1)
+      if not isinstance(doc, Doc):
+        pieces.append(doc[cut])
+      elif doc.weights is None:
+        pieces.append(Doc(doc.ids[cut]))
+      elif doc.weights[cut][1:].any():
+        pieces.append(Doc(doc.ids[cut], doc.weights[cut]))
   return pieces
 
 
-def _as_features(tokens: np.ndarray) -> dict[str, np.ndarray]:
-  return {"tokens": tokens}
+def _as_features(piece) -> dict[str, np.ndarray]:
+  if not isinstance(piece, Doc):
+    return {"tokens": piece}
+  weights = piece.weights
+  if weights is None:
+    weights = np.ones(piece.ids.shape, np.float32)
+  return {"tokens": piece.ids, "weights": np.asarray(weights, np.float32)}
 
 
 def _to_example(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -94,6 +129,8 @@ def _to_example(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   tokens = packed["tokens"]
   segments = packed["tokens_segment_ids"]
   mask = (segments[:-1] == segments[1:]) & (segments[:-1] > 0)
+  if "weights" in packed:  # a label counts only where its token has weight
+    mask &= packed["weights"][1:] > 0
   example = {
       "input_ids": tokens[:-1],
       "labels": np.where(mask, tokens[1:], tokenizer_lib.PAD_ID),
@@ -105,7 +142,7 @@ def _to_example(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _examples(
-    pieces: list[np.ndarray],
+    pieces: list,
     *,
     seq_len: int,
     seed: int,
@@ -117,17 +154,48 @@ def _examples(
   ds = grain.MapDataset.source(pieces)
   if shuffle:
     ds = ds.shuffle(seed=seed)  # reshuffled differently in every epoch
-  ds = ds.repeat(num_epochs).map(_as_features)
+  return _packed(ds.repeat(num_epochs), with_weights=bool(pieces) and isinstance(
+      pieces[0], Doc), seq_len=seq_len, seed=seed, shuffle=shuffle, packing_bins=packing_bins)
+
+
+def _packed(ds: grain.MapDataset, *, with_weights: bool, seq_len: int, seed: int,
+            shuffle: bool, packing_bins: int) -> grain.IterDataset:
+  """Pieces packed into rows of seq_len + 1 tokens, as model examples."""
   # The pieces are already in memory: no reader threads needed.
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
+  ds = ds.map(_as_features).to_iter_dataset(grain.ReadOptions(num_threads=0))
+  length_struct = {"tokens": seq_len + 1}
+  if with_weights:
+    length_struct["weights"] = seq_len + 1
   ds = grain.experimental.FirstFitPackIterDataset(
       ds,
-      length_struct={"tokens": seq_len + 1},
+      length_struct=length_struct,
       num_packing_bins=packing_bins,
       seed=seed,
       shuffle_bins=shuffle,
   )
   return ds.map(_to_example)
+
+
+def make_mixed_dataset(
+    groups: Sequence[Sequence[Doc]],
+    weights: Sequence[float],
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    packing_bins: int = DEFAULT_PACKING_BINS,
+) -> grain.IterDataset:
+  """Packed batches, forever, of pieces drawn from `groups` of `Doc`s with probabilities
+  `weights` (shares of pieces, each group shuffled and repeated on its own; grain's mix)."""
+  _check_positive(seq_len=seq_len, batch_size=batch_size, packing_bins=packing_bins)
+  if len(groups) != len(weights) or min(weights) <= 0 or not all(groups):
+    raise ValueError(f"{len(groups)} groups need as many weights > 0 and documents in each; got "
+                     f"weights {list(weights)}, sizes {[len(g) for g in groups]}.")
+  parts = [grain.MapDataset.source(split_long(g, seq_len)).shuffle(seed=seed + i).repeat(None)
+           for i, g in enumerate(groups)]
+  mixed = grain.MapDataset.mix(parts, weights=list(weights))
+  return _packed(mixed, with_weights=True, seq_len=seq_len, seed=seed, shuffle=True,
+                 packing_bins=packing_bins).batch(batch_size, drop_remainder=True)
 
 
 def make_lm_dataset(
@@ -153,6 +221,27 @@ def make_lm_dataset(
   order; more bins pack tighter.
   """
   _check_positive(seq_len=seq_len, batch_size=batch_size, packing_bins=packing_bins)
+  docs = tokenize_documents(
+      source, tokenizer, shard_index=shard_index, shard_count=shard_count
+  )
+  return make_packed_dataset(
+      docs, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=shuffle,
+      repeat=repeat, num_epochs=num_epochs, packing_bins=packing_bins)
+
+
+def make_packed_dataset(
+    docs: Sequence[np.ndarray | Doc],
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    repeat: bool = True,
+    num_epochs: int | None = None,
+    packing_bins: int = DEFAULT_PACKING_BINS,
+) -> grain.IterDataset:
+  """Packed batches of documents that are already token ids (or `Doc`s)."""
+  _check_positive(seq_len=seq_len, batch_size=batch_size, packing_bins=packing_bins)
   if not repeat and num_epochs not in (None, 1):
     raise ValueError(
         f"repeat=False means one pass but num_epochs={num_epochs}; set"
@@ -160,9 +249,6 @@ def make_lm_dataset(
     )
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}.")
-  docs = tokenize_documents(
-      source, tokenizer, shard_index=shard_index, shard_count=shard_count
-  )
   examples = _examples(
       split_long(docs, seq_len),
       seq_len=seq_len,
@@ -195,17 +281,34 @@ def make_eval_batches(
   `loss_mask` count each label of the split exactly once.
   """
   _check_positive(seq_len=seq_len, batch_size=batch_size, packing_bins=packing_bins)
-  docs = tokenize_documents(source, tokenizer)
-  rows = list(
-      _examples(
-          split_long(docs, seq_len),
-          seq_len=seq_len,
-          seed=0,
-          shuffle=False,
-          num_epochs=1,
-          packing_bins=packing_bins,
-      )
-  )
+  return make_packed_eval_batches(
+      tokenize_documents(source, tokenizer), seq_len=seq_len,
+      batch_size=batch_size, packing_bins=packing_bins)
+
+
+def make_packed_eval_batches(
+    docs: Sequence[np.ndarray | Doc],
+    *,
+    seq_len: int,
+    batch_size: int,
+    packing_bins: int = DEFAULT_PACKING_BINS,
+    max_batches: int = 0,
+) -> list[dict[str, np.ndarray]]:
+  """`make_eval_batches` of documents that are already token ids (or `Doc`s);
+  with `max_batches` > 0, only the first that many batches."""
+  _check_positive(seq_len=seq_len, batch_size=batch_size, packing_bins=packing_bins)
+  rows = []
+  for row in _examples(
+      split_long(docs, seq_len),
+      seq_len=seq_len,
+      seed=0,
+      shuffle=False,
+      num_epochs=1,
+      packing_bins=packing_bins,
+  ):
+    rows.append(row)
+    if max_batches and len(rows) == max_batches * batch_size:
+      break
   rows += [_empty_example(seq_len)] * (-len(rows) % batch_size)
   return [
       {k: np.stack([r[k] for r in rows[i : i + batch_size]]) for k in FEATURES}

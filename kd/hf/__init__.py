@@ -138,7 +138,11 @@ def _with_peft(path: str, hf_config: dict, config, variables):
 def load(path: str, dtype=None, *, tokenizer: bool = True, scan_layers: bool = False) -> Model:
   """Reads config.json + safetensors in `path` into a `Model` (float32 params by default), with
   the PEFT params of kd_peft.safetensors when `save` wrote them. `scan_layers`: a decoder with
-  DecoderConfig.scan_layers and its params stacked (kd.models.stack_layers)."""
+  DecoderConfig.scan_layers and its params stacked (kd.models.stack_layers). A `.gguf` file is
+  read by kd.hf.gguf.load."""
+  if os.fspath(path).endswith('.gguf') and not os.path.isdir(path):
+    from kd.hf import gguf  # pylint: disable=g-import-not-at-top
+    return gguf.load(path, dtype, tokenizer=tokenizer, scan_layers=scan_layers)
   hf_config = read_config(path)
   family = family_for(hf_config)
   config = family.config_from_hf(hf_config)

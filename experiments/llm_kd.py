@@ -1,0 +1,144 @@
+r"""SmolLM2-135M-Instruct distilled into a 20-layer cut of itself, objective by objective, over seeds.
+
+  KD_DATA_DIR=../shared/data .venv/bin/python experiments/llm_kd.py \
+      --seeds=0,1,2 --workdir=/tmp/kd/llm_kd [--rows=kd,reverse_kl,kl_hidden]
+
+Every (row, seed) is one run of configs/llm/smollm2_kd.py in <workdir>/<row>/seed_<s>, resumable.
+The `kd` run is the demo itself: it also gives the teacher, the untrained cut and the CE-only
+student trained on the same tokens; the other rows change only the KD student's losses. The
+teacher-generated text of a seed is made once and copied to that seed's other runs. Writes
+<out>/llm_kd.md (mean ± std over seeds of held-out perplexity and top-1 agreement with the
+teacher, per held-out set, and how many seeds order the rows as claimed) with <out>/llm_kd.png,
+and the per-seed results in <out>/llm_kd.runs.json. About 10 minutes for a seed's `kd` run and
+5 for each other row on a 2-core CPU.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+from absl import app
+from absl import flags
+
+from kd.eval import report
+
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to run.')
+_ROWS = flags.DEFINE_list('rows', ['kd', 'reverse_kl', 'kl_hidden'], 'KD students to train.')
+_WORKDIR = flags.DEFINE_string('workdir', '/tmp/kd/llm_kd', 'Root of the runs.')
+_OUT = flags.DEFINE_string('out', 'experiments/results', 'Where the table and plot go.')
+_COLLECT = flags.DEFINE_bool('collect_only', False, "Only read finished runs' results.")
+
+# Row -> (label, --config overrides of its KD student).
+ROWS = {
+    'kd': ('0.5·CE + 0.5·KL (T=1): the demo', []),
+    'reverse_kl': ('0.5·CE + 0.5·reverse KL', ["--config.losses={'ce': 0.5, 'reverse_kl': 0.5}"]),
+    'kl_hidden': ('0.5·CE + 0.5·KL + 0.1·hidden-state MSE (kept layers)',
+                  ["--config.losses={'ce': 0.5, 'kl': 0.5, 'hidden_mse': 0.1}"]),
+}
+# Rows the `kd` run gives besides its KD student: name in results.json -> label.
+SHARED = {'teacher': 'teacher (30 layers)', 'student_init': 'the cut, untrained',
+          'student_ce': 'CE only, same tokens'}
+
+
+def run(row: str, seed: str) -> dict | None:
+  workdir = os.path.join(_WORKDIR.value, row, f'seed_{seed}')
+  result = os.path.join(workdir, 'results.json')
+  if not _COLLECT.value and not os.path.exists(result):
+    shared = os.path.join(_WORKDIR.value, 'kd', f'seed_{seed}', 'synthetic.jsonl')
+    if row != 'kd' and os.path.exists(shared):  # the same settings: read, not sampled again
+      os.makedirs(workdir, exist_ok=True)
+      shutil.copy(shared, os.path.join(workdir, 'synthetic.jsonl'))
+    extra = [] if row == 'kd' else ['--config.baseline=False', '--config.export=False']
+    cmd = [sys.executable, '-m', 'kd.main', '--config=configs/llm/smollm2_kd.py',
+           f'--workdir={workdir}', f'--config.seed={seed}', '--config.train.progress=False',
+           *extra, *ROWS[row][1]]
+    subprocess.run(cmd, check=True)
+  if not os.path.exists(result):
+    return None
+  with open(result) as f:
+    return json.load(f)
+
+
+def collect() -> dict:
+  """{seed: {row: result}}: the shared rows from each seed's `kd` run, then each KD row."""
+  runs = {}
+  for seed in _SEEDS.value:
+    got = {}
+    for row in _ROWS.value:
+      r = run(row, seed)
+      if r is None:
+        continue
+      if row == 'kd':
+        got.update({name: r[name] for name in SHARED if name in r})
+      got[row] = r['student_kd']
+    runs[seed] = got
+  return runs
+
+
+def _sets(runs) -> list[str]:
+  return list(next(r for rows in runs.values() for r in rows.values()
+                   if isinstance(r, dict))['eval'])
+
+
+def table(runs: dict) -> str:
+  sets = _sets(runs)
+  labels = {**SHARED, **{k: v[0] for k, v in ROWS.items()}}
+  order = ['teacher', 'student_init', 'student_ce'] + [r for r in ROWS if r in _ROWS.value]
+  lines = ['Held-out perplexity (lower is better) and top-1 agreement with the teacher, mean ± '
+           f'std over seeds {", ".join(runs)}. Teacher SmolLM2-135M-Instruct (4-bit GGUF, '
+           'dequantized); student: its layers 0-13 and 24-29; 40 steps of 4 × 128 tokens, half '
+           'Tiny Shakespeare (first 90%), half text the teacher wrote from the openings of STS-B '
+           'train sentences (`configs/llm/smollm2_kd.py`).', '',
+           '| model | ' + ' | '.join(f'ppl {s}' for s in sets) + ' | '
+           + ' | '.join(f'agree {s}' for s in sets) + ' |',
+           '|---|' + '---:|' * (2 * len(sets))]
+  for row in order:
+    got = [rows[row] for rows in runs.values() if row in rows]
+    if not got:
+      continue
+    cells = [report.mean_std([g['eval'][s]['perplexity'] for g in got]) for s in sets]
+    cells += ['-' if row == 'teacher' else
+              report.mean_std([g['eval'][s]['agreement'] for g in got], scale=100, digits=1)
+              + '%' for s in sets]
+    lines.append(f'| {labels[row]} | ' + ' | '.join(cells) + ' |')
+  for better, worse in (('kd', 'student_ce'), ('student_ce', 'student_init')):
+    for s in sets:
+      pairs = [(rows[better]['eval'][s]['perplexity'], rows[worse]['eval'][s]['perplexity'])
+               for rows in runs.values() if better in rows and worse in rows]
+      wins = sum(a < b for a, b in pairs)
+      lines.append(f'\n{labels[better]} below {labels[worse]} on {s}: {wins} of {len(pairs)} '
+                   'seeds.')
+  return '\n'.join(lines)
+
+
+def plot(runs: dict):
+  def draw(path):
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    sets = _sets(runs)
+    rows = [r for r in ['teacher', 'student_ce'] + list(ROWS)
+            if any(r in v for v in runs.values())]
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 3.5))
+    for ax, s in zip(np.atleast_1d(axes), sets):
+      vals = [[v[r]['eval'][s]['perplexity'] for v in runs.values() if r in v] for r in rows]
+      ax.bar(range(len(rows)), [np.mean(v) for v in vals],
+             yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals])
+      ax.set_xticks(range(len(rows)), rows, rotation=30, ha='right')
+      ax.set_title(f'held-out perplexity, {s}')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+  return draw
+
+
+def main(argv):
+  del argv
+  runs = collect()
+  report.write(_OUT.value, 'llm_kd', table(runs), plot(runs), runs=runs)
+
+
+if __name__ == '__main__':
+  app.run(main)

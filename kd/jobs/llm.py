@@ -1,0 +1,285 @@
+"""Distils a pretrained decoder from its checkpoint into a smaller student, on real data.
+
+  python -m kd.main --config=configs/llm/smollm2_kd.py --workdir=DIR
+
+1. The teacher is read from config.teacher.path: an HF checkpoint directory (config.json +
+   safetensors), a .gguf file, or an installed package shipping one (kd.hf.locate). Its
+   tokenizer and chat template are the run's; no tokenizer is trained.
+2. The student (config.student.source) is a cut of the teacher ('cut': the listed layers, and
+   narrower MLPs and fewer heads chosen by measured importance, kd.models.prune), another
+   checkpoint with the same tokenizer ('path'), or a fresh model of the teacher's family and
+   vocabulary ('fresh').
+3. Text and chat sources are tokenized and packed (kd.data.tokenized); chat records count only
+   their assistant tokens. With config.data.synthetic, the teacher's own continuations of real
+   openings join the train set (kd.data.synthetic), made once in <workdir>/synthetic.jsonl.
+4. The student distils with config.losses (student_kd), and with config.baseline the same
+   student trains on the same tokens with CE only (student_ce); each run resumes from its
+   checkpoints (kd.train.run.run_stage, the stage every decoder job shares).
+5. Teacher, untrained student, KD and CE students are scored on every held-out set (perplexity,
+   top-1 agreement with the teacher; kd.eval.heldout); with config.data.prompts, each answers
+   held-out chat prompts greedily and the teacher scores the answers. The KD student is exported
+   to <workdir>/hf (config.json, safetensors, tokenizer with its chat template), which
+   transformers loads without kd. results.json and results.md hold the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+from absl import logging
+
+from kd import hf
+from kd import losses
+from kd import models
+from kd.data import synthetic
+from kd.data import tokenized
+from kd.eval import chat_answers
+from kd.eval import heldout
+from kd.eval import report as report_lib
+from kd.hf import locate
+from kd.hf import vocab as vocab_lib
+from kd.models import prune
+from kd.train import compress
+from kd.train import config_check
+from kd.train import run
+
+SOURCES = ('cut', 'path', 'fresh')
+# DecoderConfig fields a config may set on a loaded model: how it runs, not what it computes.
+RUNTIME = ('scan_layers', 'remat', 'remat_policy', 'attention_impl', 'dtype', 'param_dtype')
+WIDTHS = ('intermediate_size', 'num_heads', 'num_kv_heads')
+
+
+def check(config) -> None:
+  """Config errors before anything loads, compiles or writes."""
+  config_check.check(config)
+  sc = config.student
+  if sc.source not in SOURCES:
+    raise config_check.ConfigError(f'config.student.source={sc.source!r}; use one of {SOURCES}')
+  if sc.source == 'path' and not sc.path:
+    raise config_check.ConfigError("config.student.source='path' needs config.student.path")
+  for section in ('teacher', 'student'):
+    extra = sorted(set(config[section].model) - set(RUNTIME))
+    if extra:
+      raise config_check.ConfigError(
+          f'config.{section}.model sets {extra}, which change what the checkpoint computes; '
+          f'it may set {RUNTIME} (the widths of a cut are config.student.{"/".join(WIDTHS)})')
+  for key in WIDTHS + ('calibration_batches',):
+    if int(sc[key]) < 0:
+      raise config_check.ConfigError(f'config.student.{key} must be >= 0 (0 = the teacher\'s)')
+  if int(config.train.steps) < 1:
+    raise config_check.ConfigError(f'config.train.steps must be >= 1, got {config.train.steps}')
+  if config.teacher.cache:
+    raise config_check.ConfigError(
+        'config.teacher.cache: kd.cache_teacher writes the top-k cache of the lm job\'s data; this '
+        'job runs its teacher online, so leave teacher.cache empty')
+  for key in ('seq_len', 'batch_size', 'eval_batch_size'):
+    if int(config.data[key]) < 1:
+      raise config_check.ConfigError(f'config.data.{key} must be >= 1, got {config.data[key]}')
+  paired = [n for n in config.losses
+            if losses.get(n).kind in ('hidden', 'attention', 'relation')]
+  if config.features.layer_map == 'kept' and sc.source != 'cut' and paired:
+    raise config_check.ConfigError(
+        f"config.features.layer_map='kept' pairs a cut's layers with the teacher layers it "
+        f"kept; a '{sc.source}' student has none: use 'uniform' or 'explicit' for {paired}")
+  gen = config.data.synthetic
+  if int(gen.count) < 0 or (int(gen.count) and not (gen.prompts and 0 < gen.weight < 1)):
+    raise config_check.ConfigError('config.data.synthetic.count must be >= 0, and > 0 needs '
+                                   'synthetic.prompts (a text source whose openings the teacher '
+                                   'continues) and 0 < synthetic.weight < 1 (its share of pieces)')
+  if not tokenized.eval_names(config.data.eval):
+    raise config_check.ConfigError('config.data.eval names no held-out source; give one, e.g. '
+                                   "'stsb:dev'")
+
+
+def with_runtime(model: models.Model, settings) -> models.Model:
+  """`model` with the RUNTIME fields of `settings` (scan_layers restacks its params)."""
+  settings = {k: v for k, v in dict(settings).items() if v is not None}
+  config, params = model.config, model.params
+  scan = settings.pop('scan_layers', config.scan_layers)
+  if scan != config.scan_layers:
+    params = models.stack_layers(params) if scan else models.unstack_layers(params)
+  param_dtype = settings.get('param_dtype')
+  if param_dtype and param_dtype != config.param_dtype:
+    params = jax.tree.map(lambda x: x.astype(param_dtype), params)
+  config = dataclasses.replace(config, scan_layers=scan, **settings)
+  config.validate()
+  return model.replace(module=models.Decoder(config), params=params)
+
+
+def load_teacher(config) -> models.Model:
+  path = locate.locate(config.teacher.path)
+  teacher = hf.load(path)
+  if not isinstance(teacher.config, models.DecoderConfig):
+    raise config_check.ConfigError(f'config.teacher.path={path} holds a '
+                                   f'{type(teacher.config).__name__}; this job distils decoders')
+  if teacher.tokenizer is None:
+    raise config_check.ConfigError(f'{path} has no tokenizer; the run uses the teacher\'s own, so '
+                                   'put its tokenizer files beside the weights')
+  logging.info('teacher %s: %s params', path, f'{models.count_params(teacher.params):,}')
+  return with_runtime(teacher, config.teacher.model)
+
+
+def build_student(config, teacher: models.Model, data) -> models.Model:
+  """The student config.student.source names, starting as its weights say (module docstring)."""
+  sc = config.student
+  flat = with_runtime(teacher, {'scan_layers': False})
+  if sc.source == 'path':
+    student = hf.load(locate.locate(sc.path))
+    if student.tokenizer is None:
+      raise config_check.ConfigError(f'config.student.path={sc.path} has no tokenizer, so it '
+                                     "cannot be checked against the teacher's")
+    try:
+      vocab_lib.check_same_tokenizer(teacher.tokenizer, student.tokenizer)
+    except ValueError as e:
+      raise config_check.ConfigError(f'config.student.path={sc.path}: {e}') from None
+  elif sc.source == 'fresh':
+    fields = {k: v for k, v in dict(sc.fresh).items() if v}
+    cfg = dataclasses.replace(flat.config, **fields)
+    if cfg.num_heads * cfg.head_dim != cfg.hidden_size and 'head_dim' not in fields:
+      cfg = dataclasses.replace(cfg, head_dim=cfg.hidden_size // cfg.num_heads)
+    cfg.validate()
+    student = models.Model(models.Decoder(cfg), models.init_params(cfg, jax.random.key(
+        config.seed)), tokenizer=teacher.tokenizer)
+  else:
+    layers = list(sc.layers) or list(range(teacher.config.num_layers))
+    widths = {k: int(sc[k]) for k in WIDTHS if int(sc[k])}
+    try:
+      if widths:
+        batches = calibration_batches(data, int(sc.calibration_batches), config.seed)
+        student = prune.prune(flat, layers=layers, scores=prune.importance(flat, batches),
+                              **widths)
+      else:
+        student = models.student_from_teacher(flat, layers)
+    except ValueError as e:
+      raise config_check.ConfigError(f'config.student: {e}') from None
+  return with_runtime(student.replace(tokenizer=teacher.tokenizer), config.student.model)
+
+
+def calibration_batches(data, n: int, seed: int) -> list:
+  """The first `n` train batches (seed + 77: not the runs' own order), measuring importance."""
+  it = data.iterator(seed + 77)
+  return [next(it) for _ in range(max(n, 1))]
+
+
+def with_kept_layer_map(config, layers) -> object:
+  """config with features.layer_map 'kept' turned into the explicit pairs of a cut: the
+  embeddings, then student layer j after teacher layer layers[j] (hidden-state indices, 0 = the
+  embeddings); for another student (which check() allows only without layer-paired losses)
+  'uniform'. Other maps pass through."""
+  if config.features.layer_map != 'kept':
+    return config
+  config = config.copy_and_resolve_references()
+  if config.student.source != 'cut':
+    config.features.layer_map = 'uniform'
+    return config
+  config.features.layer_map = 'explicit'
+  config.features.pairs = ((0, 0),) + tuple((j + 1, t + 1) for j, t in enumerate(layers))
+  return config
+
+
+def score(named: dict, eval_sets: dict) -> dict:
+  """{model: {eval set: heldout.compare row}}; the first model (the teacher) is the reference
+  for agreement and runs once per set."""
+  out = {name: {} for name in named}
+  for set_name, batches in eval_sets.items():
+    reference = None
+    for name, model in named.items():
+      stats = heldout.token_stats(model.module, model.params, batches)
+      out[name][set_name] = heldout.compare(stats, reference)
+      reference = reference or stats
+  return out
+
+
+def main(config, workdir: str) -> dict:
+  check(config)
+  teacher = load_teacher(config)
+  rows = vocab_lib.vocab_rows(teacher)
+  data = tokenized.TokenizedData(config.data, teacher.tokenizer, vocab_size=rows,
+                                 max_positions=teacher.config.max_seq_len)
+  logging.info('train: %d documents, %s tokens', len(data.train_docs), f'{data.train_tokens:,}')
+  student = build_student(config, teacher, data)
+  config = with_kept_layer_map(
+      config, list(config.student.layers) or list(range(teacher.config.num_layers)))
+  config_check.check_models(config, student.module, teacher.module)
+  os.makedirs(workdir, exist_ok=True)  # (nothing is written before the checks above)
+  gen = config.data.synthetic
+  if int(gen.count):  # teacher-generated text joins the train set (kd.data.synthetic)
+    settings = dict(gen, text_prefix=config.data.text_prefix, seed=config.seed,
+                    teacher=config.teacher.path)
+    settings.pop('weight')  # (how often it is drawn, not what it holds)
+    data.add_train(synthetic.get_or_write(f'{workdir}/synthetic.jsonl', teacher, settings),
+                   'teacher-generated text', float(gen.weight))
+    logging.info('train with teacher-generated text: %s tokens', f'{data.train_tokens:,}')
+  results = {'teacher': {'params': models.count_params(teacher.params)},
+             'student_init': {'params': models.count_params(student.params)}}
+  trained = {'teacher': teacher, 'student_init': student}
+  # An adapter, prefix or prompt student (config.peft) gains its new params here.
+  student = student.replace(**dict(zip(('module', 'params'), run.peft_student(
+      config, student.module, student.params))))
+  t_module, t_params = compress.quantized_teacher(config, teacher.module, teacher.params)
+  runs = {'student_kd': dict(config.losses)}
+  if config.baseline:
+    runs['student_ce'] = {'ce': 1.0}
+  for name, terms in runs.items():
+    params, results[name] = run.run_stage(
+        config, data, f'{workdir}/{name}', student.module, t_module, t_params, terms,
+        steps=config.train.steps, seed=config.seed, name=name, init_variables=student.params)
+    trained[name] = student.replace(params=params)
+  for name, per_set in score(trained, data.eval_sets).items():
+    results[name]['eval'] = per_set
+  examples = []
+  if data.prompts:
+    answers = chat_answers.answer(trained, data.prompts, teacher,
+                                  max_new_tokens=int(config.data.answer_tokens))
+    for name, r in answers['scores'].items():
+      results[name].update(r)
+    examples = answers['examples']
+  if jax.process_index() == 0:
+    if config.export:
+      export(trained['student_kd'], f'{workdir}/hf')
+    table = report(results, tokenized.eval_names(config.data.eval), examples)
+    with open(f'{workdir}/results.json', 'w') as f:
+      json.dump(report_lib.stamp(results), f, indent=1)
+    if examples:
+      with open(f'{workdir}/answers.json', 'w') as f:
+        json.dump(examples, f, indent=1)
+    with open(f'{workdir}/results.md', 'w') as f:
+      f.write(table + '\n')
+    print(table)
+    logging.info('wrote %s/results.md', workdir)
+  return results
+
+
+def export(model: models.Model, path: str) -> None:
+  """The student as a transformers checkpoint: config.json, model.safetensors and the
+  teacher's tokenizer files with its chat template (generation stops at its end of turn)."""
+  flat = with_runtime(model, {'scan_layers': False, 'remat': False})
+  hf.save(flat, path)
+  logging.info('exported the KD student to %s', path)
+
+
+def report(results: dict, eval_names: list[str], examples=()) -> str:
+  """The results table: params, held-out perplexity and top-1 agreement with the teacher per
+  held-out set, training time; then the chat scores and `examples` (kd.eval.chat_answers)."""
+  cols = [f'ppl {n}' for n in eval_names] + [f'agree {n}' for n in eval_names]
+  rows = ['| model | params | ' + ' | '.join(cols) + ' | train wall s |',
+          '|---|' + '---:|' * (len(cols) + 2)]
+  for name, r in results.items():
+    ev = r.get('eval', {})
+    cells = [f"{ev[n]['perplexity']:.2f}" if n in ev else '-' for n in eval_names]
+    cells += [f"{100 * ev[n]['agreement']:.1f}%" if 'agreement' in ev.get(n, {}) else '-'
+              for n in eval_names]
+    wall = f"{r['wall_s']:.0f}" if 'wall_s' in r else '-'
+    rows.append(f"| {name} | {r['params']:,} | {' | '.join(cells)} | {wall} |")
+  if any('answer_teacher_nll' in r for r in results.values()):
+    rows.append('\nGreedy answers to held-out chat prompts, per-token NLL under the teacher '
+                '(lower: more teacher-like): ' + ', '.join(
+                    f"{n} {r['answer_teacher_nll']:.3f} ({r['answer_tokens']:.1f} tokens)"
+                    for n, r in results.items() if 'answer_teacher_nll' in r) + '.')
+  for example in examples:
+    rows.append(f"\n**Prompt:** {example['prompt']}\n")
+    rows += [f"- *{n}*: {a}" for n, a in example['answers'].items()]
+  return '\n'.join(rows)

