@@ -229,3 +229,33 @@ def test_teacher_generated_text_is_made_once_and_kept_with_its_settings(finished
   assert synthetic.get_or_write(str(path), None, settings) == lines[1:]  # read, not sampled
   with pytest.raises(sources.DataError, match='made with'):
     synthetic.get_or_write(str(path), None, {**settings, 'temperature': 0.5})
+
+
+@pytest.mark.parametrize('arg', ['chat,gkd=1.0,tiny', 'chat,seqkd,tiny'])
+def test_chat_gkd_and_seqkd_sample_inside_the_template(tmp_path, teacher, arg):
+  """GKD: every KD batch's answers are the student's samples, stopped at <|im_end|>; SeqKD: the
+  KD student trains on the teacher's greedy answers, made once beside the teacher."""
+  config = _config(arg, **{'teacher.path': teacher[0], 'student.layers': (0, 2),
+                           'export': False})
+  results = llm.main(config, str(tmp_path / 'w'))
+  kd = results['student_kd']
+  assert np.isfinite(kd['eval']['stsb_paraphrase:dev[:-16]']['perplexity'])
+  if 'gkd' in arg:
+    assert kd['generated_batches'] == config.train.steps and kd['generated_tokens'] > 0
+  else:
+    made = list((tmp_path / 'w' / 'teacher').glob('seqkd-*'))
+    assert len(made) == 1
+
+
+def test_dialogue_rows_are_the_last_assistant_turn_and_its_prompt(tokenizer):
+  from kd.data import chat  # pylint: disable=g-import-not-at-top
+  record = {'messages': [{'role': 'user', 'content': 'A'}, {'role': 'assistant', 'content': 'B'},
+                         {'role': 'user', 'content': 'C'}, {'role': 'assistant', 'content': 'D'}]}
+  arrays = chat.dialogue_arrays(tokenizer, [record], prompt_len=64, response_len=4,
+                                vocab_size=49152)
+  prompt = arrays['prompt_ids'][0][arrays['prompt_mask'][0] > 0]
+  response = arrays['response_ids'][0][arrays['response_mask'][0] > 0]
+  want_prompt, _ = chat.prompt_ids(tokenizer, chat.messages_of(record))
+  np.testing.assert_array_equal(prompt, want_prompt)
+  assert tokenizer.convert_ids_to_tokens(response.tolist()) == ['D', '<|im_end|>']
+  assert chat.end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids('<|im_end|>')

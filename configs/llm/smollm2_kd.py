@@ -17,19 +17,26 @@ Any HF or GGUF decoder: --config.teacher.path=DIR_OR_FILE, the data as sources
 Args (`:arg`, comma separated):
   chat    the chat task: STS-B paraphrase requests rendered with the teacher's chat template,
           loss on the assistant turns only; held-out prompts answered and scored by the teacher
+  gkd=L   with chat: prompt/response rows, and with probability L a batch's answers are the
+          student's own samples (on-policy, GKD), the divergence a generalized JSD (beta 0.5)
+  seqkd   with chat: the KD student trains on the teacher's greedy answers (sequence-level KD)
   tiny    a few steps at short length (tests; with a small --config.teacher.path)
 """
 
 import ml_collections
 from ml_collections import config_dict
 
-ARGS = ('chat', 'tiny')
+ARGS = ('chat', 'gkd', 'seqkd', 'tiny')
 
 
 def get_config(arg=None):
-  args = {a for a in (arg or '').split(',') if a}
+  tokens = [a for a in (arg or '').split(',') if a]
+  options = dict(a.split('=', 1) for a in tokens if '=' in a)
+  args = {a for a in tokens if '=' not in a} | set(options)
   if args - set(ARGS):
     raise ValueError(f'unknown arg(s) {sorted(args - set(ARGS))} in {arg!r}; valid: {ARGS}')
+  if args & {'gkd', 'seqkd'} and 'chat' not in args:
+    raise ValueError(f'{sorted(args & {"gkd", "seqkd"})} need the chat arg (prompts to answer)')
   c = ml_collections.ConfigDict()
   c.job = 'llm'
   c.seed = 0
@@ -43,7 +50,10 @@ def get_config(arg=None):
       train='shakespeare[:90%]', eval='shakespeare[90%:],stsb:dev',
       text_prefix='<|endoftext|>',  # SmolLM2's document separator in pretraining
       seq_len=128, batch_size=4, eval_batch_size=8, max_eval_batches=4, monitor_batches=0,
-      packing_bins=16, task='lm',
+      packing_bins=16,
+      # 'dialogue': chat records as prompt/response rows (prompt_len, response_len), for GKD
+      # and SeqKD (the gkd and seqkd args)
+      task='lm', prompt_len=0, response_len=0,
       prompts='', max_prompts=16, answer_tokens=48))  # held-out chat prompts (chat arg)
   # Teacher-generated text (kd/data/synthetic.py): the teacher continues the first `words` words
   # of `count` documents of `prompts` (sampled at temperature, top_p), and batches draw their
@@ -51,6 +61,17 @@ def get_config(arg=None):
   c.data.synthetic = ml_collections.ConfigDict(dict(
       prompts='stsb:train', count=128, words=4, max_new_tokens=48, temperature=1.0, top_p=0.95,
       batch_size=32, weight=0.5))
+
+  # GKD (dialogue task): with probability `fraction` a batch's answers are the student's own
+  # samples; or DistiLLM's adaptive off-policy (kd/train/replay.py).
+  c.on_policy = ml_collections.ConfigDict(dict(fraction=0.0, temperature=1.0, top_k=0,
+                                               top_p=1.0))
+  c.on_policy.adaptive = ml_collections.ConfigDict(dict(
+      enabled=False, p0=0.0, delta=0.1, p_max=1.0, eps=0.1, capacity=1000, replay_fraction=1.0,
+      replay_schedule='linear', fill_first=True))
+  # SeqKD (dialogue task): the KD student trains on the teacher's answers, made once.
+  c.seqkd = ml_collections.ConfigDict(dict(enabled=False, temperature=0.0, top_k=0, top_p=1.0,
+                                           batch_size=32))
 
   c.teacher = ml_collections.ConfigDict()
   # An HF checkpoint directory, a .gguf file, or an installed package that ships one.
@@ -109,13 +130,24 @@ def get_config(arg=None):
       progress=True))
 
   if 'chat' in args:
-    c.data.update(train='stsb_paraphrase:train', eval='stsb_paraphrase:dev',
+    c.data.update(train='stsb_paraphrase:train', eval='stsb_paraphrase:dev[:-16]',
                   prompts='stsb_paraphrase:dev[-16:]', seq_len=128, batch_size=8,
                   eval_batch_size=8)
+    c.data.synthetic.count = 0
+  if args & {'gkd', 'seqkd'}:
+    c.data.update(task='dialogue', prompt_len=64, response_len=40)
+  if 'gkd' in args:
+    c.on_policy.fraction = float(options['gkd'])
+    c.losses = ml_collections.ConfigDict({'jsd': 1.0})
+    c.loss_kwargs = ml_collections.ConfigDict({'jsd': {'beta': 0.5}})
+  if 'seqkd' in args:
+    c.seqkd.enabled = True
   if 'tiny' in args:
     c.data.update(seq_len=32, batch_size=2, eval_batch_size=2, max_eval_batches=2,
                   max_prompts=2, answer_tokens=4)
-    c.data.synthetic.update(count=4, max_new_tokens=8, batch_size=4)
+    c.data.synthetic.update(count=min(c.data.synthetic.count, 4), max_new_tokens=8, batch_size=4)
+    c.data.update(prompt_len=min(c.data.prompt_len, 48), response_len=min(c.data.response_len, 8))
+    c.seqkd.batch_size = 4
     c.student.layers = (0,)
     c.student.calibration_batches = 1
     c.train.update(steps=2, log_every=1, checkpoint_every=1, progress=False)

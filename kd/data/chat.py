@@ -124,6 +124,49 @@ def encode(tokenizer, records: Sequence[dict], *, vocab_size: int, where: str = 
   return [d for d in docs if d.ids.size > 1]
 
 
+def end_of_turn_id(tokenizer) -> int:
+  """The token that ends an assistant turn in this chat template (the last label of a probe
+  conversation): where a generated answer stops (<|im_end|>, Llama 3's <|eot_id|>, ...)."""
+  doc = encode_chat(tokenizer, [{'role': 'user', 'content': 'Hi'},
+                                {'role': 'assistant', 'content': 'Hello'}])
+  return int(doc.ids[doc.weights > 0][-1])
+
+
+def dialogue_arrays(tokenizer, records: Sequence[dict], *, prompt_len: int, response_len: int,
+                    vocab_size: int, where: str = 'data') -> dict[str, np.ndarray]:
+  """Chat records in kd.data.dialogue's fixed-shape layout, for on-policy (GKD) and SeqKD
+  training: the prompt is the conversation before its last assistant turn, rendered with the
+  generation prompt (its start cut when longer than prompt_len, left-padded); the response is
+  that turn's tokens through its end-of-turn token (cut to response_len, ending in it)."""
+  n = len(records)
+  out = {'prompt_ids': np.zeros((n, prompt_len), np.int32),
+         'prompt_mask': np.zeros((n, prompt_len), np.int32),
+         'response_ids': np.zeros((n, response_len), np.int32),
+         'response_mask': np.zeros((n, response_len), np.int32)}
+  end = end_of_turn_id(tokenizer)
+  for i, r in enumerate(records):
+    if sources.kind(r) != 'chat':
+      raise sources.DataError(f'{where}, record {i}: a text record; on-policy and SeqKD runs '
+                              '(config.data.task=\'dialogue\') take chat records only')
+    doc = encode_chat(tokenizer, messages_of(r, f'{where}, record {i}'))
+    labelled = doc.weights > 0  # the last assistant turn is the last run of labels
+    last = first = int(np.flatnonzero(labelled)[-1])
+    while first > 0 and labelled[first - 1]:
+      first -= 1
+    prompt, response = doc.ids[:first][-prompt_len:], list(doc.ids[first:last + 1])
+    if len(response) > response_len:
+      response = response[:response_len - 1] + [end]
+    out['prompt_ids'][i, prompt_len - len(prompt):] = prompt
+    out['prompt_mask'][i, prompt_len - len(prompt):] = 1
+    out['response_ids'][i, :len(response)] = response
+    out['response_mask'][i, :len(response)] = 1
+  top = max(out['prompt_ids'].max(initial=0), out['response_ids'].max(initial=0))
+  if top >= vocab_size:
+    raise sources.DataError(f'{where}: token id {top} does not fit the model\'s {vocab_size} '
+                            'vocabulary rows; the tokenizer is not the model\'s')
+  return out
+
+
 def prompt_ids(tokenizer, messages: Sequence[dict]) -> tuple[np.ndarray, str]:
   """(ids of the conversation before its last assistant turn, with the generation prompt; that
   turn's reference answer): what a model is asked at evaluation."""

@@ -93,15 +93,17 @@ def to_batch(prompt_ids_BxP, prompt_mask_BxP, response_ids_BxR, response_mask_Bx
           'prompt_mask': xp.asarray(prompt_mask_BxP, xp.int32)}
 
 
-def answered(model, batch: dict, generate=sample.generate, **sample_kw) -> dict:
+def answered(model, batch: dict, generate=sample.generate, eos_id: int = tok_lib.EOS_ID,
+             **sample_kw) -> dict:
   """`batch` with its responses replaced by `model`'s answers to its prompts: same length, cut
-  after each <eos>. `model` is a (module, variables) pair; `sample_kw` (temperature, rng,
-  top_k, top_p) go to `generate` (kd.models.sample.generate, or a parallel plan's)."""
+  after each `eos_id` (a chat model's end-of-turn token). `model` is a (module, variables)
+  pair; `sample_kw` (temperature, rng, top_k, top_p) go to `generate`
+  (kd.models.sample.generate, or a parallel plan's)."""
   r = batch['labels'].shape[1] + 1 - batch['prompt_ids'].shape[1]
   generated = generate(model, batch['prompt_ids'], batch['prompt_mask'], max_new_tokens=r,
-                       eos_id=tok_lib.EOS_ID, pad_id=tok_lib.PAD_ID, **sample_kw)
+                       eos_id=eos_id, pad_id=tok_lib.PAD_ID, **sample_kw)
   return to_batch(batch['prompt_ids'], batch['prompt_mask'], generated,
-                  response_mask(generated))
+                  response_mask(generated, eos_id))
 
 
 def make_iterator(arrays: dict[str, np.ndarray], *, batch_size: int, seed: int,

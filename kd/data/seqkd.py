@@ -22,7 +22,8 @@ from kd.models import sample
 
 
 def teacher_responses(model, arrays: dict[str, np.ndarray], *, batch_size: int, temperature: float,
-                      top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> dict[str, np.ndarray]:
+                      top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                      eos_id: int = tok_lib.EOS_ID) -> dict[str, np.ndarray]:
   """`arrays` (kd.data.dialogue.encode) with the responses replaced by `model`'s generations.
 
   Rows are generated batch by batch (the last batch padded and cut); the response length is
@@ -37,12 +38,12 @@ def teacher_responses(model, arrays: dict[str, np.ndarray], *, batch_size: int, 
     if pad:  # one compiled shape: pad with copies of the last row
       ids, mask = (np.concatenate([x, np.repeat(x[-1:], pad, 0)]) for x in (ids, mask))
     gen = sample.generate(model, ids, mask, max_new_tokens=r, temperature=temperature,
-                          top_k=top_k, top_p=top_p, eos_id=tok_lib.EOS_ID,
+                          top_k=top_k, top_p=top_p, eos_id=eos_id,
                           pad_id=tok_lib.PAD_ID,
                           rng=jax.random.fold_in(jax.random.key(seed), i))
     gen = np.asarray(jax.device_get(gen))[:batch_size - pad]  # already padded after <eos>
     out['response_ids'][rows] = gen
-    out['response_mask'][rows] = np.asarray(dialogue.response_mask(gen))
+    out['response_mask'][rows] = np.asarray(dialogue.response_mask(gen, eos_id))
   return out
 
 
@@ -50,6 +51,8 @@ def get_or_write(path_root: str, model, arrays: dict[str, np.ndarray], *, key: d
                  **generate_kw) -> tuple[dict[str, np.ndarray], str]:
   """The teacher's responses from `<path_root>/seqkd-<hash of key + settings>`, written there
   first if absent. Returns (arrays, path)."""
+  if generate_kw.get('eos_id', tok_lib.EOS_ID) == tok_lib.EOS_ID:  # (the names caches had)
+    generate_kw.pop('eos_id', None)
   settings = json.dumps({**key, **generate_kw}, sort_keys=True)
   digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
   path = os.path.join(path_root, f'seqkd-{digest}')

@@ -16,6 +16,9 @@ config.data:
   monitor_batches  batches of the first eval set evaluated during training (train.eval_every)
   packing_bins     grain first-fit packing bins
   prompts          held-out chat prompts answered at evaluation ('' = none), max_prompts of them
+  task             'lm': packed documents; 'dialogue': chat records as fixed prompt/response
+                   rows (kd.data.dialogue's layout, prompt_len / response_len), what on-policy
+                   (GKD) and SeqKD training need
 
 Tokens are cached in memory once; the train pieces are split among processes, each packing
 and shuffling its own (kd.data.pipeline).
@@ -26,6 +29,7 @@ from __future__ import annotations
 import jax
 
 from kd.data import chat
+from kd.data import dialogue
 from kd.data import pipeline
 from kd.data import sources
 from kd.data import teacher_cache as teacher_cache_lib
@@ -60,6 +64,11 @@ class TokenizedData:
       raise sources.DataError(f'config.data.seq_len={dc.seq_len} is longer than the model\'s '
                               f'{max_positions} positions; use seq_len <= {max_positions}')
     self.config, self.tokenizer, self.vocab_size = dc, tokenizer, vocab_size
+    self.task = dc.get('task', 'lm')
+    self.prompts = self._prompts()
+    if self.task == 'dialogue':
+      self._dialogue()
+      return
     encode = lambda spec: self.encode(sources.read(spec), spec)
     self.train_groups = [(encode(spec), weight) for spec, weight in mixture(dc.train)]
     for (docs, _), (spec, _) in zip(self.train_groups, mixture(dc.train)):
@@ -71,16 +80,38 @@ class TokenizedData:
       self.eval_sets[name] = pipeline.make_packed_eval_batches(
           encode(name), seq_len=dc.seq_len, batch_size=dc.eval_batch_size,
           packing_bins=dc.packing_bins, max_batches=int(dc.max_eval_batches))
+    self._monitor()
+
+  def _monitor(self):
     first = next(iter(self.eval_sets.values()), [])
-    self.eval_batches = first[:int(dc.get('monitor_batches', 0))]
-    self.prompts = []
-    if dc.get('prompts', ''):
-      records = sources.read(dc.prompts)[:int(dc.max_prompts)]
-      for n, r in enumerate(records):
-        messages = chat.messages_of(r, f'{dc.prompts}, record {n}')
-        ids, answer = chat.prompt_ids(tokenizer, messages)
-        asked = [m['content'] for m in messages if m['role'] == 'user']
-        self.prompts.append({'ids': ids, 'reference': answer, 'prompt': asked[-1] if asked else ''})
+    self.eval_batches = first[:int(self.config.get('monitor_batches', 0))]
+
+  def _dialogue(self):
+    """train_arrays (and teacher_arrays, the same) and eval sets in the dialogue layout."""
+    dc = self.config
+    if len(mixture(dc.train)) > 1:
+      raise sources.DataError("config.data.task='dialogue' reads one set of chat records; give "
+                              'config.data.train without @ weights')
+    arrays = lambda spec: chat.dialogue_arrays(
+        self.tokenizer, sources.read(spec), prompt_len=int(dc.prompt_len),
+        response_len=int(dc.response_len), vocab_size=self.vocab_size, where=spec)
+    self.train_arrays = self.teacher_arrays = arrays(dc.train)
+    self.train_groups = []
+    n = int(dc.max_eval_batches)
+    self.eval_sets = {name: dialogue.eval_batches(arrays(name), dc.eval_batch_size)[:n or None]
+                      for name in eval_names(dc.eval)}
+    self._monitor()
+
+  def _prompts(self) -> list[dict]:
+    dc, out = self.config, []
+    if not dc.get('prompts', ''):
+      return out
+    for n, r in enumerate(sources.read(dc.prompts)[:int(dc.max_prompts)]):
+      messages = chat.messages_of(r, f'{dc.prompts}, record {n}')
+      ids, answer = chat.prompt_ids(self.tokenizer, messages)
+      asked = [m['content'] for m in messages if m['role'] == 'user']
+      out.append({'ids': ids, 'reference': answer, 'prompt': asked[-1] if asked else ''})
+    return out
 
   @property
   def train_docs(self) -> list:
@@ -96,7 +127,7 @@ class TokenizedData:
 
   def add_train(self, records, where: str, weight: float) -> None:
     """More train records (e.g. teacher-generated text, kd.data.synthetic) drawn with
-    probability `weight`, the other sources sharing the rest as before."""
+    probability `weight`, the other sources sharing the rest as before ('lm' task)."""
     if not 0 < weight < 1:
       raise sources.DataError(f'the weight of {where} must be in (0, 1), got {weight}')
     total = sum(w or 1.0 for _, w in self.train_groups)
@@ -106,14 +137,18 @@ class TokenizedData:
 
   def iterator(self, seed: int, teacher_cache: str = '', arrays=None, student: bool = True):
     """This process's rows of every batch (`data.batch_size` is the global batch); with
-    `teacher_cache`, rows of that offline-teacher cache. (`arrays` and `student` are the LM
-    job's dialogue options, unused here.)"""
-    del arrays, student
+    `teacher_cache`, rows of that offline-teacher cache; in the dialogue task, rows of `arrays`
+    (e.g. SeqKD's teacher answers) or of the train records. (`student`: the LM job's choice of
+    split, one split here.)"""
+    del student
     dc = self.config
     shard = dict(batch_size=dc.batch_size // jax.process_count(), seed=seed)
+    where = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     if teacher_cache:
-      return teacher_cache_lib.make_iterator(teacher_cache, shard_index=jax.process_index(),
-                                             shard_count=jax.process_count(), **shard)
+      return teacher_cache_lib.make_iterator(teacher_cache, **where, **shard)
+    if self.task == 'dialogue':
+      return dialogue.make_iterator(self.train_arrays if arrays is None else arrays, **where,
+                                    **shard)
     groups, weights = [], []
     for docs, weight in self.train_groups:
       pieces = pipeline.split_long(docs, dc.seq_len)

@@ -36,7 +36,8 @@ class TokenStats:
 @functools.partial(jax.jit, static_argnums=0)
 def _batch_stats(module, params, batch):
   logits = module.apply(params, batch['input_ids'], segment_ids=batch.get('segment_ids'),
-                        positions=batch.get('positions'))['logits']
+                        positions=batch.get('positions'),
+                        attention_mask=batch.get('attention_mask'))['logits']
   nll, count = losses.ce_sum(logits, batch['labels'], mask=batch['loss_mask'])
   return nll, count, jnp.argmax(logits, -1).astype(jnp.int32)
 

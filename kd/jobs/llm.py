@@ -14,7 +14,10 @@
    openings join the train set (kd.data.synthetic), made once in <workdir>/synthetic.jsonl.
 4. The student distils with config.losses (student_kd), and with config.baseline the same
    student trains on the same tokens with CE only (student_ce); each run resumes from its
-   checkpoints (kd.train.run.run_stage, the stage every decoder job shares).
+   checkpoints (kd.train.run.run_stage, the stage every decoder job shares). With
+   config.data.task='dialogue' (chat records as prompt/response rows) the KD student may sample
+   its own answers (config.on_policy: GKD, or DistiLLM's adaptive off-policy) or train on the
+   teacher's (config.seqkd), every sample ending at the template's end-of-turn token.
 5. Teacher, untrained student, KD and CE students are scored on every held-out set (perplexity,
    top-1 agreement with the teacher; kd.eval.heldout); with config.data.prompts, each answers
    held-out chat prompts greedily and the teacher scores the answers. The KD student is exported
@@ -34,6 +37,7 @@ from absl import logging
 from kd import hf
 from kd import losses
 from kd import models
+from kd.data import chat
 from kd.data import synthetic
 from kd.data import tokenized
 from kd.eval import chat_answers
@@ -85,6 +89,9 @@ def check(config) -> None:
         f"config.features.layer_map='kept' pairs a cut's layers with the teacher layers it "
         f"kept; a '{sc.source}' student has none: use 'uniform' or 'explicit' for {paired}")
   gen = config.data.synthetic
+  if int(gen.count) and config.data.task == 'dialogue':
+    raise config_check.ConfigError("config.data.synthetic adds text; the dialogue task trains on "
+                                   'chat records only: set synthetic.count=0')
   if int(gen.count) < 0 or (int(gen.count) and not (gen.prompts and 0 < gen.weight < 1)):
     raise config_check.ConfigError('config.data.synthetic.count must be >= 0, and > 0 needs '
                                    'synthetic.prompts (a text source whose openings the teacher '
@@ -199,7 +206,10 @@ def main(config, workdir: str) -> dict:
   rows = vocab_lib.vocab_rows(teacher)
   data = tokenized.TokenizedData(config.data, teacher.tokenizer, vocab_size=rows,
                                  max_positions=teacher.config.max_seq_len)
-  logging.info('train: %d documents, %s tokens', len(data.train_docs), f'{data.train_tokens:,}')
+  if data.task == 'dialogue':
+    logging.info('train: %d prompt/response rows', len(data.train_arrays['prompt_ids']))
+  else:
+    logging.info('train: %d documents, %s tokens', len(data.train_docs), f'{data.train_tokens:,}')
   student = build_student(config, teacher, data)
   config = with_kept_layer_map(
       config, list(config.student.layers) or list(range(teacher.config.num_layers)))
@@ -223,10 +233,19 @@ def main(config, workdir: str) -> dict:
   runs = {'student_kd': dict(config.losses)}
   if config.baseline:
     runs['student_ce'] = {'ce': 1.0}
+  kd_inputs = {}
+  if data.task == 'dialogue':  # the student samples (GKD) or trains on the teacher's answers
+    eos = chat.end_of_turn_id(teacher.tokenizer)
+    seqkd_key = {k: config.data[k] for k in ('train', 'prompt_len', 'response_len')}
+    kd_inputs = dict(batch_fn=run.on_policy_fn(config, student.module, eos),
+                     train_arrays=run.seqkd_arrays(config, data, t_module, t_params, workdir,
+                                                   eos, key={**seqkd_key,
+                                                             'teacher': config.teacher.path}))
   for name, terms in runs.items():
     params, results[name] = run.run_stage(
         config, data, f'{workdir}/{name}', student.module, t_module, t_params, terms,
-        steps=config.train.steps, seed=config.seed, name=name, init_variables=student.params)
+        steps=config.train.steps, seed=config.seed, name=name, init_variables=student.params,
+        **(kd_inputs if name == 'student_kd' else {}))
     trained[name] = student.replace(params=params)
   for name, per_set in score(trained, data.eval_sets).items():
     results[name]['eval'] = per_set

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from kd.data import dialogue
+from kd.data import tokenizer as tok_lib
 from kd.models import sample
 from kd.train import step as step_lib
 
@@ -31,13 +32,14 @@ class OnPolicy:
   top_k: int = 0
   top_p: float = 1.0
   seed: int = 0
+  eos_id: int = tok_lib.EOS_ID  # where a sample ends (a chat model's end-of-turn token)
 
   @classmethod
-  def from_config(cls, c, seed: int) -> OnPolicy:
+  def from_config(cls, c, seed: int, eos_id: int = tok_lib.EOS_ID) -> OnPolicy:
     c = dict(c or {})
     out = cls(fraction=float(c.get('fraction', 0.0)),
               temperature=float(c.get('temperature', 1.0)), top_k=int(c.get('top_k', 0)),
-              top_p=float(c.get('top_p', 1.0)), seed=seed)
+              top_p=float(c.get('top_p', 1.0)), seed=seed, eos_id=eos_id)
     if not 0.0 <= out.fraction <= 1.0:
       raise ValueError(f'on_policy.fraction must be in [0, 1], got {out.fraction}.')
     return out
@@ -52,7 +54,8 @@ class OnPolicy:
     """`batch` with its responses replaced by the student's samples (same length), generated
     by `plan` (a kd.parallel plan holding `params` as its state's; default one device)."""
     generate = plan.generate if plan is not None else sample.generate
-    return dialogue.answered((module, params), batch, generate, temperature=self.temperature,
+    return dialogue.answered((module, params), batch, generate, self.eos_id,
+                             temperature=self.temperature,
                              top_k=self.top_k, top_p=self.top_p,
                              rng=jax.random.fold_in(jax.random.key(self.seed), step))
 

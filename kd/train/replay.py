@@ -179,6 +179,7 @@ class AdaptiveOffPolicy:
   top_k: int = 0
   top_p: float = 1.0
   seed: int = 0
+  eos_id: int = onpolicy.tok_lib.EOS_ID  # where a sample ends (a chat model's end-of-turn token)
 
   def __post_init__(self):
     if self.replay_schedule not in REPLAY_SCHEDULES:
@@ -192,17 +193,20 @@ class AdaptiveOffPolicy:
       raise ValueError(f'capacity must be >= 1 row, got {self.capacity}.')
 
   @classmethod
-  def from_config(cls, c, seed: int, total_steps: int) -> AdaptiveOffPolicy:
+  def from_config(cls, c, seed: int, total_steps: int,
+                  eos_id: int = onpolicy.tok_lib.EOS_ID) -> AdaptiveOffPolicy:
     """From a dict of this class's field names (schedule fields: p0, delta, p_max, eps)."""
     c = dict(c or {})
     c.pop('enabled', None)
-    names = {f.name for f in dataclasses.fields(cls)} - {'schedule', 'seed', 'total_steps'}
+    names = {f.name for f in dataclasses.fields(cls)} - {'schedule', 'seed', 'total_steps',
+                                                         'eos_id'}
     sched = {k: float(c.pop(k)) for k in ('p0', 'delta', 'p_max', 'eps') if k in c}
     unknown = set(c) - names
     if unknown:
       raise ValueError(f'unknown adaptive off-policy keys {sorted(unknown)}; valid: '
                        f"{sorted(names | {'p0', 'delta', 'p_max', 'eps', 'enabled'})}.")
-    return cls(schedule=AdaptiveSchedule(**sched), seed=seed, total_steps=total_steps, **c)
+    return cls(schedule=AdaptiveSchedule(**sched), seed=seed, total_steps=total_steps,
+               eos_id=eos_id, **c)
 
   def replay_probability(self, step: int) -> float:
     return REPLAY_SCHEDULES[self.replay_schedule](self.replay_fraction, step, self.total_steps)
@@ -217,7 +221,7 @@ class AdaptiveOffPolicy:
   def sampler(self) -> onpolicy.OnPolicy:
     """kd.train.onpolicy's generation with these sampling settings (same key per step)."""
     return onpolicy.OnPolicy(fraction=1.0, temperature=self.temperature, top_k=self.top_k,
-                             top_p=self.top_p, seed=self.seed)
+                             top_p=self.top_p, seed=self.seed, eos_id=self.eos_id)
 
   def batch_fn(self, module, plan=None) -> AdaptiveBatchFn:
     return AdaptiveBatchFn(self, module, plan)

@@ -373,36 +373,39 @@ def seqkd_key(data_config) -> dict:
   return key if split == 'train' else {**key, 'train_split': split}
 
 
-def seqkd_arrays(config, data: Data, teacher, teacher_params, workdir: str):
-  """config.seqkd: the train prompts answered by the teacher (made once, stored beside the
-  teacher), or None when off."""
+def seqkd_arrays(config, data, teacher, teacher_params, workdir: str,
+                 eos_id: int = data_lib.EOS_ID, key: dict | None = None):
+  """config.seqkd: the train prompts answered by the teacher until `eos_id` (made once, stored
+  beside the teacher, named by `key`, default seqkd_key(config.data)), or None when off."""
   sc = config.get('seqkd') or {}
   if not sc.get('enabled', False):
     return None
   dc = config.data
   arrays, path = seqkd.get_or_write(
       teacher_workdir(config, workdir), (teacher, teacher_params), data.train_arrays,
-      key=seqkd_key(dc),
+      key=seqkd_key(dc) if key is None else key,
       batch_size=int(sc.get('batch_size', 64)), temperature=float(sc.get('temperature', 0.0)),
-      top_k=int(sc.get('top_k', 0)), top_p=float(sc.get('top_p', 1.0)), seed=config.seed)
+      top_k=int(sc.get('top_k', 0)), top_p=float(sc.get('top_p', 1.0)), seed=config.seed,
+      eos_id=eos_id)
   logging.info('SeqKD: %d teacher responses from %s', len(arrays['prompt_ids']), path)
   return arrays
 
 
-def on_policy_fn(config, student):
+def on_policy_fn(config, student, eos_id: int = data_lib.EOS_ID):
   """loop.fit's batch_fn for config.on_policy: GKD with probability `fraction`, or with
   `adaptive.enabled` DistiLLM's adaptive off-policy (kd/train/replay.py: a replay buffer of the
   student's samples, used more often each time the validation loss rises); None when off. The
-  student samples under the run's parallel plan (its rows split like the train batch)."""
+  student samples under the run's parallel plan (its rows split like the train batch), each
+  sample ending at `eos_id` (a chat model's end-of-turn token)."""
   oc = config.get('on_policy') or {}
   adaptive = dict(oc.get('adaptive') or {})
   student = compress.student_model(config, student)  # as run_stage's step evaluates it
   if adaptive.get('enabled', False):
     sampling = {k: oc.get(k, d) for k, d in (('temperature', 1.0), ('top_k', 0), ('top_p', 1.0))}
     return replay.AdaptiveOffPolicy.from_config(
-        {**adaptive, **sampling}, config.seed, config.train.steps).batch_fn(
+        {**adaptive, **sampling}, config.seed, config.train.steps, eos_id).batch_fn(
             student, parallel.make(config.get('parallel')))
-  op = onpolicy.OnPolicy.from_config(oc, config.seed)
+  op = onpolicy.OnPolicy.from_config(oc, config.seed, eos_id)
   return op.batch_fn(student, parallel.make(config.get('parallel'))) if op.fraction > 0 else None
 
 
