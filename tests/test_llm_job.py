@@ -7,6 +7,7 @@ import os
 import pathlib
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -135,17 +136,22 @@ def test_chat_run_masks_prompts_and_scores_greedy_answers(tmp_path, teacher):
   assert '**Prompt:** Rewrite this sentence' in (tmp_path / 'w' / 'results.md').read_text()
 
 
-def test_width_pruned_cut_has_the_asked_widths(tmp_path, teacher):
+def test_width_pruned_cut_has_the_asked_widths_and_its_own_precision(tmp_path, teacher):
+  """The cut of a teacher that runs in bf16 still starts from the checkpoint's float32 weights
+  and runs as config.student.model says."""
   config = _config(**{'teacher.path': teacher[0], 'student.layers': (0, 1),
                       'student.intermediate_size': 32, 'student.num_kv_heads': 1,
+                      'teacher.model.param_dtype': 'bfloat16', 'teacher.model.dtype': 'bfloat16',
                       'baseline': False, 'export': False, 'data.eval': 'stsb:dev[-20:]'})
   from kd.data import tokenized  # pylint: disable=g-import-not-at-top
-  teacher_model = llm.load_teacher(config)
-  data = tokenized.TokenizedData(config.data, teacher_model.tokenizer, vocab_size=49152,
+  loaded = llm.load_teacher(config)
+  data = tokenized.TokenizedData(config.data, loaded.tokenizer, vocab_size=49152,
                                  max_positions=256)
-  student = llm.build_student(config, teacher_model, data)
+  student = llm.build_student(config, loaded, data)
   c = student.config
   assert (c.num_layers, c.intermediate_size, c.num_kv_heads, c.num_heads) == (2, 32, 1, 2)
+  assert (c.param_dtype, c.dtype) == ('float32', 'float32')
+  assert {x.dtype for x in jax.tree.leaves(student.params)} == {np.dtype("float32")}
 
 
 @pytest.mark.parametrize('overrides, message', [

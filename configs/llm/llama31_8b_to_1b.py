@@ -1,0 +1,41 @@
+r"""Llama-3.1-8B-Instruct distilled into Llama-3.2-1B-Instruct (same tokenizer), on a GPU or TPU mesh.
+
+  python -m kd.main --config=configs/llm/llama31_8b_to_1b.py --workdir=gs://bucket/kd/llama \
+      --config.data.train=/data/train.jsonl --config.data.eval=/data/dev.jsonl
+
+Both checkpoints come from the Hugging Face Hub (meta-llama/..., gated: log in first) or local
+directories (--config.teacher.path=DIR --config.student.path=DIR). The teacher runs in bf16,
+split over every device (FSDP); the student keeps float32 master weights, computes in bf16,
+recomputes its layers in the backward pass, and makes its 128k-vocabulary logits 512 positions
+at a time. Loss 0.5·CE + 0.5·KL (T=1), 2,000 steps of 32 × 2048 tokens, AdamW 1e-5.
+Args: `cut16` distils into a 16-layer cut of the teacher instead (every other layer, as in
+MaxText's layer-recovery runs). What the step needs per device, before any weights are fetched:
+tests/test_llm_recipes.py compiles it on 8 simulated devices and prints XLA's memory plan.
+"""
+
+from kd.jobs import llm_config
+
+ARGS = ('cut16', 'tiny')
+
+
+def get_config(arg=None):
+  args = {a for a in (arg or '').split(',') if a}
+  if args - set(ARGS):
+    raise ValueError(f'unknown arg(s) {sorted(args - set(ARGS))} in {arg!r}; valid: {ARGS}')
+  c = llm_config.base()
+  c.teacher.path = 'meta-llama/Llama-3.1-8B-Instruct'
+  c.teacher.model.update(dtype='bfloat16', param_dtype='bfloat16')
+  c.student.update(source='path', path='meta-llama/Llama-3.2-1B-Instruct')
+  c.student.model.update(dtype='bfloat16', remat=True)
+  if 'cut16' in args:
+    c.student.update(source='cut', path='', layers=tuple(range(0, 32, 2)))
+  c.data.update(train='shakespeare[:90%]+stsb:train', eval='shakespeare[90%:],stsb:dev',
+                seq_len=2048, batch_size=32, eval_batch_size=32)
+  c.parallel.update(mode='mesh', data=1, fsdp=-1, tensor=1)
+  c.chunk_size = 512
+  c.optimizer.update(lr=1e-5, warmup_steps=100)
+  c.train.update(steps=2000, log_every=20, checkpoint_every=200)
+  if 'tiny' in args:
+    c.data.update(seq_len=256, batch_size=8, eval_batch_size=8)
+    c.train.steps = 2
+  return c
