@@ -15,27 +15,13 @@ tests/test_llm_recipes.py compiles it on 8 simulated devices and prints XLA's me
 
 from kd.jobs import llm_config
 
-ARGS = ('cut16', 'tiny')
-
 
 def get_config(arg=None):
-  args = {a for a in (arg or '').split(',') if a}
-  if args - set(ARGS):
-    raise ValueError(f'unknown arg(s) {sorted(args - set(ARGS))} in {arg!r}; valid: {ARGS}')
   c = llm_config.base()
+  args = llm_config.at_scale(c, arg, valid=('cut16', 'tiny'))
   c.teacher.path = 'meta-llama/Llama-3.1-8B-Instruct'
-  c.teacher.model.update(dtype='bfloat16', param_dtype='bfloat16')
   c.student.update(source='path', path='meta-llama/Llama-3.2-1B-Instruct')
-  c.student.model.update(dtype='bfloat16', remat=True)
   if 'cut16' in args:
     c.student.update(source='cut', path='', layers=tuple(range(0, 32, 2)))
-  c.data.update(train='shakespeare[:90%]+stsb:train', eval='shakespeare[90%:],stsb:dev',
-                seq_len=2048, batch_size=32, eval_batch_size=32)
-  c.parallel.update(mode='mesh', data=1, fsdp=-1, tensor=1)
-  c.chunk_size = 512
-  c.optimizer.update(lr=1e-5, warmup_steps=100)
-  c.train.update(steps=2000, log_every=20, checkpoint_every=200)
-  if 'tiny' in args:
-    c.data.update(seq_len=256, batch_size=8, eval_batch_size=8)
-    c.train.steps = 2
+  c.data.update(train='shakespeare[:90%]+stsb:train', eval='shakespeare[90%:],stsb:dev')
   return c

@@ -15,25 +15,11 @@ compiles the step on 8 simulated devices and prints XLA's memory plan.
 
 from kd.jobs import llm_config
 
-ARGS = ('tiny',)
-
 
 def get_config(arg=None):
-  args = {a for a in (arg or '').split(',') if a}
-  if args - set(ARGS):
-    raise ValueError(f'unknown arg(s) {sorted(args - set(ARGS))} in {arg!r}; valid: {ARGS}')
   c = llm_config.base()
+  llm_config.at_scale(c, arg)
   c.teacher.path = 'Qwen/Qwen2.5-7B-Instruct'
-  c.teacher.model.update(dtype='bfloat16', param_dtype='bfloat16')
   c.student.update(source='path', path='Qwen/Qwen2.5-0.5B-Instruct')
-  c.student.model.update(dtype='bfloat16', remat=True)
-  c.data.update(train='stsb_paraphrase:train', eval='stsb_paraphrase:dev', seq_len=2048,
-                batch_size=32, eval_batch_size=32)
-  c.parallel.update(mode='mesh', data=1, fsdp=-1, tensor=1)
-  c.chunk_size = 512
-  c.optimizer.update(lr=1e-5, warmup_steps=100)
-  c.train.update(steps=2000, log_every=20, checkpoint_every=200)
-  if 'tiny' in args:
-    c.data.update(seq_len=256, batch_size=8, eval_batch_size=8)
-    c.train.steps = 2
+  c.data.update(train='stsb_paraphrase:train', eval='stsb_paraphrase:dev')
   return c

@@ -146,11 +146,19 @@ def load(path: str, dtype=None, *, tokenizer: bool = True, scan_layers: bool = F
   hf_config = read_config(path)
   family = family_for(hf_config)
   config = family.config_from_hf(hf_config)
+  variables = family.params_from_hf(io.read_tensors(path), config)
+  config, variables = _with_peft(path, hf_config, config, variables)
+  return as_model(family, config, variables, path, dtype=dtype, scan_layers=scan_layers,
+                  tokenizer=load_tokenizer(path) if tokenizer else None)
+
+
+def as_model(family: Family, config, variables, path: str, *, dtype=None,
+             scan_layers: bool = False, tokenizer=None) -> Model:
+  """The `Model` of a checkpoint's config and numpy variables: params as jax arrays of the
+  config's param dtype (or `dtype`, which sets compute too), layers stacked with scan_layers."""
   if dtype is not None:
     name = jnp.dtype(dtype).name
     config = dataclasses.replace(config, dtype=name, param_dtype=name)
-  variables = family.params_from_hf(io.read_tensors(path), config)
-  config, variables = _with_peft(path, hf_config, config, variables)
   param_dtype = jnp.dtype(getattr(config, 'param_dtype', 'float32'))
   variables = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), variables)
   if scan_layers:
@@ -159,8 +167,7 @@ def load(path: str, dtype=None, *, tokenizer: bool = True, scan_layers: bool = F
                        f'{type(config).__name__}. Load it with scan_layers=False.')
     config = dataclasses.replace(config, scan_layers=True)
     variables = models.stack_layers(variables)
-  return Model(module=family.module(config), params=variables,
-               tokenizer=load_tokenizer(path) if tokenizer else None, source=path)
+  return Model(module=family.module(config), params=variables, tokenizer=tokenizer, source=path)
 
 
 def save(model: Model, path: str) -> None:

@@ -9,19 +9,15 @@ they are). Only what kd runs exactly is read: llama, qwen2, qwen3 without rope s
 byte-level BPE tokenizers; anything else is a ValueError that says so.
 """
 
-import dataclasses
 import math
 import os
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer
 from tokenizers import decoders, models as tok_models, pre_tokenizers, processors
 
 from kd import hf
-from kd import models
 from kd.models.model import Model
 
 try:
@@ -297,17 +293,10 @@ def load(path: str, dtype=None, *, tokenizer: bool = True, scan_layers: bool = F
   hf_config = config_from_gguf(meta, [t.name for t in reader.tensors], path)
   family = hf.family_for(hf_config)
   config = family.config_from_hf(hf_config)
-  if dtype is not None:
-    name = jnp.dtype(dtype).name
-    config = dataclasses.replace(config, dtype=name, param_dtype=name)
   try:
     variables = family.params_from_hf(tensors_from_gguf(reader, hf_config, path), config)
   except ValueError as e:
     raise ValueError(f'{path}: {e}') from None
-  param_dtype = jnp.dtype(config.param_dtype)
-  variables = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), variables)
-  if scan_layers:
-    config = dataclasses.replace(config, scan_layers=True)
-    variables = models.stack_layers(variables)
   tok = _tokenizer(meta, path) if tokenizer and 'tokenizer.ggml.model' in meta else None
-  return Model(module=family.module(config), params=variables, tokenizer=tok, source=path)
+  return hf.as_model(family, config, variables, path, dtype=dtype, scan_layers=scan_layers,
+                     tokenizer=tok)

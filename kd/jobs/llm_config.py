@@ -107,3 +107,24 @@ def base() -> ml_collections.ConfigDict:
       progress=True))
 
   return c
+
+
+def at_scale(c: ml_collections.ConfigDict, arg=None, valid=('tiny',)) -> set:
+  """Sets `c` up for a multi-billion-parameter teacher on a mesh: the teacher in bf16, split
+  over every device (FSDP); the student with float32 master weights, bf16 compute, recomputed
+  layers and 512-position logit chunks; 2,000 steps of 32 × 2048 tokens, AdamW 1e-5. Returns
+  the set of comma-separated `arg`s, refusing any not in `valid` ('tiny': 2 short steps)."""
+  args = {a for a in (arg or '').split(',') if a}
+  if args - set(valid):
+    raise ValueError(f'unknown arg(s) {sorted(args - set(valid))} in {arg!r}; valid: {valid}')
+  c.teacher.model.update(dtype='bfloat16', param_dtype='bfloat16')
+  c.student.model.update(dtype='bfloat16', remat=True)
+  c.data.update(seq_len=2048, batch_size=32, eval_batch_size=32)
+  c.parallel.update(mode='mesh', data=1, fsdp=-1, tensor=1)
+  c.chunk_size = 512
+  c.optimizer.update(lr=1e-5, warmup_steps=100)
+  c.train.update(steps=2000, log_every=20, checkpoint_every=200)
+  if 'tiny' in args:
+    c.data.update(seq_len=256, batch_size=8, eval_batch_size=8)
+    c.train.steps = 2
+  return args
