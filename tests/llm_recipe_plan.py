@@ -39,7 +39,20 @@ ARCHITECTURES = {
         use_sliding_window=False, sliding_window=131072, max_window_layers=21,
         tie_word_embeddings=True),
 }
-RECIPES = [('llama31_8b_to_1b', None), ('llama31_8b_to_1b', 'cut16'), ('qwen25_7b_to_05b', None)]
+_GEMMA2 = dict(model_type='gemma2', vocab_size=256000, head_dim=256, rope_theta=10000.0,
+               max_position_embeddings=8192, rms_norm_eps=1e-6, query_pre_attn_scalar=256,
+               sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+               hidden_activation='gelu_pytorch_tanh', tie_word_embeddings=True)
+ARCHITECTURES.update({
+    'google/gemma-2-9b-it': dict(_GEMMA2, hidden_size=3584, intermediate_size=14336,
+                                 num_hidden_layers=42, num_attention_heads=16,
+                                 num_key_value_heads=8),
+    'google/gemma-2-2b-it': dict(_GEMMA2, hidden_size=2304, intermediate_size=9216,
+                                 num_hidden_layers=26, num_attention_heads=8,
+                                 num_key_value_heads=4),
+})
+RECIPES = [('llama31_8b_to_1b', None), ('llama31_8b_to_1b', 'cut16'), ('qwen25_7b_to_05b', None),
+           ('gemma2_9b_to_2b', None)]
 
 
 def main():

@@ -44,6 +44,11 @@ FAMILIES = {
                                           max_window_layers=1)),
     'qwen3': ('Qwen3Config', dict(ROPE, head_dim=32)),  # head_dim * heads != hidden
     'gemma': ('GemmaConfig', dict(ROPE, head_dim=32, num_key_value_heads=1)),
+    # Caps small enough to bite at this scale (the published ones are 50 and 30), a window
+    # shorter than T on layer 0, and a scale other than head_dim ** -0.5.
+    'gemma2': ('Gemma2Config', dict(ROPE, head_dim=32, query_pre_attn_scalar=20,
+                                    sliding_window=5, attn_logit_softcapping=0.05,
+                                    final_logit_softcapping=0.5)),
     'gpt2': ('GPT2Config', dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                 layer_norm_epsilon=1e-5)),
 }
@@ -158,14 +163,41 @@ def test_sliding_window_matters(tmp_root):
   assert np.abs(np.asarray(a - b))[REAL].max() > 1e-3
 
 
+@pytest.mark.parametrize('scan', [False, True])
+def test_gemma2_switches_each_matter_and_scan(scan, tmp_root):
+  """Gemma 2 parity is not vacuous: dropping either soft-cap, the output norms or the window
+  changes the logits. Stacked layers of mixed types, with and without padding, still give
+  transformers' logits (the soft-capped softmax takes the window as a traced band)."""
+  path = _checkpoint('gemma2', tmp_root)
+  reference = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation='eager')
+  model = hf.load(path, scan_layers=scan)
+  ids, ones = _ids(), np.ones_like(MASK)
+  _assert_same_forward(model, _torch_forward(reference, ids), ids)
+  close(np.asarray(model(ids, ones).logits), _torch_forward(reference, ids, ones).logits.numpy())
+  if scan:
+    return
+  base = np.asarray(model(ids, MASK).logits)[REAL]
+  for change in (dict(attn_softcap=None), dict(logit_softcap=None), dict(sliding_window=None,
+                                                                         layer_types=None)):
+    other = model.replace(module=type(model.module)(dataclasses.replace(model.config, **change)))
+    assert np.abs(np.asarray(other(ids, MASK).logits)[REAL] - base).max() > 1e-3, change
+  unnormed = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.zeros_like(x) if 'out_norm' in jax.tree_util.keystr(path) else x,
+      model.params)  # norm_offset 1: a zero scale is a bare RMS normalisation
+  assert np.abs(np.asarray(model.replace(params=unnormed)(ids, MASK).logits)[REAL]
+                - base).max() > 1e-3
+
+
 # ----------------------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize('name', ['llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gpt2'])
+@pytest.mark.parametrize('name', ['llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2',
+                                  'gpt2'])
 def test_missing_keys_take_transformers_defaults(name):
   """A config.json with only the model_type: kd reads what transformers' class defaults to."""
   cls = {'llama': 'LlamaConfig', 'mistral': 'MistralConfig', 'qwen2': 'Qwen2Config',
-         'qwen3': 'Qwen3Config', 'gemma': 'GemmaConfig', 'gpt2': 'GPT2Config'}[name]
+         'qwen3': 'Qwen3Config', 'gemma': 'GemmaConfig', 'gemma2': 'Gemma2Config',
+         'gpt2': 'GPT2Config'}[name]
   ref = getattr(transformers, cls)()
   ours = hf.FAMILIES[name].config_from_hf({'model_type': name})
   assert ours.vocab_size == ref.vocab_size and ours.hidden_size == ref.hidden_size
@@ -183,6 +215,11 @@ def test_missing_keys_take_transformers_defaults(name):
   assert ours.rms_norm_eps == ref.rms_norm_eps
   assert ours.rope_theta == ref.rope_parameters['rope_theta']
   assert ours.sliding_window == getattr(ref, 'sliding_window', None)
+  if name == 'gemma2':
+    assert [ours.layer_type(i) for i in range(ours.num_layers)] == ref.layer_types
+    assert ours.attn_scale == ref.query_pre_attn_scalar ** -0.5
+    assert (ours.attn_softcap, ours.logit_softcap) == (ref.attn_logit_softcapping,
+                                                       ref.final_logit_softcapping)
 
 
 @pytest.mark.parametrize('change, message', [
@@ -198,9 +235,9 @@ def test_unsupported_features_refused(change, message):
 
 
 def test_unsupported_family_features_refused():
-  with pytest.raises(ValueError, match='use_bidirectional_attention'):
-    hf.FAMILIES['gemma'].config_from_hf({'model_type': 'gemma',
-                                         'use_bidirectional_attention': True})
+  for name in ('gemma', 'gemma2'):
+    with pytest.raises(ValueError, match='use_bidirectional_attention'):
+      hf.FAMILIES[name].config_from_hf({'model_type': name, 'use_bidirectional_attention': True})
   with pytest.raises(ValueError, match='add_cross_attention'):
     hf.FAMILIES['gpt2'].config_from_hf({'model_type': 'gpt2', 'add_cross_attention': True})
 

@@ -12,7 +12,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARAMS = {'meta-llama/Llama-3.1-8B-Instruct': 8_030_261_248,
           'meta-llama/Llama-3.2-1B-Instruct': 1_235_814_400,
           'Qwen/Qwen2.5-7B-Instruct': 7_615_616_512,
-          'Qwen/Qwen2.5-0.5B-Instruct': 494_032_768}
+          'Qwen/Qwen2.5-0.5B-Instruct': 494_032_768,
+          'google/gemma-2-9b-it': 9_241_705_984,
+          'google/gemma-2-2b-it': 2_614_341_888}
 CUT16 = 8_030_261_248 - 16 * 218_112_000  # Llama-3.1-8B without 16 of its 32 layers
 
 
@@ -25,7 +27,8 @@ def test_recipes_compile_at_full_shape_and_fit_their_memory_plan():
   want = {'llama31_8b_to_1b': ('meta-llama/Llama-3.1-8B-Instruct',
                                PARAMS['meta-llama/Llama-3.2-1B-Instruct']),
           'llama31_8b_to_1b:cut16': ('meta-llama/Llama-3.1-8B-Instruct', CUT16),
-          'qwen25_7b_to_05b': ('Qwen/Qwen2.5-7B-Instruct', PARAMS['Qwen/Qwen2.5-0.5B-Instruct'])}
+          'qwen25_7b_to_05b': ('Qwen/Qwen2.5-7B-Instruct', PARAMS['Qwen/Qwen2.5-0.5B-Instruct']),
+          'gemma2_9b_to_2b': ('google/gemma-2-9b-it', PARAMS['google/gemma-2-2b-it'])}
   assert set(plans) == set(want)
   for name, (teacher, student) in want.items():
     p = plans[name]

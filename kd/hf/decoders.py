@@ -1,4 +1,4 @@
-"""Decoder checkpoints (llama, mistral, qwen2, qwen3, gemma, gpt2): configs and name maps.
+"""Decoder checkpoints (llama, mistral, qwen2, qwen3, gemma, gemma2, gpt2): configs, name maps.
 
 Every family is the one `kd.models.Decoder` with different `DecoderConfig` switches. Reading a
 config.json fills what is missing with the defaults of transformers' config class and refuses
@@ -39,6 +39,13 @@ DEFAULTS = {
                   num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16,
                   head_dim=256, hidden_act='gelu_pytorch_tanh', max_position_embeddings=8192,
                   tie_word_embeddings=True, use_bidirectional_attention=None),
+    'gemma2': dict(_ROPE_COMMON, vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                   num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                   head_dim=256, hidden_activation='gelu_pytorch_tanh',
+                   max_position_embeddings=8192, tie_word_embeddings=True,
+                   query_pre_attn_scalar=256, sliding_window=4096, layer_types=None,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                   use_bidirectional_attention=None),
     'gpt2': dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
                  n_inner=None, activation_function='gelu_new', layer_norm_epsilon=1e-5,
                  scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
@@ -48,7 +55,8 @@ DEFAULTS['qwen3'] = dict(DEFAULTS['qwen2'], head_dim=128)
 
 ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
                  'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM',
-                 'gemma': 'GemmaForCausalLM', 'gpt2': 'GPT2LMHeadModel'}
+                 'gemma': 'GemmaForCausalLM', 'gemma2': 'Gemma2ForCausalLM',
+                 'gpt2': 'GPT2LMHeadModel'}
 
 # HF activation name -> DecoderConfig.mlp_activation, and back per family.
 _ACTIVATIONS = {'silu': 'silu', 'swish': 'silu', 'gelu_pytorch_tanh': 'gelu_tanh',
@@ -82,7 +90,7 @@ class _Reader:
 
 def _activation(get: _Reader, key: str) -> str:
   name = get(key)
-  if get.model_type == 'gemma' and name == 'gelu':  # transformers maps it to the tanh GELU
+  if get.model_type in ('gemma', 'gemma2') and name == 'gelu':  # transformers: the tanh GELU
     name = 'gelu_pytorch_tanh'
   if name not in _ACTIVATIONS:
     get.refuse(f'{key}={name!r} (supported: {sorted(_ACTIVATIONS)})')
@@ -120,10 +128,17 @@ def _rope(get: _Reader, max_positions: int) -> dict[str, Any]:
 
 def _sliding(get: _Reader, num_layers: int) -> dict[str, Any]:
   """Mistral: every layer slides when sliding_window is set; Qwen: only with use_sliding_window,
-  on the layers layer_types (or max_window_layers) mark."""
+  on the layers layer_types (or max_window_layers) mark; Gemma 2: those layer_types marks
+  (default: layers 0, 2, 4, ...)."""
   window = get.raw('sliding_window')
   if get.model_type == 'mistral':
     return dict(sliding_window=window, layer_types=None)
+  if get.model_type == 'gemma2':  # every other layer slides, starting with the first
+    types = get('layer_types') or ['full_attention' if (i + 1) % 2 == 0 else 'sliding_attention'
+                                   for i in range(num_layers)]
+    if window is None or 'sliding_attention' not in types:
+      return dict(sliding_window=None, layer_types=None)
+    return dict(sliding_window=window, layer_types=tuple(types))
   if not get('use_sliding_window') or window is None:
     return dict(sliding_window=None, layer_types=None)
   types = get('layer_types') or [
@@ -148,7 +163,8 @@ def config_from_hf(hf_config: dict) -> DecoderConfig:
       num_kv_heads=get.raw('num_key_value_heads') or heads,
       intermediate_size=get('intermediate_size'), head_dim=get('head_dim') or hidden // heads,
       rms_norm_eps=float(get('rms_norm_eps')), tie_embeddings=bool(get('tie_word_embeddings')),
-      mlp_activation=_activation(get, 'hidden_act'),
+      mlp_activation=_activation(get, 'hidden_activation' if model_type == 'gemma2'
+                                 else 'hidden_act'),
       **_rope(get, get('max_position_embeddings')))
   attention_bias = bool(get('attention_bias'))
   if model_type == 'llama':
@@ -166,6 +182,14 @@ def config_from_hf(hf_config: dict) -> DecoderConfig:
       get.refuse('use_bidirectional_attention=True')
     fields.update(qkv_bias=attention_bias, attn_out_bias=attention_bias, norm_offset=1.0,
                   embed_scale=True)
+  elif model_type == 'gemma2':
+    if get('use_bidirectional_attention'):
+      get.refuse('use_bidirectional_attention=True')
+    fields.update(qkv_bias=attention_bias, attn_out_bias=attention_bias, norm_offset=1.0,
+                  embed_scale=True, sandwich_norm=True,
+                  attn_scale=float(get('query_pre_attn_scalar')) ** -0.5,
+                  attn_softcap=get.raw('attn_logit_softcapping'),
+                  logit_softcap=get.raw('final_logit_softcapping'), **_sliding(get, num_layers))
   return DecoderConfig(**fields)
 
 
@@ -192,7 +216,8 @@ def _gpt2_config(get: _Reader) -> DecoderConfig:
 # What each family's config.json cannot express: these DecoderConfig fields must have these values.
 _FIXED_ROPE = dict(norm='rms', norm_offset=0.0, qk_norm=False, mlp_gated=True, positions='rope',
                    embed_scale=False, attn_scale=None, sliding_window=None, layer_types=None,
-                   qkv_bias=False, attn_out_bias=False, mlp_bias=False)
+                   qkv_bias=False, attn_out_bias=False, mlp_bias=False, attn_softcap=None,
+                   logit_softcap=None, sandwich_norm=False)
 _FIXED = {
     'llama': {k: v for k, v in _FIXED_ROPE.items() if not k.endswith('bias')},
     'mistral': {k: v for k, v in _FIXED_ROPE.items() if k not in ('sliding_window',)},
@@ -203,15 +228,20 @@ _FIXED = {
                   qk_norm=True),
     'gemma': dict({k: v for k, v in _FIXED_ROPE.items()
                    if k not in ('qkv_bias', 'attn_out_bias')}, norm_offset=1.0, embed_scale=True),
+    'gemma2': dict({k: v for k, v in _FIXED_ROPE.items()
+                    if k not in ('qkv_bias', 'attn_out_bias', 'attn_scale', 'sliding_window',
+                                 'layer_types', 'attn_softcap', 'logit_softcap')},
+                   norm_offset=1.0, embed_scale=True, sandwich_norm=True),
     'gpt2': dict(norm='layer', norm_offset=0.0, qk_norm=False, mlp_gated=False,
                  positions='learned', embed_scale=False, sliding_window=None, layer_types=None,
-                 qkv_bias=True, attn_out_bias=True, mlp_bias=True, rope_scaling=None),
+                 qkv_bias=True, attn_out_bias=True, mlp_bias=True, rope_scaling=None,
+                 attn_softcap=None, logit_softcap=None, sandwich_norm=False),
 }
 
 
 def _check_exportable(c: DecoderConfig) -> None:
   wrong = {k: getattr(c, k) for k, v in _FIXED[c.model_type].items() if getattr(c, k) != v}
-  if c.model_type in ('llama', 'qwen3', 'gemma') and c.qkv_bias != c.attn_out_bias:
+  if c.model_type in ('llama', 'qwen3', 'gemma', 'gemma2') and c.qkv_bias != c.attn_out_bias:
     wrong['qkv_bias != attn_out_bias'] = (c.qkv_bias, c.attn_out_bias)
   peft_fields = {k: getattr(c, k) for k in ('adapter_size', 'prefix_len', 'prompt_len')
                  if getattr(c, k)}
@@ -238,6 +268,12 @@ def _rope_to_hf(c: DecoderConfig) -> dict[str, Any]:
   return out
 
 
+def _pre_attn_scalar(c: DecoderConfig) -> float:
+  """Gemma 2's query_pre_attn_scalar s, where the attention scale is s ** -0.5 (an int if whole)."""
+  s = c.head_dim if c.attn_scale is None else round(c.attn_scale ** -2, 6)
+  return int(s) if float(s).is_integer() else s
+
+
 def config_to_hf(c: DecoderConfig) -> dict[str, Any]:
   """config.json for transformers' AutoModelForCausalLM (model_type and architectures set)."""
   _check_exportable(c)
@@ -256,8 +292,14 @@ def config_to_hf(c: DecoderConfig) -> dict[str, Any]:
              num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
              hidden_act=_HF_ACTIVATION[c.mlp_activation], rms_norm_eps=c.rms_norm_eps,
              **_rope_to_hf(c))
-  if c.model_type in ('llama', 'qwen3', 'gemma'):
+  if c.model_type in ('llama', 'qwen3', 'gemma', 'gemma2'):
     out['attention_bias'] = c.qkv_bias
+  if c.model_type == 'gemma2':
+    types = [c.layer_type(i) for i in range(c.num_layers)]
+    out.update(hidden_activation=out.pop('hidden_act'), sliding_window=c.sliding_window,
+               layer_types=types, attn_logit_softcapping=c.attn_softcap,
+               final_logit_softcapping=c.logit_softcap,
+               query_pre_attn_scalar=_pre_attn_scalar(c))
   if c.model_type == 'llama':
     out['mlp_bias'] = c.mlp_bias
   if c.model_type == 'mistral':
@@ -295,6 +337,10 @@ def _name_map(c: DecoderConfig) -> list[tuple[str, tuple[tuple[str, ...], ...], 
       if bias:
         out.append((f'{hf_layer}{name}.bias', (ours + (group, proj, 'bias'),), 'copy'))
     norms = {'input_layernorm': ('input_norm',), 'post_attention_layernorm': ('post_attn_norm',)}
+    if c.sandwich_norm:  # Gemma 2's names: the norm before the MLP is the pre-feedforward one
+      norms = {'input_layernorm': ('input_norm',), 'post_attention_layernorm': ('attn_out_norm',),
+               'pre_feedforward_layernorm': ('post_attn_norm',),
+               'post_feedforward_layernorm': ('mlp_out_norm',)}
     if c.qk_norm:
       norms.update({'self_attn.q_norm': ('attn', 'q_norm'), 'self_attn.k_norm': ('attn', 'k_norm')})
     for name, path in norms.items():

@@ -1,11 +1,12 @@
 """A decoder-only transformer in Flax linen: Llama by default, and by config switches Mistral,
-Qwen2, Qwen3, Gemma and GPT-2.
+Qwen2, Qwen3, Gemma, Gemma 2 and GPT-2.
 
 The defaults are Llama: RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query attention,
 no biases, optionally tied input/output embeddings. The other families change only config fields
 (`norm`, `norm_offset`, `qkv_bias`, `qk_norm`, `mlp_activation`, `mlp_gated`, `positions`,
-`embed_scale`, `sliding_window`, `rope_scaling`, ...); `kd.hf.decoders` fills them from a
-transformers config.json. Pure functional: parameters live outside the module, so
+`embed_scale`, `sliding_window`, `rope_scaling`, `attn_softcap`, `sandwich_norm`, ...);
+`kd.hf.decoders` fills them from a transformers config.json. Pure functional: parameters live
+outside the module, so
 
   variables = init_params(config, jax.random.key(0))
   out = Decoder(config).apply(variables, input_ids_BxT)
@@ -114,6 +115,13 @@ class DecoderConfig:
   positions: str = 'rope'  # 'rope' or 'learned' (absolute position embeddings, GPT-2).
   embed_scale: bool = False  # Multiply embeddings by sqrt(hidden_size) (Gemma).
   attn_scale: float | None = None  # Attention logit scale; None: head_dim ** -0.5.
+  # Soft-capping (Gemma 2): scores -> cap * tanh(scores / cap) after the scale, and the same on
+  # the LM head's logits. An attention cap runs the explicit softmax (no fused kernel has it).
+  attn_softcap: float | None = None
+  logit_softcap: float | None = None
+  # Norms on the attention and MLP outputs before each residual add (Gemma 2's post-attention
+  # and post-feedforward norms), besides the usual norms on their inputs.
+  sandwich_norm: bool = False
   # A query sees keys less than this many slots back. With no padding, segment or prompt mask
   # the fused kernel gets it as its local window (cuDNN's on a GPU; no [T, T] mask is made).
   sliding_window: int | None = None
@@ -200,8 +208,10 @@ class DecoderConfig:
       if getattr(self, name) not in allowed:
         raise ValueError(f'DecoderConfig.{name}={getattr(self, name)!r} is not supported; '
                          f'use one of {list(allowed)}.')
-    if self.attn_scale is not None and self.attn_scale <= 0:
-      raise ValueError(f'attn_scale must be > 0 or None, got {self.attn_scale}.')
+    for name in ('attn_scale', 'attn_softcap', 'logit_softcap'):
+      value = getattr(self, name)
+      if value is not None and not value > 0:
+        raise ValueError(f'{name} must be > 0 or None, got {value!r}.')
     if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
                                             or self.sliding_window <= 0):
       raise ValueError(f'sliding_window must be a positive int or None, got '
@@ -398,14 +408,21 @@ def sliding_window_mask(mask_Bx1xTxT, t: int, window: int):
   return band_1x1xTxT if mask_Bx1xTxT is None else mask_Bx1xTxT & band_1x1xTxT
 
 
+def softcap(x, cap: float | None):
+  """cap * tanh(x / cap) (Gemma 2's soft-capping), or x when cap is None."""
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
 def explicit_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: float,
-                       causal: bool = True):
-  """Attention that also returns the probabilities [B,N,T,S] (float32 softmax)."""
+                       causal: bool = True, cap: float | None = None):
+  """Attention that also returns the probabilities [B,N,T,S] (float32 softmax); `cap`
+  soft-caps the scaled scores before the mask."""
   num_heads, num_kv = q_BxTxNxH.shape[2], k_BxSxKxH.shape[2]
   k_BxSxNxH = jnp.repeat(k_BxSxKxH, num_heads // num_kv, axis=2)
   v_BxSxNxH = jnp.repeat(v_BxSxKxH, num_heads // num_kv, axis=2)
   logits_BxNxTxS = jnp.einsum('btnh,bsnh->bnts', q_BxTxNxH, k_BxSxNxH,
                               preferred_element_type=jnp.float32) * scale
+  logits_BxNxTxS = softcap(logits_BxNxTxS, cap)
   t, s = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
   allowed = jnp.tril(jnp.ones((t, s), bool))[None, None] if causal else None
   if mask_Bx1xTxS is not None:
@@ -522,7 +539,8 @@ class Attention(nn.Module):
       keys_BxSxKxH, values_BxSxKxH = new_kv['k'].astype(dtype), new_kv['v'].astype(dtype)
     scale = c.attn_scale if c.attn_scale is not None else h ** -0.5
     p = c.prefix_len
-    if window is not None and (want_probs or p):  # these paths take the band as a mask
+    explicit = want_probs or c.attn_softcap is not None  # the softmax written out
+    if window is not None and (explicit or p):  # these paths take the band as a mask
       band = sliding_window_mask(mask, t, window)
       mask = band if sliding is None else band | ~sliding
       window = None
@@ -536,10 +554,11 @@ class Attention(nn.Module):
       values_BxSxKxH = jnp.concatenate(
           [jnp.broadcast_to(prefix_v, (b, p, k, h)), values_BxSxKxH], 1)
 
-    if want_probs:
+    if explicit:
       out_BxTxNxH, probs = explicit_attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, mask,
-                                              scale, causal)
-      probs = probs[..., p:]  # the real keys only: rows sum to 1 minus the prefix's share
+                                              scale, causal, c.attn_softcap)
+      # The real keys only: rows sum to 1 minus the prefix's share.
+      probs = probs[..., p:] if want_probs else None
     else:
       # A fused kernel where the backend has one; handles GQA without repeats.
       impl = attention_impl(c, q_BxTxNxH.dtype, mask, causal, t)
@@ -595,10 +614,14 @@ def _block(c: DecoderConfig, h_BxTxD, cos_BxTxH, sin_BxTxH, mask, want_probs: bo
   attn_BxTxD, probs, qkv, new_kv = Attention(c, name='attn')(
       _norm(c, 'input_norm')(h_BxTxD), cos_BxTxH, sin_BxTxH, mask, want_probs, want_qkv,
       causal, kv, cache_index, window, sliding, segments)
+  if c.sandwich_norm:
+    attn_BxTxD = _norm(c, 'attn_out_norm')(attn_BxTxD)
   if c.adapter_size:
     attn_BxTxD = Adapter(c, name='attn_adapter')(attn_BxTxD)
   h_BxTxD = h_BxTxD + attn_BxTxD
   mlp_BxTxD = MLP(c, name='mlp')(_norm(c, 'post_attn_norm')(h_BxTxD))
+  if c.sandwich_norm:
+    mlp_BxTxD = _norm(c, 'mlp_out_norm')(mlp_BxTxD)
   if c.adapter_size:
     mlp_BxTxD = Adapter(c, name='mlp_adapter')(mlp_BxTxD)
   h_BxTxD = h_BxTxD + mlp_BxTxD
@@ -608,7 +631,8 @@ def _block(c: DecoderConfig, h_BxTxD, cos_BxTxH, sin_BxTxH, mask, want_probs: bo
 class Block(nn.Module):
   """Pre-norm residual block: h + attn(norm(h)), then h + mlp(norm(h)).
 
-  With config.adapter_size, each sublayer output passes an Adapter before its residual add.
+  With config.sandwich_norm each sublayer output is normed too, and with config.adapter_size it
+  then passes an Adapter, before its residual add.
   """
 
   config: DecoderConfig
@@ -764,7 +788,8 @@ class Decoder(nn.Module):
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
       if (c.attention_impl == 'splash' and splash.fits(t) and not p and not c.prefix_len
-          and not output_attentions):  # the kernel's segment ids instead of a [T, T] mask
+          and not output_attentions and c.attn_softcap is None):
+        # the kernel's segment ids instead of a [T, T] mask
         segments = segment_ids if segment_ids is not None else attention_mask
         segment_ids = attention_mask = None
       full_mask = attention_mask_Bx1xTxT(attention_mask, segment_ids)
@@ -891,8 +916,10 @@ class Decoder(nn.Module):
   def project(self, hidden_BxTxD):
     """LM head alone: final-normed hidden states [..., D] -> logits [..., V] (compute dtype)."""
     if self.config.tie_embeddings:
-      return self.embed.attend(hidden_BxTxD)
-    return self.lm_head(hidden_BxTxD)
+      logits = self.embed.attend(hidden_BxTxD)
+    else:
+      logits = self.lm_head(hidden_BxTxD)
+    return softcap(logits, self.config.logit_softcap)
 
 
 def init_params(config: DecoderConfig, rng, seq_len: int = 8) -> dict[str, Any]:
