@@ -4,29 +4,25 @@ r"""Writes an offline teacher: its top-k logits over the training rows, to Array
 
 Trains (or restores) the teacher in DIR/teacher exactly as `kd.main` would, runs it once over the
 packed training rows in a fixed order, and writes DIR/teacher_cache (rows + top-k ids, logits and
-the full-vocabulary logsumexp at the config's temperature). With `config.chunk_size > 0` the
-teacher's logits are made and reduced `chunk_size` tokens at a time. Then distil from the cache, without
-running the teacher in the train step:
+the full-vocabulary logsumexp at the config's temperature). For a config of the llm job
+(config.job='llm') the teacher is its checkpoint and the rows are the first train.steps batches
+of the KD run's own stream (kd.jobs.llm.write_cache). With `config.chunk_size > 0` the
+teacher's logits are made and reduced `chunk_size` tokens at a time. Then distil from the
+cache, without running the teacher in the train step:
   python -m kd.main --config=... --workdir=DIR --config.teacher.cache=DIR/teacher_cache
 """
 
-import functools
-
-import jax
-import numpy as np
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from kd import data as data_lib
-from kd import models
 from kd.data import teacher_cache
-from kd.losses import topk
 from kd.train import compile_cache
 from kd.train import config_check
+from kd.train import offline_teacher
 from kd.train import run
 from kd.train import schedules
-from kd.train import step as step_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory (holds teacher/).')
@@ -34,29 +30,6 @@ _K = flags.DEFINE_integer('k', 64, 'Teacher logits kept per token.')
 _OUT = flags.DEFINE_string('out', None, 'Cache directory; default <workdir>/teacher_cache.')
 _CACHE = compile_cache.define_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def cache_rows(teacher, teacher_params, batches, *, k: int, temperature: float,
-               chunk_size: int = 0):
-  """Yields one dict per packed row: the batch fields plus topk_ids, topk_logits, lse.
-
-  With `chunk_size` the teacher's logits are made and reduced to top-k `chunk_size` tokens at a
-  time (the same rows; no [B, T, V] logits held)."""
-  @jax.jit
-  def teacher_topk(params, batch):
-    if not chunk_size:
-      logits = step_lib.forward(teacher, params, batch)['logits']
-      return topk.topk_from_logits(logits, k, temperature=temperature)
-    hidden = step_lib.forward(teacher, params, batch, return_hidden_only=True)['hidden']
-    return topk.topk_from_hidden(hidden, models.head_fn(teacher, params), k,
-                                 temperature=temperature, chunk_size=chunk_size)
-
-  for batch in batches:
-    ids, values, lse = jax.device_get(teacher_topk(teacher_params, batch))
-    for i in range(batch['input_ids'].shape[0]):
-      row = {name: batch[name][i] for name in data_lib.FEATURES}
-      row.update(topk_ids=ids[i], topk_logits=values[i].astype(np.float32), lse=lse[i])
-      yield row
 
 
 def write_cache(config, workdir: str, *, k: int, out: str | None = None) -> str:
@@ -75,7 +48,7 @@ def write_cache(config, workdir: str, *, k: int, out: str | None = None) -> str:
       data.student_source, data.tokenizer, seq_len=config.data.seq_len,
       batch_size=config.data.batch_size, seed=config.seed, shuffle=False, repeat=False)
   out = out or f'{workdir}/teacher_cache'
-  rows = cache_rows(teacher, teacher_params, batches, k=k, temperature=low,
+  rows = offline_teacher.cache_rows(teacher, teacher_params, batches, k=k, temperature=low,
                     chunk_size=int(config.get('chunk_size', 0)))
   n = teacher_cache.write(rows, out, k=k, temperature=low, vocab_size=teacher.config.vocab_size)
   print(f'wrote {n} rows with the teacher top-{k} to {out}')
@@ -85,7 +58,11 @@ def write_cache(config, workdir: str, *, k: int, out: str | None = None) -> str:
 def main(argv):
   del argv
   compile_cache.enable_flag(_CACHE)
-  write_cache(_CONFIG.value, _WORKDIR.value, k=_K.value, out=_OUT.value)
+  writer = write_cache
+  if _CONFIG.value.get('job') == 'llm':  # a pretrained teacher over the llm job's rows
+    from kd.jobs import llm  # pylint: disable=g-import-not-at-top
+    writer = llm.write_cache
+  writer(_CONFIG.value, _WORKDIR.value, k=_K.value, out=_OUT.value)
 
 
 if __name__ == '__main__':

@@ -162,7 +162,8 @@ def test_width_pruned_cut_has_the_asked_widths_and_its_own_precision(tmp_path, t
     ({'train.steps': 0}, 'train.steps must be >= 1'),
     ({'teacher.model.hidden_size': 8}, 'change what the checkpoint computes'),
     ({'data.train': 'missing.txt'}, 'no file missing.txt'),
-    ({'teacher.cache': '/some/cache'}, 'runs its teacher online'),
+    ({'teacher.cache': '/some/cache', 'data.task': 'dialogue', 'data.prompt_len': 48,
+      'data.response_len': 8}, 'the dialogue task samples'),
     ({'data.synthetic.weight': 1.0}, 'synthetic.weight'),
 ])
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, teacher, overrides, message):
@@ -212,6 +213,49 @@ def test_other_objectives_and_compressed_students_run(tmp_path, teacher, overrid
     assert results['student_kd']['params'] > results['student_init']['params']  # + adapters
   if 'peft.method' in overrides:
     assert results['student_kd']['trainable_params'] < results['student_kd']['params'] / 10
+
+
+def test_topk_teacher_cache_holds_the_teachers_top_k_and_trains_both_students(
+    tmp_path, teacher):
+  """kd.cache_teacher for this job: the KD run's first train.steps batches, each packed
+  segment's top-k logits and logsumexp those of transformers' forward of that segment alone;
+  both students then train on its rows. A cache of another row length, or a loss it cannot
+  feed, is refused before anything is written."""
+  k, workdir = 8, str(tmp_path / 'w')
+  settings = {'teacher.path': teacher[0], 'student.layers': (0, 3), 'export': False,
+              'data.eval': 'stsb:dev[-20:]', 'data.synthetic.count': 0}
+  config = _config(**settings)
+  path = llm.write_cache(config, workdir, k=k)
+  from kd.data import teacher_cache  # pylint: disable=g-import-not-at-top
+  rows = teacher_cache.read_records(path)
+  assert len(rows) == config.train.steps * config.data.batch_size
+  assert teacher_cache.read_meta(path)['seq_len'] == config.data.seq_len
+  checked = 0
+  for row in rows:
+    for seg in np.unique(row['segment_ids'][row['segment_ids'] > 0]):
+      where = row['segment_ids'] == seg
+      np.testing.assert_array_equal(row['positions'][where], np.arange(where.sum()))
+      with torch.no_grad():
+        logits = teacher[1](torch.tensor(row['input_ids'][where])[None].long()).logits[0].numpy()
+      top = -np.sort(-logits, axis=-1)[:, :k]
+      np.testing.assert_allclose(row['topk_logits'][where], top, atol=1e-4)
+      np.testing.assert_allclose(np.take_along_axis(logits, row['topk_ids'][where], -1), top,
+                                 atol=1e-4)
+      lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+      np.testing.assert_allclose(row['lse'][where], lse, atol=1e-4)
+      checked += 1
+  assert checked >= len(rows)
+
+  results = llm.main(_config(**settings, **{'teacher.cache': path}), workdir)
+  for name in ('student_kd', 'student_ce'):
+    assert np.isfinite(results[name]['eval']['stsb:dev[-20:]']['perplexity'])
+  for overrides, message in (({'data.seq_len': 16}, 'holds rows of 32 tokens'),
+                             ({'losses': {'ce': 0.5, 'hidden_mse': 0.5}}, "use 'kl' and 'ce'")):
+    with pytest.raises(ValueError, match=message):
+      llm.main(_config(**settings, **{'teacher.cache': path, **overrides}), str(tmp_path / 'x'))
+    assert not (tmp_path / 'x').exists()
+  with pytest.raises(FileNotFoundError, match='no teacher cache at /some/cache'):
+    llm.main(_config(**settings, **{'teacher.cache': '/some/cache'}), str(tmp_path / 'x'))
 
 
 def test_kept_layer_map_pairs_each_layer_with_its_source():

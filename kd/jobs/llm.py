@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 
@@ -42,6 +43,7 @@ from kd import models
 from kd import parallel
 from kd.data import chat
 from kd.data import synthetic
+from kd.data import teacher_cache
 from kd.data import tokenized
 from kd.eval import chat_answers
 from kd.eval import heldout
@@ -51,7 +53,9 @@ from kd.hf import vocab as vocab_lib
 from kd.models import prune
 from kd.train import compress
 from kd.train import config_check
+from kd.train import offline_teacher
 from kd.train import run
+from kd.train import schedules
 from kd.train import step as step_lib
 
 SOURCES = ('cut', 'path', 'fresh')
@@ -79,10 +83,10 @@ def check(config) -> None:
       raise config_check.ConfigError(f'config.student.{key} must be >= 0 (0 = the teacher\'s)')
   if int(config.train.steps) < 1:
     raise config_check.ConfigError(f'config.train.steps must be >= 1, got {config.train.steps}')
-  if config.teacher.cache:
+  if config.teacher.cache and config.data.task != 'lm':
     raise config_check.ConfigError(
-        'config.teacher.cache: kd.cache_teacher writes the top-k cache of the lm job\'s data; this '
-        'job runs its teacher online, so leave teacher.cache empty')
+        "config.teacher.cache holds the teacher's top-k over packed text rows; the dialogue task "
+        'samples answers the cache cannot know (GKD, SeqKD): leave teacher.cache empty')
   for key in ('seq_len', 'batch_size', 'eval_batch_size'):
     if int(config.data[key]) < 1:
       raise config_check.ConfigError(f'config.data.{key} must be >= 1, got {config.data[key]}')
@@ -208,13 +212,77 @@ def score(named: dict, eval_sets: dict) -> dict:
   return out
 
 
-def main(config, workdir: str) -> dict:
+def teacher_and_data(config):
+  """(the teacher as loaded, the teacher as it runs, its tokenized data)."""
   check(config)
   loaded = load_teacher(config)
   teacher = with_runtime(loaded, config.teacher.model)
-  rows = vocab_lib.vocab_rows(teacher)
-  data = tokenized.TokenizedData(config.data, teacher.tokenizer, vocab_size=rows,
+  data = tokenized.TokenizedData(config.data, teacher.tokenizer,
+                                 vocab_size=vocab_lib.vocab_rows(teacher),
                                  max_positions=teacher.config.max_seq_len)
+  return loaded, teacher, data
+
+
+def add_synthetic(config, data, teacher, workdir: str) -> None:
+  """Teacher-generated text joins the train set (kd.data.synthetic), made once in workdir."""
+  gen = config.data.synthetic
+  if not int(gen.count):
+    return
+  settings = dict(gen, text_prefix=config.data.text_prefix, seed=config.seed,
+                  teacher=config.teacher.path)
+  settings.pop('weight')  # (how often it is drawn, not what it holds)
+  data.add_train(synthetic.get_or_write(f'{workdir}/synthetic.jsonl', teacher, settings),
+                 'teacher-generated text', float(gen.weight))
+  logging.info('train with teacher-generated text: %s tokens', f'{data.train_tokens:,}')
+
+
+def write_cache(config, workdir: str, *, k: int, out: str | None = None) -> str:
+  """The teacher's top-k logits over the rows the KD run trains on: the first
+  train.steps batches of its own stream at config.seed (mixture weights and teacher-generated
+  text included), written to `out` (default <workdir>/teacher_cache) for
+  --config.teacher.cache. Runs in one process; returns the path."""
+  if config.teacher.cache:
+    raise config_check.ConfigError('config.teacher.cache is what this writes; leave it empty')
+  if config.data.task != 'lm':
+    raise config_check.ConfigError("a teacher cache holds packed text rows: data.task='lm'")
+  low, high = schedules.bounds(config.temperature)
+  if low != high:
+    raise config_check.ConfigError(
+        'a teacher cache stores the logsumexp at one temperature; config.temperature must be '
+        f'a constant, got {config.temperature!r}')
+  _, teacher, data = teacher_and_data(config)
+  if not 0 < k <= teacher.config.vocab_size:
+    raise config_check.ConfigError(
+        f'--k={k} must be in [1, vocab size {teacher.config.vocab_size}]')
+  os.makedirs(workdir, exist_ok=True)
+  add_synthetic(config, data, teacher, workdir)
+  steps, out = int(config.train.steps), out or f'{workdir}/teacher_cache'
+  t_module, t_params = compress.quantized_teacher(config, teacher.module, teacher.params)
+  rows = offline_teacher.cache_rows(
+      t_module, t_params, itertools.islice(data.iterator(config.seed), steps),
+      k=k, temperature=low, chunk_size=int(config.chunk_size))
+  n = teacher_cache.write_records(rows, out, dict(
+      k=k, temperature=low, vocab_size=teacher.config.vocab_size,
+      seq_len=int(config.data.seq_len), teacher=config.teacher.path))
+  logging.info('wrote %d rows with the teacher top-%d to %s', n, k, out)
+  return out
+
+
+def check_cache(config) -> None:
+  """A teacher cache's rows must have this run's length (its losses and temperature are
+  config_check.check_teacher_cache's)."""
+  if not config.teacher.cache:
+    return
+  seq_len = teacher_cache.read_meta(config.teacher.cache).get('seq_len')
+  if seq_len != int(config.data.seq_len):
+    raise config_check.ConfigError(
+        f'the teacher cache at {config.teacher.cache} holds rows of {seq_len} tokens, but '
+        f'config.data.seq_len={config.data.seq_len}; write it with this config '
+        '(python -m kd.cache_teacher --config=... --workdir=...)')
+
+
+def main(config, workdir: str) -> dict:
+  loaded, teacher, data = teacher_and_data(config)
   if data.task == 'dialogue':
     logging.info('train: %d prompt/response rows', len(data.train_arrays['prompt_ids']))
   else:
@@ -224,15 +292,10 @@ def main(config, workdir: str) -> dict:
   config = with_kept_layer_map(
       config, list(config.student.layers) or list(range(teacher.config.num_layers)))
   config_check.check_models(config, student.module, teacher.module)
+  check_cache(config)
   os.makedirs(workdir, exist_ok=True)  # (nothing is written before the checks above)
-  gen = config.data.synthetic
-  if int(gen.count):  # teacher-generated text joins the train set (kd.data.synthetic)
-    settings = dict(gen, text_prefix=config.data.text_prefix, seed=config.seed,
-                    teacher=config.teacher.path)
-    settings.pop('weight')  # (how often it is drawn, not what it holds)
-    data.add_train(synthetic.get_or_write(f'{workdir}/synthetic.jsonl', teacher, settings),
-                   'teacher-generated text', float(gen.weight))
-    logging.info('train with teacher-generated text: %s tokens', f'{data.train_tokens:,}')
+  if not config.teacher.cache:  # (a cache's rows already hold the teacher's text)
+    add_synthetic(config, data, teacher, workdir)
   results = {'teacher': {'params': models.count_params(teacher.params)},
              'student_init': {'params': models.count_params(student.params)}}
   trained = {'teacher': teacher, 'student_init': student}
@@ -252,10 +315,11 @@ def main(config, workdir: str) -> dict:
                                                    eos, key={**seqkd_key,
                                                              'teacher': config.teacher.path}))
   for name, terms in runs.items():
+    # With a teacher cache both runs read its rows: the same tokens, with and without it.
     params, results[name] = run.run_stage(
         config, data, f'{workdir}/{name}', student.module, t_module, t_params, terms,
         steps=config.train.steps, seed=config.seed, name=name, init_variables=student.params,
-        **(kd_inputs if name == 'student_kd' else {}))
+        teacher_cache=config.teacher.cache, **(kd_inputs if name == 'student_kd' else {}))
     trained[name] = student.replace(params=params)
   for name, per_set in score(trained, data.eval_sets).items():
     results[name]['eval'] = per_set

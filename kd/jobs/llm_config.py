@@ -57,7 +57,7 @@ def base() -> ml_collections.ConfigDict:
   c.teacher.model = ml_collections.ConfigDict(dict(
       scan_layers=True, remat=False, dtype='float32',
       attention_impl=config_dict.placeholder(str)))
-  c.teacher.cache = ''  # (the teacher runs online in this job)
+  c.teacher.cache = ''  # a top-k cache of the KD rows (python -m kd.cache_teacher); '' = online
   c.teacher.quant = ml_collections.ConfigDict(dict(bits=0, group_size=0, act_bits=0,
                                                    target=r'.*_proj|lm_head'))
 
