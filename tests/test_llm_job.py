@@ -6,6 +6,8 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -256,6 +258,30 @@ def test_topk_teacher_cache_holds_the_teachers_top_k_and_trains_both_students(
     assert not (tmp_path / 'x').exists()
   with pytest.raises(FileNotFoundError, match='no teacher cache at /some/cache'):
     llm.main(_config(**settings, **{'teacher.cache': '/some/cache'}), str(tmp_path / 'x'))
+
+
+def test_pmap_and_mesh_runs_match_one_device(tmp_path, teacher):
+  """The job on 2 simulated devices, data-parallel (pmap) and with the student and teacher
+  split FSDP over a mesh: the KD and CE students' losses at every step and their held-out
+  scores are the one-device run's."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0 '
+             '--xla_llvm_disable_expensive_passes=true')
+  out = subprocess.run([sys.executable, 'tests/llm_parallel.py', teacher[0], str(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  runs = {r['plan']: r for r in map(json.loads, (l for l in out.stdout.splitlines()
+                                                   if l.startswith('{"plan"')))}
+  ref = runs.pop('single')
+  assert set(runs) == {'pmap', 'mesh_fsdp2'}
+  assert all(len(v) == 3 for v in ref['losses'].values())
+  for name, r in runs.items():
+    for stage, losses in ref['losses'].items():
+      np.testing.assert_allclose(r['losses'][stage], losses, rtol=1e-4, err_msg=(name, stage))
+    for model, sets in ref['eval'].items():
+      for set_name, row in sets.items():
+        for key, value in row.items():
+          np.testing.assert_allclose(r['eval'][model][set_name][key], value, rtol=1e-4,
+                                     err_msg=(name, model, key))
 
 
 def test_kept_layer_map_pairs_each_layer_with_its_source():
