@@ -51,7 +51,9 @@ def run(row: str, seed: str) -> dict | None:
     if row != 'kd' and os.path.exists(shared):  # the same settings: read, not sampled again
       os.makedirs(workdir, exist_ok=True)
       shutil.copy(shared, os.path.join(workdir, 'synthetic.jsonl'))
-    extra = [] if row == 'kd' else ['--config.baseline=False', '--config.export=False']
+    # The kd run exports its three students for experiments/llm_ranking.py.
+    extra = (['--config.export_all=True'] if row == 'kd'
+             else ['--config.baseline=False', '--config.export=False'])
     cmd = [sys.executable, '-m', 'kd.main', '--config=configs/llm/smollm2_kd.py',
            f'--workdir={workdir}', f'--config.seed={seed}', '--config.train.progress=False',
            *extra, *ROWS[row][1]]

@@ -61,7 +61,7 @@ def finished(tmp_path_factory, teacher):
   """One finished text run: (workdir, results, config)."""
   workdir = str(tmp_path_factory.mktemp('run') / 'w')
   config = _config(**{'teacher.path': teacher[0], 'student.layers': (0, 3),
-                      'data.eval': 'shakespeare[99%:],stsb:dev[-40:]'})
+                      'data.eval': 'shakespeare[99%:],stsb:dev[-40:]', 'export_all': True})
   results = llm.main(config, workdir)
   return workdir, results, config
 
@@ -112,6 +112,21 @@ def test_export_loads_in_transformers_with_equal_logits_and_generates(finished, 
   np.testing.assert_allclose(np.asarray(ours(ids.numpy()).logits), theirs, atol=1e-4)
   out = model.generate(ids, max_new_tokens=5, do_sample=False)
   assert out.shape[1] > ids.shape[1]
+
+
+def test_export_all_writes_the_students_that_scored_as_reported(finished):
+  """hf_init and hf_ce (config.export_all), read back, give the held-out perplexity the run
+  reported for the untrained and the CE-only student."""
+  workdir, results, config = finished
+  from kd import hf  # pylint: disable=g-import-not-at-top
+  from kd.data import tokenized  # pylint: disable=g-import-not-at-top
+  for name, folder in (('student_init', 'hf_init'), ('student_ce', 'hf_ce'), ('student_kd', 'hf')):
+    model = hf.load(os.path.join(workdir, folder))
+    data = tokenized.TokenizedData(config.data, model.tokenizer, vocab_size=49152,
+                                   max_positions=256)
+    got = llm.score({name: model}, data.eval_sets)[name]
+    for set_name, row in results[name]['eval'].items():
+      np.testing.assert_allclose(got[set_name]['perplexity'], row['perplexity'], rtol=1e-5)
 
 
 def test_rerun_restores_every_stage(finished):
@@ -335,3 +350,34 @@ def test_dialogue_rows_are_the_last_assistant_turn_and_its_prompt(tokenizer):
   np.testing.assert_array_equal(prompt, want_prompt)
   assert tokenizer.convert_ids_to_tokens(response.tolist()) == ['D', '<|im_end|>']
   assert chat.end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids('<|im_end|>')
+
+
+def test_bias_probe_log_probabilities_match_pytorch(teacher):
+  """kd.eval.bias_probe: each sentence's log-probability (every token after the separator,
+  right-padded batches) is transformers' own, preferences are antisymmetric, and the shift and
+  magnitude are the hand-computed means."""
+  from kd import hf  # pylint: disable=g-import-not-at-top
+  from kd.eval import bias_probe  # pylint: disable=g-import-not-at-top
+  model = hf.load(teacher[0])
+  probe = bias_probe.pairs(('nurse', 'pilot'))
+  assert len(probe) == 6 and probe[0] == ('pronoun', 'He worked as a nurse.',
+                                          'She worked as a nurse.')
+  prefix = '<|endoftext|>'
+  sentences = [p[1] for p in probe] + [p[2] for p in probe]
+  ours = bias_probe.sentence_logprobs(model, sentences, text_prefix=prefix, batch_size=4)
+  for sentence, got in zip(sentences, ours):
+    ids = model.tokenizer(prefix + sentence, add_special_tokens=True)['input_ids']
+    with torch.no_grad():
+      logp = torch.log_softmax(teacher[1](torch.tensor([ids])).logits[0, :-1].double(), -1)
+    want = float(logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  pref = bias_probe.preferences(model, probe, text_prefix=prefix)
+  np.testing.assert_allclose(pref, ours[:6] - ours[6:], atol=1e-4)  # (other batches)
+  swapped = bias_probe.preferences(model, [(k, b, a) for k, a, b in probe], text_prefix=prefix)
+  np.testing.assert_allclose(swapped, -pref, atol=1e-4)
+  kinds = [p[0] for p in probe]
+  got = bias_probe.shift(np.array([1., -1, 0, 2, 3, -4]), np.zeros(6), kinds)
+  assert got == {'pronoun': 1.0, 'name': 1.0, 'nationality': 3.5, 'all': 11 / 6}
+  assert bias_probe.magnitude(np.array([1., -3, 0, 0, 2, 2]), kinds)['pronoun'] == 2.0
+  with pytest.raises(ValueError, match='give text_prefix'):
+    bias_probe.sentence_logprobs(model, sentences)  # no BOS: 'He' and 'She' would go unscored

@@ -213,3 +213,43 @@ def test_experiment_end_to_end(tmp_path, sts_files, bert_dirs):
   assert rows['1l']['flops_per_token'] < rows['2l']['flops_per_token']
   assert sorted([rows['1l']['rank']['flops_per_token'], rows['2l']['rank']['flops_per_token']]) \
       == [1.0, 2.0] and rows['1l']['rank']['flops_per_token'] == 1.0
+
+
+# ----------------------------------------------------------------------------- decoders
+
+
+def _decoder(**overrides):
+  from kd.models import Decoder, DecoderConfig, init_params  # pylint: disable=g-import-not-at-top
+  config = DecoderConfig(**{**dict(vocab_size=101, hidden_size=32, num_layers=3, num_heads=4,
+                                   num_kv_heads=2, intermediate_size=48, max_seq_len=128),
+                            **overrides})
+  return Model(Decoder(config), init_params(config, jax.random.key(0)))
+
+
+@pytest.mark.parametrize('overrides', [{}, {'scan_layers': True, 'dtype': 'bfloat16'}])
+def test_kv_cache_bytes_by_hand(overrides):
+  from kd.eval import decoder_cost  # pylint: disable=g-import-not-at-top
+  model = _decoder(**overrides)
+  c = model.config
+  width = 2 if c.dtype == 'bfloat16' else 4
+  want = 2 * c.num_layers * 5 * 64 * c.num_kv_heads * c.head_dim * width  # keys and values
+  assert decoder_cost.kv_cache_bytes(c, batch_size=5, length=64) == want
+
+
+@pytest.mark.parametrize('seq_len', [16, 64])
+def test_decoder_flops_per_token_match_the_count_by_hand(seq_len):
+  """XLA's count of the forward is the matmuls counted by hand plus a few percent of
+  elementwise work (norms, rotary, softmax, activations)."""
+  from kd.eval import decoder_cost  # pylint: disable=g-import-not-at-top
+  model = _decoder()
+  xla = decoder_cost.flops_per_token(model, seq_len)
+  by_hand = decoder_cost.matmul_flops_per_token(model.config, seq_len)
+  assert by_hand <= xla <= 1.25 * by_hand, (xla, by_hand)
+
+
+def test_generation_speed_counts_generated_tokens():
+  from kd.eval import decoder_cost  # pylint: disable=g-import-not-at-top
+  out = decoder_cost.generation_speed(_decoder(), batch_size=2, prompt_len=4, new_tokens=6,
+                                      runs=2)
+  assert out['seconds'] > 0
+  np.testing.assert_allclose(out['tokens_per_s'], 2 * 6 / out['seconds'])

@@ -22,7 +22,8 @@
    top-1 agreement with the teacher; kd.eval.heldout); with config.data.prompts, each answers
    held-out chat prompts greedily and the teacher scores the answers. The KD student is exported
    to <workdir>/hf (config.json, safetensors, tokenizer with its chat template), which
-   transformers loads without kd. results.json and results.md hold the table.
+   transformers loads without kd (with config.export_all, the untrained and the CE students
+   too: hf_init, hf_ce). results.json and results.md hold the table.
 """
 
 from __future__ import annotations
@@ -333,6 +334,10 @@ def main(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     if config.export:
       export(trained['student_kd'], f'{workdir}/hf')
+    if config.export_all:
+      for name, folder in (('student_init', 'hf_init'), ('student_ce', 'hf_ce')):
+        if name in trained:
+          export(trained[name], f'{workdir}/{folder}')
     table = report(results, tokenized.eval_names(config.data.eval), examples)
     with open(f'{workdir}/results.json', 'w') as f:
       json.dump(report_lib.stamp(results), f, indent=1)
@@ -424,7 +429,7 @@ def export(model: models.Model, path: str) -> None:
   teacher's tokenizer files with its chat template (generation stops at its end of turn)."""
   flat = with_runtime(model, {'scan_layers': False, 'remat': False})
   hf.save(flat, path)
-  logging.info('exported the KD student to %s', path)
+  logging.info('exported %s', path)
 
 
 def report(results: dict, eval_names: list[str], examples=()) -> str:

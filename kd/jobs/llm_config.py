@@ -98,6 +98,9 @@ def base() -> ml_collections.ConfigDict:
   c.features = ml_collections.ConfigDict(dict(layer_map='kept', pairs=()))
   c.baseline = True  # the same student with CE only, same steps and tokens
   c.export = True  # the KD student as a transformers checkpoint in <workdir>/hf
+  # Also the untrained student and the CE-only one, in <workdir>/hf_init and <workdir>/hf_ce
+  # (what experiments/llm_ranking.py compares).
+  c.export_all = False
 
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adamw', lr=2e-4, warmup_steps=4, schedule='cosine', weight_decay=0.0,
