@@ -15,7 +15,6 @@ and two truncated students (4 encodes of the 3,000 dev sentences per path, plus 
 speeds are this machine's, taken while whatever else runs on it runs.
 """
 
-import glob
 import json
 import os
 
@@ -47,30 +46,6 @@ _RUNS = flags.DEFINE_integer('runs', 5, 'Timed latency runs (best is kept).')
 # Columns of the overall rank, one per category, and which way is better.
 RANK_KEYS = {'spearman': 'max', 'sentences_per_s': 'max', 'peak_bytes': 'min',
              'flops_per_token': 'min', 'noisy_spearman': 'max', 'held_out_spearman': 'max'}
-
-
-def parse_models(entries: list[str]) -> dict[str, list[str]]:
-  """{name: [paths]} from `name=PATH` entries; bare PATHs extend the previous name; globs and
-  package names are resolved."""
-  from kd.train import sentence  # pylint: disable=g-import-not-at-top
-  out: dict[str, list[str]] = {}
-  name = None
-  for entry in entries:
-    if '=' in entry:
-      name, entry = entry.split('=', 1)
-      if name in out:
-        raise app.UsageError(f'--models names {name!r} twice; list its paths after one name.')
-      out[name] = []
-    if name is None:
-      raise app.UsageError(f'--models entry {entry!r} has no name; write name=PATH first.')
-    if any(c in entry for c in '*?['):
-      paths = sorted(glob.glob(entry))
-      if not paths:
-        raise app.UsageError(f'--models glob {entry!r} matches nothing.')
-    else:
-      paths = [entry]
-    out[name] += [sentence.teacher_path(p) for p in paths]
-  return out
 
 
 def measure_quality(model, dev: str, train: str, rates: list[float]) -> dict:
@@ -153,17 +128,9 @@ def plot(rows: list[dict], rates, path: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-  peak = np.array([r['peak_bytes'] for r in rows], np.float64)
-  size = 600 * peak / peak.max()
   b_last = int(_BATCHES.value[-1])
-  for row, s in zip(rows, size):
-    sp = row['per_seed']['spearman']
-    ax.errorbar(row['sentences_per_s'], np.mean(sp), yerr=np.std(sp), fmt='none', color='gray')
-    ax.scatter(row['sentences_per_s'], np.mean(sp), s=s, alpha=0.6)
-    ax.annotate(row['name'], (row['sentences_per_s'], np.mean(sp)), textcoords='offset points',
-                xytext=(6, 6), fontsize=8)
+  report.bubbles(ax, rows, 'sentences_per_s', 'spearman', 'peak_bytes')
   ax.set_xscale('log')
-  ax.margins(0.2)
   ax.set_xlabel(f'sentences/s at batch {b_last} (log)')
   ax.set_ylabel('STS-B dev Spearman')
   ax.set_title('quality vs speed (marker area: peak memory)', fontsize=9)
@@ -190,7 +157,12 @@ def main(argv):
   rates = [float(r) / 100 for r in _NOISE.value]
   batches = [int(b) for b in _BATCHES.value]
   rows = []
-  for name, paths in parse_models(_MODELS.value).items():
+  from kd.train import sentence  # pylint: disable=g-import-not-at-top
+  try:
+    named = ranking.named_paths(_MODELS.value, sentence.teacher_path)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  for name, paths in named.items():
     runs, cost = [], None
     for path in paths:
       model = kd.hf.load(path)

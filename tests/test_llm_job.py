@@ -381,3 +381,27 @@ def test_bias_probe_log_probabilities_match_pytorch(teacher):
   assert bias_probe.magnitude(np.array([1., -3, 0, 0, 2, 2]), kinds)['pronoun'] == 2.0
   with pytest.raises(ValueError, match='give text_prefix'):
     bias_probe.sentence_logprobs(model, sentences)  # no BOS: 'He' and 'She' would go unscored
+
+
+def test_llm_ranking_experiment_end_to_end(finished, teacher, tmp_path):
+  """experiments/llm_ranking.py on the finished run's three exported students: a table, a chart
+  and the raw numbers; the reference agrees with itself everywhere and has no bias shift."""
+  workdir = finished[0]
+  out = tmp_path / 'out'
+  cmd = [sys.executable, 'experiments/llm_ranking.py',
+         f'--models=teacher={teacher[0]},cut={workdir}/hf_init,ce={workdir}/hf_ce,'
+         f'kd={workdir}/hf', '--in_domain=shakespeare[99%:]', '--seq_len=32',
+         '--eval_batches=1', '--batch_sizes=1,2', '--prompt_len=4', '--new_tokens=2',
+         '--runs=1', '--kv_length=64', '--noise=10', f'--out={out}']
+  got = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert got.returncode == 0, got.stderr[-3000:]
+  rows = json.loads((out / 'llm_ranking.json').read_text())['rows']
+  assert [r['name'] for r in rows] == ['teacher', 'cut', 'ce', 'kd']
+  assert rows[0]['agree_in'] == 1.0 and rows[0]['bias_shift'] is None
+  assert all(r['bias_shift'] > 0 for r in rows[1:])
+  c = rows[0]  # 4 layers, 2 KV heads of 16, float32, one 64-token sequence
+  assert c['kv_bytes'] == 2 * 4 * 64 * 2 * 16 * 4
+  assert rows[1]['params'] < c['params'] and rows[1]['flops_per_token'] < c['flops_per_token']
+  assert (out / 'llm_ranking.png').stat().st_size > 0
+  assert '| kd | 1 |' in (out / 'llm_ranking.md').read_text()

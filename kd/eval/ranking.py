@@ -15,6 +15,7 @@ text the students are distilled on. On STS-B these are answers-forums 2015 and t
 """
 
 import csv
+import glob
 import string
 import time
 
@@ -197,4 +198,24 @@ def rank(rows: list[dict], keys: dict[str, str]) -> list[dict]:
   for o in out:
     got = [o[k] for k in keys if o[k] is not None]
     o['average'] = float(np.mean(got)) if got else None
+  return out
+
+
+def named_paths(entries, resolve=lambda path: path) -> dict[str, list[str]]:
+  """{name: [paths]} from a ranking's --models entries: `name=PATH` starts a model, a bare PATH
+  adds a path (a seed) to the model before it; globs are expanded and each path passed through
+  `resolve` (e.g. a package name to its checkpoint). Raises ValueError naming a bad entry."""
+  out, name = {}, None
+  for entry in entries:
+    if '=' in entry:
+      name, entry = entry.split('=', 1)
+      if name in out:
+        raise ValueError(f'--models names {name!r} twice; list its paths after one name.')
+      out[name] = []
+    if name is None:
+      raise ValueError(f'--models entry {entry!r} has no name; write name=PATH first.')
+    paths = sorted(glob.glob(entry)) if any(c in entry for c in '*?[') else [entry]
+    if not paths:
+      raise ValueError(f'--models glob {entry!r} matches nothing.')
+    out[name] += [resolve(p) for p in paths]
   return out

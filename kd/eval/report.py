@@ -100,3 +100,16 @@ def merge_runs(runs: dict, prior: dict) -> dict:
 def by_row(runs: dict, rows) -> dict:
   """{row: [its result in each seed that has one]} for `rows`, seeds in `runs`' order."""
   return {row: [r[row] for r in runs.values() if row in r] for row in rows}
+
+
+def bubbles(ax, rows: list[dict], x: str, y: str, size: str) -> None:
+  """One labelled marker per row on a matplotlib `ax`: at (row[x], mean of row['per_seed'][y])
+  with its std over seeds as an error bar, area proportional to row[size]."""
+  biggest = max(float(r[size]) for r in rows)
+  for row in rows:
+    ys = row['per_seed'][y]
+    ax.errorbar(row[x], np.mean(ys), yerr=np.std(ys), fmt='none', color='gray')
+    ax.scatter(row[x], np.mean(ys), s=600 * float(row[size]) / biggest, alpha=0.6)
+    ax.annotate(row['name'], (row[x], np.mean(ys)), textcoords='offset points', xytext=(6, 6),
+                fontsize=8)
+  ax.margins(0.2)
