@@ -277,8 +277,8 @@ def test_topk_teacher_cache_holds_the_teachers_top_k_and_trains_both_students(
 
 def test_pmap_and_mesh_runs_match_one_device(tmp_path, teacher):
   """The job on 2 simulated devices, data-parallel (pmap) and with the student and teacher
-  split FSDP over a mesh: the KD and CE students' losses at every step and their held-out
-  scores are the one-device run's."""
+  split FSDP over a mesh: the KD student's losses at every step and the held-out scores are
+  the one-device run's."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0 '
              '--xla_llvm_disable_expensive_passes=true')
   out = subprocess.run([sys.executable, 'tests/llm_parallel.py', teacher[0], str(tmp_path)],
@@ -389,19 +389,22 @@ def test_llm_ranking_experiment_end_to_end(finished, teacher, tmp_path):
   workdir = finished[0]
   out = tmp_path / 'out'
   cmd = [sys.executable, 'experiments/llm_ranking.py',
-         f'--models=teacher={teacher[0]},cut={workdir}/hf_init,ce={workdir}/hf_ce,'
-         f'kd={workdir}/hf', '--in_domain=shakespeare[99%:]', '--seq_len=32',
+         f'--models=teacher={teacher[0]},students={workdir}/hf_ce,{workdir}/hf',
+         '--in_domain=shakespeare[99%:]', '--seq_len=32',
          '--eval_batches=1', '--batch_sizes=1,2', '--prompt_len=4', '--new_tokens=2',
          '--runs=1', '--kv_length=64', '--noise=10', f'--out={out}']
   got = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert got.returncode == 0, got.stderr[-3000:]
   rows = json.loads((out / 'llm_ranking.json').read_text())['rows']
-  assert [r['name'] for r in rows] == ['teacher', 'cut', 'ce', 'kd']
+  assert [r['name'] for r in rows] == ['teacher', 'students']
   assert rows[0]['agree_in'] == 1.0 and rows[0]['bias_shift'] is None
-  assert all(r['bias_shift'] > 0 for r in rows[1:])
+  assert len(rows[1]['per_seed']['ppl_out']) == 2 and rows[1]['bias_shift'] > 0
+  want = {'student_ce': rows[1]['per_seed']['ppl_in'][0],
+          'student_kd': rows[1]['per_seed']['ppl_in'][1]}
+  assert want['student_ce'] != want['student_kd']  # two paths, two models
   c = rows[0]  # 4 layers, 2 KV heads of 16, float32, one 64-token sequence
   assert c['kv_bytes'] == 2 * 4 * 64 * 2 * 16 * 4
   assert rows[1]['params'] < c['params'] and rows[1]['flops_per_token'] < c['flops_per_token']
   assert (out / 'llm_ranking.png').stat().st_size > 0
-  assert '| kd | 1 |' in (out / 'llm_ranking.md').read_text()
+  assert '| students | 2 |' in (out / 'llm_ranking.md').read_text()
