@@ -57,6 +57,20 @@ def _head() -> str:
 HEAD = _head()
 
 
+def write_results(workdir: str, results: dict, table: str) -> None:
+  """A job's <workdir>/results.json (every number, with the commit it ran: `stamp`) and
+  results.md (`table`), then the table printed; by process 0 only, since every process holds
+  the same results."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(stamp(results), f, indent=1)
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(table + '\n')
+  print(table)
+
+
 def stamp(results: dict) -> dict:
   """A run's {row: metrics} (as written to its results.json) with HEAD under COMMIT in each
   row, so tables collected from it later can tell which code trained each row."""

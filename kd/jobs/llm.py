@@ -338,16 +338,12 @@ def main(config, workdir: str) -> dict:
       for name, folder in (('student_init', 'hf_init'), ('student_ce', 'hf_ce')):
         if name in trained:
           export(trained[name], f'{workdir}/{folder}')
-    table = report(results, tokenized.eval_names(config.data.eval), examples)
-    with open(f'{workdir}/results.json', 'w') as f:
-      json.dump(report_lib.stamp(results), f, indent=1)
     if examples:
       with open(f'{workdir}/answers.json', 'w') as f:
         json.dump(examples, f, indent=1)
-    with open(f'{workdir}/results.md', 'w') as f:
-      f.write(table + '\n')
-    print(table)
-    logging.info('wrote %s/results.md', workdir)
+  report_lib.write_results(
+      workdir, results, report(results, tokenized.eval_names(config.data.eval), examples))
+  logging.info('wrote %s/results.md', workdir)
   return results
 
 

@@ -469,14 +469,8 @@ def main(config, workdir: str) -> dict:
       results[name].update(generation_eval.teacher_nll_of_samples(
           teacher if name == 'teacher' else student, params, teacher, teacher_params,
           data.eval_batches, max_batches=n))
-  table = report(results)
-  if jax.process_index() == 0:  # every process holds the same results
-    with open(f'{workdir}/results.json', 'w') as f:
-      json.dump(report_lib.stamp(results), f, indent=1)  # (+ the commit it ran)
-    with open(f'{workdir}/results.md', 'w') as f:
-      f.write(table + '\n')
-    print(table)
-    logging.info('wrote %s/results.md', workdir)
+  report_lib.write_results(workdir, results, report(results))
+  logging.info('wrote %s/results.md', workdir)
   return results
 
 

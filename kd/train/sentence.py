@@ -308,14 +308,8 @@ def main(config, workdir: str) -> dict:
   if config.get('export', True) and jax.process_index() == 0:
     hf.save(student, f'{workdir}/hf')
   results['student']['job_s'] = time.perf_counter() - start  # all of it, load to export
-  if jax.process_index() == 0:
-    table = report(results)
-    with open(f'{workdir}/results.json', 'w') as f:
-      json.dump(report_lib.stamp(results), f, indent=1)  # (+ the commit it ran)
-    with open(f'{workdir}/results.md', 'w') as f:
-      f.write(table + '\n')
-    print(table)
-    logging.info('wrote %s/results.md and the student to %s/hf', workdir, workdir)
+  report_lib.write_results(workdir, results, report(results))
+  logging.info('wrote %s/results.md and the student to %s/hf', workdir, workdir)
   return results
 
 
