@@ -14,7 +14,6 @@ Each stage resumes from its checkpoints; a finished stage is restored, not retra
 import dataclasses
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +33,11 @@ from kd.eval import report as report_lib
 from kd.models import ensemble
 from kd.train import compress
 from kd.train import config_check
-from kd.train import loop
 from kd.train import onpolicy
 from kd.train import replay
 from kd.train import optim
 from kd.train import schedules
+from kd.train import stage
 from kd.train import step as step_lib
 
 
@@ -191,28 +190,17 @@ def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params
     if online:
       out['teacher'] = models.init_params(teacher.config, jax.random.key(seed + 1000))
     return out
-  state = plan.init_state(lambda: step_lib.create_state(params(), spec.tx, seed))
-  if spec.ema_decay:  # the EMA teacher starts as the student
-    state = state.replace(ema=jax.tree.map(jnp.array, state.params['student']))
-  if base is not None:
-    state = state.replace(frozen=plan.place_state(compress.frozen_base(config, base)))
-  tc = config.train
-  t0 = time.perf_counter()
-  state, final = loop.fit(
-      spec, state, plan.place_teacher(teacher_params),
+
+  def prepare(state):  # the EMA teacher starts as the student
+    if not spec.ema_decay:
+      return state
+    return state.replace(ema=jax.tree.map(jnp.array, state.params['student']))
+
+  student_params, final = stage.fit(
+      config, spec, plan, params, base, teacher_params,
       data.iterator(seed, teacher_cache, train_arrays, student=not teacher_data),
-      data.eval_batches, workdir=workdir, total_steps=steps, log_every=tc.log_every,
-      eval_every=tc.get('eval_every', 0), checkpoint_every=tc.checkpoint_every,
-      keep=tc.get('keep', 2), progress=tc.get('progress', True), name=name, plan=plan,
-      batch_fn=batch_fn)
-  final['wall_s'] = time.perf_counter() - t0
-  # (the state was donated to the step: read the base back from it)
-  student_params, trainable_count = compress.finish(
-      config, plan.unreplicate(state.replace(frozen=None)).params['student'],
-      None if base is None else plan.unreplicate(state.frozen))
-  if trainable_count is not None:
-    final['trainable_params'] = trainable_count
-  final['params'] = models.count_params(student_params)
+      data.eval_batches, seed=seed, workdir=workdir, steps=steps, name=name, batch_fn=batch_fn,
+      prepare=prepare)
   if batch_fn is not None and getattr(batch_fn, 'stats', None):
     st = batch_fn.stats
     final.update(st, generation_tokens_per_s=st['generated_tokens'] / max(st['generation_s'],

@@ -42,9 +42,9 @@ from kd.eval import speed
 from kd.eval import sts
 from kd.train import compress
 from kd.train import config_check
-from kd.train import loop
 from kd.train import optim
 from kd.train import schedules
+from kd.train import stage
 from kd.train import step as step_lib
 
 KINDS = ('embedding', 'hidden', 'attention', 'relation', 'pairs')  # what an encoder job trains
@@ -219,21 +219,10 @@ def train(config, teacher, student, data, workdir: str, *, pairs, attention_pair
   # Copies (split_student's, frozen_base's): the student shares its kept layers' arrays with the
   # teacher, and the step donates the state's buffers.
   trainable, base = compress.split_student(config, student.module, student.params, seed)
-  state = plan.init_state(lambda: step_lib.create_state(
-      {'student': trainable, 'proj': {}}, spec.tx, seed))
-  if base is not None:
-    state = state.replace(frozen=plan.place_state(compress.frozen_base(config, base)))
-  tc = config.train
-  t0 = time.perf_counter()
-  state, final = loop.fit(
-      spec, state, None, data_iter, [], workdir=f'{workdir}/{name}', total_steps=steps,
-      log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, keep=tc.get('keep', 2),
-      progress=tc.get('progress', True), name=name, plan=plan)
-  params, trained = compress.finish(
-      config, plan.unreplicate(state.replace(frozen=None)).params['student'],
-      None if base is None else plan.unreplicate(state.frozen))
-  final = dict(final, wall_s=time.perf_counter() - t0, steps=steps,
-               trainable_params=models.count_params(params) if trained is None else trained)
+  params, final = stage.fit(
+      config, spec, plan, lambda: {'student': trainable, 'proj': {}}, base, None, data_iter, [],
+      seed=seed, workdir=f'{workdir}/{name}', steps=steps, name=name)
+  final.update(steps=steps, trainable_params=final.get('trainable_params', final['params']))
   return student.replace(params=params), final
 
 
