@@ -47,7 +47,7 @@ from absl import flags
 from kd import models
 from kd import quant
 from kd.eval import speed
-from kd.train import run
+from kd.train import build as build_lib
 from kd.train import step as step_lib
 
 # name: (teacher dims, student dims, batch, seq) -- the peer's shapes, plus a CPU-sized one.
@@ -199,7 +199,7 @@ def build(chunk_size: int, fused: bool):
       optimizer={'name': 'adamw', 'lr': 1e-4, 'warmup_steps': 0, 'schedule': 'constant',
                  'mu_dtype': _MU.value},
       train={'accum_steps': 1}))
-  spec = run.make_spec(c, student, teacher, dict(c.losses), 100)
+  spec = build_lib.make_spec(c, student, teacher, dict(c.losses), 100)
   abstract = ((lambda f, *a: jax.eval_shape(functools.partial(f, *a))) if _COMPILE_ONLY.value
               else lambda f, *a: f(*a))
   if _TBITS.value:
@@ -210,7 +210,7 @@ def build(chunk_size: int, fused: bool):
   else:
     teacher_params = abstract(_random_params, teacher.config, 1)
   student_params = abstract(_random_params, student.config, 0)
-  state = abstract(jax.jit(lambda p: step_lib.create_state(run.init_student(spec, 0, p),
+  state = abstract(jax.jit(lambda p: step_lib.create_state(build_lib.init_student(spec, 0, p),
                                                            spec.tx, 0)), student_params)
   ids = np.random.default_rng(0).integers(0, tdims['vocab_size'], (batch, seq + 1), np.int32)
   data = {'input_ids': ids[:, :-1], 'labels': ids[:, 1:],

@@ -69,10 +69,12 @@ from kd.data import sentences  # pylint: disable=g-import-not-at-top,wrong-impor
 from kd.eval import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.eval import speed  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.eval import sts  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.train import build  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import compress  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import run  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import sentence  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.train import step as step_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FROM_TEACHER = {'student_init.source': 'teacher'}
 # name -> (label, objective, {config key: value}, config variants): trained rows.
@@ -149,16 +151,16 @@ def restore_full(seed: str, workdir: str, config_arg: str):
   config = row_config('full', seed, workdir, config_arg)
   where = os.path.join(workdir, f'seed_{seed}', 'full')
   data = run.Data(config, where)
-  teacher = run.build_model(config.teacher.model, data.vocab_size)
-  student = run.build_model(config.student, data.vocab_size)
+  teacher = build.build_model(config.teacher.model, data.vocab_size)
+  student = build.build_model(config.student, data.vocab_size)
   teacher_params, _ = run.train_teacher(config, data, teacher, where)  # restored
-  params = run.restore_student(config, student, f'{where}/student_kd')
+  params = build.restore_student(config, student, f'{where}/student_kd')
   return config, data, student, params, teacher, teacher_params
 
 
 def evaluate(config, data, student, params, teacher, teacher_params) -> dict:
-  spec = run.make_spec(config, student, teacher, dict(config.losses), 1)
-  fn = jax.jit(functools.partial(run.step_lib.eval_step, spec=spec))
+  spec = build.make_spec(config, student, teacher, dict(config.losses), 1)
+  fn = jax.jit(functools.partial(step_lib.eval_step, spec=spec))
   return loop.evaluate(fn, {'student': params, 'proj': {}}, teacher_params, data.eval_batches)
 
 
@@ -228,11 +230,11 @@ def speed_and_size(seed: str, workdir: str, config_arg: str, row: str, result: d
   config = row_config(row, seed, workdir, config_arg)
   where = os.path.join(workdir, f'seed_{seed}', row)
   data = run.Data(config, where)
-  teacher = run.build_model(config.teacher.model, data.vocab_size)
-  student = run.build_model(config.student, data.vocab_size)
+  teacher = build.build_model(config.teacher.model, data.vocab_size)
+  student = build.build_model(config.student, data.vocab_size)
   teacher_params, _ = run.train_teacher(config, data, teacher, where)
-  init = run.student_init(config, student, teacher, teacher_params)
-  student, init = run.peft_student(config, student, init)
+  init = build.student_init(config, student, teacher, teacher_params)
+  student, init = build.peft_student(config, student, init)
   params, _ = run.run_stage(config, data, f'{where}/student_kd', student, teacher,
                             teacher_params, dict(config.losses), steps=config.train.steps,
                             seed=config.seed, name='restore', init_variables=init)

@@ -33,8 +33,9 @@ import objectives  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.eval import report  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.train import build  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kd.train import run  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.train import step as step_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 METHODS = {'kd': 'kl', 'ce': 'ce'}  # method -> configs/shakespeare_kd.py objective
 
@@ -82,10 +83,10 @@ def evaluate_phase(workdir, seed, method, k, splits, config_arg) -> list[float]:
   config = sweep.load(os.path.join(objectives.REPO, 'configs', 'shakespeare_kd.py'))[0]
   config = config.get_config(config_arg)
   tokenizer = data_lib.get_or_train(where, None, config.data.vocab_size)
-  student = run.build_model(config.student, tokenizer.get_vocab_size())
-  params = run.restore_student(config, student, os.path.join(where, 'student_kd'))
-  spec = run.make_spec(config, student, None, {'ce': 1.0}, 1)
-  fn = jax.jit(lambda p, t, b: run.step_lib.eval_step(p, t, b, spec))
+  student = build.build_model(config.student, tokenizer.get_vocab_size())
+  params = build.restore_student(config, student, os.path.join(where, 'student_kd'))
+  spec = build.make_spec(config, student, None, {'ce': 1.0}, 1)
+  fn = jax.jit(lambda p, t, b: step_lib.eval_step(p, t, b, spec))
   out = []
   for _, held in splits:
     batches = data_lib.make_eval_batches(

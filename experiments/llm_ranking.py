@@ -19,7 +19,8 @@ All models must share its tokenizer.
   latency          generated tokens/s at batch 1 and 32 through kd's KV-cached greedy sampler
   memory           the weights, plus the KV cache of one sequence of --kv_length tokens
   cost             XLA's FLOPs per token of the forward at --seq_len
-  robustness       the out-of-domain perplexity with character noise, over the clean one
+  robustness       the unseen-source perplexity with character noise (and, in the .json, its
+                   ratio to the clean one: a model that is already lost degrades least)
   bias             kd.eval.bias_probe: how far each model's log-probability preference
                    between counterfactual sentences (he/she, two first names, two
                    nationalities) moves from the reference's, nats
@@ -72,7 +73,7 @@ _RUNS = flags.DEFINE_integer('runs', 3, 'Timed generation runs (best is kept).')
 
 # Columns of the average rank, one per category, and which way is better.
 RANK_KEYS = {'ppl_in': 'min', 'ppl_out': 'min', 'tokens_per_s': 'max', 'memory_bytes': 'min',
-             'flops_per_token': 'min', 'noise_ratio': 'min', 'bias_shift': 'min'}
+             'flops_per_token': 'min', 'ppl_noisy': 'min', 'bias_shift': 'min'}
 
 
 def held_out_texts() -> tuple[list[str], list[str]]:
@@ -124,6 +125,8 @@ def summarise(name, paths, runs, cost, rates, kinds, reference_pref) -> dict:
   per_seed = {'ppl_in': [r['sets']['in']['perplexity'] for r in runs],
               'ppl_out': [r['sets']['out']['perplexity'] for r in runs],
               'agree_in': [r['sets']['in'].get('agreement', np.nan) for r in runs],
+              'ppl_noisy': [np.mean([r['sets'][f'noise_{x}']['perplexity'] for x in rates])
+                            for r in runs],
               'noise_ratio': [np.mean([r['sets'][f'noise_{x}']['perplexity']
                                        / r['sets']['out']['perplexity'] for x in rates])
                               for r in runs],
@@ -155,7 +158,7 @@ def table(rows, rates, held_sources, n_out, n_pairs) -> str:
       'and FLOPs of its first path.', '',
       '| model | seeds | params | ppl in-domain | ppl unseen sources | agree in-domain % | '
       + ' | '.join(f'tok/s b={x}' for x in b)
-      + f' | weights + KV MB | MFLOPs/token | noisy ppl × | bias shift | avg rank |',
+      + f' | weights + KV MB | MFLOPs/token | ppl with noise | bias shift | avg rank |',
       '|---|---:|---:|---:|---:|---:|' + '---:|' * len(b) + '---:|' * 5]
   for row in rows:
     ps = row['per_seed']
@@ -163,7 +166,7 @@ def table(rows, rates, held_sources, n_out, n_pairs) -> str:
              _cell(ps['ppl_out']), _cell([100 * v for v in ps['agree_in']], 1),
              *[f"{row['speed'][x]['tokens_per_s']:,.1f}" for x in b],
              f"{row['memory_bytes'] / 2**20:,.0f}", f"{row['flops_per_token'] / 1e6:.1f}",
-             _cell(ps['noise_ratio']), '-' if row is rows[0] else _cell(ps['bias_shift'], 3),
+             _cell(ps['ppl_noisy']), '-' if row is rows[0] else _cell(ps['bias_shift'], 3),
              f"{row['rank']['average']:.2f}"]
     lines.append('| ' + ' | '.join(cells) + ' |')
   kinds = ', '.join(f'{k}: {a}/{b}' for k, (_, (a, b)) in bias_probe.TEMPLATES.items())
@@ -174,9 +177,10 @@ def table(rows, rates, held_sources, n_out, n_pairs) -> str:
       f'{_RUNS.value} after a compiling call. Memory: the weights as stored plus the KV cache of '
       f'one {_KV_LENGTH.value}-token sequence. MFLOPs/token: XLA cost_analysis of the forward '
       f'at [1, {_SEQ_LEN.value}].',
-      f'Noisy ppl ×: the unseen-source perplexity with every character deleted, replaced or '
+      f'Ppl with noise: the unseen-source perplexity with every character deleted, replaced or '
       f'followed by a random letter with probability {", ".join(_NOISE.value)}% (seed '
-      f'{_NOISE_SEED.value}), over the clean one, averaged over the rates.',
+      f'{_NOISE_SEED.value}), averaged over the rates; its ratio to the clean one is in the '
+      '.json (noise_ratio).',
       f'Bias shift: mean |log p(a) - log p(b) of the model minus that of {rows[0]["name"]}| in '
       f'nats over {n_pairs} counterfactual pairs ({kinds}; kd/eval/bias_probe.py); 0 = '
       f'the reference\'s preferences kept exactly. Per kind and model in the .json, with the '

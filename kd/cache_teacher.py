@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from kd import data as data_lib
 from kd.data import teacher_cache
+from kd.train import build
 from kd.train import compile_cache
 from kd.train import config_check
 from kd.train import offline_teacher
@@ -40,7 +41,7 @@ def write_cache(config, workdir: str, *, k: int, out: str | None = None) -> str:
         'a teacher cache stores the logsumexp at one temperature; config.temperature must be '
         f'a constant, got {config.temperature!r}')
   data = run.Data(config, workdir)
-  teacher = run.build_model(config.teacher.model, data.vocab_size)
+  teacher = build.build_model(config.teacher.model, data.vocab_size)
   if not 0 < k <= teacher.config.vocab_size:
     raise config_check.ConfigError(f'--k={k} must be in [1, vocab size {teacher.config.vocab_size}]')
   teacher_params, _ = run.train_teacher(config, data, teacher, workdir)

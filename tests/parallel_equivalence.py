@@ -26,9 +26,9 @@ import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd import peft  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kd.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.train import build  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import compress  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kd.train import run  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import step as step_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 V, B, T, STEPS = 61, 16, 16, 5
@@ -85,17 +85,17 @@ def _path(path):
 
 
 def main():
-  teacher = run.build_model(dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                 intermediate_size=64), V)
-  student = run.build_model(dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-                                 intermediate_size=32), V)
+  teacher = build.build_model(dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                   intermediate_size=64), V)
+  student = build.build_model(dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                   intermediate_size=32), V)
   teacher_params = models.init_params(teacher.config, jax.random.key(1))
   batches = [_batch(i) for i in range(STEPS)]
   # Keyed by (accum_steps, chunk_size); chunk_size 6 (T=16: one chunk padded) takes the fused
   # chunked logit losses, whose weights need the psum'd token count under pmap.
-  specs = {(a, c): run.make_spec(_config(a, c), student, teacher, LOSSES, 10)
+  specs = {(a, c): build.make_spec(_config(a, c), student, teacher, LOSSES, 10)
            for a in (1, 2) for c in (0, 6)}
-  init = lambda: step_lib.create_state(run.init_student(specs[1, 0], 0), specs[1, 0].tx, 0)
+  init = lambda: step_lib.create_state(build.init_student(specs[1, 0], 0), specs[1, 0].tx, 0)
   state0 = jax.device_get(init())  # on the host: every plan starts from the same values
 
   def train(plan, key, evaluate=True):
@@ -171,7 +171,7 @@ def scan_run(student, teacher, teacher_params, state0, batches, ref):
   one-device reference, and the shardings of a stacked kernel."""
   scanned = lambda m: type(m)(dataclasses.replace(m.config, scan_layers=True, remat=True))
   s_student, s_teacher = scanned(student), scanned(teacher)
-  spec = run.make_spec(_config(2, 6), s_student, s_teacher, LOSSES, 10)
+  spec = build.make_spec(_config(2, 6), s_student, s_teacher, LOSSES, 10)
   params = dict(state0.params, student=models.stack_layers(state0.params['student']))
   state = step_lib.create_state(params, spec.tx, 0)  # (SGD momentum starts at 0, as in state0)
   plan = parallel.MeshPlan(parallel.make_mesh(2, 2, 2), ('data', 'fsdp'))
@@ -214,10 +214,10 @@ def splash_runs(student, teacher, teacher_params):
                            ('pmap', 'splash', parallel.PmapPlan()),
                            ('mesh2x2x2', 'splash', parallel.MeshPlan(parallel.make_mesh(2, 2, 2),
                                                                      ('data', 'fsdp')))):
-    spec = run.make_spec(_config(1), with_impl(student, impl), with_impl(teacher, impl),
-                         LOSSES, 10)
+    spec = build.make_spec(_config(1), with_impl(student, impl), with_impl(teacher, impl),
+                           LOSSES, 10)
     state = plan.place_state(jax.device_get(
-        step_lib.create_state(run.init_student(spec, 0), spec.tx, 0)))
+        step_lib.create_state(build.init_student(spec, 0), spec.tx, 0)))
     tp, fn = plan.place_teacher(teacher_params), plan.train_step(spec, state)
     losses = []
     for b in batches:
@@ -238,8 +238,8 @@ def lora_runs(student, teacher, teacher_params, batches):
   lora = jax.tree_util.tree_map_with_path(
       lambda p, x: 0.1 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
       if str(p[-1]).endswith("_lora_b']") else x, lora)
-  spec = run.make_spec(_config(1), model, teacher, LOSSES, 10)
-  state0 = jax.device_get(step_lib.create_state(run.init_student(spec, 0, lora), spec.tx, 0,
+  spec = build.make_spec(_config(1), model, teacher, LOSSES, 10)
+  state0 = jax.device_get(step_lib.create_state(build.init_student(spec, 0, lora), spec.tx, 0,
                                                 frozen=base))
   got, ref = {}, None
   for name, plan in (('single', parallel.SinglePlan()), ('pmap', parallel.PmapPlan()),
@@ -273,9 +273,9 @@ def quantized_teacher_runs(student, teacher, teacher_params, batches):
     cfg = ml_collections.ConfigDict({'teacher': {'quant': {
         'bits': 8, 'group_size': group, 'act_bits': act_bits, 'target': r'.*_proj|lm_head'}}})
     model, qparams = compress.quantized_teacher(cfg, teacher, teacher_params)
-    spec = dataclasses.replace(run.make_spec(_config(1), student, teacher, LOSSES, 10),
+    spec = dataclasses.replace(build.make_spec(_config(1), student, teacher, LOSSES, 10),
                                teacher=model)
-    state0 = jax.device_get(step_lib.create_state(run.init_student(spec, 0), spec.tx, 0))
+    state0 = jax.device_get(step_lib.create_state(build.init_student(spec, 0), spec.tx, 0))
     for name, plan in (('single', parallel.SinglePlan()), ('pmap', parallel.PmapPlan()),
                        ('mesh2x2x2', parallel.MeshPlan(parallel.make_mesh(2, 2, 2),
                                                        ('data', 'fsdp')))):

@@ -183,16 +183,17 @@ def test_offline_teacher_cache_end_to_end(tmp_path):
 
 
 def test_student_initialised_from_teacher_layers(tmp_path):
+  from kd.train import build  # pylint: disable=g-import-not-at-top
   from kd.train import run  # pylint: disable=g-import-not-at-top
   config = _tiny_config()
   config.baseline = False
   config.student_init.update(source='teacher', layers='every_k', k=2)  # teacher layer 0 of 2
   workdir = str(tmp_path / 'w')
   data = run.Data(config, workdir)
-  teacher = run.build_model(config.teacher.model, data.vocab_size)
-  student = run.build_model(config.student, data.vocab_size)
+  teacher = build.build_model(config.teacher.model, data.vocab_size)
+  student = build.build_model(config.student, data.vocab_size)
   tp, _ = run.train_teacher(config, data, teacher, workdir)
-  init = run.student_init(config, student, teacher, tp)['params']
+  init = build.student_init(config, student, teacher, tp)['params']
   t = tp['params']
   d = config.student.hidden_size
   np.testing.assert_array_equal(init['embed']['embedding'], t['embed']['embedding'][:, :d])

@@ -9,6 +9,7 @@ import kd.hf
 from kd.hf import locate
 from kd.jobs import llm
 from kd.train import JOBS
+from kd.train import build
 from kd.train import config_check
 from kd.train import run
 from kd.train import sentence
@@ -27,10 +28,10 @@ def load(path, arg=None):
 
 def _builds_lm(config):
   config_check.check(config)
-  teacher = run.build_model(config.teacher.model, config.data.vocab_size)
-  student = run.build_model(config.student, config.data.vocab_size)
+  teacher = build.build_model(config.teacher.model, config.data.vocab_size)
+  student = build.build_model(config.student, config.data.vocab_size)
   config_check.check_models(config, student, teacher)
-  run.make_spec(config, student, teacher, dict(config.losses), config.train.steps)
+  build.make_spec(config, student, teacher, dict(config.losses), config.train.steps)
 
 
 def _builds_sentence(config):
@@ -97,8 +98,8 @@ def test_layer_map_out_of_range_is_refused():
   config = _tiny()
   config.features.pairs = ((1, 9),)
   config.features.layer_map = 'explicit'
-  teacher = run.build_model(config.teacher.model, 300)
-  student = run.build_model(config.student, 300)
+  teacher = build.build_model(config.teacher.model, 300)
+  student = build.build_model(config.student, 300)
   with pytest.raises(ValueError, match='config.features'):
     config_check.check_models(config, student, teacher)
 
@@ -109,8 +110,8 @@ def test_scanned_layers_take_every_compression():
   config = _tiny()
   config.student.scan_layers = True
   config.teacher.model.scan_layers = True
-  teacher = run.build_model(config.teacher.model, 300)
-  student = run.build_model(config.student, 300)
+  teacher = build.build_model(config.teacher.model, 300)
+  student = build.build_model(config.student, 300)
   config_check.check_models(config, student, teacher)
   config.teacher.quant.bits = 8
   for peft, quant in (({'method': 'lora'}, {'method': 'none'}),
@@ -126,8 +127,8 @@ def test_scanned_layers_take_every_compression():
 def test_attention_maps_need_equal_head_counts():
   config = _tiny()
   config.losses.update({'attention_kl': 0.1})
-  teacher = run.build_model(config.teacher.model, 300)
-  student = run.build_model(config.student, 300)
+  teacher = build.build_model(config.teacher.model, 300)
+  student = build.build_model(config.student, 300)
   with pytest.raises(ValueError, match="use 'minilm_relations'"):
     config_check.check_models(config, student, teacher)
 

@@ -13,6 +13,7 @@ import numpy as np
 from kd import data as data_lib
 from kd import models
 from kd.data import dialogue
+from kd.train import build
 from kd.train import run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ def test_a_phase_trains_on_its_shard_and_the_next_starts_from_its_student(shakes
   config.data.train_split = 'train[:50%]'
   data = run.Data(config, str(tmp_path))
   assert 0 < len(data.student_source) < len(data.teacher_source)  # the teacher sees it all
-  student = run.build_model(config.student, data.vocab_size)
+  student = build.build_model(config.student, data.vocab_size)
   read, iterator = [], data.iterator
   data.iterator = lambda *a, **k: (read.append(k.get('student', True)), iterator(*a, **k))[1]
   params, _ = run.run_stage(config, data, str(tmp_path / 'phase_0'), student, None, None,
@@ -34,12 +35,12 @@ def test_a_phase_trains_on_its_shard_and_the_next_starts_from_its_student(shakes
                 steps=1, seed=0, name='teacher', teacher_data=True)
   assert read == [True, False]
   config.student_init.update(source='run', path=str(tmp_path / 'phase_0'))
-  init = run.student_init(config, student, None, None)
+  init = build.student_init(config, student, None, None)
   jax.tree.map(np.testing.assert_array_equal, init, params)
   # A next phase with scanned layers takes the same params, stacked.
   config.student.scan_layers = True
-  scanned = run.build_model(config.student, data.vocab_size)
-  init = run.student_init(config, scanned, None, None)
+  scanned = build.build_model(config.student, data.vocab_size)
+  init = build.student_init(config, scanned, None, None)
   jax.tree.map(np.testing.assert_array_equal, init, models.stack_layers(params))
 
 

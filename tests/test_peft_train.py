@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from kd import peft
+from kd.train import build
 from kd.train import config_check
 from kd.train import run
 from kd.train import step as step_lib
@@ -36,10 +37,10 @@ def _config(optimizer='sgd'):
 
 
 def _setup(config):
-  teacher = run.build_model(dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                 intermediate_size=64), V)
-  student = run.build_model(dict(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
-                                 intermediate_size=32), V)
+  teacher = build.build_model(dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                   intermediate_size=64), V)
+  student = build.build_model(dict(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
+                                   intermediate_size=32), V)
   teacher_params = jax.jit(run.models.init_params, static_argnums=0)(teacher.config,
                                                                     jax.random.key(1))
   base = run.models.init_params(student.config, jax.random.key(2))
@@ -54,8 +55,8 @@ def _setup(config):
   ids = rng.integers(0, V, size=(B, T + 1)).astype(np.int32)
   batch = {'input_ids': ids[:, :-1], 'labels': ids[:, 1:],
            'loss_mask': np.ones((B, T), np.float32)}
-  spec = run.make_spec(config, model, teacher, dict(config.losses), 10)
-  plain_spec = run.make_spec(config, student, teacher, dict(config.losses), 10)
+  spec = build.make_spec(config, model, teacher, dict(config.losses), 10)
+  plain_spec = build.make_spec(config, student, teacher, dict(config.losses), 10)
   return spec, plain_spec, teacher_params, base, lora, batch
 
 
@@ -111,8 +112,8 @@ def test_eval_sees_the_adapters():
 
 
 def test_config_errors_say_what_to_do(shakespeare_config):
-  student = run.build_model(dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-                                 intermediate_size=32), V)
+  student = build.build_model(dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                   intermediate_size=32), V)
   c = shakespeare_config('tiny,lora')
   c.peft.method = 'qlora'
   with pytest.raises(config_check.ConfigError, match=r"peft.method='qlora'; valid"):
@@ -240,7 +241,7 @@ def test_adapter_prefix_prompt_steps_are_sgd_on_the_full_models_gradient(method)
     full = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.1 if 'up' in jax.tree_util.keystr(p) else x, full)
   student = run.models.Decoder(cfg)
-  spec = run.make_spec(config, student, plain_spec.teacher, dict(config.losses), 10)
+  spec = build.make_spec(config, student, plain_spec.teacher, dict(config.losses), 10)
   trainable, frozen = peft.adapters.split(method, full)
   state = step_lib.create_state({'student': trainable, 'proj': {}}, spec.tx, 0, frozen=frozen)
   new, _ = jax.jit(functools.partial(step_lib.train_step, spec=spec))(state, tp, batch)

@@ -12,6 +12,8 @@ import pytest
 
 from kd import peft
 from kd import quant
+from kd.train import build
+from kd.train import compress
 from kd.train import config_check
 from kd.train import run
 from kd.train import step as step_lib
@@ -81,8 +83,8 @@ def test_qlora_step_trains_adapters_on_the_dequantized_base(embed_bits):
 
 
 def test_quant_config_errors_say_what_to_do(shakespeare_config):
-  student = run.build_model(dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-                                 intermediate_size=32), 61)
+  student = build.build_model(dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                   intermediate_size=32), 61)
   with pytest.raises(config_check.ConfigError, match="use quant.method='qlora'"):
     config_check.check_quant(shakespeare_config('tiny,lora,qat=4'), student)
   c = shakespeare_config('tiny,qat=4')
@@ -105,9 +107,9 @@ def test_qat_run_saves_a_student_on_the_4_bit_grid(shakespeare_config, tmp_path,
   config.quant.embed_bits = embed_bits  # 8: the embedding table on the int8 per-row grid too
   config.baseline = False
   params, _ = run.run_stage(config, run.Data(config, str(tmp_path)), str(tmp_path / 's'),
-                            run.build_model(config.student, 300), None, None, {'ce': 1.0},
+                            build.build_model(config.student, 300), None, None, {'ce': 1.0},
                             steps=2, seed=0, name='s')
-  qcfg = run.qat_config(config)
+  qcfg = compress.qat_config(config)
   again = quant.dequantize(quant.quantize_params(params, qcfg))  # the grid is a fixed point
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), params, again)
   q = quant.quantize_params(params, qcfg)
@@ -118,7 +120,6 @@ def test_qat_run_saves_a_student_on_the_4_bit_grid(shakespeare_config, tmp_path,
 def test_a_quantized_teacher_teaches_as_its_dequantized_weights():
   """config.teacher.quant: the KD step with the teacher on qwix's int matmuls equals the step
   with the teacher's RTN-dequantized float weights; the teacher's params hold int8 values."""
-  from kd.train import compress  # pylint: disable=g-import-not-at-top
   config = _config('sgd')
   config.teacher = {'quant': {'bits': 8, 'group_size': 0, 'target': r'.*_proj|lm_head'}}
   _, plain_spec, tp, base, _, batch = _setup(config)
@@ -156,8 +157,8 @@ def test_a_quantized_teacher_teaches_as_its_dequantized_weights():
 def test_teacher_quant_config_errors(edit, message, shakespeare_config):
   config = shakespeare_config('tiny')
   config.teacher.quant.bits = 8
-  student = run.build_model(config.student, 61)
-  teacher = run.build_model(config.teacher.model, 61)
+  student = build.build_model(config.student, 61)
+  teacher = build.build_model(config.teacher.model, 61)
   config_check.check_models(config, student, teacher)  # fine before the edit
   edit(config)
   with pytest.raises(config_check.ConfigError, match=message):

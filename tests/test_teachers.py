@@ -8,6 +8,7 @@ import pytest
 
 from kd import models
 from kd.models.ensemble import Ensemble
+from kd.train import build
 from kd.train import run
 from kd.train import step as step_lib
 
@@ -15,8 +16,8 @@ V, B, T = 37, 4, 12
 
 
 def _decoder(width, layers):
-  return run.build_model(dict(hidden_size=width, num_layers=layers, num_heads=2, num_kv_heads=2,
-                              intermediate_size=2 * width), V)
+  return build.build_model(dict(hidden_size=width, num_layers=layers, num_heads=2, num_kv_heads=2,
+                                intermediate_size=2 * width), V)
 
 
 def _log_softmax(x):
@@ -53,8 +54,8 @@ def test_kd_step_distils_from_the_mixture():
       features={'layer_map': 'uniform', 'pairs': ()},
       optimizer={'name': 'sgd', 'lr': 0.1, 'warmup_steps': 0, 'schedule': 'constant'},
       train={'accum_steps': 1}))
-  spec = run.make_spec(c, student, ens, dict(c.losses), 10)
-  state = step_lib.create_state(run.init_student(spec, 0), spec.tx, 0)
+  spec = build.make_spec(c, student, ens, dict(c.losses), 10)
+  state = step_lib.create_state(build.init_student(spec, 0), spec.tx, 0)
   mask = np.ones((B, T), np.float32)
   mask[:, :3] = 0
   batch = {'input_ids': ids[:, :-1], 'labels': ids[:, 1:], 'loss_mask': mask}
@@ -79,8 +80,8 @@ def test_ensemble_refuses_features_bad_weights_and_vocabularies():
     Ensemble(ens.members, (0.5, 0.6))
   with pytest.raises(ValueError, match='one weight per teacher'):
     Ensemble(ens.members, (1.0,))
-  other = run.build_model(dict(hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=2,
-                               intermediate_size=16), V + 1)
+  other = build.build_model(dict(hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=2,
+                                 intermediate_size=16), V + 1)
   with pytest.raises(ValueError, match='share'):
     Ensemble((ens.members[0], other), (0.5, 0.5))
 

@@ -12,8 +12,8 @@ import pytest
 
 from kd import losses as kd_losses
 from kd import models
+from kd.train import build
 from kd.train import loop
-from kd.train import run
 from kd.train import schedules
 from kd.train import step as step_lib
 
@@ -33,10 +33,10 @@ def _config(**losses):
 
 
 def _models():
-  teacher = run.build_model(dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                 intermediate_size=64), V)
-  student = run.build_model(dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-                                 intermediate_size=32), V)
+  teacher = build.build_model(dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                   intermediate_size=64), V)
+  student = build.build_model(dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                   intermediate_size=32), V)
   return teacher, student
 
 
@@ -53,8 +53,8 @@ def _batch(seed=0, ragged=True):
 def _setup(config, steps=10):
   teacher, student = _models()
   teacher_params = models.init_params(teacher.config, jax.random.key(1))
-  spec = run.make_spec(config, student, teacher, dict(config.losses), steps)
-  state = step_lib.create_state(run.init_student(spec, 0), spec.tx, 0)
+  spec = build.make_spec(config, student, teacher, dict(config.losses), steps)
+  state = step_lib.create_state(build.init_student(spec, 0), spec.tx, 0)
   return spec, state, teacher_params
 
 
@@ -93,7 +93,7 @@ def test_gradient_accumulation_equals_one_big_batch(losses):
   batch = _batch(ragged=True)
   s1, m1 = step_lib.train_step(state, tp, batch, spec)
   config.train.accum_steps = 4
-  spec4 = run.make_spec(config, spec.student, spec.teacher, dict(config.losses), 10)
+  spec4 = build.make_spec(config, spec.student, spec.teacher, dict(config.losses), 10)
   s4, m4 = step_lib.train_step(state, tp, batch, spec4)
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
@@ -171,7 +171,7 @@ def test_chunked_step_equals_plain_step(terms, fused, accum):
   spec, state, tp = _setup(config)
   config.chunk_size = 5  # T=16 is not a multiple: the last chunk is padded and masked
   config.fused_chunks = fused
-  chunked = run.make_spec(config, spec.student, spec.teacher, dict(config.losses), 10)
+  chunked = build.make_spec(config, spec.student, spec.teacher, dict(config.losses), 10)
   assert chunked.fused_chunks == fused and chunked.accum_steps == accum
   batch = _batch()
   s1, m1 = step_lib.train_step(state, tp, batch, spec)
@@ -198,7 +198,7 @@ def test_cached_teacher_chunked_step_equals_plain_step(semantics, fused):
   batch.update(topk_ids=np.asarray(ids), topk_logits=np.asarray(values), lse=np.asarray(lse))
   config.chunk_size = 5  # T=16: the last chunk is padded
   config.fused_chunks = fused
-  chunked = run.make_spec(config, spec.student, spec.teacher, dict(config.losses), 10)
+  chunked = build.make_spec(config, spec.student, spec.teacher, dict(config.losses), 10)
   assert chunked.topk_semantics == semantics and chunked.chunk_size == 5
   s1, m1 = step_lib.train_step(state, tp, batch, spec)
   s2, m2 = step_lib.train_step(state, tp, batch, chunked)
@@ -224,15 +224,15 @@ def test_feature_attention_and_relation_terms_train():
   config = _config(hidden_mse=1.0, attention_kl=1.0, minilm_relations=1.0)
   config.loss_kwargs = {'minilm_relations': {'num_relation_heads': 4}}
   teacher, _ = _models()
-  student = run.build_model(dict(hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2,
-                                 intermediate_size=32), V)  # attention maps need equal heads
+  student = build.build_model(dict(hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2,
+                                   intermediate_size=32), V)  # attention maps need equal heads
   tp = models.init_params(teacher.config, jax.random.key(1))
   # Sharpen the teacher's attention (random init is near uniform, leaving nothing to learn).
   tp = jax.tree_util.tree_map_with_path(
       lambda path, x: x * 8.0 if any(getattr(k, 'key', '') in ('q_proj', 'k_proj') for k in path)
       else x, tp)
-  spec = run.make_spec(config, student, teacher, dict(config.losses), 10)
-  state = step_lib.create_state(run.init_student(spec, 0), spec.tx, 0)
+  spec = build.make_spec(config, student, teacher, dict(config.losses), 10)
+  state = step_lib.create_state(build.init_student(spec, 0), spec.tx, 0)
   assert set(state.params['proj']) == {'0', '1'}  # widths 16 -> 32: one projection per pair
   assert spec.feature_pairs == ((0, 0), (1, 2)) and spec.attention_pairs == ((1, 2),)
   fn = jax.jit(functools.partial(step_lib.train_step, spec=spec))
@@ -248,12 +248,12 @@ def test_feature_attention_and_relation_terms_train():
 def test_padded_teacher_vocab_compares_shared_rows():
   config = _config(ce=0.5, kl=0.5)
   _, student = _models()
-  teacher = run.build_model(dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                 intermediate_size=64), V + 3)  # 3 padding rows
+  teacher = build.build_model(dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                   intermediate_size=64), V + 3)  # 3 padding rows
   tp = models.init_params(teacher.config, jax.random.key(1))
-  spec = run.make_spec(config, student, teacher, dict(config.losses), 10)
+  spec = build.make_spec(config, student, teacher, dict(config.losses), 10)
   assert spec.vocab == V
-  state = step_lib.create_state(run.init_student(spec, 0), spec.tx, 0)
+  state = step_lib.create_state(build.init_student(spec, 0), spec.tx, 0)
   batch = _batch()
   _, m = step_lib.train_step(state, tp, batch, spec)
   s_logits = step_lib.forward(student, state.params['student'], batch)['logits']
@@ -302,8 +302,8 @@ def test_ema_self_distillation_uses_and_updates_the_average():
   config = _config(ce=0.5, kl=0.5)
   config.optimizer.name = 'sgd'
   _, student = _models()
-  spec = run.make_spec(config, student, student, dict(config.losses), 10, ema_decay=0.9)
-  params = run.init_student(spec, 0)
+  spec = build.make_spec(config, student, student, dict(config.losses), 10, ema_decay=0.9)
+  params = build.init_student(spec, 0)
   ema = models.init_params(student.config, jax.random.key(7))  # a teacher unlike the student
   state = step_lib.create_state(params, spec.tx, 0, ema=ema)
   batch = _batch()
@@ -340,15 +340,15 @@ def test_online_step_trains_the_teacher_on_ce_and_the_student_from_it():
   config = _config(ce=0.5, kl=0.5)
   config.optimizer.name = 'sgd'
   teacher, student = _models()
-  spec = run.make_spec(config, student, teacher, dict(config.losses), 10, online=True)
+  spec = build.make_spec(config, student, teacher, dict(config.losses), 10, online=True)
   tp = models.init_params(teacher.config, jax.random.key(1))
-  params = {**run.init_student(spec, 0), 'teacher': tp}
+  params = {**build.init_student(spec, 0), 'teacher': tp}
   batch = _batch()
   new, m = jax.jit(functools.partial(step_lib.train_step, spec=spec))(
       step_lib.create_state(params, spec.tx, 0), None, batch)
   # Student: the ordinary KD step from the teacher as it was before the step.
-  offline = run.make_spec(config, student, teacher, dict(config.losses), 10)
-  ref, _ = step_lib.train_step(step_lib.create_state(run.init_student(offline, 0), offline.tx, 0),
+  offline = build.make_spec(config, student, teacher, dict(config.losses), 10)
+  ref, _ = step_lib.train_step(step_lib.create_state(build.init_student(offline, 0), offline.tx, 0),
                                tp, batch, offline)
   chex.assert_trees_all_close(new.params['student'], ref.params['student'], rtol=1e-5, atol=1e-8)
   # Teacher: SGD (lr 1e-2) on its own mean CE over the masked tokens.

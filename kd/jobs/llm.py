@@ -52,6 +52,7 @@ from kd.eval import report as report_lib
 from kd.hf import locate
 from kd.hf import vocab as vocab_lib
 from kd.models import prune
+from kd.train import build
 from kd.train import compress
 from kd.train import config_check
 from kd.train import offline_teacher
@@ -301,7 +302,7 @@ def main(config, workdir: str) -> dict:
              'student_init': {'params': models.count_params(student.params)}}
   trained = {'teacher': teacher, 'student_init': student}
   # An adapter, prefix or prompt student (config.peft) gains its new params here.
-  student = student.replace(**dict(zip(('module', 'params'), run.peft_student(
+  student = student.replace(**dict(zip(('module', 'params'), build.peft_student(
       config, student.module, student.params))))
   t_module, t_params = compress.quantized_teacher(config, teacher.module, teacher.params)
   runs = {'student_kd': dict(config.losses)}
@@ -389,12 +390,12 @@ def plan(config, teacher_hf: dict, student_hf: dict | None = None) -> dict:
   layers = list(config.student.layers) or list(range(teacher.config.num_layers))
   config = with_kept_layer_map(config, layers)
   config_check.check_models(config, student, teacher)
-  spec = run.make_spec(config, student, teacher, dict(config.losses), config.train.steps)
+  spec = build.make_spec(config, student, teacher, dict(config.losses), config.train.steps)
   shape = lambda module, seed: jax.eval_shape(
       functools.partial(models.init_params, module.config), jax.random.key(seed))
   teacher_params, student_params = shape(teacher, 1), shape(student, 0)
-  state = jax.eval_shape(lambda p: step_lib.create_state(run.init_student(spec, 0, p), spec.tx, 0),
-                         student_params)
+  state = jax.eval_shape(
+      lambda p: step_lib.create_state(build.init_student(spec, 0, p), spec.tx, 0), student_params)
   b, t = int(config.data.batch_size), int(config.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct((b, t), d) for k, d in (
       ('input_ids', jnp.int32), ('labels', jnp.int32), ('loss_mask', jnp.float32),
