@@ -10,6 +10,10 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 # kd.main in a test's subprocess compiles afresh (no ~/.cache/kd/jax) unless the test says so.
 os.environ.setdefault('KD_COMPILATION_CACHE', '')
+# Tiny models: compiling dominates, and XLA:CPU's cheap LLVM settings compile about twice as
+# fast (a quarter off tests/test_train_step.py and test_peft.py); the arithmetic is the same.
+os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0 '
+                      '--xla_llvm_disable_expensive_passes=true')
 
 
 @pytest.fixture
