@@ -23,7 +23,6 @@ from kd.train import compile_cache
 from kd.train import config_check
 from kd.train import offline_teacher
 from kd.train import run
-from kd.train import schedules
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory (holds teacher/).')
@@ -35,11 +34,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def write_cache(config, workdir: str, *, k: int, out: str | None = None) -> str:
   config_check.check(config)
-  low, high = schedules.bounds(config.temperature)
-  if low != high:
-    raise config_check.ConfigError(
-        'a teacher cache stores the logsumexp at one temperature; config.temperature must be '
-        f'a constant, got {config.temperature!r}')
+  low = offline_teacher.cache_temperature(config)
   data = run.Data(config, workdir)
   teacher = build.build_model(config.teacher.model, data.vocab_size)
   if not 0 < k <= teacher.config.vocab_size:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd.eval import ranking
 from kd.models import cache as kv_cache
 from kd.models import sample
 
@@ -47,10 +48,7 @@ def flops_per_token(model, seq_len: int = 128) -> float:
   [1, seq_len]; a multiply-add counts 2, elementwise ops count too."""
   ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
   forward = jax.jit(lambda params, ids: model.module.apply(params, ids)['logits'])
-  cost = forward.lower(model.params, ids).compile().cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
-    cost = cost[0]
-  return float(cost['flops']) / seq_len
+  return ranking.xla_flops(forward.lower(model.params, ids).compile()) / seq_len
 
 
 def matmul_flops_per_token(config, seq_len: int) -> float:

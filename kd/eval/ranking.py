@@ -155,10 +155,15 @@ def flops_per_token(model, seq_len: int = 32, batch_size: int = 1) -> float:
   ids = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
   pooling = getattr(model.config, 'pooling', 'mean')
   compiled = sts.embed.lower(model.module, model.params, ids, ids, pooling=pooling).compile()
+  return xla_flops(compiled) / (batch_size * seq_len)
+
+
+def xla_flops(compiled) -> float:
+  """FLOPs XLA's cost_analysis counts for a compiled computation."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
     cost = cost[0]
-  return float(cost['flops']) / (batch_size * seq_len)
+  return float(cost['flops'])
 
 
 def analytic_flops_per_token(config, seq_len: int) -> float:

@@ -57,7 +57,6 @@ from kd.train import compress
 from kd.train import config_check
 from kd.train import offline_teacher
 from kd.train import run
-from kd.train import schedules
 from kd.train import step as step_lib
 
 SOURCES = ('cut', 'path', 'fresh')
@@ -247,11 +246,7 @@ def write_cache(config, workdir: str, *, k: int, out: str | None = None) -> str:
     raise config_check.ConfigError('config.teacher.cache is what this writes; leave it empty')
   if config.data.task != 'lm':
     raise config_check.ConfigError("a teacher cache holds packed text rows: data.task='lm'")
-  low, high = schedules.bounds(config.temperature)
-  if low != high:
-    raise config_check.ConfigError(
-        'a teacher cache stores the logsumexp at one temperature; config.temperature must be '
-        f'a constant, got {config.temperature!r}')
+  low = offline_teacher.cache_temperature(config)
   _, teacher, data = teacher_and_data(config)
   if not 0 < k <= teacher.config.vocab_size:
     raise config_check.ConfigError(

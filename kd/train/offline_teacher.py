@@ -8,6 +8,8 @@ import numpy as np
 from kd import data as data_lib
 from kd import models
 from kd.losses import topk
+from kd.train import config_check
+from kd.train import schedules
 from kd.train import step as step_lib
 
 
@@ -32,3 +34,14 @@ def cache_rows(teacher, teacher_params, batches, *, k: int, temperature: float,
       row = {name: batch[name][i] for name in data_lib.FEATURES}
       row.update(topk_ids=ids[i], topk_logits=values[i].astype(np.float32), lse=lse[i])
       yield row
+
+
+def cache_temperature(config) -> float:
+  """The one temperature a cache's logsumexp is stored at: config.temperature, refused unless
+  it is a constant."""
+  low, high = schedules.bounds(config.temperature)
+  if low != high:
+    raise config_check.ConfigError(
+        'a teacher cache stores the logsumexp at one temperature; config.temperature must be '
+        f'a constant, got {config.temperature!r}')
+  return low
