@@ -65,6 +65,7 @@ from kd import hf  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd import quant  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.data import lm_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.data import sentences  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.eval import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.eval import speed  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -150,7 +151,7 @@ def restore_full(seed: str, workdir: str, config_arg: str):
   """(config, data, student, its params, teacher, teacher params) of the finished 'full' run."""
   config = row_config('full', seed, workdir, config_arg)
   where = os.path.join(workdir, f'seed_{seed}', 'full')
-  data = run.Data(config, where)
+  data = lm_data.LMData(config, where)
   teacher = build.build_model(config.teacher.model, data.vocab_size)
   student = build.build_model(config.student, data.vocab_size)
   teacher_params, _ = run.train_teacher(config, data, teacher, where)  # restored
@@ -229,7 +230,7 @@ def speed_and_size(seed: str, workdir: str, config_arg: str, row: str, result: d
     return dict(result, **json.load(open(cache)))
   config = row_config(row, seed, workdir, config_arg)
   where = os.path.join(workdir, f'seed_{seed}', row)
-  data = run.Data(config, where)
+  data = lm_data.LMData(config, where)
   teacher = build.build_model(config.teacher.model, data.vocab_size)
   student = build.build_model(config.student, data.vocab_size)
   teacher_params, _ = run.train_teacher(config, data, teacher, where)

@@ -123,8 +123,8 @@ def rescore(workdir: str, seed: str, row: str, config_arg: str = '') -> bool:
   import json  # pylint: disable=g-import-not-at-top
   from kd import sweep  # pylint: disable=g-import-not-at-top
   from kd.eval import generation  # pylint: disable=g-import-not-at-top
+  from kd.data import lm_data  # pylint: disable=g-import-not-at-top
   from kd.train import build  # pylint: disable=g-import-not-at-top
-  from kd.train import run  # pylint: disable=g-import-not-at-top
   run_dir = os.path.join(workdir, f'seed_{seed}', row)
   path = os.path.join(run_dir, 'results.json')
   if not os.path.exists(path):
@@ -136,7 +136,7 @@ def rescore(workdir: str, seed: str, row: str, config_arg: str = '') -> bool:
     return False
   module, _ = sweep.load(os.path.join(objectives.REPO, 'configs', 'shakespeare_kd.py'))
   config = module.get_config(','.join(a for a in [config_arg, ROWS[row][3]] if a))
-  data = run.Data(config, run_dir)
+  data = lm_data.LMData(config, run_dir)
   teacher = build.build_model(config.teacher.model, data.vocab_size)
   student = build.build_model(config.student, data.vocab_size)
   t_params = _latest_params(os.path.join(workdir, f'seed_{seed}', 'teacher'))

@@ -158,7 +158,7 @@ def table(rows, rates, held_sources, n_out, n_pairs) -> str:
       'and FLOPs of its first path.', '',
       '| model | seeds | params | ppl in-domain | ppl unseen sources | agree in-domain % | '
       + ' | '.join(f'tok/s b={x}' for x in b)
-      + f' | weights + KV MB | MFLOPs/token | ppl with noise | bias shift | avg rank |',
+      + ' | weights + KV MB | MFLOPs/token | ppl with noise | bias shift | avg rank |',
       '|---|---:|---:|---:|---:|---:|' + '---:|' * len(b) + '---:|' * 5]
   for row in rows:
     ps = row['per_seed']

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 from absl import app
 from absl import flags
 

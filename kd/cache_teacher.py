@@ -17,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from kd import data as data_lib
+from kd.data import lm_data
 from kd.data import teacher_cache
 from kd.train import build
 from kd.train import compile_cache
@@ -35,7 +36,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def write_cache(config, workdir: str, *, k: int, out: str | None = None) -> str:
   config_check.check(config)
   low = offline_teacher.cache_temperature(config)
-  data = run.Data(config, workdir)
+  data = lm_data.LMData(config, workdir)
   teacher = build.build_model(config.teacher.model, data.vocab_size)
   if not 0 < k <= teacher.config.vocab_size:
     raise config_check.ConfigError(f'--k={k} must be in [1, vocab size {teacher.config.vocab_size}]')

@@ -17,37 +17,16 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                            + ' --xla_force_host_platform_device_count=2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 from kd import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.data import lm_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import run  # pylint: disable=g-import-not-at-top,wrong-import-position
+from two_hosts import Concat  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOSTS = 2
 
 
-class Concat:
-  """Batches of several shard iterators side by side; checkpoints as one (bytes) state."""
-
-  def __init__(self, iterators):
-    self.iterators = iterators
-
-  def __next__(self):
-    parts = [next(it) for it in self.iterators]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-  def get_state(self) -> bytes:
-    return json.dumps([it.get_state() for it in self.iterators]).encode()
-
-  def set_state(self, state: bytes) -> None:
-    for it, s in zip(self.iterators, json.loads(state)):
-      it.set_state(s)
-
-  def start_prefetch(self) -> None:
-    pass
-
-
-class TwoHostData(run.Data):
+class TwoHostData(lm_data.LMData):
 
   def iterator(self, seed: int, teacher_cache: str = '', arrays=None, student: bool = True):
     assert not teacher_cache and arrays is None, 'the reference reads text, not a cache'
@@ -68,7 +47,7 @@ def main(workdir: str, overrides: dict):
     for p in parents:
       node = node[p]
     node[leaf] = value
-  run.Data = TwoHostData  # run.main builds its data through this name
+  lm_data.LMData = TwoHostData  # run.main builds its data through this name
   run.main(config, workdir)
 
 

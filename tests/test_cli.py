@@ -183,13 +183,14 @@ def test_offline_teacher_cache_end_to_end(tmp_path):
 
 
 def test_student_initialised_from_teacher_layers(tmp_path):
+  from kd.data import lm_data  # pylint: disable=g-import-not-at-top
   from kd.train import build  # pylint: disable=g-import-not-at-top
   from kd.train import run  # pylint: disable=g-import-not-at-top
   config = _tiny_config()
   config.baseline = False
   config.student_init.update(source='teacher', layers='every_k', k=2)  # teacher layer 0 of 2
   workdir = str(tmp_path / 'w')
-  data = run.Data(config, workdir)
+  data = lm_data.LMData(config, workdir)
   teacher = build.build_model(config.teacher.model, data.vocab_size)
   student = build.build_model(config.student, data.vocab_size)
   tp, _ = run.train_teacher(config, data, teacher, workdir)

@@ -13,6 +13,7 @@ import numpy as np
 from kd import data as data_lib
 from kd import models
 from kd.data import dialogue
+from kd.data import lm_data
 from kd.train import build
 from kd.train import run
 
@@ -23,7 +24,7 @@ def test_a_phase_trains_on_its_shard_and_the_next_starts_from_its_student(shakes
                                                                           tmp_path):
   config = shakespeare_config('tiny')
   config.data.train_split = 'train[:50%]'
-  data = run.Data(config, str(tmp_path))
+  data = lm_data.LMData(config, str(tmp_path))
   assert 0 < len(data.student_source) < len(data.teacher_source)  # the teacher sees it all
   student = build.build_model(config.student, data.vocab_size)
   read, iterator = [], data.iterator
@@ -54,7 +55,7 @@ def test_the_teacher_and_tokenizer_never_see_the_held_out_text(shakespeare_confi
     seen.extend(texts())
     return get_or_train(workdir, lambda: iter(seen), vocab_size)
   monkeypatch.setattr(run.data_lib, 'get_or_train', get_or_train)
-  data = run.Data(config, str(tmp_path))
+  data = lm_data.LMData(config, str(tmp_path))
   part = lambda split: [t for t in data_lib.load_text_split(config.data.name, split)]
   expected = part('train[:40%]') + part('train[50%:90%]')
   assert [data.teacher_source[i] for i in range(len(data.teacher_source))] == expected
@@ -68,7 +69,7 @@ def test_dialogue_students_read_their_split_and_the_teacher_its_own(shakespeare_
                                                                     tmp_path):
   config = shakespeare_config('dialogue,tiny')
   config.data.train_split = 'train[:40%]'
-  data = run.Data(config, str(tmp_path))
+  data = lm_data.LMData(config, str(tmp_path))
   texts = lambda split: list(data_lib.load_text_split(config.data.name, split))
   pairs = lambda split: dialogue.encode(
       dialogue.speech_pairs(texts(split)), data.tokenizer,

@@ -13,7 +13,6 @@ import pytest
 import tensorflow_datasets as tfds
 
 from kd import data
-from kd.data import text as text_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get(

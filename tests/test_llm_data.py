@@ -1,6 +1,5 @@
 """Real data for a pretrained teacher: sources, chat masks through its template, packing."""
 
-import importlib.util
 import json
 import os
 

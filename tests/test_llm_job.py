@@ -11,10 +11,11 @@ import sys
 
 import jax
 import numpy as np
+import portpicker
 import pytest
+import safetensors.numpy
 
 from kd.jobs import llm
-from kd.train import config_check
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 transformers = pytest.importorskip('transformers')
@@ -275,19 +276,29 @@ def test_topk_teacher_cache_holds_the_teachers_top_k_and_trains_both_students(
     llm.main(_config(**settings, **{'teacher.cache': '/some/cache'}), str(tmp_path / 'x'))
 
 
-def test_pmap_and_mesh_runs_match_one_device(tmp_path, teacher):
+def test_pmap_mesh_and_two_processes_match_one_device(tmp_path, teacher):
   """The job on 2 simulated devices, data-parallel (pmap) and with the student and teacher
-  split FSDP over a mesh: the KD student's losses at every step and the held-out scores are
-  the one-device run's."""
+  split FSDP over a mesh, and on two processes over loopback (the FSDP-2 mesh across hosts,
+  each reading its own rows): the KD student's losses at every step, the held-out scores and
+  the exported weights are the one-device run's."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0 '
              '--xla_llvm_disable_expensive_passes=true')
-  out = subprocess.run([sys.executable, 'tests/llm_parallel.py', teacher[0], str(tmp_path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stderr[-3000:]
-  runs = {r['plan']: r for r in map(json.loads, (l for l in out.stdout.splitlines()
-                                                   if l.startswith('{"plan"')))}
+  script = [sys.executable, 'tests/llm_parallel.py', teacher[0], str(tmp_path)]
+  port = str(portpicker.pick_unused_port())
+  procs = [subprocess.Popen(script + extra, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+           for extra in ([], ['0', port], ['1', port])]
+  try:
+    outs = [p.communicate(timeout=900) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  runs = {r['plan']: r for out, _ in outs for r in map(json.loads, (
+      l for l in out.splitlines() if l.startswith('{"plan"')))}
   ref = runs.pop('single')
-  assert set(runs) == {'pmap', 'mesh_fsdp2'}
+  assert set(runs) == {'pmap', 'mesh_fsdp2', 'two_processes'}
   assert all(len(v) == 3 for v in ref['losses'].values())
   for name, r in runs.items():
     for stage, losses in ref['losses'].items():
@@ -297,6 +308,15 @@ def test_pmap_and_mesh_runs_match_one_device(tmp_path, teacher):
         for key, value in row.items():
           np.testing.assert_allclose(r['eval'][model][set_name][key], value, rtol=1e-4,
                                      err_msg=(name, model, key))
+  weights = {name: safetensors.numpy.load_file(tmp_path / name / 'hf' / 'model.safetensors')
+             for name in ('single', 'mesh_fsdp2', 'two_processes')}
+  assert set(weights['two_processes']) == set(weights['single'])
+  for key, value in weights['single'].items():
+    # (the two-process student was gathered from both hosts' halves before export)
+    np.testing.assert_array_equal(weights['two_processes'][key], weights['mesh_fsdp2'][key],
+                                  err_msg=key)
+    np.testing.assert_allclose(weights['two_processes'][key], value, rtol=1e-4, atol=1e-6,
+                               err_msg=key)
 
 
 def test_kept_layer_map_pairs_each_layer_with_its_source():

@@ -4,21 +4,20 @@ an RTN-quantized frozen base), each against an independent computation of its up
 import dataclasses
 import functools
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd import peft
 from kd import quant
+from kd.data import lm_data
 from kd.train import build
 from kd.train import compress
 from kd.train import config_check
 from kd.train import run
 from kd.train import step as step_lib
 
-from test_peft_train import LORA, _config, _merged_by_hand, _setup
+from test_peft_train import _config, _merged_by_hand, _setup
 
 QCFG = quant.QuantConfig(target=r'.*_proj', bits=4, group_size=8)
 
@@ -106,7 +105,7 @@ def test_qat_run_saves_a_student_on_the_4_bit_grid(shakespeare_config, tmp_path,
   config = shakespeare_config('tiny,qat=4')
   config.quant.embed_bits = embed_bits  # 8: the embedding table on the int8 per-row grid too
   config.baseline = False
-  params, _ = run.run_stage(config, run.Data(config, str(tmp_path)), str(tmp_path / 's'),
+  params, _ = run.run_stage(config, lm_data.LMData(config, str(tmp_path)), str(tmp_path / 's'),
                             build.build_model(config.student, 300), None, None, {'ce': 1.0},
                             steps=2, seed=0, name='s')
   qcfg = compress.qat_config(config)

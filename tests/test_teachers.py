@@ -1,7 +1,6 @@
 """Other teachers: several mixed into one distribution, and born-again self-distillation."""
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest

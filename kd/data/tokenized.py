@@ -135,32 +135,35 @@ class TokenizedData:
                          for docs, w in self.train_groups]
     self.train_groups.append((self.encode(records, where), weight))
 
-  def iterator(self, seed: int, teacher_cache: str = '', arrays=None, student: bool = True):
+  def iterator(self, seed: int, teacher_cache: str = '', arrays=None, student: bool = True,
+               shard: tuple[int, int] | None = None):
     """This process's rows of every batch (`data.batch_size` is the global batch); with
     `teacher_cache`, rows of that offline-teacher cache; in the dialogue task, rows of `arrays`
-    (e.g. SeqKD's teacher answers) or of the train records. (`student`: the LM job's choice of
-    split, one split here.)"""
+    (e.g. SeqKD's teacher answers) or of the train records. `shard` = (index, count) reads
+    another shard than (jax.process_index(), jax.process_count()), e.g. every host's rows in
+    one process. (`student`: the LM job's choice of split, one split here.)"""
     del student
     dc = self.config
-    shard = dict(batch_size=dc.batch_size // jax.process_count(), seed=seed)
-    where = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    index, count = shard or (jax.process_index(), jax.process_count())
+    sized = dict(batch_size=dc.batch_size // count, seed=seed)
+    where = dict(shard_index=index, shard_count=count)
     if teacher_cache:
-      return teacher_cache_lib.make_iterator(teacher_cache, **where, **shard)
+      return teacher_cache_lib.make_iterator(teacher_cache, **where, **sized)
     if self.task == 'dialogue':
       return dialogue.make_iterator(self.train_arrays if arrays is None else arrays, **where,
-                                    **shard)
+                                    **sized)
     groups, weights = [], []
     for docs, weight in self.train_groups:
       pieces = pipeline.split_long(docs, dc.seq_len)
-      mine = pieces[jax.process_index()::jax.process_count()]
+      mine = pieces[index::count]
       if not mine:
         raise sources.DataError(f'config.data.train gives {len(pieces)} pieces of '
-                                f'{dc.seq_len + 1} tokens, fewer than the {jax.process_count()} '
+                                f'{dc.seq_len + 1} tokens, fewer than the {count} '
                                 'processes; use more data or fewer processes')
       groups.append(mine)
       weights.append(weight)
     if len(groups) == 1:
       return iter(pipeline.make_packed_dataset(
-          groups[0], seq_len=dc.seq_len, packing_bins=dc.packing_bins, **shard))
+          groups[0], seq_len=dc.seq_len, packing_bins=dc.packing_bins, **sized))
     return iter(pipeline.make_mixed_dataset(
-        groups, weights, seq_len=dc.seq_len, packing_bins=dc.packing_bins, **shard))
+        groups, weights, seq_len=dc.seq_len, packing_bins=dc.packing_bins, **sized))

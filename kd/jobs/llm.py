@@ -327,13 +327,16 @@ def main(config, workdir: str) -> dict:
     for name, r in answers['scores'].items():
       results[name].update(r)
     examples = answers['examples']
+  exports = {name: folder for name, folder in (
+      ('student_kd', 'hf' if config.export else None),
+      ('student_init', 'hf_init' if config.export_all else None),
+      ('student_ce', 'hf_ce' if config.export_all else None)) if folder and name in trained}
+  for name, folder in exports.items():
+    # Every process joins the gather of a student split over several hosts; one writes.
+    params = parallel.to_host(trained[name].params)
+    if jax.process_index() == 0:
+      export(trained[name].replace(params=params), f'{workdir}/{folder}')
   if jax.process_index() == 0:
-    if config.export:
-      export(trained['student_kd'], f'{workdir}/hf')
-    if config.export_all:
-      for name, folder in (('student_init', 'hf_init'), ('student_ce', 'hf_ce')):
-        if name in trained:
-          export(trained[name], f'{workdir}/{folder}')
     if examples:
       with open(f'{workdir}/answers.json', 'w') as f:
         json.dump(examples, f, indent=1)

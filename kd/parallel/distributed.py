@@ -13,7 +13,9 @@ process's shards of the state plus one data-iterator file per process.
 """
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 def initialize(config) -> bool:
@@ -32,3 +34,13 @@ def initialize(config) -> bool:
   logging.info('process %d of %d, %d local of %d devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+def to_host(tree):
+  """Every leaf of `tree` whole, as numpy, on every process: arrays split over several processes
+  (a multi-host FSDP student) are gathered, so every process must call this together."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(one, tree)

@@ -20,7 +20,6 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kd.models import decoder
 from kd.quant import rtn

@@ -22,9 +22,8 @@ import jax.numpy as jnp
 from absl import logging
 
 from kd import data as data_lib
-from kd.data import dialogue
+from kd.data import lm_data
 from kd.data import seqkd
-from kd.data import teacher_cache as teacher_cache_lib
 from kd import models
 from kd import parallel
 from kd.eval import generation as generation_eval
@@ -38,66 +37,7 @@ from kd.train import replay
 from kd.train import stage
 
 
-def data_split(data_config, key: str) -> str:
-  """config.data.<key> ('train_split' or 'teacher_split'); absent or '' is 'train'."""
-  return data_config.get(key, 'train') or 'train'
-
-
-class Data:
-  """The tokenizer, train split and eval batches shared by every stage of one workdir."""
-
-  def __init__(self, config, workdir: str):
-    dc = config.data
-    # The teacher's and the tokenizer's text (data.teacher_split, the whole train split unless a
-    # stream keeps its shards' held-out parts from them) and the students' (data.train_split,
-    # e.g. 'train[:30%]', one shard of a stream). TFDS split arithmetic ('train[:27%]+...') works.
-    teacher_split, train_split = data_split(dc, 'teacher_split'), data_split(dc, 'train_split')
-    self.teacher_source = data_lib.load_text_split(dc.name, teacher_split)
-    self.student_source = (self.teacher_source if train_split == teacher_split
-                           else data_lib.load_text_split(dc.name, train_split))
-    self.tokenizer = data_lib.get_or_train(
-        workdir, lambda: (self.teacher_source[i] for i in range(len(self.teacher_source))),
-        dc.vocab_size)
-    self.vocab_size = self.tokenizer.get_vocab_size()
-    eval_source = data_lib.load_text_split(dc.name, dc.get('eval_split', 'validation'))
-    self.task = dc.get('task', 'lm')
-    if self.task == 'dialogue':  # prompt -> response pairs of consecutive speeches
-      arrays = lambda src: dialogue.encode(
-          dialogue.speech_pairs([src[i] for i in range(len(src))]), self.tokenizer,
-          prompt_len=dc.prompt_len, response_len=dc.response_len)
-      # The students' pairs (data.train_split: what SeqKD's teacher answers too) and the
-      # teacher's own (data.teacher_split), the same arrays when the splits are.
-      self.teacher_arrays = arrays(self.teacher_source)
-      self.train_arrays = (self.teacher_arrays if self.student_source is self.teacher_source
-                           else arrays(self.student_source))
-      self.eval_batches = dialogue.eval_batches(arrays(eval_source), dc.eval_batch_size)
-    else:
-      self.eval_batches = data_lib.make_eval_batches(
-          eval_source, self.tokenizer, seq_len=dc.seq_len, batch_size=dc.eval_batch_size)
-    if dc.get('max_eval_batches'):
-      self.eval_batches = self.eval_batches[:dc.max_eval_batches]
-    self.config = dc
-
-  def iterator(self, seed: int, teacher_cache: str = '', arrays=None, student: bool = True):
-    """This process's rows of every batch: `data.batch_size` is the global batch.
-
-    With `teacher_cache`, rows come from that offline-teacher cache (rows + teacher top-k);
-    with `arrays` (dialogue task), from those prompt/response arrays (e.g. SeqKD's). Otherwise
-    a student reads data.train_split and the teacher (`student=False`) data.teacher_split.
-    """
-    shard = dict(batch_size=self.config.batch_size // jax.process_count(), seed=seed,
-                 shard_index=jax.process_index(), shard_count=jax.process_count())
-    if teacher_cache:
-      return teacher_cache_lib.make_iterator(teacher_cache, **shard)
-    if self.task == 'dialogue':
-      if arrays is None:
-        arrays = self.train_arrays if student else self.teacher_arrays
-      return dialogue.make_iterator(arrays, **shard)
-    return data_lib.make_iterator(self.student_source if student else self.teacher_source,
-                                  self.tokenizer, seq_len=self.config.seq_len, **shard)
-
-
-def run_stage(config, data: Data, workdir: str, student, teacher, teacher_params, terms,
+def run_stage(config, data: lm_data.LMData, workdir: str, student, teacher, teacher_params, terms,
               *, steps: int, seed: int, name: str, teacher_cache: str = '',
               init_variables=None, batch_fn=None, train_arrays=None, ema_decay: float = 0.0,
               online: bool = False, teacher_data: bool = False):
@@ -173,7 +113,7 @@ def share_teacher(config, workdir: str) -> None:
               data={k: c.data[k] for k in keys})
   if int(c.teacher.get('count', 1)) > 1:
     mine['count'] = int(c.teacher.count)
-  if data_split(c.data, 'teacher_split') != 'train':  # (older shared teachers match)
+  if lm_data.data_split(c.data, 'teacher_split') != 'train':  # (older shared teachers match)
     mine['data']['teacher_split'] = c.data.teacher_split
   settings = json.dumps(mine, sort_keys=True)
   _write_once(os.path.join(shared, 'teacher_settings.json'), settings.encode(),
@@ -203,7 +143,7 @@ def _write_once(path: str, content: bytes, mismatch) -> None:
   os.replace(f'{path}.tmp{os.getpid()}', path)  # atomic: a reader never sees half a file
 
 
-def train_teacher(config, data: Data, teacher, workdir: str, member: int | None = None):
+def train_teacher(config, data: lm_data.LMData, teacher, workdir: str, member: int | None = None):
   """The teacher's own run (CE only) in `teacher_workdir`; restored when already finished.
   `member` i of an ensemble trains in `<teacher_workdir>/member_i` with its own seed."""
   teacher_cfg = config.copy_and_resolve_references()
@@ -221,7 +161,7 @@ def train_teacher(config, data: Data, teacher, workdir: str, member: int | None 
                    teacher_data=True)
 
 
-def train_teachers(config, data: Data, teacher, workdir: str, results: dict):
+def train_teachers(config, data: lm_data.LMData, teacher, workdir: str, results: dict):
   """(teacher model, params): one teacher, or with config.teacher.count > 1 an Ensemble of
   that many (same architecture, seeds seed+1000+i) mixed with config.teacher.weights."""
   count = int(config.teacher.get('count', 1))
@@ -240,7 +180,7 @@ def seqkd_key(data_config) -> dict:
   """What SeqKD's teacher answers depends on: the data, its tokenizer and the prompts' split
   (named only when it is not all of 'train', so the caches written before it was keep theirs)."""
   key = {k: data_config[k] for k in ('name', 'vocab_size', 'prompt_len', 'response_len')}
-  split = data_split(data_config, 'train_split')
+  split = lm_data.data_split(data_config, 'train_split')
   return key if split == 'train' else {**key, 'train_split': split}
 
 
@@ -285,7 +225,7 @@ def main(config, workdir: str) -> dict:
   config_check.check(config)
   os.makedirs(workdir, exist_ok=True)
   share_teacher(config, workdir)  # before Data, which loads <workdir>/tokenizer.json if present
-  data = Data(config, workdir)
+  data = lm_data.LMData(config, workdir)
   share_teacher(config, workdir)  # a tokenizer trained just now goes beside the teacher
   teacher = build.build_model(config.teacher.model, data.vocab_size)
   student = build.build_model(config.student, data.vocab_size)
