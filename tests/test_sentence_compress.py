@@ -22,6 +22,7 @@ import kd.hf
 from kd import models
 from kd import peft
 from kd import quant
+from kd.train import build
 from kd.train import compress
 from kd.train import config_check
 from kd.train import sentence
@@ -116,7 +117,8 @@ def test_qat_step_is_sgd_with_the_gradient_at_hand_quantized_weights(teacher_dir
   teacher = kd.hf.load(teacher_dir)
   student = models.student_from_teacher(teacher, KEEP)
   pairs, att = sentence.layer_pairs(config, KEEP, 4)
-  spec = sentence.make_spec(config, student, teacher, pairs, att, 10)
+  spec = build.train_spec(config, student.module, teacher.module, dict(config.losses), 10,
+                          pairs=pairs, attention_pairs=att)
   assert spec.quant is not None and spec.quant.bits == 4 and spec.quant.group_size == 32
   plain_spec = dataclasses.replace(spec, quant=None)
   enc = teacher.tokenizer(SENTENCES, padding=True, return_tensors='np')

@@ -16,6 +16,7 @@ from kd import losses
 from kd.data import sentence_cache
 from kd.data import sentences as sentences_lib
 from kd.eval import sts
+from kd.train import build
 from kd.train import config_check
 from kd.train import sentence
 from kd.train import step as step_lib
@@ -132,7 +133,8 @@ def test_cached_features_equal_the_live_teacher(teacher_dir, tmp_path):
                    'attention_kl': 1.0, 'minilm_relations': 1.0}
   student = kd.models.student_from_teacher(teacher, [0, 2])
   pairs = ((0, 0), (1, 1), (2, 3))
-  spec = sentence.make_spec(config, student, teacher, pairs, pairs[-1:], 10)
+  spec = build.train_spec(config, student.module, teacher.module, dict(config.losses), 10,
+                          pairs=pairs, attention_pairs=pairs[-1:])
   params = {'student': student.params, 'proj': {}}
   live_out = step_lib.teacher_forward(spec, teacher.params,
                                       {k: batch[k] for k in ('input_ids', 'attention_mask')})
@@ -278,7 +280,8 @@ def test_job_trains_exports_and_resumes(teacher_dir, tmp_path):
   start = kd.models.student_from_teacher(teacher, [0, 3])
   pairs, att = sentence.layer_pairs(config, [0, 3], 4)
   fields = sentence.cache_fields(config.losses, pairs, att)
-  spec = sentence.make_spec(config, start, teacher, pairs, att, 6)
+  spec = build.train_spec(config, start.module, teacher.module, dict(config.losses), 6,
+                          pairs=pairs, attention_pairs=att)
   before = _train_loss(start, f'{workdir}/teacher_cache', fields, spec)
   after = _train_loss(exported, f'{workdir}/teacher_cache', fields, spec)
   assert after['embedding_mse'] < before['embedding_mse'], (before, after)

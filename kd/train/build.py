@@ -30,24 +30,34 @@ def build_model(model_cfg, vocab_size: int):
 
 
 def make_spec(config, student, teacher, terms, total_steps, ema_decay: float = 0.0,
-              online: bool = False):
+              online: bool = False, *, pairs=None, attention_pairs=None):
+  """The step's Spec for modules `student` and `teacher` (None: no teacher) and loss `terms`
+  ({name: weight}). Feature losses pair layers by config.features.layer_map unless `pairs`
+  ((student, teacher) hidden-state indices) is given; attention losses use `attention_pairs`
+  (default: those of `pairs` past the embeddings). Relation losses default to the teacher's
+  head count."""
   tx, lr_fn = optim.make(config.optimizer, total_steps)
-  kwargs = dict(config.get('loss_kwargs', {}) or {})
+  kwargs = {n: dict(kw) for n, kw in dict(config.get('loss_kwargs', {}) or {}).items()}
+  for n in terms:
+    if teacher is not None and losses.get(n).kind == 'relation':
+      kwargs.setdefault(n, {}).setdefault('num_relation_heads', teacher.config.num_heads)
   feats = config.get('features', {}) or {}
   n_s = student.config.num_layers
   n_t = teacher.config.num_layers if teacher is not None else n_s
-  pairs = ()
-  if teacher is not None:
-    pairs = losses.layer_map(feats.get('layer_map', 'uniform'), n_s, n_t,
-                             pairs=tuple(tuple(p) for p in feats.get('pairs', ())) or None)
+  if pairs is None:
+    pairs = () if teacher is None else losses.layer_map(
+        feats.get('layer_map', 'uniform'), n_s, n_t,
+        pairs=tuple(tuple(p) for p in feats.get('pairs', ())) or None)
+  if attention_pairs is None:
+    attention_pairs = tuple(p for p in pairs if p[0] > 0 and p[1] > 0)
   weights = {n: schedules.make(w, f'losses.{n}') for n, w in terms.items()}
   if online:  # the co-trained teacher's own CE, weight 1
     weights[step_lib.ONLINE_TEACHER_CE] = schedules.make(1.0, 'online teacher CE')
   return step_lib.Spec(
       student=student, teacher=teacher, tx=tx,
       terms={n: dict(kwargs.get(n, {})) for n in terms}, weights=weights,
-      temperature=schedules.make(config.temperature, 'temperature'), lr=lr_fn,
-      feature_pairs=pairs, attention_pairs=tuple(p for p in pairs if p[0] > 0 and p[1] > 0),
+      temperature=schedules.make(config.get('temperature', 1.0), 'temperature'), lr=lr_fn,
+      feature_pairs=tuple(pairs), attention_pairs=tuple(attention_pairs),
       chunk_size=int(config.get('chunk_size', 0)),
       fused_chunks=bool(config.get('fused_chunks', True)),
       closed_form=config.get('closed_form', None),
@@ -57,6 +67,13 @@ def make_spec(config, student, teacher, terms, total_steps, ema_decay: float = 0
       accum_steps=int(config.train.get('accum_steps', 1)),
       topk_semantics=(config.get('teacher') or {}).get('topk_semantics', 'rest_bucket'),
       quant=compress.qat_config(config), ema_decay=ema_decay, online=online)
+
+
+def train_spec(config, student, teacher, terms, total_steps, **kwargs):
+  """make_spec with the student as config.peft and config.quant train it (LoRA-wrapped,
+  dropout, fake-quantized under QAT)."""
+  return dataclasses.replace(make_spec(config, student, teacher, terms, total_steps, **kwargs),
+                             **compress.students(config, student))
 
 
 def model_key(seed: int):

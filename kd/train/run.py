@@ -13,7 +13,6 @@ stage builds (models, the Spec, starting variables) is kd.train.build's; how it 
 kd.train.stage's.
 """
 
-import dataclasses
 import json
 import os
 
@@ -56,9 +55,8 @@ def run_stage(config, data: lm_data.LMData, workdir: str, student, teacher, teac
   It reads the students' data (data.train_split), or with `teacher_data` the teacher's
   (data.teacher_split: a teacher's own training).
   """
-  spec = dataclasses.replace(  # the student as config.peft trains it (LoRA-wrapped, dropout)
-      build.make_spec(config, student, teacher, terms, steps, ema_decay, online),
-      **compress.students(config, student))
+  spec = build.train_spec(config, student, teacher, terms, steps, ema_decay=ema_decay,
+                          online=online)
   plan = parallel.make(config.get('parallel'))
   trainable, base = compress.split_student(  # (a LoRA base: init_student's random init)
       config, student, init_variables, seed, random_init=lambda: jax.jit(

@@ -39,12 +39,10 @@ from kd.data import sentences as sentences_lib
 from kd.eval import report as report_lib
 from kd.eval import speed
 from kd.eval import sts
+from kd.train import build
 from kd.train import compress
 from kd.train import config_check
-from kd.train import optim
-from kd.train import schedules
 from kd.train import stage
-from kd.train import step as step_lib
 
 KINDS = ('embedding', 'hidden', 'attention', 'relation', 'pairs')  # what an encoder job trains
 
@@ -159,23 +157,6 @@ def teacher_features(teacher: models.Model, fields):
   return functools.partial(fn, teacher.params)
 
 
-def make_spec(config, student, teacher, pairs, attention_pairs, total_steps):
-  """The step's Spec; its student is `student.module` as config.peft / config.quant train it
-  (LoRA-wrapped, fake-quantized under QAT)."""
-  tx, lr_fn = optim.make(config.optimizer, total_steps)
-  kwargs = {n: dict(kw) for n, kw in dict(config.get('loss_kwargs', {}) or {}).items()}
-  for n in config.losses:  # relations default to the teacher's own head count
-    if losses.get(n).kind == 'relation':
-      kwargs.setdefault(n, {}).setdefault('num_relation_heads', teacher.config.num_heads)
-  return step_lib.Spec(
-      **compress.students(config, student.module), teacher=teacher.module, tx=tx,
-      terms={n: dict(kwargs.get(n, {})) for n in config.losses},
-      weights={n: schedules.make(w, f'losses.{n}') for n, w in config.losses.items()},
-      temperature=schedules.make(1.0, 'temperature'), lr=lr_fn, feature_pairs=pairs,
-      attention_pairs=attention_pairs, accum_steps=int(config.train.get('accum_steps', 1)),
-      quant=compress.qat_config(config))
-
-
 def cache_iterator(config, cache_path: str, fields, seed: int, pad_id: int):
   """(steps, iterator) over the teacher cache, `train.epochs` times (or `train.steps`)."""
   cache = sentence_cache.Cache(cache_path, fields)
@@ -213,7 +194,8 @@ def train(config, teacher, student, data, workdir: str, *, pairs, attention_pair
   (kd.train.compress.finish); final['trainable_params'] counts what the optimizer trained.
   """
   steps, data_iter = data
-  spec = make_spec(config, student, teacher, pairs, attention_pairs, steps)
+  spec = build.train_spec(config, student.module, teacher.module, dict(config.losses), steps,
+                          pairs=pairs, attention_pairs=attention_pairs)
   plan = parallel.make(config.get('parallel'))
   # Copies (split_student's, frozen_base's): the student shares its kept layers' arrays with the
   # teacher, and the step donates the state's buffers.
