@@ -13,7 +13,7 @@ Hardware: a 2-core CPU, about 7 minutes (3-layer; 2-layer about 6). Prints a tab
 student STS-B dev Spearman, parameters, encode sentences/s at the same batch, forward peak
 memory. Expect about 86.5 (3-layer, 1.9x the teacher's speed) and 85.9 (2-layer, 2.8x) against
 the teacher's 86.72; experiments/results/minilm_sts.md has the seeds.
-Variants (`:variant`, comma separated):
+Args (`:arg`, comma separated; kd.config_args):
   2l     a 2-layer student (teacher layers 0 and 5)
   recipe=NAME  the loss set, one of RECIPES below (default DEFAULT_RECIPE)
   lora   a LoRA student: only rank-8 adapters (alpha 16) on every attention and MLP projection
@@ -33,6 +33,8 @@ prefix, QAT, QLoRA, post-training int8/int4/GPTQ): experiments/compressed.py --t
 """
 
 import ml_collections
+
+from kd import config_args
 
 # Loss sets by name (`:recipe=<name>`), the rows of the ablation in experiments/minilm_sts.py.
 RECIPES = {
@@ -59,24 +61,22 @@ PEFT_SIZES = {'adapter': 32, 'prefix': 16}
 PEFT_LRS = {'adapter': 3e-3, 'prefix': 1e-2}
 
 
+ARGS = {'2l': bool, 'recipe': str, 'lora': bool, 'peft': str, 'qat': int, 'qlora': bool,
+        'tiny': bool}
+# Args that build every other arg into a config (tests/test_configs.py builds each of them).
+EXAMPLES = ('2l,tiny', 'recipe=emb', 'lora,qlora', 'peft=prefix', 'qat=8')
+
+
 def get_config(arg=None):
-  variants = set(arg.split(',')) if arg else set()
-  options = dict(v.split('=', 1) for v in variants if '=' in v)
-  variants -= {f'{k}={v}' for k, v in options.items()}
-  recipe = options.pop('recipe', DEFAULT_RECIPE)
-  qat = options.pop('qat', None)
-  method = options.pop('peft', None)
-  if (recipe not in RECIPES or options or variants - {'2l', 'tiny', 'lora', 'qlora'}
-      or qat not in (None, '4', '8') or method not in (None, *PEFT_SIZES)):
-    raise ValueError(f'unknown variant in {arg!r}; use 2l, tiny, lora, qlora, qat=<4 or 8>, '
-                     f'peft=<adapter or prefix> and recipe=<one of {sorted(RECIPES)}>, comma '
-                     'separated.')
-  if method and ('lora' in variants or qat):
-    raise ValueError(f'peft={method} is its own student; leave out lora / qat=B.')
-  if 'qlora' in variants and 'lora' not in variants:
-    raise ValueError('qlora needs the lora variant (adapters on the quantized base).')
-  if qat and 'lora' in variants:
-    raise ValueError('qat=B trains every weight; with lora use qlora (a quantized frozen base).')
+  args = config_args.parse(arg, ARGS, conflicts=[('peft', 'lora'), ('peft', 'qat'),
+                                                  ('qat', 'lora')], requires={'qlora': 'lora'})
+  recipe, qat, method = args.get('recipe', DEFAULT_RECIPE), args.get('qat'), args.get('peft')
+  if recipe not in RECIPES:
+    raise ValueError(f'recipe={recipe}: use one of {sorted(RECIPES)}')
+  if qat not in (None, 4, 8):
+    raise ValueError(f'qat={qat}: the student trains through 4- or 8-bit weights')
+  if method not in (None, *PEFT_SIZES):
+    raise ValueError(f'peft={method}: use one of {sorted(PEFT_SIZES)} (or the lora arg)')
   c = ml_collections.ConfigDict()
   c.job = 'sentence_embedding'
   c.seed = 0
@@ -129,19 +129,19 @@ def get_config(arg=None):
   if recipe == 'labels':  # sentence-transformers' STS-B fine-tuning recipe (batch 16, 2e-5)
     c.data.batch_size = 16
     c.optimizer.update(lr=2e-5, warmup_steps=144)
-  if '2l' in variants:
+  if '2l' in args:
     c.student.layers = (0, 5)
-  if 'lora' in variants or method:
+  if 'lora' in args or method:
     c.peft.method = method or 'lora'
     c.peft.size = PEFT_SIZES.get(method, 0)
     # Adapters start at zero and move only a rank-8 update: a larger step, and no decay (it
     # would pull the adapters, not the base, to zero).
     c.optimizer.update(lr=PEFT_LRS.get(method, 1e-3), weight_decay=0.0)
   if qat:
-    c.quant.update(method='qat', bits=int(qat), group_size=32)
-  if 'qlora' in variants:
+    c.quant.update(method='qat', bits=qat, group_size=32)
+  if 'qlora' in args:
     c.quant.update(method='qlora', bits=4, group_size=32)
-  if 'tiny' in variants:
+  if 'tiny' in args:
     c.data.update(max_sentences=48, batch_size=16)
     c.train.update(epochs=1, log_every=1, checkpoint_every=2, progress=False)
     c.optimizer.warmup_steps = 1

@@ -3,7 +3,7 @@ r"""A decoder LM on Tiny Shakespeare: train a teacher, distil a smaller student,
   python -m kd.main --config=configs/shakespeare_kd.py --workdir=/tmp/kd/shakespeare
 
 Hardware: the default runs on a 2-core CPU in about 10 minutes (teacher, KD student, no-KD
-student). Variants (`:variant`, comma separated):
+student). Args (`:arg`, comma separated; kd.config_args):
   tiny   a few steps of tiny models, for tests (seconds)
   long   4x the steps, for a GPU
   objective=NAME   distil with the logit loss NAME (kl, reverse_kl, jsd, tvd, skew_kl,
@@ -49,23 +49,31 @@ Two hosts (run on each, with its own process_id):
 """
 
 import ml_collections
+from ml_collections import config_dict
+
+from kd import config_args
 
 
-VARIANTS = ('tiny', 'long', 'objective', 'dialogue', 'onpolicy', 'adaptive', 'seqkd', 'lora',
-            'peft', 'qat', 'qlora', 'ema', 'online')
+ARGS = {'tiny': bool, 'long': bool, 'objective': str, 'dialogue': bool, 'onpolicy': float,
+        'adaptive': bool, 'seqkd': bool, 'lora': bool, 'peft': str, 'qat': int, 'qlora': bool,
+        'ema': bool, 'online': bool}
+# Args that build every other arg into a config (tests/test_configs.py builds each of them).
+EXAMPLES = ('tiny,long', 'tiny,objective=jsd', 'tiny,dialogue,onpolicy=0.5',
+            'tiny,dialogue,adaptive', 'tiny,dialogue,seqkd,objective=ce', 'tiny,lora,qlora',
+            'tiny,peft=adapter', 'tiny,qat=4', 'tiny,ema,online')
+PEFT_METHODS = ('adapter', 'prefix', 'prompt')
 # The kwargs each objective takes (their defaults), so that the command line can set them.
 OBJECTIVE_KWARGS = {'jsd': {'beta': 0.5}, 'skew_kl': {'alpha': 0.1},
                     'skew_reverse_kl': {'alpha': 0.1}}
 
 
 def get_config(arg=None):
-  tokens = [t for t in (arg or '').split(',') if t]
-  options = dict(t.split('=', 1) for t in tokens if '=' in t)
-  variants = {t for t in tokens if '=' not in t}
-  unknown = (variants | set(options)) - set(VARIANTS)
-  if unknown:
-    raise ValueError(f'unknown variant(s) {sorted(unknown)} in {arg!r}; valid: {VARIANTS} '
-                     '(e.g. tiny,objective=jsd)')
+  args = config_args.parse(arg, ARGS, conflicts=[('lora', 'peft')], requires={
+      'onpolicy': 'dialogue', 'adaptive': 'dialogue', 'seqkd': 'dialogue', 'qlora': 'lora'})
+  if args.get('peft', PEFT_METHODS[0]) not in PEFT_METHODS:
+    raise ValueError(f"peft={args['peft']}: use one of {PEFT_METHODS} (or the lora arg)")
+  if args.get('qat', 8) not in (4, 8):
+    raise ValueError(f"qat={args['qat']}: the student trains through 4- or 8-bit weights")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.distributed = False  # jax.distributed.initialize() first (multi-host)
@@ -78,7 +86,7 @@ def get_config(arg=None):
       eval_split='validation', max_eval_batches=0,
       train_split='train',  # what the students train on (e.g. 'train[:30%]', a stream's shard)
       teacher_split='train',  # what the teacher and tokenizer train on ('train[:27%]+train[30%:57%]')
-      task='lm', prompt_len=0, response_len=0,  # task 'dialogue': see the variant
+      task='lm', prompt_len=0, response_len=0,  # task 'dialogue': see the dialogue arg
       sample_eval_batches=0))  # dialogue: eval batches whose greedy answers the teacher scores
   # GKD: the fraction of KD batches whose responses the student samples (dialogue task only).
   c.on_policy = ml_collections.ConfigDict(dict(fraction=0.0, temperature=1.0, top_k=0,
@@ -155,9 +163,9 @@ def get_config(arg=None):
                                            target=r'.*_proj', embed_bits=0))
 
   # alpha * CE + (1 - alpha) * the objective (T^2 * KL by default: 'kl' already carries T^2);
-  # the ema variant puts this back on the dialogue task's pure divergence.
+  # the ema arg puts this back on the dialogue task's pure divergence.
   c.alpha = 0.5
-  objective = options.get('objective', 'kl')
+  objective = args.get('objective', 'kl')
   with_ce = lambda: ml_collections.ConfigDict({'ce': c.get_ref('alpha'),
                                                objective: 1.0 - c.get_ref('alpha')})
   c.losses = with_ce()
@@ -169,6 +177,8 @@ def get_config(arg=None):
   c.temperature = 2.0
   c.chunk_size = 0  # > 0: logit losses per sequence chunk, no [B, T, V] logits held
   c.fused_chunks = True  # chunked: gradient made in the forward pass, nothing recomputed
+  c.closed_form = config_dict.placeholder(bool)  # fused: None = closed-form gradients where known
+  c.same_tokenizer = True  # the student shares the teacher's tokenizer (padded rows are sliced)
   c.features = ml_collections.ConfigDict(dict(layer_map='uniform', pairs=()))
   c.baseline = True  # also train the student on hard labels only, for the same steps
   # Self-distillation: this many born-again rounds after the KD student, each distilling the
@@ -188,39 +198,31 @@ def get_config(arg=None):
       steps=800, accum_steps=1, log_every=50, eval_every=200, checkpoint_every=200, keep=2,
       progress=True))
 
-  if 'dialogue' in variants:
+  if 'dialogue' in args:
     c.data.update(task='dialogue', prompt_len=96, response_len=64, batch_size=16,
                   sample_eval_batches=4)
     c.losses = ml_collections.ConfigDict({objective: 1.0})
-  if 'seqkd' in variants:
-    if 'dialogue' not in variants:
-      raise ValueError('seqkd needs the dialogue variant (prompts for the teacher to answer).')
+  if 'seqkd' in args:
     c.seqkd.enabled = True
-  if 'online' in variants:
+  if 'online' in args:
     c.online = True
-  if 'ema' in variants:
+  if 'ema' in args:
     c.self_distill.ema_decay = 0.99
     if 'ce' not in c.losses:  # (dialogue's pure divergence) the EMA needs labels beside it
       c.losses = with_ce()
-  if 'adaptive' in variants:
-    if 'dialogue' not in variants:
-      raise ValueError('adaptive needs the dialogue variant (prompts to answer).')
+  if 'adaptive' in args:
     c.on_policy.adaptive.enabled = True
-  if 'onpolicy' in options:
-    if 'dialogue' not in variants:
-      raise ValueError('onpolicy=L needs the dialogue variant (prompts to answer).')
-    c.on_policy.fraction = float(options['onpolicy'])
-  if 'lora' in variants or 'peft' in options:
-    c.peft.method = options.get('peft', 'lora')
+  if 'onpolicy' in args:
+    c.on_policy.fraction = args['onpolicy']
+  if 'lora' in args or 'peft' in args:
+    c.peft.method = args.get('peft', 'lora')
     c.student_init.source = 'teacher'
     c.optimizer.weight_decay = 0.0  # decay would pull the adapters, not the base, to zero
-  if 'qat' in options:
-    c.quant.update(method='qat', bits=int(options['qat']), group_size=32)
-  if 'qlora' in variants:
-    if 'lora' not in variants:
-      raise ValueError('qlora needs the lora variant (adapters on the quantized base).')
+  if 'qat' in args:
+    c.quant.update(method='qat', bits=args['qat'], group_size=32)
+  if 'qlora' in args:
     c.quant.update(method='qlora', bits=4, group_size=32)
-  if 'tiny' in variants:
+  if 'tiny' in args:
     c.data.update(vocab_size=300, seq_len=32, batch_size=8, eval_batch_size=8,
                   max_eval_batches=2)
     c.teacher.model.update(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -231,9 +233,9 @@ def get_config(arg=None):
     c.train.update(steps=4, log_every=2, checkpoint_every=2, progress=False)
     if c.quant.group_size:
       c.quant.group_size = 8  # the tiny student's widths are 16 and 32
-    if 'dialogue' in variants:
+    if 'dialogue' in args:
       c.data.update(prompt_len=16, response_len=8, sample_eval_batches=1)
-  if 'long' in variants:
+  if 'long' in args:
     c.teacher.steps *= 4
     c.train.steps *= 4
   return c

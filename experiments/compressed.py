@@ -138,12 +138,7 @@ def row_config(row: str, seed: str, workdir: str, config_arg: str):
   config.baseline = False
   config.train.progress = False
   config.teacher.workdir = os.path.join(workdir, f'seed_{seed}', 'teacher')
-  for key, value in settings.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(settings)
   return config
 
 
@@ -357,14 +352,6 @@ def plot(results: dict, path: str, metric: str = 'perplexity',
 # ----------------------------------------------------------------------------- --task=minilm
 
 
-def _set(config, key: str, value) -> None:
-  node = config
-  *parents, leaf = key.split('.')
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
-
-
 def _parse(value: str):
   """An override's value as kd.main's flags would read it: a Python literal, else the string
   ('0,3' -> (0, 3), '1e-3' -> 0.001, 'DIR' -> 'DIR')."""
@@ -384,9 +371,9 @@ def minilm_config(row: str, seed: str, workdir: str, config_arg: str, overrides=
   config.train.progress = False
   config.teacher.cache_dir = os.path.join(workdir, 'teacher_cache')
   with config.ignore_type():
-    for key, value in [*settings.items(),
-                       *(o.split('=', 1) for o in overrides)]:
-      _set(config, key, _parse(value) if isinstance(value, str) else value)
+    config.update_from_flattened_dict({
+        key: _parse(value) if isinstance(value, str) else value
+        for key, value in [*settings.items(), *(o.split('=', 1) for o in overrides)]})
   return config
 
 

@@ -41,12 +41,7 @@ def main(workdir: str, overrides: dict):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config('tiny')
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   lm_data.LMData = TwoHostData  # run.main builds its data through this name
   run.main(config, workdir)
 

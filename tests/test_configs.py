@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+import re
 
 import pytest
 
@@ -18,12 +19,21 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 CONFIGS = sorted(CONFIG_DIR.rglob('*.py'))
 
 
-def load(path, arg=None):
+def _module(path):
   spec = importlib.util.spec_from_file_location(path.stem, str(path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   assert module.__doc__ and 'python -m kd.main' in module.__doc__, f'{path}: docstring needs the command'
-  return module.get_config(arg)
+  return module
+
+
+def load(path, arg=None):
+  return _module(path).get_config(arg)
+
+
+def _args(path):
+  """None, then the config's EXAMPLES (or 'tiny'): together they give every arg it has."""
+  return [None, *getattr(_module(path), 'EXAMPLES', ('tiny',))]
 
 
 def _builds_lm(config):
@@ -54,12 +64,48 @@ def _builds_llm(config):
 BUILDERS = {'lm': _builds_lm, 'sentence_embedding': _builds_sentence, 'llm': _builds_llm}
 
 
-@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
-@pytest.mark.parametrize('arg', [None, 'tiny'])
+@pytest.mark.parametrize('path, arg', [(p, a) for p in CONFIGS for a in _args(p)],
+                         ids=lambda x: str(x.relative_to(CONFIG_DIR)) if isinstance(x, pathlib.Path)
+                         else str(x))
 def test_config_builds(path, arg):
   config = load(path, arg)
   assert set(BUILDERS) == set(JOBS)
   BUILDERS[config.get('job', 'lm')](config)
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_examples_give_every_documented_arg(path):
+  module = _module(path)
+  if not hasattr(module, 'ARGS'):
+    return
+  used = {token.split('=')[0] for example in module.EXAMPLES for token in example.split(',')}
+  assert used == set(module.ARGS), f'{path}: EXAMPLES leave out {set(module.ARGS) - used}'
+  for name, kind in module.ARGS.items():  # the docstring documents each, as `name` or `name=X`
+    assert re.search(rf'^\s+{re.escape(name)}{"" if kind is bool else "="}', module.__doc__,
+                     re.M), f'{path}: the docstring does not document {name!r}'
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('tiny,peft=adapter,lora', r"\['lora', 'peft'\] .* choose the same thing"),
+    ('tiny,bogus', "unknown config arg 'bogus'.*valid: tiny, long, objective=STR"),
+    ('tiny=1', "'tiny' takes no value"),
+    ('objective', "'objective' needs a value: objective=STR"),
+    ('tiny,tiny', 'given twice'),
+    ('qat=four', "'four' is not of type int"),
+    ('onpolicy=0.5', "'onpolicy' needs 'dialogue' too"),
+    ('qat=2', '4- or 8-bit'),
+])
+def test_bad_config_args_are_refused_naming_the_valid_ones(arg, message):
+  with pytest.raises(ValueError, match=message):
+    load(CONFIG_DIR / 'shakespeare_kd.py', arg)
+
+
+def test_keys_the_readme_sets_are_declared():
+  """A flag like --config.closed_form=False only works on a key the config declares."""
+  for path in (CONFIG_DIR / 'shakespeare_kd.py', CONFIG_DIR / 'llm' / 'smollm2_kd.py'):
+    config = load(path)
+    for key in ('closed_form', 'same_tokenizer', 'chunk_size', 'fused_chunks', 'temperature'):
+      assert key in config, (path, key)
 
 
 def _set_ignoring_type(config, key, value):

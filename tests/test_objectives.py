@@ -129,7 +129,7 @@ def test_objective_variants_build_the_losses():
   assert dict(_tiny('tiny').losses) == {'ce': 0.5, 'kl': 0.5}
   for name in ('reverse_kl', 'tvd', 'skew_kl', 'skew_reverse_kl'):
     config_check.check(_tiny(f'tiny,objective={name}'))
-  with pytest.raises(ValueError, match='unknown variant'):
+  with pytest.raises(ValueError, match="unknown config arg 'objectve'"):
     _tiny('tiny,objectve=jsd')
 
 

