@@ -13,7 +13,7 @@ from kd import models
 from kd.eval import speed
 from kd.models import Decoder, DecoderConfig, count_params, head_fn, init_params
 from kd.models import cache as kv_cache
-from kd.models import decoder as decoder_lib
+from kd.models import attention as attention_lib
 
 TINY = dict(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
             intermediate_size=96, rope_theta=10000.0, rms_norm_eps=1e-6, max_seq_len=64)
@@ -453,7 +453,7 @@ def test_splash_on_a_gpu_is_refused(monkeypatch):
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   config = _config(attention_impl='splash', max_seq_len=128)
   with pytest.raises(ValueError, match="on a GPU use None or 'cudnn'"):
-    decoder_lib.attention_impl(config, jnp.bfloat16, None, True, 128)
+    attention_lib.attention_impl(config, jnp.bfloat16, None, True, 128)
 
 
 def _count(jaxpr, primitive: str) -> int:

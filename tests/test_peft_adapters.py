@@ -13,7 +13,7 @@ import pytest
 from kd import models
 from kd.models import Decoder, DecoderConfig, init_params
 from kd.models import cache as kv_cache
-from kd.models import decoder as decoder_lib
+from kd.models import attention as attention_lib
 from kd.models import sample
 from kd.peft import adapters
 
@@ -184,7 +184,7 @@ def test_prefix_visible_past_the_sliding_window_and_fused_equals_explicit():
 
 def test_prefix_always_takes_the_xla_kernel():
   cfg = dataclasses.replace(CFG, prefix_len=2, attention_impl='cudnn', dtype='bfloat16')
-  assert decoder_lib.attention_impl(cfg, jnp.bfloat16, None, True) == 'xla'
+  assert attention_lib.attention_impl(cfg, jnp.bfloat16, None, True) == 'xla'
   # On a CPU the cuDNN kernel would fail to compile.
   assert _fwd(cfg)(_base(cfg), IDS)['logits'].shape == (B, T, CFG.vocab_size)
 

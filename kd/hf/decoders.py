@@ -19,6 +19,7 @@ import numpy as np
 from kd import hf
 from kd.hf import io
 from kd.models import decoder as decoder_lib
+from kd.models import decoder_config
 
 DecoderConfig = decoder_lib.DecoderConfig
 
@@ -111,8 +112,8 @@ def _rope(get: _Reader, max_positions: int) -> dict[str, Any]:
   out = dict(rope_theta=float(theta), rope_scaling=None, max_seq_len=max_positions)
   if kind == 'default':
     return out
-  if kind not in decoder_lib.ROPE_TYPES:
-    get.refuse(f'rope type {kind!r} (supported: default, {", ".join(decoder_lib.ROPE_TYPES)})')
+  if kind not in decoder_config.ROPE_TYPES:
+    get.refuse(f'rope type {kind!r} (supported: default, {", ".join(decoder_config.ROPE_TYPES)})')
   if kind == 'dynamic':  # NTK scaling relative to max_position_embeddings, up to factor times it
     params['original_max_position_embeddings'] = max_positions
     out['max_seq_len'] = int(max_positions * params.get('factor', 1.0))

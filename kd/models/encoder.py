@@ -23,8 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd.models.decoder import (Adapter, Norm, attention_mask_Bx1xTxT, explicit_attention,
-                               with_prefix_keys)
+from kd.models.attention import attention_mask_Bx1xTxT, explicit_attention, with_prefix_keys
+from kd.models.layers import Adapter, Norm
 from kd.models.model import config_from_dict
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -64,7 +64,7 @@ class EncoderConfig:
   # prefix's share) are those of the real tokens.
   prefix_len: int = 0
 
-  # (kd.models.decoder.Adapter reads the activation by this name.)
+  # (kd.models.layers.Adapter reads the activation by this name.)
   mlp_activation = 'gelu'  # exact (erf) GELU, BERT's hidden_act 'gelu'
 
   def __post_init__(self):

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from kd.models import decoder
+from kd.models import stacking
 
 _LAYER = re.compile(r'layers_(\d+)$')
 
@@ -86,7 +86,7 @@ def student_from_teacher(model, layers: str | Sequence[int] = 'every_k', *, k: i
   config, params = model.config, model.params
   scan = overrides.pop('scan_layers', getattr(config, 'scan_layers', False))
   if getattr(config, 'scan_layers', False):  # select and cut per layer; stacked again below
-    config, params = dataclasses.replace(config, scan_layers=False), decoder.unstack_layers(params)
+    config, params = dataclasses.replace(config, scan_layers=False), stacking.unstack_layers(params)
   keep = select_layers(config.num_layers, layers, k)
   changes = dict(overrides, num_layers=len(keep))
   if getattr(config, 'layer_types', None) is not None and 'layer_types' not in overrides:
@@ -109,5 +109,5 @@ def student_from_teacher(model, layers: str | Sequence[int] = 'every_k', *, k: i
         lambda path, x, t: _truncate(jax.tree_util.keystr(path), x, t), variables, target)
   if scan:
     new_config = dataclasses.replace(new_config, scan_layers=True)
-    module, variables = type(model.module)(new_config), decoder.stack_layers(variables)
+    module, variables = type(model.module)(new_config), stacking.stack_layers(variables)
   return model.replace(module=module, params=variables, source=None)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd.models import decoder
+from kd.models import stacking
 from kd.models import init_from
 
 _COL = 'intermediates'
@@ -42,7 +43,7 @@ def _plain(model) -> tuple[decoder.DecoderConfig, dict[str, Any]]:
                      'prune the base decoder before wrapping it (LoRA, quantisation, ...).')
   config, variables = model.config, model.params
   if config.scan_layers:
-    variables = decoder.unstack_layers(variables)
+    variables = stacking.unstack_layers(variables)
   return dataclasses.replace(config, scan_layers=False, remat=False), variables
 
 
@@ -278,7 +279,7 @@ def prune(model, *, layers: str | Sequence[int] | None = None,
   new_config = dataclasses.replace(config, **changes)
   new_variables = {col: cut(col, tree) for col, tree in variables.items()}
   if new_config.scan_layers:
-    new_variables = decoder.stack_layers(new_variables)
+    new_variables = stacking.stack_layers(new_variables)
   return model.replace(module=type(model.module)(new_config), params=new_variables, source=None)
 
 

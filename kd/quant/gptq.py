@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from kd.models import decoder
+from kd.models import stacking
 from kd.quant import rtn
 
 COLLECTION = 'kd_quant_stats'  # the flax collection the capture sows X^T X into
@@ -232,7 +232,7 @@ def quantize_model(model: nn.Module, variables, batches: Sequence[Any],
   if getattr(getattr(model, 'config', None), 'scan_layers', False):  # calibrate it unrolled
     unrolled = type(model)(dataclasses.replace(model.config, scan_layers=False))
     return dataclasses.replace(quantize_model(
-        unrolled, decoder.unstack_layers(variables), batches, config, damp=damp,
+        unrolled, stacking.unstack_layers(variables), batches, config, damp=damp,
         sequential=sequential), stacked=True)
   paths = rtn.target_paths(variables, config.target)
   rtn.check_layer_bits(paths, config)

@@ -21,7 +21,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from kd.models import decoder
+from kd.models import stacking
 from kd.quant import rtn
 
 
@@ -38,7 +38,7 @@ def fake_quant(variables, config: rtn.QuantConfig) -> dict[str, Any]:
   """`variables` with every kernel `config.target` matches fake-quantized (see module doc); a
   scan_layers tree per layer, as rtn.quantize_params stores it."""
   if rtn.is_stacked(variables):
-    return decoder.stack_layers(fake_quant(decoder.unstack_layers(variables), config))
+    return stacking.stack_layers(fake_quant(stacking.unstack_layers(variables), config))
   paths = rtn.target_paths(variables, config.target)
   rtn.check_layer_bits(paths, config)
   out = rtn.replace_kernels(variables, {

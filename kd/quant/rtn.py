@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd.models import decoder
+from kd.models import stacking
 
 BITS = (4, 8)
 SCALE_DTYPES = ('float16', 'float32')
@@ -307,7 +307,7 @@ def quantize_params(variables, config: QuantConfig) -> QuantizedParams:
   quantized per layer (the target sees `layers_{i}/...` paths)."""
   if is_stacked(variables):
     return dataclasses.replace(
-        quantize_params(decoder.unstack_layers(variables), config), stacked=True)
+        quantize_params(stacking.unstack_layers(variables), config), stacked=True)
   paths = target_paths(variables, config.target)
   check_layer_bits(paths, config)
   kernels = {p: quantize_kernel(kernel(variables, p), config.bits_for(p), config.group_size,
@@ -321,7 +321,7 @@ def dequantize(qparams: QuantizedParams) -> dict[str, Any]:
   for p, qk in qparams.kernels.items():
     flat[('params', *p.split('/'), qk.leaf)] = dequantize_kernel(qk)
   out = flax.traverse_util.unflatten_dict(flat)
-  return decoder.stack_layers(out) if qparams.stacked else out
+  return stacking.stack_layers(out) if qparams.stacked else out
 
 
 def replace_kernels(variables, new: dict[str, Any]) -> dict[str, Any]:

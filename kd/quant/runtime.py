@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-from kd.models import decoder
+from kd.models import stacking
 from kd.quant import rtn
 
 QTYPES = {4: jnp.int4, 8: jnp.int8}
@@ -126,7 +126,7 @@ def ptq_variables(pmodel: nn.Module, qparams: rtn.QuantizedParams, sample_ids) -
                          'every layer alike, so quantize it in all of them (or none), or set '
                          'scan_layers=False.')
     flat = flax.traverse_util.flatten_dict(
-        decoder.stack_layers(flax.traverse_util.unflatten_dict(flat)))
+        stacking.stack_layers(flax.traverse_util.unflatten_dict(flat)))
   for key, value in flat.items():
     if isinstance(value, tuple):
       abs_w = abstract.get(key)
