@@ -74,6 +74,7 @@ from kd.train import build  # pylint: disable=g-import-not-at-top,wrong-import-p
 from kd.train import compress  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import run  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd.train import sections  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import sentence  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.train import step as step_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -234,7 +235,7 @@ def speed_and_size(seed: str, workdir: str, config_arg: str, row: str, result: d
   params, _ = run.run_stage(config, data, f'{where}/student_kd', student, teacher,
                             teacher_params, dict(config.losses), steps=config.train.steps,
                             seed=config.seed, name='restore', init_variables=init)
-  method, qcfg = run.config_check.quant_config(config)
+  method, qcfg = sections.quant_config(config)
   trainable = result.get('trainable_params', result['params'])
   # QAT: the packed file of the (on-grid) student. QLoRA: the packed base plus its float32
   # adapters (what it evaluates is base + A·B; the file's size depends on the shapes only, so
@@ -474,7 +475,7 @@ def minilm_stored_size(row: str, seed: str, workdir: str, config, result: dict) 
   if os.path.exists(cache):
     return dict(result, **json.load(open(cache)))
   model = hf.load(os.path.join(workdir, f'seed_{seed}', row, 'hf'))
-  method, qcfg = run.config_check.quant_config(config)
+  method, qcfg = sections.quant_config(config)
   if method == 'qat':
     size = stored_bytes(qparams=quant.quantize_params(model.params, qcfg))
   elif method == 'qlora':

@@ -13,6 +13,7 @@ from kd.train import JOBS
 from kd.train import build
 from kd.train import config_check
 from kd.train import run
+from kd.train import sections
 from kd.train import sentence
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -180,6 +181,6 @@ def test_attention_maps_need_equal_head_counts():
 
 
 def test_vocab_mismatch():
-  assert config_check.vocab_slice(151936, 152064, same_tokenizer=True) == 151936
+  assert sections.vocab_slice(151936, 152064, same_tokenizer=True) == 151936
   with pytest.raises(ValueError, match='needs one tokenizer'):
-    config_check.vocab_slice(32000, 50257, same_tokenizer=False)
+    sections.vocab_slice(32000, 50257, same_tokenizer=False)

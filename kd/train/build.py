@@ -18,6 +18,7 @@ from kd import models
 from kd import peft
 from kd.train import compress
 from kd.train import config_check
+from kd.train import sections
 from kd.train import optim
 from kd.train import schedules
 from kd.train import step as step_lib
@@ -61,7 +62,7 @@ def make_spec(config, student, teacher, terms, total_steps, ema_decay: float = 0
       chunk_size=int(config.get('chunk_size', 0)),
       fused_chunks=bool(config.get('fused_chunks', True)),
       closed_form=config.get('closed_form', None),
-      vocab=0 if teacher is None else config_check.vocab_slice(
+      vocab=0 if teacher is None else sections.vocab_slice(
           student.config.vocab_size, teacher.config.vocab_size,
           same_tokenizer=config.get('same_tokenizer', True)),
       accum_steps=int(config.train.get('accum_steps', 1)),
@@ -107,7 +108,7 @@ def student_init(config, student, teacher, teacher_params):
   sc = student.config
   init = models.student_from_teacher(
       models.Model(teacher, teacher_params),
-      config_check.student_init_layers(config, teacher.config.num_layers),
+      sections.student_init_layers(config, teacher.config.num_layers),
       hidden_size=sc.hidden_size, intermediate_size=sc.intermediate_size,
       num_heads=sc.num_heads, num_kv_heads=sc.num_kv_heads, scan_layers=sc.scan_layers)
   if init.config != sc:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from kd import peft
 from kd import quant
-from kd.train import config_check
+from kd.train import sections
 from kd.train import step as step_lib
 
 
@@ -38,7 +38,7 @@ def lora_config(config):
 
 def qat_config(config):
   """The kd.quant.QuantConfig the student trains through (config.quant.method 'qat'), or None."""
-  method, qcfg = config_check.quant_config(config)
+  method, qcfg = sections.quant_config(config)
   return qcfg if method == 'qat' else None
 
 
@@ -101,7 +101,7 @@ def frozen_base(config, base):
   under QLoRA (a kd.quant.QuantizedParams, dequantized inside the step); None for no base."""
   if base is None:
     return None
-  method, qcfg = config_check.quant_config(config)
+  method, qcfg = sections.quant_config(config)
   if method == 'qlora':
     base = quant.quantize_params(base, qcfg)
   return jax.tree.map(jnp.array, base)
@@ -131,9 +131,9 @@ def quantized_teacher(config, teacher, teacher_params, seq_len: int = 8):
   int4 values and scales (kd.quant RTN) and run as qwix's quantized matmuls
   (kd.quant.runtime), so no float copy of them is kept; the pair unchanged when bits is 0.
   With teacher.quant.act_bits=8 their inputs are quantized per token too (int8 x int8)."""
-  qcfg = config_check.teacher_quant_config(config)
+  qcfg = sections.teacher_quant_config(config)
   if qcfg is None:
     return teacher, teacher_params
   qparams = quant.quantize_params(teacher_params, qcfg)  # (per layer, also when scanned)
-  model = quant.ptq_model(teacher, qparams, act_bits=config_check.teacher_act_bits(config))
+  model = quant.ptq_model(teacher, qparams, act_bits=sections.teacher_act_bits(config))
   return model, quant.ptq_variables(model, qparams, jnp.zeros((1, seq_len), jnp.int32))

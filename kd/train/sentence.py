@@ -42,6 +42,7 @@ from kd.eval import sts
 from kd.train import build
 from kd.train import compress
 from kd.train import config_check
+from kd.train import sections
 from kd.train import stage
 
 KINDS = ('embedding', 'hidden', 'attention', 'relation', 'pairs')  # what an encoder job trains
@@ -84,7 +85,7 @@ def check(config) -> None:
                                    'use data.batch_size >= 2')
   config_check.check_parallel(config)
   config_check.check_encoder_peft(config)  # (the rest of config.peft / quant: check_peft, ...)
-  config_check.quant_config(config)
+  sections.quant_config(config)
   if config.parallel.mode != 'single':
     raise config_check.ConfigError('the sentence job runs on one device (its students fit '
                                    'anywhere); set parallel.mode=single')
