@@ -26,8 +26,9 @@ from kd.losses.embeddings import (EMBEDDING_LOSSES, PAIR_LOSSES, cosine_score_ms
 from kd.losses.features import (FEATURE_LOSSES, feature_loss_sum, hidden_cosine,
                                 hidden_cosine_sum, hidden_mse, hidden_mse_sum, init_projection,
                                 layer_map, project)
-from kd.losses.logits import (CLOSED_FORM, DIVERGENCES, ce, ce_sum, chunked_logit_losses,
-                              closed_form_applies, fused_logit_losses, jsd, jsd_per_token,
+from kd.losses.chunked import chunked_logit_losses, fused_logit_losses
+from kd.losses.closed_form import CLOSED_FORM, closed_form_applies
+from kd.losses.logits import (DIVERGENCES, ce, ce_sum, jsd, jsd_per_token,
                               jsd_sum, kl, kl_from_log_probs, kl_per_token, kl_sum, masked_sum,
                               mean, reverse_kl, reverse_kl_per_token, reverse_kl_sum, skew_kl,
                               skew_kl_per_token, skew_kl_sum, skew_reverse_kl,

@@ -19,8 +19,8 @@ Every form is multiplied by T², like the full-vocabulary losses, and reduces to
 import jax
 import jax.numpy as jnp
 
-from kd.losses.logits import (_check_temperature, _t2, from_chunks, kl_from_log_probs,
-                              masked_sum, to_chunks)
+from kd.losses.chunked import from_chunks, to_chunks
+from kd.losses.logits import _check_temperature, _t2, kl_from_log_probs, masked_sum
 
 SEMANTICS = ('renormalize', 'student_full', 'rest_bucket')
 
