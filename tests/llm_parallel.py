@@ -25,6 +25,7 @@ import importlib.util  # pylint: disable=g-import-not-at-top,wrong-import-positi
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from kd import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.data import tokenized  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd.jobs import llm  # pylint: disable=g-import-not-at-top,wrong-import-position
 from two_hosts import Concat  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -76,7 +77,7 @@ def main(teacher: str, workdir: str, process_id: str = '', port: str = ''):
     config.distributed = True
     config.parallel.update(coordinator_address=f'127.0.0.1:{port}', num_processes=HOSTS,
                            process_id=int(process_id))
-    llm.parallel.initialize(config)
+    parallel.initialize(config)
     run('two_processes', config, workdir)
     return
   tokenized.TokenizedData.iterator = two_host_batches

@@ -18,9 +18,9 @@ from kd import models
 from kd import peft
 from kd.train import compress
 from kd.train import config_check
-from kd.train import sections
 from kd.train import optim
 from kd.train import schedules
+from kd.train import sections
 from kd.train import step as step_lib
 
 
