@@ -20,7 +20,7 @@ from absl import app
 from absl import flags
 
 import kd.hf
-from kd.eval import sts
+from kd.data import sentences
 
 _BATCH = flags.DEFINE_integer('batch', 64, 'Sentences per forward.')
 _RUNS = flags.DEFINE_integer('runs', 10, 'Timed forwards per framework (median reported).')
@@ -42,10 +42,10 @@ def main(argv):
   model = kd.hf.load(path)
   hf_model = transformers.BertModel.from_pretrained(path).eval()
 
-  s1, s2, _ = sts.read_sts(_DATA.value)
+  s1, s2, _ = sentences.read_sts(_DATA.value)
   pick = np.random.default_rng(0).choice(len(s1) * 2, _BATCH.value, replace=False)
-  sentences = [(s1 + s2)[i] for i in pick]
-  enc = model.tokenizer(sentences, padding=True, truncation=True, max_length=128,
+  batch = [(s1 + s2)[i] for i in pick]
+  enc = model.tokenizer(batch, padding=True, truncation=True, max_length=128,
                         return_tensors='np')
   ids_np, mask_np = enc['input_ids'].astype(np.int32), enc['attention_mask'].astype(np.int32)
   ids, mask = jnp.asarray(ids_np), jnp.asarray(mask_np)

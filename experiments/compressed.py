@@ -407,7 +407,7 @@ def minilm_run(row: str, seed: str, workdir: str, config_arg: str, overrides=(),
 
 
 def speed_sentences(config) -> list[str]:
-  s1, s2, _ = sts.read_sts(sentence.eval_path(config))
+  s1, s2, _ = sentences.read_sts(sentence.eval_path(config))
   return list(dict.fromkeys(s1 + s2))[:config.eval.get('speed_sentences', 0) or None]
 
 

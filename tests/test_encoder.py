@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import kd.hf
+from kd.data import sentences
 from kd.eval import sts
 from kd.models import Encoder, EncoderConfig, init_encoder_params, mean_pool
 
@@ -215,7 +216,7 @@ def minilm():
 def _sentences(n):
   if not os.path.exists(STS_DEV):
     pytest.skip(f'no STS-B data at {STS_DEV}')
-  s1, s2, _ = sts.read_sts(STS_DEV)
+  s1, s2, _ = sentences.read_sts(STS_DEV)
   return [s for pair in zip(s1[:n], s2[:n]) for s in pair]
 
 

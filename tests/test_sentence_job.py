@@ -86,7 +86,7 @@ def test_embedding_widths():
 
 def test_sentence_sources():
   train = sentences_lib.load(['stsb:train'])
-  s1, s2, _ = sts.read_sts(sentences_lib.stsb_path('train'))
+  s1, s2, _ = sentences_lib.read_sts(sentences_lib.stsb_path('train'))
   assert len(train) == len(set(s.strip() for s in s1 + s2)) == len(set(train))
   assert train[0] == s1[0].strip()
   with pytest.raises(ValueError, match='stsb:train'):

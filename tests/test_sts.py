@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import kd.hf
+from kd.data import sentences
 from kd.eval import sts
 from kd.models import Encoder, EncoderConfig
 from kd.models.encoder import param_shapes
@@ -38,18 +39,18 @@ def test_read_sts_extra_columns_and_quotes(tmp_path):
   ]
   path = tmp_path / 'sts.csv'
   path.write_text('\n'.join(lines) + '\n', encoding='utf-8')
-  s1, s2, scores = sts.read_sts(str(path))
+  s1, s2, scores = sentences.read_sts(str(path))
   assert s1 == ['A man is "dancing.', 'He said "no"', '"Quoted']
   assert s2 == ['A man dances.', "She said 'yes'", 'sentence"']
   np.testing.assert_array_equal(scores, [5.0, 2.5, 0.0])
 
   path.write_text('genre\tfile\tyear\tid\t1.0\tonly one sentence\n')
   with pytest.raises(ValueError, match=':1: 6 tab-separated columns'):
-    sts.read_sts(str(path))
+    sentences.read_sts(str(path))
 
 
 def test_read_sts_dev_file():
-  s1, s2, scores = sts.read_sts(_dev_file())
+  s1, s2, scores = sentences.read_sts(_dev_file())
   assert len(s1) == len(s2) == len(scores) == 1500
   assert scores.min() == 0.0 and scores.max() == 5.0
   assert all(s and '\t' not in s for s in s1 + s2)

@@ -11,6 +11,7 @@ across sources in first-seen order, so a run sees the same list every time.
 
 from __future__ import annotations
 
+import csv
 import os
 from typing import Callable, Sequence
 
@@ -30,10 +31,27 @@ def _local(*parts: str) -> str | None:
   return path if os.path.exists(path) else None
 
 
-def read_sts_pairs(path: str):
-  """(sentence1s, sentence2s, scores) of an STS-B tab-separated file (kd.eval.sts.read_sts)."""
-  from kd.eval import sts  # pylint: disable=g-import-not-at-top
-  return sts.read_sts(path)
+def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
+  """(sentence1s, sentence2s, gold float64 scores) of an STS-B file.
+
+  Tab-separated `genre, file, year, id, score, sentence1, sentence2[, extra...]`; extra trailing
+  columns are ignored and quotes are literal text (csv.QUOTE_NONE).
+  """
+  s1, s2, scores = [], [], []
+  with open(path, encoding='utf-8', newline='') as f:
+    for line_no, row in enumerate(csv.reader(f, delimiter='\t', quoting=csv.QUOTE_NONE), 1):
+      if not row:
+        continue
+      if len(row) < 7:
+        raise ValueError(f'{path}:{line_no}: {len(row)} tab-separated columns; an STS-B line has '
+                         'at least 7 (genre, file, year, id, score, sentence1, sentence2).')
+      try:
+        scores.append(float(row[4]))
+      except ValueError:
+        raise ValueError(f'{path}:{line_no}: score column {row[4]!r} is not a number.') from None
+      s1.append(row[5])
+      s2.append(row[6])
+  return s1, s2, np.asarray(scores, np.float64)
 
 
 def stsb_path(split: str) -> str | None:
@@ -46,7 +64,7 @@ def stsb_path(split: str) -> str | None:
 def _stsb(split: str) -> list[str]:
   path = stsb_path(split)
   if path is not None:
-    s1, s2, _ = read_sts_pairs(path)
+    s1, s2, _ = read_sts(path)
     return s1 + s2
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds_split = {'dev': 'validation'}.get(STSB_SPLITS[split], STSB_SPLITS[split])

@@ -87,7 +87,7 @@ def _stsb_pairs(split: str) -> list[tuple[float, str, str]]:
   if path is None:
     raise DataError(f'stsb_paraphrase:{split} reads $KD_DATA_DIR/stsbenchmark/, which is not there; '
                     'set KD_DATA_DIR to the folder holding stsbenchmark/')
-  s1, s2, scores = sentences.read_sts_pairs(path)
+  s1, s2, scores = sentences.read_sts(path)
   return [(float(c), a.strip(), b.strip()) for a, b, c in zip(s1, s2, scores)]
 
 

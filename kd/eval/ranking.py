@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
+from kd.data import sentences
 from kd.eval import speed
 from kd.eval import sts
 
@@ -65,7 +66,7 @@ def char_noise(sentences, rate: float, seed: int = 0, ops=NOISE_OPS) -> list[str
 
 
 def read_sts_meta(path: str) -> tuple[list[str], list[str]]:
-  """(genres, sources) of every pair of an STS-B file, in `sts.read_sts` order (columns 0, 1)."""
+  """(genres, sources) of every pair of an STS-B file, in `sentences.read_sts` order (columns 0, 1)."""
   genres, sources = [], []
   with open(path, encoding='utf-8', newline='') as f:
     for row in csv.reader(f, delimiter='\t', quoting=csv.QUOTE_NONE):
@@ -90,7 +91,7 @@ def sts_report(model, path: str, train_path: str | None = None, **encode_kw) -> 
   """One encode of `path`: {'spearman', 'n', 'genres': {genre: {'spearman', 'n'}}} and, given
   `train_path`, 'held_out': {'spearman', 'n', 'sources'} over the pairs whose source is absent
   from train (a held-out domain)."""
-  s1, s2, gold = sts.read_sts(path)
+  s1, s2, gold = sentences.read_sts(path)
   genres, sources = read_sts_meta(path)
   cos = pair_cosines(model, s1, s2, **encode_kw)
   out = {'spearman': spearman(cos, gold), 'n': len(gold), 'genres': {}}
@@ -119,7 +120,7 @@ def sts_by_genre(model, path: str, **encode_kw) -> dict:
 
 def sts_under_noise(model, path: str, rate: float, seed: int = 0, **encode_kw) -> float:
   """STS Spearman x100 with both sentences of every pair passed through `char_noise`."""
-  s1, s2, gold = sts.read_sts(path)
+  s1, s2, gold = sentences.read_sts(path)
   # One list, so sentence1 and sentence2 of a pair get independent noise.
   noised = char_noise(s1 + s2, rate, seed)
   return spearman(pair_cosines(model, noised[:len(s1)], noised[len(s1):], **encode_kw), gold)

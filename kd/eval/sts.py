@@ -8,7 +8,6 @@ Sentences are sorted by token length and batched with lengths padded up to a mul
 not once per batch, and little compute goes to padding.
 """
 
-import csv
 import functools
 
 import jax
@@ -16,32 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
+from kd.data import sentences
 from kd.models import encoder as encoder_lib
 
 PAD_MULTIPLE = 8
-
-
-def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
-  """(sentence1s, sentence2s, gold float64 scores) of an STS-B file.
-
-  Tab-separated `genre, file, year, id, score, sentence1, sentence2[, extra...]`; extra trailing
-  columns are ignored and quotes are literal text (csv.QUOTE_NONE).
-  """
-  s1, s2, scores = [], [], []
-  with open(path, encoding='utf-8', newline='') as f:
-    for line_no, row in enumerate(csv.reader(f, delimiter='\t', quoting=csv.QUOTE_NONE), 1):
-      if not row:
-        continue
-      if len(row) < 7:
-        raise ValueError(f'{path}:{line_no}: {len(row)} tab-separated columns; an STS-B line has '
-                         'at least 7 (genre, file, year, id, score, sentence1, sentence2).')
-      try:
-        scores.append(float(row[4]))
-      except ValueError:
-        raise ValueError(f'{path}:{line_no}: score column {row[4]!r} is not a number.') from None
-      s1.append(row[5])
-      s2.append(row[6])
-  return s1, s2, np.asarray(scores, np.float64)
 
 
 @functools.partial(jax.jit, static_argnames=('module', 'pooling', 'normalize'))
@@ -102,7 +79,7 @@ def encode(model, sentences, batch_size: int = 64, max_length: int = 128, *,
 
 def evaluate(model, path: str, *, batch_size: int = 64, max_length: int = 128) -> dict:
   """{'spearman', 'pearson'} (both x100) of cosine similarity vs gold, and 'n' pairs."""
-  s1, s2, gold = read_sts(path)
+  s1, s2, gold = sentences.read_sts(path)
   emb = encode(model, s1 + s2, batch_size=batch_size, max_length=max_length)
   cos = np.sum(emb[:len(s1)] * emb[len(s1):], axis=-1, dtype=np.float64)
   return {'spearman': 100.0 * float(scipy.stats.spearmanr(cos, gold).statistic),

@@ -178,7 +178,7 @@ def pair_iterator(config, tokenizer, seed: int):
                                    'KD_DATA_DIR/stsbenchmark/sts-train.csv; set KD_DATA_DIR')
   if jax.process_count() > 1:
     raise config_check.ConfigError('the labelled-pairs baseline runs in one process')
-  s1, s2, scores = sentences_lib.read_sts_pairs(path)
+  s1, s2, scores = sentences_lib.read_sts(path)
   dc, tc = config.data, config.train
   tok = lambda s: tokenizer(s, truncation=True, max_length=dc.max_length)['input_ids']
   steps = int(tc.get('steps', 0)) or tc.epochs * -(-len(scores) // dc.batch_size)
@@ -211,7 +211,7 @@ def train(config, teacher, student, data, workdir: str, *, pairs, attention_pair
 def measure(model, eval_path: str, config) -> dict:
   """STS-B Spearman, parameters, encode throughput and forward memory of `model`."""
   ec = config.eval
-  s1, s2, _ = sts.read_sts(eval_path)
+  s1, s2, _ = sentences_lib.read_sts(eval_path)
   sents = list(dict.fromkeys(s1 + s2))[:ec.get('speed_sentences', 0) or None]
   r = sts.evaluate(model, eval_path, batch_size=ec.batch_size)
   return {'spearman': r['spearman'], 'pearson': r['pearson'], 'pairs': r['n'],
