@@ -25,7 +25,7 @@ demo-encoder: data
 	$(PY) -m kd.main --config=configs/minilm_sts.py --workdir=/tmp/kd/minilm
 
 demo-lm: data
-	$(PY) -m kd.main --config=configs/shakespeare_kd.py --workdir=/tmp/kd/shakespeare
+	$(PY) -m kd.main --config=configs/shakespeare/distill.py --workdir=/tmp/kd/shakespeare
 
 test: data
 	$(PY) -m pytest -q -n 2 --durations=15 tests

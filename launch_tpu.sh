@@ -3,7 +3,7 @@
 #
 #   ./launch_tpu.sh --name=kd-v5e --zone=us-west4-a --accelerator=v5litepod-16 \
 #       --version=v2-alpha-tpuv5-lite --bucket=gs://my-bucket/kd [--project=P] [--queued] [--spot] \
-#       [--dry-run] -- --config=configs/shakespeare_kd.py --config.parallel.mode=mesh
+#       [--dry-run] -- --config=configs/shakespeare/distill.py --config.parallel.mode=mesh
 #
 # Creates the VM (or a queued resource with --queued) unless it exists, copies this checkout
 # (HEAD plus uncommitted edits to tracked files, as a `git archive` tarball), installs kd and

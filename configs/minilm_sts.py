@@ -29,7 +29,7 @@ Args (`:arg`, comma separated; kd.config_args):
   tiny   a few steps on a few sentences, for tests (pass a tiny teacher with
          --config.teacher.path)
 Ablations and seeds: experiments/minilm_sts.py; compressed students (full, LoRA, adapters,
-prefix, QAT, QLoRA, post-training int8/int4/GPTQ): experiments/compressed.py --task=minilm.
+prefix, QAT, QLoRA, post-training int8/int4/GPTQ): experiments/compressed_sts.py.
 """
 
 import ml_collections
@@ -100,7 +100,7 @@ def get_config(arg=None):
   # 'kept': student layer i <-> the teacher layer it was copied from; attention / relation
   # losses on the 'last' pair or on 'all' of them.
   c.features = ml_collections.ConfigDict(dict(layer_map='kept', pairs=(), attention_layers='last'))
-  # A parameter-efficient student (kd.train.compress, as in configs/shakespeare_kd.py): method
+  # A parameter-efficient student (kd.train.compress, as in configs/shakespeare/lora.py): method
   # 'lora' trains only adapters (rank, alpha: scale alpha/rank) on the projections whose module
   # path `target` fully matches (the encoder's are layers_<i>/attn/{q,k,v,o}_proj and
   # layers_<i>/{up,down}_proj), `dropout` on their input in training; the kept teacher layers

@@ -6,7 +6,7 @@ r"""Continual distillation on a stream: does the student keep what it learned on
 Tiny Shakespeare's train split arrives as `shards` contiguous shards (in text order, so each
 holds other plays and speakers); the last 10% of each shard is held out. Phase k trains the
 student on shard k only, starting from phase k-1's student (`student_init.source='run'`), for
-configs/shakespeare_kd.py's steps, with KD from one teacher trained once on all the shards'
+configs/shakespeare/distill.py's steps, with KD from one teacher trained once on all the shards'
 training parts (`kd`: 0.5·CE + 0.5·T²·KL, T = 2) or with hard labels only (`ce`). After every phase the
 student is evaluated on every shard's held-out part. Table: held-out perplexity per (method,
 phase, shard), mean ± std over seeds, and forgetting = perplexity on shard 1 after the last
@@ -27,17 +27,14 @@ import numpy as np
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import objectives  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd import data as data_lib
+from kd import seeds
+from kd.eval import report
+from kd.train import build
+from kd.train import loop
+from kd.train import step as step_lib
 
-from kd import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kd import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kd.eval import report  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kd.train import build  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kd.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kd.train import step as step_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-METHODS = {'kd': 'kl', 'ce': 'ce'}  # method -> configs/shakespeare_kd.py objective
+METHODS = {'kd': 'kl', 'ce': 'ce'}  # method -> configs/shakespeare/distill.py objective
 
 
 def shard_splits(shards: int, held_out: float = 0.1) -> list[tuple[str, str]]:
@@ -61,8 +58,8 @@ def teacher_split(splits) -> str:
 
 def command(workdir, seed, method, k, splits, config_arg) -> list[str]:
   """kd.main's command line for phase k: the student trains on shard k's training part."""
-  arg = ','.join([a for a in config_arg.split(',') if a] + [f'objective={METHODS[method]}'])
-  cmd = [sys.executable, '-m', 'kd.main', f'--config=configs/shakespeare_kd.py:{arg}',
+  config = seeds.config_file('distill', config_arg, METHODS[method])
+  cmd = [sys.executable, '-m', 'kd.main', f'--config={config}',
          f'--workdir={phase_dir(workdir, seed, method, k)}', f'--config.seed={seed}',
          '--config.baseline=False', '--config.train.progress=False',
          f'--config.data.train_split={splits[k][0]}',
@@ -80,8 +77,7 @@ def evaluate_phase(workdir, seed, method, k, splits, config_arg) -> list[float]:
   cache = os.path.join(where, 'shards_eval.json')
   if os.path.exists(cache):
     return json.load(open(cache))
-  config = sweep.load(os.path.join(objectives.REPO, 'configs', 'shakespeare_kd.py'))[0]
-  config = config.get_config(config_arg)
+  config = seeds.load_config('distill', config_arg, METHODS[method])
   tokenizer = data_lib.get_or_train(where, None, config.data.vocab_size)
   student = build.build_model(config.student, tokenizer.get_vocab_size())
   params = build.restore_student(config, student, os.path.join(where, 'student_kd'))
@@ -139,7 +135,7 @@ def plot(ppl: dict, path: str) -> None:
 def main(argv):
   del argv
   f = flags.FLAGS
-  prior = objectives.load_prior(f.prior)
+  prior = seeds.load_prior(f.prior)
   splits = shard_splits(f.shards)
   runs = {}
   for seed in f.seeds:
@@ -149,7 +145,7 @@ def main(argv):
         done = os.path.join(phase_dir(f.workdir, seed, method, k), 'results.json')
         if not os.path.exists(done):
           subprocess.run(command(f.workdir, seed, method, k, splits, f.config_arg), check=True,
-                         cwd=objectives.REPO)
+                         cwd=seeds.REPO)
       runs[seed][method] = {'ppl': [evaluate_phase(f.workdir, seed, method, k, splits,
                                                    f.config_arg) for k in range(len(splits))]}
   runs = report.merge_runs(runs, prior)

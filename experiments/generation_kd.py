@@ -3,58 +3,51 @@ r"""Distillation from generated text on the dialogue task: SFT, supervised KD, S
   KD_DATA_DIR=../shared/data .venv/bin/python experiments/generation_kd.py \
       --seeds=0,1,2 --workdir=/tmp/kd/generation [--rows=...] [--config_arg=tiny] [--out=DIR]
 
-Every (row, seed) is one run of configs/shakespeare_kd.py:dialogue (the prompt/response task of
-kd/data/dialogue.py) with the row's variants, in <workdir>/seed_<s>/<row>; the runs of one seed
-share one teacher (trained on the task by the first run). The divergence is JSD (β = 0.5, T = 2)
-throughout. Rows: SFT (CE on the dataset's responses, no teacher); supervised KD (JSD on the
-dataset's responses = on-policy λ = 0); SeqKD (CE on the teacher's greedy responses); SeqKD +
-JSD; on-policy λ = 0.5 and λ = 1 (the student samples the responses, the teacher scores them);
-born-again (a second student distilled from the λ = 0 student); self-distillation from the
-student's own EMA (0.5 CE + 0.5 JSD, no teacher in its loss); adaptive off-policy (DistiLLM,
-kd/train/replay.py, validation every 100 steps, starting at p0 = 0.5). Metrics on the validation
-split's real responses: perplexity, top-1 agreement with the teacher, ECE; the teacher's
-per-token NLL of the model's own greedy answers to 128 validation prompts
-(kd.eval.generation: how a model does on what it writes, where on-policy training aims); plus
-the student
-run's wall time and, for on-policy rows, the student's sampling speed (tokens/s, first call's
-compile included). Writes <out>/generation_kd.md and .png. Reuses experiments/objectives.py's
-runner. Smoke test: --config_arg=tiny --seeds=0 --workdir=/tmp/gen_tiny --out=/tmp/gen_tiny_out.
+Every (row, seed) is one run of a configs/shakespeare/ experiment on the prompt/response task of
+kd/data/dialogue.py (dialogue.py, seqkd.py, gkd.py, ema.py:dialogue, distillm.py), in
+<workdir>/seed_<s>/<row>; the runs of one seed share one teacher (trained on the task by the first
+run). The divergence is JSD (β = 0.5, T = 2) throughout. Rows: SFT (CE on the dataset's responses,
+no teacher); supervised KD (JSD on the dataset's responses = on-policy λ = 0); SeqKD (CE on the
+teacher's greedy responses); SeqKD + JSD; on-policy λ = 0.5 and λ = 1 (the student samples the
+responses, the teacher scores them); born-again (a second student distilled from the λ = 0 student);
+self-distillation from the student's own EMA (0.5 CE + 0.5 JSD, no teacher in its loss); adaptive
+off-policy (DistiLLM, kd/train/replay.py, validation every 100 steps, starting at p0 = 0.5). Metrics
+on the validation split's real responses: perplexity, top-1 agreement with the teacher, ECE; the
+teacher's per-token NLL of the model's own greedy answers to 128 validation prompts
+(kd.eval.generation: how a model does on what it writes, where on-policy training aims); plus the
+student run's wall time and, for on-policy rows, the student's sampling speed (tokens/s, first
+call's compile included). Writes <out>/generation_kd.md, .png and .runs.json (kd.seeds' runner).
+Smoke test: --config_arg=tiny --seeds=0 --workdir=/tmp/gen_tiny --out=/tmp/gen_tiny_out.
 """
 
 import os
-import sys
 
 import numpy as np
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import objectives  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd import seeds
+from kd.eval import report
 
-from kd.eval import report  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-# name -> (label, objective, {config key: value}, config variants, results key).
+# name -> (label, objective, {config key: value}, experiment[:args], results key).
 ROWS = {
     'sft': ('SFT: CE on the dataset responses (no KD)', 'ce', {}, 'dialogue', 'student_kd'),
     'supervised_kd': ('supervised KD: JSD on the dataset responses (λ = 0)', 'jsd', {},
                       'dialogue', 'student_kd'),
-    'seqkd': ("SeqKD: CE on the teacher's greedy responses", 'ce', {}, 'dialogue,seqkd',
-              'student_kd'),
-    'seqkd_jsd': ("SeqKD + JSD on the teacher's responses", 'jsd', {}, 'dialogue,seqkd',
-                  'student_kd'),
-    'onpolicy_0.5': ('on-policy (GKD) λ = 0.5', 'jsd', {}, 'dialogue,onpolicy=0.5',
-                     'student_kd'),
-    'onpolicy_1': ('on-policy (GKD) λ = 1', 'jsd', {}, 'dialogue,onpolicy=1', 'student_kd'),
+    'seqkd': ("SeqKD: CE on the teacher's greedy responses", 'ce', {}, 'seqkd', 'student_kd'),
+    'seqkd_jsd': ("SeqKD + JSD on the teacher's responses", 'jsd', {}, 'seqkd', 'student_kd'),
+    'onpolicy_0.5': ('on-policy (GKD) λ = 0.5', 'jsd', {}, 'gkd:fraction=0.5', 'student_kd'),
+    'onpolicy_1': ('on-policy (GKD) λ = 1', 'jsd', {}, 'gkd:fraction=1', 'student_kd'),
     'born_again': ('born-again: JSD from the λ = 0 student', 'jsd', {'born_again': 1},
                    'dialogue', 'student_born_again_1'),
     'ema_self': ("self-distillation: 0.5 CE + 0.5 JSD from the student's EMA (0.99; agreement "
-                 'with the EMA)', 'jsd', {}, 'dialogue,ema', 'student_ema_self'),
+                 'with the EMA)', 'jsd', {}, 'ema:dialogue', 'student_ema_self'),
     # p0 = 0.5: with DistiLLM's p0 = 0 the row equals λ = 0, since 800 steps never raise the
     # held-out CE (it falls at every check), so p never leaves p0. From 0.5 it pairs with GKD
     # λ = 0.5: the same share of student-written batches, some replayed from the buffer.
     'adaptive': ('adaptive off-policy (DistiLLM: p0 = 0.5, replay buffer, p raised on val. CE '
                  'rises)', 'jsd', {'train.eval_every': 100, 'on_policy.adaptive.p0': 0.5},
-                 'dialogue,adaptive', 'student_kd'),
+                 'distillm', 'student_kd'),
 }
 # (results key, column title, scale, digits)
 METRICS = (('perplexity', 'perplexity', 1.0, 2), ('agreement', 'agreement (%)', 100.0, 1),
@@ -121,7 +114,6 @@ def rescore(workdir: str, seed: str, row: str, config_arg: str = '') -> bool:
   """Adds the teacher's NLL of greedy answers to a finished run made before that metric
   existed, from its checkpoints (the student's and the seed's teacher's). True if it did."""
   import json  # pylint: disable=g-import-not-at-top
-  from kd import sweep  # pylint: disable=g-import-not-at-top
   from kd.eval import generation  # pylint: disable=g-import-not-at-top
   from kd.data import lm_data  # pylint: disable=g-import-not-at-top
   from kd.train import build  # pylint: disable=g-import-not-at-top
@@ -134,8 +126,7 @@ def rescore(workdir: str, seed: str, row: str, config_arg: str = '') -> bool:
   key = ROWS[row][4]
   if 'sample_teacher_nll' in results[key]:
     return False
-  module, _ = sweep.load(os.path.join(objectives.REPO, 'configs', 'shakespeare_kd.py'))
-  config = module.get_config(','.join(a for a in [config_arg, ROWS[row][3]] if a))
+  config = seeds.load_config(ROWS[row][3], config_arg, ROWS[row][1])
   data = lm_data.LMData(config, run_dir)
   teacher = build.build_model(config.teacher.model, data.vocab_size)
   student = build.build_model(config.student, data.vocab_size)
@@ -159,11 +150,11 @@ def main(argv):
       for row in f.rows:
         if rescore(f.workdir, seed, row, f.config_arg):
           print(f'rescored {row} seed {seed}', flush=True)
-  objectives.run_experiment('generation_kd', table, plot, row_specs=ROWS)
+  seeds.run_experiment('generation_kd', table, plot, row_specs=ROWS)
 
 
 if __name__ == '__main__':
-  objectives.define_flags(ROWS, '/tmp/kd/generation')
+  seeds.define_flags(ROWS, '/tmp/kd/generation')
   flags.DEFINE_bool('rescore', False, 'First add the greedy-answer score to finished runs made '
                     'before it existed (from their checkpoints).')
   app.run(main)

@@ -3,11 +3,11 @@ r"""Distillation objectives for the Shakespeare decoder, over seeds: which diver
   KD_DATA_DIR=../shared/data .venv/bin/python experiments/objectives.py \
       --seeds=0,1,2 --workdir=/tmp/kd/objectives [--rows=...] [--config_arg=tiny] [--out=DIR]
 
-Every (row, seed) is one run of configs/shakespeare_kd.py (`:objective=NAME` plus the row's
+Every (row, seed) is one run of configs/shakespeare/distill.py (`:objective=NAME` plus the row's
 overrides, `baseline=False`) in <workdir>/seed_<s>/<row>; the runs of one seed share one teacher
 (<workdir>/seed_<s>/teacher, `config.teacher.workdir`), trained by the first and restored by the
-rest. A run with a results.json is not run again. Rows (ROWS): no KD; kl at T = 1, 2, 4;
-reverse_kl; jsd at β = 0.1, 0.5, 0.9; tvd; skew_kl; skew_reverse_kl (skew 0.1), all with
+rest (kd.seeds). A run with a results.json is not run again. Rows (ROWS): no KD; kl at T = 1, 2,
+4; reverse_kl; jsd at β = 0.1, 0.5, 0.9; tvd; skew_kl; skew_reverse_kl (skew 0.1), all with
 α = 0.5 and T = 2 unless named; and α ∈ {0, 0.25, 0.75} for kl at T = 2 (α = 0.5 is the kl T=2
 row, α = 1 the no-KD row). Writes <out>/objectives.md (mean ± std over seeds of held-out
 perplexity, teacher-student top-1 agreement, expected calibration error over 15 bins) and
@@ -17,21 +17,15 @@ perplexity, teacher-student top-1 agreement, expected calibration error over 15 
 --workdir=/tmp/obj_tiny --out=/tmp/obj_tiny_out.
 """
 
-import json
-import os
-import subprocess
-import sys
-import time
-
 import numpy as np
 from absl import app
-from absl import flags
 
+from kd import seeds
 from kd.eval import report
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# name -> (label, objective (configs/shakespeare_kd.py `objective=`), {config key: value}).
+# name -> (label, objective (the config's `objective=`), {config key: value}).
+# A row may add an experiment of configs/shakespeare/ (default: distill) with its args, e.g.
+# 'gkd:fraction=0.5', and the key of its student in results.json (kd.seeds' row specs).
 ROWS = {
     'ce': ('no KD (CE only)', 'ce', {}),
     'kl_T1': ('kl, T=1', 'kl', {'temperature': 1.0}),
@@ -56,58 +50,6 @@ METRICS = (('perplexity', 'perplexity', 1.0, 2, True),
            ('agreement', 'top-1 agreement with teacher (%)', 100.0, 1, False),
            ('ece', 'ECE (%)', 100.0, 2, True))
 
-def command(row: str, seed: str, *, workdir: str, config_arg: str = '', overrides=(),
-            row_specs=None) -> list[str]:
-  """The `kd.main` command of one (row, seed). A row of `row_specs` (default ROWS) is (label,
-  objective, {config key: value}[, extra config variants[, results key]])."""
-  _, objective, settings, *rest = (row_specs or ROWS)[row]
-  extra = rest[0].split(',') if rest and rest[0] else []
-  arg = ','.join([a for a in config_arg.split(',') if a] + extra + [f'objective={objective}'])
-  return [sys.executable, '-m', 'kd.main', f'--config=configs/shakespeare_kd.py:{arg}',
-          f'--workdir={os.path.join(workdir, f"seed_{seed}", row)}', f'--config.seed={seed}',
-          '--config.baseline=False', '--config.train.progress=False',
-          f'--config.teacher.workdir={os.path.join(workdir, f"seed_{seed}", "teacher")}',
-          *[f'--config.{k}={v}' for k, v in settings.items()],
-          *[f'--config.{o}' for o in overrides]]
-
-
-def run(row: str, seed: str, *, workdir: str, collect_only: bool = False, **kw) -> dict | None:
-  """One (row, seed): runs it unless its results.json exists; its results, or None."""
-  result = os.path.join(workdir, f'seed_{seed}', row, 'results.json')
-  if not collect_only and not os.path.exists(result):
-    t0 = time.perf_counter()
-    subprocess.run(command(row, seed, workdir=workdir, **kw), check=True, cwd=REPO)
-    print(f'{row} seed {seed}: {time.perf_counter() - t0:.0f} s', flush=True)
-  if not os.path.exists(result):
-    return None
-  with open(result) as f:
-    return json.load(f)
-
-
-def run_seeds(rows, seeds, **kw) -> dict:
-  """{seed: {row: result, 'teacher': its teacher's}} of the runs that have results, seed by
-  seed, so the first run of a seed trains its teacher. A row's fifth entry names its results
-  key (default 'student_kd')."""
-  runs = {}
-  for seed in seeds:
-    runs[seed] = {}
-    for row in rows:
-      r = run(row, seed, **kw)
-      if r is not None:
-        spec = (kw.get('row_specs') or ROWS)[row]
-        runs[seed][row] = r[spec[4] if len(spec) > 4 else 'student_kd']
-        runs[seed]['teacher'] = r['teacher']
-  return runs
-
-
-def load_prior(path: str | None) -> dict:
-  """The --prior runs file ({} without one), read before anything runs so a bad path fails
-  first: its seeds join the table without being rerun."""
-  try:
-    return report.load_runs(path) if path else {}
-  except (OSError, ValueError) as e:
-    raise app.UsageError(str(e)) from None
-
 
 def _line(label, runs, n_seeds, best) -> str:
   cells = []
@@ -117,8 +59,8 @@ def _line(label, runs, n_seeds, best) -> str:
       continue
     cell = report.mean_std([r[key] for r in runs], scale, digits)
     cells.append(f'**{cell}**' if best.get(key) == label else cell)
-  seeds = '' if len(runs) == n_seeds else f' ({len(runs)} seeds)'
-  return f'| {label}{seeds} | ' + ' | '.join(cells) + ' |'
+  note = '' if len(runs) == n_seeds else f' ({len(runs)} seeds)'
+  return f'| {label}{note} | ' + ' | '.join(cells) + ' |'
 
 
 def table(results: dict) -> str:
@@ -185,42 +127,11 @@ def plot(results: dict, path: str) -> None:
   plt.close(fig)
 
 
-def define_flags(row_specs=None, workdir='/tmp/kd/objectives') -> None:
-  """The command line; defined only when run as a script, so tests can import this module."""
-  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to run.')
-  flags.DEFINE_list('rows', list(row_specs or ROWS), 'Rows of the table (keys of ROWS).')
-  flags.DEFINE_string('workdir', workdir, 'Root of the runs.')
-  flags.DEFINE_string('out', 'experiments/results', 'Where the table and plot go.')
-  flags.DEFINE_string('config_arg', '', 'Variant passed to the config (e.g. tiny).')
-  flags.DEFINE_multi_string('override', [], 'Extra --config.k=v overrides.')
-  flags.DEFINE_bool('collect_only', False, "Only read finished runs' results.")
-  flags.DEFINE_string('prior', None, 'A <stem>.runs.json of earlier runs (the one written next '
-                      'to the table): its seeds join the table; this run wins where both have a '
-                      'result. E.g. --seeds=2 --prior=experiments/results/<stem>.runs.json.')
-
-
-def run_experiment(stem: str, table_fn, plot_fn, row_specs=None) -> None:
-  """The flags' rows x seeds (running what is missing) with --prior's, then <out>/<stem>.md,
-  .png and .runs.json (the per-seed results, a later --prior)."""
-  f, specs = flags.FLAGS, row_specs or ROWS
-  unknown = sorted(set(f.rows) - set(specs))
-  if unknown:
-    raise app.UsageError(f'unknown rows {unknown}; valid: {", ".join(specs)}')
-  prior = load_prior(f.prior)
-  runs = report.merge_runs(run_seeds(f.rows, f.seeds, workdir=f.workdir,
-                                     collect_only=f.collect_only, config_arg=f.config_arg,
-                                     overrides=f.override, row_specs=row_specs), prior)
-  results = report.by_row(runs, ['teacher', *f.rows])
-  if not any(results[r] for r in f.rows):
-    raise app.UsageError(f'no finished runs under {f.workdir}')
-  report.write(f.out, stem, table_fn(results), lambda path: plot_fn(results, path), runs=runs)
-
-
 def main(argv):
   del argv
-  run_experiment('objectives', table, plot)
+  seeds.run_experiment('objectives', table, plot, ROWS)
 
 
 if __name__ == '__main__':
-  define_flags()
+  seeds.define_flags(ROWS, '/tmp/kd/objectives')
   app.run(main)

@@ -1,10 +1,12 @@
 r"""The Shakespeare KD table over several seeds: teacher, student with KD, student without KD.
 
   KD_DATA_DIR=../shared/data .venv/bin/python experiments/shakespeare_kd.py \
-      --seeds=0,1,2 --workdir=/tmp/kd/shakespeare_seeds [--config_arg=...] [--out=experiments/results]
+      --seeds=0,1,2 --workdir=/tmp/kd/shakespeare_seeds [--experiment=distill] [--config_arg=...] \
+      [--out=experiments/results]
 
-Each seed is one run of configs/shakespeare_kd.py in <workdir>/seed_<s> (resumable); the table
-(mean ± std over seeds) goes to <out>/shakespeare_kd.md. About 7 minutes per seed on a 2-core CPU.
+Each seed is one run of configs/shakespeare/<experiment>.py (default distill.py: the teacher, KD
+and no-KD students) in <workdir>/seed_<s> (resumable); the table (mean ± std over seeds) goes to
+<out>/shakespeare_kd.md. About 7 minutes per seed on a 2-core CPU (distill.py).
 """
 
 import json
@@ -20,7 +22,8 @@ from kd.eval import report
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to run.')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/kd/shakespeare_seeds', 'Root of the runs.')
 _OUT = flags.DEFINE_string('out', 'experiments/results', 'Where the table goes.')
-_ARG = flags.DEFINE_string('config_arg', '', 'Variant passed to the config (e.g. tiny).')
+_EXPERIMENT = flags.DEFINE_string('experiment', 'distill', 'A config of configs/shakespeare/.')
+_ARG = flags.DEFINE_string('config_arg', '', 'Args passed to the config (e.g. tiny).')
 _OVERRIDES = flags.DEFINE_multi_string('override', [], 'Extra --config.k=v overrides.')
 _COLLECT = flags.DEFINE_bool('collect_only', False, 'Only read the finished runs\' results.')
 
@@ -32,7 +35,8 @@ def run_seed(seed: str) -> dict:
   if _COLLECT.value:
     with open(os.path.join(workdir, 'results.json')) as f:
       return json.load(f)
-  config = 'configs/shakespeare_kd.py' + (f':{_ARG.value}' if _ARG.value else '')
+  config = (f'configs/shakespeare/{_EXPERIMENT.value}.py'
+            + (f':{_ARG.value}' if _ARG.value else ''))
   cmd = [sys.executable, '-m', 'kd.main', f'--config={config}', f'--workdir={workdir}',
          f'--config.seed={seed}', '--config.train.progress=False',
          *[f'--config.{o}' for o in _OVERRIDES.value]]

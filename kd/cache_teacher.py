@@ -1,6 +1,7 @@
 r"""Writes an offline teacher: its top-k logits over the training rows, to ArrayRecord.
 
-  python -m kd.cache_teacher --config=configs/shakespeare_kd.py --workdir=DIR [--k=64] [--out=...]
+  python -m kd.cache_teacher --config=configs/shakespeare/distill.py --workdir=DIR [--k=64] \
+      [--out=...]
 
 Trains (or restores) the teacher in DIR/teacher exactly as `kd.main` would, runs it once over the
 packed training rows in a fixed order, and writes DIR/teacher_cache (rows + top-k ids, logits and

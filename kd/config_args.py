@@ -7,9 +7,30 @@ Comma-separated; a bool arg is given bare (`tiny`), any other as `name=value`, c
 type. An unknown name, a repeated one, a bool given a value or a value arg given none is a
 ValueError that lists the valid args. `conflicts` names groups of args of which at most one may
 be given (e.g. two ways to choose the PEFT method); `requires` maps an arg to one it needs.
+
+Config files are loaded by path, not imported, so the experiments of one directory reach the
+base they share with `sibling`, by their own location, whatever the working directory:
+
+  base = config_args.sibling(__file__, 'base')   # configs/shakespeare/base.py
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
+import types
+
+
+def sibling(file: str, name: str) -> types.ModuleType:
+  """The module `name`.py in the directory of `file` (a config file's `__file__`), loaded anew."""
+  path = os.path.join(os.path.dirname(os.path.abspath(os.fspath(file))), f'{name}.py')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{file} builds on {path}, which is missing; keep the files of a '
+                            'config directory together')
+  spec = importlib.util.spec_from_file_location(f'kd_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def parse(arg: str | None, spec: dict[str, type], *, conflicts=(), requires=None) -> dict:

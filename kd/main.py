@@ -1,6 +1,6 @@
 """Runs one experiment config.
 
-  python -m kd.main --config=configs/shakespeare_kd.py[:variant] --workdir=DIR [--config.k=v ...]
+  python -m kd.main --config=configs/shakespeare/distill.py[:arg] --workdir=DIR [--config.k=v ...]
 
 A run resumes from its workdir; results land in DIR/results.md and DIR/results.json.
 """

@@ -1,6 +1,6 @@
 r"""Expands a config's sweep into runs of `kd.main`, one workdir per point, and tabulates them.
 
-  python -m kd.sweep configs/shakespeare_kd.py[:arg] --workdir=ROOT [--dry-run]
+  python -m kd.sweep configs/shakespeare/distill.py[:arg] --workdir=ROOT [--dry-run]
       [--override=k=v ...] [--grid=k=v1,v2,... ...] [--launch=local|tpu]
       [--tpu_args='--name=kd --zone=...'] [--summary]
 

@@ -18,9 +18,15 @@ os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0 '
 
 @pytest.fixture
 def shakespeare_config():
-  """get_config(arg) of configs/shakespeare_kd.py, loaded like kd.main loads a config file."""
+  """get('NAME:ARG') -> get_config(ARG) of configs/shakespeare/NAME.py (e.g. 'gkd:tiny,fraction=1'),
+  loaded by path as kd.main loads a config file."""
   from kd import sweep  # pylint: disable=g-import-not-at-top
-  return sweep.load(str(ROOT / 'configs' / 'shakespeare_kd.py'))[0].get_config
+
+  def get(spec: str):
+    name, _, arg = spec.partition(':')
+    module, arg = sweep.load(f'{ROOT / "configs" / "shakespeare" / name}.py:{arg}')
+    return module.get_config(arg)
+  return get
 
 
 def _tiny_bert(path, seed: int, layers: int) -> str:

@@ -37,7 +37,7 @@ class TwoHostData(lm_data.LMData):
 
 
 def main(workdir: str, overrides: dict):
-  spec = importlib.util.spec_from_file_location('c', ROOT / 'configs' / 'shakespeare_kd.py')
+  spec = importlib.util.spec_from_file_location('c', ROOT / 'configs/shakespeare/distill.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config('tiny')

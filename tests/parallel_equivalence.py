@@ -271,7 +271,7 @@ def quantized_teacher_runs(student, teacher, teacher_params, batches):
   for act_bits, group, prefix in ((0, 16, ''), (8, 0, 'w8a8/')):
     cfg = ml_collections.ConfigDict({'teacher': {'quant': {
         'bits': 8, 'group_size': group, 'act_bits': act_bits, 'target': r'.*_proj|lm_head'}}})
-    model, qparams = compress.quantized_teacher(cfg, teacher, teacher_params)
+    model, qparams = compress.quantized_teacher(compress.read(cfg), teacher, teacher_params)
     spec = dataclasses.replace(build.make_spec(_config(1), student, teacher, LOSSES, 10),
                                teacher=model)
     state0 = jax.device_get(step_lib.create_state(build.init_student(spec, 0), spec.tx, 0))

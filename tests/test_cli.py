@@ -18,7 +18,7 @@ STEPS = 10
 
 
 def _cmd(workdir, *overrides):
-  return [sys.executable, '-m', 'kd.main', '--config=configs/shakespeare_kd.py:tiny',
+  return [sys.executable, '-m', 'kd.main', '--config=configs/shakespeare/distill.py:tiny',
           f'--workdir={workdir}', f'--config.train.steps={STEPS}',
           '--config.train.checkpoint_every=1', '--config.train.keep=3', *overrides]
 
@@ -120,7 +120,7 @@ def test_a_diverging_run_stops_naming_the_step_and_term(tmp_path):
   import importlib.util  # pylint: disable=g-import-not-at-top
   from kd.train import loop  # pylint: disable=g-import-not-at-top
   from kd.train import run  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('c', ROOT / 'configs' / 'shakespeare_kd.py')
+  spec = importlib.util.spec_from_file_location('c', ROOT / 'configs/shakespeare/distill.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config('tiny')
@@ -131,7 +131,7 @@ def test_a_diverging_run_stops_naming_the_step_and_term(tmp_path):
 
 def _tiny_config():
   import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('c', ROOT / 'configs' / 'shakespeare_kd.py')
+  spec = importlib.util.spec_from_file_location('c', ROOT / 'configs/shakespeare/distill.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config('tiny')

@@ -1,4 +1,5 @@
-"""experiments/compressed.py: every row builds the config it names, and the table reads results."""
+"""experiments/compressed_lm.py and compressed_sts.py: every row builds the config it names, and
+the table reads results."""
 
 import importlib.util
 import pathlib
@@ -11,13 +12,22 @@ from kd.train import config_check
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope='module')
-def compressed():
-  spec = importlib.util.spec_from_file_location('compressed_experiment',
-                                                ROOT / 'experiments' / 'compressed.py')
+def _load(name):
+  spec = importlib.util.spec_from_file_location(f'{name}_experiment',
+                                                ROOT / 'experiments' / f'{name}.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+@pytest.fixture(scope='module')
+def compressed():
+  return _load('compressed_lm')
+
+
+@pytest.fixture(scope='module')
+def encoder():
+  return _load('compressed_sts')
 
 
 @pytest.mark.parametrize('row,peft,quant,group', [
@@ -48,7 +58,7 @@ def test_paired_differences_are_taken_within_a_seed(compressed):
                 'teacher': dict(perplexity=15.9), '_commit': 'abc'},
           '1': {'full': dict(perplexity=17.0), 'ptq4': dict(perplexity=17.2)},
           '2': {'ptq4': dict(perplexity=18.0)}}  # no full row: no difference
-  got = compressed.paired(runs, 'perplexity')
+  got = report.paired(runs, 'perplexity', 'full')
   assert got['0']['ptq4']['perplexity_vs_full'] == pytest.approx(0.3)
   assert got['0']['teacher']['perplexity_vs_full'] == pytest.approx(-0.1)
   assert got['1']['ptq4']['perplexity_vs_full'] == pytest.approx(0.2)
@@ -63,57 +73,54 @@ def test_paired_differences_are_taken_within_a_seed(compressed):
 @pytest.mark.parametrize('row,peft,quant,bits,group', [
     ('full', 'none', 'none', 8, 0), ('lora', 'lora', 'none', 8, 0), ('qat8', 'none', 'qat', 8, 0),
     ('qat4', 'none', 'qat', 4, 32), ('qlora', 'lora', 'qlora', 4, 32)])
-def test_minilm_rows_build_the_configs_they_name(compressed, row, peft, quant, bits, group):
+def test_minilm_rows_build_the_configs_they_name(encoder, row, peft, quant, bits, group):
   from kd.train import sentence  # pylint: disable=g-import-not-at-top
-  c = compressed.minilm_config(row, '1', '/tmp/w', '',
-                               ['teacher.path=/x', 'student.layers=(0,3)'])
+  c = encoder.row_config(row, '1', '/tmp/w', '', ['teacher.path=/x', 'student.layers=(0,3)'])
   sentence.check(c)
   assert (c.peft.method, c.quant.method, c.quant.bits, c.quant.group_size, c.seed) == (
       peft, quant, bits, group, 1)
   assert c.teacher.cache_dir == '/tmp/w/teacher_cache'  # one teacher cache for every run
   assert (c.teacher.path, tuple(c.student.layers)) == ('/x', (0, 3))
-  cmd = compressed.minilm_command(row, '1', '/tmp/w', '', ['teacher.path=/x'])
+  cmd = encoder.command(row, '1', '/tmp/w', '', ['teacher.path=/x'])
   assert '--workdir=/tmp/w/seed_1/' + row in cmd and cmd[-1] == '--config.teacher.path=/x'
   variants = {'full': '', 'lora': ':lora', 'qat8': ':qat=8', 'qat4': ':qat=4',
               'qlora': ':lora,qlora'}[row]
   assert cmd[3] == f'--config=configs/minilm_sts.py{variants}'
 
 
-def test_minilm_table_and_unknown_rows(compressed):
+def test_minilm_table_and_unknown_rows(encoder):
   run = dict(spearman=80.0, stored_bytes=2 * 2**20, trainable_params=10)
-  text = compressed.table({'teacher': [dict(spearman=86.0, stored_bytes=2**22)],
-                           'qlora': [run, dict(run, spearman=82.0)]},
-                          compressed.MINILM_COLUMNS,
-                          compressed.MINILM_CAPTION.format(layers='0, 3'))
+  text = encoder.table({'teacher': [dict(spearman=86.0, stored_bytes=2**22)],
+                        'qlora': [run, dict(run, spearman=82.0)]}, layers='0, 3')
   assert text.startswith('STS-B dev Spearman ×100 (cosine of mean-pooled embeddings), 2 seed(s)')
   assert "the teacher's layers 0, 3 and" in text
   assert ('| QLoRA: LoRA r=8 on an int4 base (groups of 32) | 81.00 ± 1.41 | - | 2.00 ± 0.00 | '
           '10 ± 0 |') in text
   assert '| teacher | 86.00 | - | 4.00 | - |' in text
-  with pytest.raises(ValueError, match='no --task=minilm version'):
-    compressed.minilm_runs(['prompt'], ['0'], '/tmp/w')
+  with pytest.raises(ValueError, match='no sentence-encoder version'):
+    encoder.run_seeds(['prompt'], ['0'], '/tmp/w')
 
 
-def test_minilm_speed_table_states_the_ratio_to_the_teacher(compressed):
-  config = compressed.minilm_config('full', '0', '/tmp/w', 'tiny', ['student.layers=(0,3)'])
+def test_minilm_speed_table_states_the_ratio_to_the_teacher(encoder):
+  config = encoder.row_config('full', '0', '/tmp/w', 'tiny', ['student.layers=(0,3)'])
   config.eval.path = '/nonexistent'  # the sentence count is passed in, not read
   speeds = {'teacher': dict(sentences_per_s_b1=40.0, sentences_per_s_b32=200.0),
             'student': dict(sentences_per_s_b1=130.0, sentences_per_s_b32=500.0)}
-  text = compressed.speed_table(speeds, config, n_sentences=32)
+  text = encoder.speed_table(speeds, config, n_sentences=32)
   assert 'best of 1 passes over 32 dev sentences' in text
   assert '| teacher | 40 | 200 |' in text
   assert "| every student (the teacher's layers 0, 3) | 130 (3.25×) | 500 (2.50×) |" in text
   # Rows whose students add computation get their own line, and the others are 'every other'.
   speeds['prefix'] = dict(sentences_per_s_b1=120.0, sentences_per_s_b32=400.0)
-  text = compressed.speed_table(speeds, config, n_sentences=32)
+  text = encoder.speed_table(speeds, config, n_sentences=32)
   assert "| every other student (the teacher's layers 0, 3) | 130 (3.25×) | 500 (2.50×) |" in text
   assert '| prefix tuning, 16 positions (same layers) | 120 (3.00×) | 400 (2.00×) |' in text
   assert 'but the adapter and prefix rows, which add computation and have their own' in text
 
 
-def test_rows_drawn_on_one_another_share_a_label(compressed):
+def test_rows_drawn_on_one_another_share_a_label():
   points = {'full': (65000.0, 86.51), 'qat8': (52400.0, 86.51), 'ptq8': (52410.0, 86.52),
             'ptq4': (50100.0, 86.39), 'teacher': (88700.0, 86.72)}
-  groups = compressed.overlapping_labels(points)
+  groups = report.overlapping_labels(points)
   assert list(groups.values()) == [['full'], ['qat8', 'ptq8'], ['ptq4'], ['teacher']]
   assert list(groups) == [points['full'], points['qat8'], points['ptq4'], points['teacher']]

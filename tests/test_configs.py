@@ -3,6 +3,7 @@
 import importlib.util
 import pathlib
 import re
+import shutil
 
 import pytest
 
@@ -17,7 +18,9 @@ from kd.train import sections
 from kd.train import sentence
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
-CONFIGS = sorted(CONFIG_DIR.rglob('*.py'))
+# base.py: what the experiment files of its directory share, not a config by itself.
+CONFIGS = sorted(p for p in CONFIG_DIR.rglob('*.py') if p.name != 'base.py')
+SHAKESPEARE = CONFIG_DIR / 'shakespeare'
 
 
 def _module(path):
@@ -81,28 +84,50 @@ def test_examples_give_every_documented_arg(path):
   used = {token.split('=')[0] for example in module.EXAMPLES for token in example.split(',')}
   assert used == set(module.ARGS), f'{path}: EXAMPLES leave out {set(module.ARGS) - used}'
   for name, kind in module.ARGS.items():  # the docstring documents each, as `name` or `name=X`
-    assert re.search(rf'^\s+{re.escape(name)}{"" if kind is bool else "="}', module.__doc__,
-                     re.M), f'{path}: the docstring does not document {name!r}'
+    # at the start of an indented line, or after others there (`  tiny, long, objective=NAME`)
+    assert re.search(rf'^\s+(?:\S+, )*{re.escape(name)}{"" if kind is bool else "="}',
+                     module.__doc__, re.M), f'{path}: the docstring does not document {name!r}'
 
 
-@pytest.mark.parametrize('arg, message', [
-    ('tiny,peft=adapter,lora', r"\['lora', 'peft'\] .* choose the same thing"),
-    ('tiny,bogus', "unknown config arg 'bogus'.*valid: tiny, long, objective=STR"),
-    ('tiny=1', "'tiny' takes no value"),
-    ('objective', "'objective' needs a value: objective=STR"),
-    ('tiny,tiny', 'given twice'),
-    ('qat=four', "'four' is not of type int"),
-    ('onpolicy=0.5', "'onpolicy' needs 'dialogue' too"),
-    ('qat=2', '4- or 8-bit'),
+def test_every_shakespeare_experiment_builds_on_the_base_from_any_directory(tmp_path,
+                                                                           monkeypatch):
+  """The experiment files reach base.py by their own location: a copy of the directory loads
+  with any working directory, by a relative path, as kd.main and kd.sweep load them."""
+  from kd import sweep  # pylint: disable=g-import-not-at-top
+  shutil.copytree(SHAKESPEARE, tmp_path / 'c')
+  monkeypatch.chdir(tmp_path)
+  experiments = sorted(p.name for p in SHAKESPEARE.glob('*.py') if p.name != 'base.py')
+  assert len(experiments) >= 10
+  for name in experiments:
+    module, arg = sweep.load(f'c/{name}:tiny')
+    assert module.get_config(arg).to_dict() == load(SHAKESPEARE / name, 'tiny').to_dict()
+  (tmp_path / 'c' / 'base.py').unlink()
+  with pytest.raises(FileNotFoundError, match='base.py, which is missing'):
+    sweep.load('c/distill.py')
+
+
+@pytest.mark.parametrize('path, arg, message', [
+    ('minilm_sts.py', 'tiny,peft=adapter,lora', r"\['peft', 'lora'\] .* choose the same thing"),
+    ('shakespeare/distill.py', 'tiny,bogus',
+     "unknown config arg 'bogus'.*valid: tiny, long, objective=STR$"),
+    ('shakespeare/gkd.py', 'tiny,bogus', 'valid: tiny, long, objective=STR, fraction=FLOAT'),
+    ('shakespeare/distill.py', 'tiny=1', "'tiny' takes no value"),
+    ('shakespeare/distill.py', 'objective', "'objective' needs a value: objective=STR"),
+    ('shakespeare/distill.py', 'tiny,tiny', 'given twice'),
+    ('shakespeare/qat.py', 'bits=four', "'four' is not of type int"),
+    ('minilm_sts.py', 'qlora', "'qlora' needs 'lora' too"),
+    ('shakespeare/qat.py', 'bits=2', '4- or 8-bit'),
+    ('shakespeare/adapters.py', 'method=lora', r"use one of \('adapter', 'prefix', 'prompt'\)"),
+    ('shakespeare/distill.py', 'fraction=0.5', "unknown config arg 'fraction'"),
 ])
-def test_bad_config_args_are_refused_naming_the_valid_ones(arg, message):
+def test_bad_config_args_are_refused_naming_the_valid_ones(path, arg, message):
   with pytest.raises(ValueError, match=message):
-    load(CONFIG_DIR / 'shakespeare_kd.py', arg)
+    load(CONFIG_DIR / path, arg)
 
 
 def test_keys_the_readme_sets_are_declared():
   """A flag like --config.closed_form=False only works on a key the config declares."""
-  for path in (CONFIG_DIR / 'shakespeare_kd.py', CONFIG_DIR / 'llm' / 'smollm2_kd.py'):
+  for path in (SHAKESPEARE / 'distill.py', CONFIG_DIR / 'llm' / 'smollm2_kd.py'):
     config = load(path)
     for key in ('closed_form', 'same_tokenizer', 'chunk_size', 'fused_chunks', 'temperature'):
       assert key in config, (path, key)
@@ -114,7 +139,7 @@ def _set_ignoring_type(config, key, value):
 
 
 def _tiny():
-  return load(CONFIG_DIR / 'shakespeare_kd.py', 'tiny')
+  return load(SHAKESPEARE / 'distill.py', 'tiny')
 
 
 @pytest.mark.parametrize('edit, message', [

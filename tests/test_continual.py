@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_a_phase_trains_on_its_shard_and_the_next_starts_from_its_student(shakespeare_config,
                                                                           tmp_path):
-  config = shakespeare_config('tiny')
+  config = shakespeare_config('distill:tiny')
   config.data.train_split = 'train[:50%]'
   data = lm_data.LMData(config, str(tmp_path))
   assert 0 < len(data.student_source) < len(data.teacher_source)  # the teacher sees it all
@@ -47,7 +47,7 @@ def test_a_phase_trains_on_its_shard_and_the_next_starts_from_its_student(shakes
 
 def test_the_teacher_and_tokenizer_never_see_the_held_out_text(shakespeare_config, tmp_path,
                                                               monkeypatch):
-  config = shakespeare_config('tiny')
+  config = shakespeare_config('distill:tiny')
   config.data.train_split = 'train[:40%]'
   config.data.teacher_split = 'train[:40%]+train[50%:90%]'  # held out: [40%:50%], [90%:]
   seen = []
@@ -67,7 +67,7 @@ def test_the_teacher_and_tokenizer_never_see_the_held_out_text(shakespeare_confi
 
 def test_dialogue_students_read_their_split_and_the_teacher_its_own(shakespeare_config,
                                                                     tmp_path):
-  config = shakespeare_config('dialogue,tiny')
+  config = shakespeare_config('dialogue:tiny')
   config.data.train_split = 'train[:40%]'
   data = lm_data.LMData(config, str(tmp_path))
   texts = lambda split: list(data_lib.load_text_split(config.data.name, split))
@@ -108,7 +108,7 @@ def test_shards_cover_the_split_and_hold_out_each_tail():
                     ('train[67%:97%]', 'train[97%:100%]')]
   cmd = continual.command('/w', '1', 'kd', 1, splits, 'tiny')
   assert '--config.student_init.path=/w/seed_1/kd/phase_0/student_kd' in cmd
-  assert '--config=configs/shakespeare_kd.py:tiny,objective=kl' in cmd
+  assert '--config=configs/shakespeare/distill.py:tiny,objective=kl' in cmd
   assert '--config.data.train_split=train[33%:64%]' in cmd
   assert '--config.data.teacher_split=train[0%:30%]+train[33%:64%]+train[67%:97%]' in cmd
 

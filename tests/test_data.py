@@ -1,6 +1,7 @@
 """Tests of kd.data against the real Tiny Shakespeare in $KD_DATA_DIR."""
 
 import collections
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -10,9 +11,9 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import tensorflow_datasets as tfds
 
 from kd import data
+from kd.data import local
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get(
@@ -192,13 +193,31 @@ def test_build_is_idempotent_and_safe_to_race(tmp_path):
   assert info.stat().st_mtime_ns == before
 
 
+def _known_file_at(url: str) -> dict:
+  """kd.data.local.FILES with Tiny Shakespeare's URL replaced (file://, no network)."""
+  rel = "tinyshakespeare/input.txt"
+  return {rel: dataclasses.replace(local.FILES[rel], url=url)}
+
+
 def test_missing_file_says_where_it_looked(tmp_path, monkeypatch):
-  monkeypatch.setenv("KD_DATA_DIR", str(tmp_path))
   with pytest.raises(FileNotFoundError) as err:
+    data.load_text_split(
+        "tiny_shakespeare", "train", data_dir=str(tmp_path), cache_dir=str(tmp_path)
+    )
+  assert str(tmp_path / "tinyshakespeare" / "input.txt") in str(err.value)
+  # Without data_dir the data folder is tried, and offline the error names it.
+  folder = tmp_path / "data"
+  monkeypatch.setenv("KD_DATA_DIR", str(folder))
+  monkeypatch.setattr(
+      local, "FILES", _known_file_at((tmp_path / "nowhere").as_uri())
+  )
+  with pytest.raises(local.DataError) as err:
     data.load_text_split("tiny_shakespeare", "train", cache_dir=str(tmp_path))
   message = str(err.value)
-  assert str(tmp_path / "tinyshakespeare" / "input.txt") in message
-  assert "KD_DATA_DIR" in message
+  assert f"data folder {folder} (from $KD_DATA_DIR)" in message
+  assert "tinyshakespeare/input.txt" in message
+  assert "python -m kd.data.fetch --to=DIR" in message
+  assert not folder.exists() or not [p for p in folder.rglob("*") if p.is_file()]
 
 
 def test_unknown_names_list_the_valid_ones():
@@ -208,21 +227,19 @@ def test_unknown_names_list_the_valid_ones():
     data.load_text_split("tiny_shakespeare", "dev", data_dir=DATA_DIR)
 
 
-def test_tfds_fallback_gives_the_same_documents(sources, raw_text, monkeypatch):
-  """Without KD_DATA_DIR, TFDS's one-string-per-split records are cut alike."""
-  parts = expected_split(raw_text)
-  calls = []
-
-  def fake_data_source(name, split):
-    calls.append((name, split))
-    return [{"text": parts[split].encode()}]
-
+def test_without_kd_data_dir_the_corpus_is_fetched_into_the_cache(
+    sources, cache_dir, tmp_path, monkeypatch
+):
+  """A fresh machine: ~/.cache/kd/data gets input.txt, and the documents are
+  the same as from ../shared/data."""
   monkeypatch.delenv("KD_DATA_DIR", raising=False)
-  monkeypatch.setattr(tfds, "data_source", fake_data_source)
-  for split in parts:
-    got = data.load_text_split("tiny_shakespeare", split)
-    assert list(got) == list(sources[split])
-  assert calls == [("tiny_shakespeare", s) for s in parts]
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.setattr(local, "FILES", _known_file_at(pathlib.Path(INPUT).as_uri()))
+  got = data.load_text_split("tiny_shakespeare", "validation", cache_dir=cache_dir)
+  assert list(got) == list(sources["validation"])
+  fetched = tmp_path / ".cache" / "kd" / "data" / "tinyshakespeare" / "input.txt"
+  assert fetched.read_bytes() == pathlib.Path(INPUT).read_bytes()
+  assert "tensorflow" not in sys.modules
 
 
 # ------------------------------------------------------------ tokenizer ----

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = str(ROOT / 'launch_tpu.sh')
 TPU = ['--name=kd-test', '--zone=us-west4-a', '--accelerator=v5litepod-16',
        '--version=v2-alpha-tpuv5-lite', '--project=proj', '--bucket=gs://bkt/kd']
-MAIN = ['--config=configs/shakespeare_kd.py:tiny', '--config.data.name=with space']
+MAIN = ['--config=configs/shakespeare/distill.py:tiny', '--config.data.name=with space']
 
 
 def _launch(*args, path=None):
@@ -117,7 +118,7 @@ def test_hyper_helpers():
 
 
 def test_sweep_dry_run_lists_six_distinct_runs(tmp_path):
-  out = _sweep('configs/shakespeare_kd.py', f'--workdir={tmp_path}', '--dry-run',
+  out = _sweep('configs/shakespeare/distill.py', f'--workdir={tmp_path}', '--dry-run',
                '--override=train.steps=2')
   assert out.returncode == 0, out.stderr
   runs = [shlex.split(l) for l in out.stdout.splitlines()]
@@ -126,7 +127,7 @@ def test_sweep_dry_run_lists_six_distinct_runs(tmp_path):
   assert len(workdirs) == 6 and all(w.startswith(f'--workdir={tmp_path}/') for w in workdirs)
   seen = set()
   for r in runs:
-    assert r[1:3] == ['-m', 'kd.main'] and '--config=configs/shakespeare_kd.py' in r
+    assert r[1:3] == ['-m', 'kd.main'] and '--config=configs/shakespeare/distill.py' in r
     assert '--config.train.steps=2' in r
     seed = next(a for a in r if a.startswith('--config.seed='))
     temp = next(a for a in r if a.startswith('--config.temperature='))
@@ -137,7 +138,8 @@ def test_sweep_dry_run_lists_six_distinct_runs(tmp_path):
 
 
 def test_sweep_tpu_dry_run_goes_through_launch_tpu():
-  out = _sweep('configs/shakespeare_kd.py', '--workdir=gs://bkt/sw', '--dry-run', '--launch=tpu',
+  out = _sweep('configs/shakespeare/distill.py', '--workdir=gs://bkt/sw', '--dry-run',
+               '--launch=tpu',
                '--tpu_args=--name=kd --zone=z --accelerator=v5litepod-16 --version=v')
   assert out.returncode == 0, out.stderr
   runs = [shlex.split(l) for l in out.stdout.splitlines()]
@@ -147,7 +149,7 @@ def test_sweep_tpu_dry_run_goes_through_launch_tpu():
 
 
 def test_grid_replaces_the_configs_sweep(tmp_path):
-  out = _sweep('configs/shakespeare_kd.py:lora', f'--workdir={tmp_path}', '--dry-run',
+  out = _sweep('configs/shakespeare/lora.py:qlora', f'--workdir={tmp_path}', '--dry-run',
                '--grid=optimizer.lr=1e-3,3e-2', '--grid=config.peft.rank=8,64',
                '--grid=student_init.layers_list=(0,),(0, 2)')
   assert out.returncode == 0, out.stderr
@@ -160,20 +162,28 @@ def test_grid_replaces_the_configs_sweep(tmp_path):
                      '--config.student_init.layers_list=(0, 2)')
   assert len(set(got)) == 8 and not any('--config.seed=' in a for r in runs for a in r)
   assert f'--workdir={tmp_path}/lr_0.03-rank_64-layers_list__0__2_' in runs[-1]
-  assert '--config=configs/shakespeare_kd.py:lora' in runs[0]
+  assert '--config=configs/shakespeare/lora.py:qlora' in runs[0]
   for bad, says in (('--grid=optimizer.lr', 'K=V1,V2'), ('--grid=optimizer.lrr=1,2',
                                                          'optimizer.lrr')):
-    out = _sweep('configs/shakespeare_kd.py', f'--workdir={tmp_path}/x', bad)
+    out = _sweep('configs/shakespeare/distill.py', f'--workdir={tmp_path}/x', bad)
     assert out.returncode == 2 and says in out.stderr, out.stderr
   assert not (tmp_path / 'x').exists()
 
 
+def _distill_copy(tmp_path, extra='', *, keep_sweep=True):
+  """configs/shakespeare copied under tmp_path (its files find base.py beside them), with
+  `extra` added to distill.py, after or instead of its get_hyper: that distill.py's path."""
+  shutil.copytree(ROOT / 'configs' / 'shakespeare', tmp_path / 'cfg')
+  cfg = tmp_path / 'cfg' / 'distill.py'
+  text = cfg.read_text()
+  cfg.write_text((text if keep_sweep else text.split('\n\ndef get_hyper')[0]) + extra)
+  return cfg
+
+
 @pytest.mark.parametrize('extra', [[], ['--override=train.stepz=2']])
 def test_unknown_key_fails_before_running(tmp_path, extra):
-  cfg = tmp_path / 'bad.py'
-  cfg.write_text((ROOT / 'configs' / 'shakespeare_kd.py').read_text() if extra else
-                 (ROOT / 'configs' / 'shakespeare_kd.py').read_text() +
-                 "\n\ndef get_hyper(hyper):\n  return hyper.sweep('config.temprature', [1.0])\n")
+  typo = "\n\ndef get_hyper(hyper):\n  return hyper.sweep('config.temprature', [1.0])\n"
+  cfg = _distill_copy(tmp_path, '' if extra else typo)
   out = _sweep(str(cfg), f'--workdir={tmp_path}/runs', *extra)
   assert out.returncode == 2
   assert ('temprature' in out.stderr or 'stepz' in out.stderr) and 'unknown config' in out.stderr
@@ -188,9 +198,8 @@ def _fake_results(workdir, ppl):
 
 
 def test_summary_collects_results(tmp_path):
-  cfg = tmp_path / 'two.py'
-  cfg.write_text((ROOT / 'configs' / 'shakespeare_kd.py').read_text() +
-                 "\n\ndef get_hyper(hyper):\n  return hyper.sweep('config.seed', [0, 1, 2])\n")
+  cfg = _distill_copy(tmp_path,
+                      "\n\ndef get_hyper(hyper):\n  return hyper.sweep('config.seed', [0, 1, 2])\n")
   _fake_results(tmp_path / 'runs' / 'seed_0', 5.0)
   _fake_results(tmp_path / 'runs' / 'seed_1', 7.0)
   out = _sweep(str(cfg), f'--workdir={tmp_path}/runs', '--summary')
@@ -205,9 +214,8 @@ def test_summary_collects_results(tmp_path):
 
 
 def test_local_sweep_continues_past_failures(tmp_path, monkeypatch):
-  cfg = tmp_path / 'two.py'
-  base = (ROOT / 'configs' / 'shakespeare_kd.py').read_text().split('\n\ndef get_hyper')[0]
-  cfg.write_text(base + "\n\ndef sweep():\n  yield {'seed': 0}\n  yield {'seed': 1}\n")
+  cfg = _distill_copy(tmp_path, "\n\ndef sweep():\n  yield {'seed': 0}\n  yield {'seed': 1}\n",
+                      keep_sweep=False)
   calls = []
 
   def fake_run(cmd, **kwargs):
@@ -229,9 +237,8 @@ def test_local_sweep_continues_past_failures(tmp_path, monkeypatch):
 @pytest.mark.skipif(not os.environ.get('KD_SLOW_TESTS'),
                     reason='two real tiny runs take ~60 s on 2 cores; set KD_SLOW_TESTS=1')
 def test_real_local_sweep_of_two_points(tmp_path):
-  cfg = tmp_path / 'two.py'
-  cfg.write_text((ROOT / 'configs' / 'shakespeare_kd.py').read_text() +
-                 "\n\ndef get_hyper(hyper):\n  return hyper.sweep('config.seed', [0, 1])\n")
+  cfg = _distill_copy(tmp_path,
+                      "\n\ndef get_hyper(hyper):\n  return hyper.sweep('config.seed', [0, 1])\n")
   out = subprocess.run(
       [sys.executable, '-m', 'kd.sweep', f'{cfg}:tiny', f'--workdir={tmp_path}/runs',
        '--override=train.steps=2', '--override=teacher.steps=2', '--override=baseline=False'],

@@ -1,14 +1,15 @@
-"""Expected calibration error in the eval step, a teacher shared by runs, the objectives table."""
+"""Expected calibration error in the eval step, a teacher shared by runs (kd.seeds), the objectives
+table."""
 
 import importlib.util
 import json
 import pathlib
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from kd import seeds
 from kd.eval import report
 from kd.train import config_check
 from kd.train import loop
@@ -117,7 +118,7 @@ def _load(path, name):
 
 
 def _tiny(arg='tiny'):
-  return _load(ROOT / 'configs' / 'shakespeare_kd.py', 'shakespeare_kd').get_config(arg)
+  return _load(ROOT / 'configs' / 'shakespeare' / 'distill.py', 'distill').get_config(arg)
 
 
 def test_objective_variants_build_the_losses():
@@ -164,12 +165,12 @@ def _experiment():
   return _load(ROOT / 'experiments' / 'objectives.py', 'objectives_experiment')
 
 
-def _fake_results(exp, seeds=3):
+def _fake_results(exp, n_seeds=3):
   rng = np.random.default_rng(0)
   res = lambda: {'perplexity': float(rng.uniform(15, 20)), 'ece': float(rng.uniform(0, 0.1)),
                  'agreement': float(rng.uniform(0.6, 0.8)), 'params': 1000}
-  out = {r: [res() for _ in range(seeds)] for r in exp.ROWS}
-  out['teacher'] = [{k: v for k, v in res().items() if k != 'agreement'} for _ in range(seeds)]
+  out = {r: [res() for _ in range(n_seeds)] for r in exp.ROWS}
+  out['teacher'] = [{k: v for k, v in res().items() if k != 'agreement'} for _ in range(n_seeds)]
   return out
 
 
@@ -200,9 +201,10 @@ def test_table_and_plot_format(tmp_path):
 
 def test_experiment_command_shares_the_seed_teacher():
   exp = _experiment()
-  cmd = exp.command('jsd_b0.1', '2', workdir='/w', config_arg='tiny', overrides=['train.steps=3'])
+  cmd = seeds.command('jsd_b0.1', '2', workdir='/w', config_arg='tiny',
+                      overrides=['train.steps=3'], row_specs=exp.ROWS)
   assert cmd[1:] == [
-      '-m', 'kd.main', '--config=configs/shakespeare_kd.py:tiny,objective=jsd',
+      '-m', 'kd.main', '--config=configs/shakespeare/distill.py:tiny,objective=jsd',
       '--workdir=/w/seed_2/jsd_b0.1', '--config.seed=2', '--config.baseline=False',
       '--config.train.progress=False', '--config.teacher.workdir=/w/seed_2/teacher',
       '--config.loss_kwargs.jsd.beta=0.1', '--config.train.steps=3']
@@ -220,8 +222,9 @@ def test_experiment_collects_finished_runs(tmp_path):
           'teacher': {'perplexity': 10.0 + int(seed)},
           'student_kd': {'perplexity': 20.0, 'row': row, 'seed': seed}}))
   rows = ['ce', 'tvd', 'jsd_b0.1']
-  results = report.by_row(exp.run_seeds(rows, ['0', '1'], workdir=str(tmp_path),
-                                        collect_only=True), ['teacher', *rows])
+  results = report.by_row(seeds.run_seeds(rows, ['0', '1'], workdir=str(tmp_path),
+                                          collect_only=True, row_specs=exp.ROWS),
+                          ['teacher', *rows])
   assert results['teacher'] == [{'perplexity': 10.0}, {'perplexity': 11.0}]
   assert [(r['row'], r['seed']) for r in results['ce']] == [('ce', '0'), ('ce', '1')]
   assert [(r['row'], r['seed']) for r in results['tvd']] == [('tvd', '0')]
@@ -230,10 +233,13 @@ def test_experiment_collects_finished_runs(tmp_path):
 
 def test_generation_experiment_rows_commands_and_table(tmp_path):
   gen = _load(ROOT / 'experiments' / 'generation_kd.py', 'generation_experiment')
-  exp = _experiment()
-  cmd = exp.command('seqkd', '1', workdir='/w', config_arg='tiny', row_specs=gen.ROWS)
-  assert '--config=configs/shakespeare_kd.py:tiny,dialogue,seqkd,objective=ce' in cmd
-  cmd = exp.command('born_again', '1', workdir='/w', row_specs=gen.ROWS)
+  cmd = seeds.command('seqkd', '1', workdir='/w', config_arg='tiny', row_specs=gen.ROWS)
+  assert '--config=configs/shakespeare/seqkd.py:tiny,objective=ce' in cmd
+  cmd = seeds.command('onpolicy_0.5', '1', workdir='/w', config_arg='tiny', row_specs=gen.ROWS)
+  assert '--config=configs/shakespeare/gkd.py:tiny,fraction=0.5,objective=jsd' in cmd
+  config = seeds.load_config('ema:dialogue', 'tiny', 'jsd')  # the row's config, built here
+  assert config.data.task == 'dialogue' and config.self_distill.ema_decay == 0.99
+  cmd = seeds.command('born_again', '1', workdir='/w', row_specs=gen.ROWS)
   assert '--config.born_again=1' in cmd and '--config.teacher.workdir=/w/seed_1/teacher' in cmd
   # run_seeds reads each row's own results key (born-again's second student).
   for row in ('sft', 'born_again'):
@@ -243,8 +249,8 @@ def test_generation_experiment_rows_commands_and_table(tmp_path):
     (path / 'results.json').write_text(json.dumps(
         {'teacher': {'perplexity': 15.0, 'ece': 0.02, 'wall_s': 5.0}, 'student_kd': kd,
          'student_born_again_1': {**kd, 'perplexity': 19.0}}))
-  results = report.by_row(exp.run_seeds(['sft', 'born_again'], ['0'], workdir=str(tmp_path),
-                                        collect_only=True, row_specs=gen.ROWS),
+  results = report.by_row(seeds.run_seeds(['sft', 'born_again'], ['0'], workdir=str(tmp_path),
+                                          collect_only=True, row_specs=gen.ROWS),
                           ['teacher', 'sft', 'born_again'])
   assert [r['perplexity'] for r in results['born_again']] == [19.0]
   text = gen.table(results)
@@ -263,9 +269,8 @@ def test_generation_rescore_matches_the_in_run_score(tmp_path):
   """--rescore (for runs made before the greedy-answer score existed) recomputes it from the
   checkpoints: the same value the run itself wrote."""
   gen = _load(ROOT / 'experiments' / 'generation_kd.py', 'generation_experiment')
-  exp = sys.modules[gen.objectives.__name__]
-  r = exp.run('supervised_kd', '0', workdir=str(tmp_path), config_arg='tiny',
-              row_specs=gen.ROWS)
+  r = seeds.run('supervised_kd', '0', workdir=str(tmp_path), config_arg='tiny',
+                row_specs=gen.ROWS)
   want = r['student_kd']['sample_teacher_nll'], r['teacher']['sample_teacher_nll']
   path = tmp_path / 'seed_0' / 'supervised_kd' / 'results.json'
   for k in ('student_kd', 'teacher'):

@@ -131,7 +131,10 @@ def test_on_policy_job_trains_the_kd_student_on_its_own_samples(tmp_path, monkey
   from kd.train import run  # pylint: disable=g-import-not-at-top
   # A LoRA student: it samples through its adapters on the frozen base (the plain student's
   # on-policy run is tests/test_parallel.py's, under pmap).
-  config = shakespeare_config('tiny,dialogue,onpolicy=1.0,lora')
+  config = shakespeare_config('gkd:tiny,fraction=1.0')
+  config.peft.method = 'lora'  # a LoRA student (configs/shakespeare/lora.py's settings)
+  config.student_init.source = 'teacher'
+  config.optimizer.weight_decay = 0.0
   config.baseline = False
   calls = []
   real = onpolicy.OnPolicy.student_batch
@@ -157,7 +160,7 @@ def test_on_policy_job_trains_the_kd_student_on_its_own_samples(tmp_path, monkey
 
 def test_on_policy_runs_under_any_plan_and_process_count(shakespeare_config, monkeypatch):
   from kd.train import config_check  # pylint: disable=g-import-not-at-top
-  config = shakespeare_config('tiny,dialogue,onpolicy=0.5')
+  config = shakespeare_config('gkd:tiny,fraction=0.5')
   config.parallel.mode = 'pmap'
   config_check.check(config)  # one process, any plan (tests/test_parallel.py runs it)
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
@@ -169,11 +172,11 @@ def test_on_policy_runs_under_any_plan_and_process_count(shakespeare_config, mon
 
 
 @pytest.mark.parametrize('arg,edit,message', [
-    ('tiny,dialogue,onpolicy=0.5', lambda c: c.losses.update({'ce': 0.5}), "'ce' loss"),
-    ('tiny', lambda c: c.on_policy.update(fraction=0.5), "task='dialogue'"),
-    ('tiny', lambda c: c.seqkd.update(enabled=True), "prompts for the teacher"),
-    ('tiny,dialogue', lambda c: c.data.update(response_len=1), 'response_len'),
-    ('tiny,dialogue', lambda c: c.on_policy.update(fraction=2.0), r'\[0, 1\]'),
+    ('gkd:tiny,fraction=0.5', lambda c: c.losses.update({'ce': 0.5}), "'ce' loss"),
+    ('distill:tiny', lambda c: c.on_policy.update(fraction=0.5), "task='dialogue'"),
+    ('distill:tiny', lambda c: c.seqkd.update(enabled=True), "prompts for the teacher"),
+    ('dialogue:tiny', lambda c: c.data.update(response_len=1), 'response_len'),
+    ('dialogue:tiny', lambda c: c.on_policy.update(fraction=2.0), r'\[0, 1\]'),
 ])
 def test_config_check_refuses_bad_on_policy_settings(arg, edit, message, shakespeare_config):
   from kd.train import config_check  # pylint: disable=g-import-not-at-top

@@ -35,7 +35,7 @@ def _env(**extra):
 
 
 def _tiny_config():
-  spec = importlib.util.spec_from_file_location('c', ROOT / 'configs' / 'shakespeare_kd.py')
+  spec = importlib.util.spec_from_file_location('c', ROOT / 'configs/shakespeare/distill.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config('tiny')
@@ -122,8 +122,8 @@ def test_on_policy_run_generates_on_a_pmap_state(tmp_path):
   workdir = tmp_path / 'w'
   env = _env()
   env['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=2'
-  cmd = [sys.executable, '-m', 'kd.main', '--config=configs/shakespeare_kd.py:tiny,dialogue,'
-         'onpolicy=1.0', f'--workdir={workdir}', '--config.parallel.mode=pmap',
+  cmd = [sys.executable, '-m', 'kd.main', '--config=configs/shakespeare/gkd.py:tiny,fraction=1.0',
+         f'--workdir={workdir}', '--config.parallel.mode=pmap',
          '--config.baseline=False', '--config.train.progress=False']
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -224,7 +224,7 @@ def _launch(workdir, logs):
   port = portpicker.pick_unused_port()
   procs = []
   for i in range(2):
-    cmd = [sys.executable, '-m', 'kd.main', '--config=configs/shakespeare_kd.py:tiny',
+    cmd = [sys.executable, '-m', 'kd.main', '--config=configs/shakespeare/distill.py:tiny',
            f'--workdir={workdir}', *[f'--config.{k}={v}' for k, v in OVERRIDES.items()],
            '--config.distributed=True', f'--config.parallel.coordinator_address=127.0.0.1:{port}',
            '--config.parallel.num_processes=2', f'--config.parallel.process_id={i}']
@@ -356,7 +356,7 @@ def test_two_processes_train_adaptive_off_policy(tmp_path):
               'on_policy.adaptive.replay_schedule': 'constant', 'train.checkpoint_every': 2,
               'data.max_eval_batches': 1, 'data.sample_eval_batches': 0}
   _two(lambda i, port: [
-      sys.executable, '-m', 'kd.main', '--config=configs/shakespeare_kd.py:tiny,dialogue,adaptive',
+      sys.executable, '-m', 'kd.main', '--config=configs/shakespeare/distillm.py:tiny',
       f'--workdir={workdir}', *[f'--config.{k}={v}' for k, v in settings.items()],
       '--config.distributed=True', f'--config.parallel.coordinator_address=127.0.0.1:{port}',
       '--config.parallel.num_processes=2', f'--config.parallel.process_id={i}'], tmp_path)

@@ -105,7 +105,7 @@ def test_eval_sees_the_adapters():
   config = _config('sgd')
   spec, plain_spec, tp, base, lora, batch = _setup(config)
   state = step_lib.create_state({'student': lora, 'proj': {}}, spec.tx, 0, frozen=base)
-  got = step_lib.eval_step(step_lib.eval_params(state), tp, batch, spec)
+  got = step_lib.eval_step(step_lib.eval_params(state, spec), tp, batch, spec)
   merged = {'student': _merged_by_hand(lora, base), 'proj': {}}
   want = step_lib.eval_step(merged, tp, batch, plain_spec)
   np.testing.assert_allclose(got['ce'][0], want['ce'][0], rtol=1e-5)
@@ -114,16 +114,18 @@ def test_eval_sees_the_adapters():
 def test_config_errors_say_what_to_do(shakespeare_config):
   student = build.build_model(dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                                    intermediate_size=32), V)
-  c = shakespeare_config('tiny,lora')
+  c = shakespeare_config('lora:tiny')
   c.peft.method = 'qlora'
   with pytest.raises(config_check.ConfigError, match=r"peft.method='qlora'; valid"):
     config_check.check_peft(c, student)
-  c = shakespeare_config('tiny,lora')
+  c = shakespeare_config('lora:tiny')
   c.peft.target = 'attn'
   with pytest.raises(config_check.ConfigError, match=r'matches no projection.*layers_0/attn/'):
     config_check.check_peft(c, student)
-  c = shakespeare_config('tiny,lora,dialogue')
-  c.on_policy.fraction = 0.5
+  c = shakespeare_config('gkd:tiny,fraction=0.5')
+  c.peft.method = 'lora'  # a LoRA student (configs/shakespeare/lora.py's settings)
+  c.student_init.source = 'teacher'
+  c.optimizer.weight_decay = 0.0
   config_check.check_peft(c, student)  # on-policy LoRA students sample through their adapters
 
 
@@ -161,10 +163,12 @@ def test_lora_dropout_step_draws_per_step_and_evaluates_without_it(shakespeare_c
   _, plain_spec, tp, base, lora, batch = _setup(config)
   config.peft = {'method': 'lora', 'target': LORA.target, 'rank': LORA.rank,
                  'alpha': LORA.alpha, 'dropout': 0.3}
-  spec = dataclasses.replace(plain_spec, **compress.students(config, plain_spec.student))
+  spec = dataclasses.replace(plain_spec, **compress.students(compress.read(config),
+                                                              plain_spec.student))
   assert spec.student_rngs == ('dropout',) and spec.student_eval is not None
   no_dropout = dataclasses.replace(plain_spec, **compress.students(
-      ml_collections.ConfigDict(dict(config.to_dict(), peft=dict(config.peft, dropout=0.0))),
+      compress.read(ml_collections.ConfigDict(
+          dict(config.to_dict(), peft=dict(config.peft, dropout=0.0)))),
       plain_spec.student))
   state = step_lib.create_state({'student': lora, 'proj': {}}, spec.tx, 0, frozen=base)
   step = jax.jit(functools.partial(step_lib.train_step, spec=spec))
@@ -177,7 +181,7 @@ def test_lora_dropout_step_draws_per_step_and_evaluates_without_it(shakespeare_c
   accum = dataclasses.replace(spec, accum_steps=2)
   assert np.isfinite(loss(state, jax.jit(functools.partial(step_lib.train_step, spec=accum))))
   # Evaluation is deterministic: the adapters without dropout.
-  eval_params = step_lib.eval_params(state)
+  eval_params = step_lib.eval_params(state, spec)
   got = step_lib.eval_step(eval_params, tp, batch, spec)
   want = step_lib.eval_step(eval_params, tp, batch, no_dropout)
   jax.tree.map(np.testing.assert_array_equal, got, want)
@@ -208,7 +212,7 @@ def test_ema_self_distillation_of_a_lora_student_averages_its_adapters():
 
 def test_lora_run_trains_adapters_only_checkpoints_them_and_restores(shakespeare_config,
                                                                      tmp_path):
-  config = shakespeare_config('tiny,lora')
+  config = shakespeare_config('lora:tiny')
   config.peft.dropout = 0.1  # (training only: the restored run below evaluates alike)
   config.teacher.quant.bits = 8  # an int8 teacher (on qwix's int matmuls) teaches the adapters
   config.self_distill.ema_decay = 0.9  # and a second stage distils them from their own EMA
@@ -264,7 +268,7 @@ def test_adapter_prefix_prompt_steps_are_sgd_on_the_full_models_gradient(method)
 
 
 def test_prompt_tuned_run_trains_only_the_prompt(shakespeare_config, tmp_path):
-  config = shakespeare_config('tiny,peft=prompt')
+  config = shakespeare_config('adapters:tiny,method=prompt')
   config.baseline = False
   results = run.main(config, str(tmp_path))
   assert results['student_kd']['trainable_params'] == 8 * config.student.hidden_size

@@ -16,6 +16,7 @@ from kd.train import compress
 from kd.train import config_check
 from kd.train import run
 from kd.train import step as step_lib
+from kd.train import student_weights
 
 from test_peft_train import _config, _merged_by_hand, _setup
 
@@ -40,7 +41,7 @@ def test_fake_quant_forward_is_the_exported_model_and_backward_is_the_identity()
 def test_qat_step_is_sgd_with_the_gradient_taken_at_the_quantized_weights():
   config = _config('sgd')
   _, plain_spec, tp, base, _, batch = _setup(config)
-  spec = dataclasses.replace(plain_spec, quant=QCFG)
+  spec = dataclasses.replace(plain_spec, student_weights=student_weights.FakeQuant(QCFG))
   state = step_lib.create_state({'student': base, 'proj': {}}, spec.tx, 0)
   new, metrics = jax.jit(functools.partial(step_lib.train_step, spec=spec))(state, tp, batch)
   w_q = quant.dequantize(quant.quantize_params(base, QCFG))  # what the student computes with
@@ -85,13 +86,15 @@ def test_quant_config_errors_say_what_to_do(shakespeare_config):
   student = build.build_model(dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                                    intermediate_size=32), 61)
   with pytest.raises(config_check.ConfigError, match="use quant.method='qlora'"):
-    config_check.check_quant(shakespeare_config('tiny,lora,qat=4'), student)
-  c = shakespeare_config('tiny,qat=4')
+    c = shakespeare_config('lora:tiny')
+    c.quant.update(method='qat', bits=4, group_size=8)
+    config_check.check_quant(c, student)
+  c = shakespeare_config('qat:tiny,bits=4')
   c.peft.method = 'none'
   c.quant.method = 'qlora'
   with pytest.raises(config_check.ConfigError, match="set config.peft.method='lora'"):
     config_check.check_quant(c, student)
-  c = shakespeare_config('tiny,qat=8')
+  c = shakespeare_config('qat:tiny,bits=8')
   c.quant.group_size = 12
   with pytest.raises(config_check.ConfigError, match='group_size=12 does not divide'):
     config_check.check_quant(c, student)
@@ -102,13 +105,13 @@ def test_quant_config_errors_say_what_to_do(shakespeare_config):
 
 @pytest.mark.parametrize('embed_bits', [0, 8])
 def test_qat_run_saves_a_student_on_the_4_bit_grid(shakespeare_config, tmp_path, embed_bits):
-  config = shakespeare_config('tiny,qat=4')
+  config = shakespeare_config('qat:tiny,bits=4')
   config.quant.embed_bits = embed_bits  # 8: the embedding table on the int8 per-row grid too
   config.baseline = False
   params, _ = run.run_stage(config, lm_data.LMData(config, str(tmp_path)), str(tmp_path / 's'),
                             build.build_model(config.student, 300), None, None, {'ce': 1.0},
                             steps=2, seed=0, name='s')
-  qcfg = compress.qat_config(config)
+  qcfg = compress.read(config).qat
   again = quant.dequantize(quant.quantize_params(params, qcfg))  # the grid is a fixed point
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), params, again)
   q = quant.quantize_params(params, qcfg)
@@ -122,7 +125,7 @@ def test_a_quantized_teacher_teaches_as_its_dequantized_weights():
   config = _config('sgd')
   config.teacher = {'quant': {'bits': 8, 'group_size': 0, 'target': r'.*_proj|lm_head'}}
   _, plain_spec, tp, base, _, batch = _setup(config)
-  teacher, qparams = compress.quantized_teacher(config, plain_spec.teacher, tp)
+  teacher, qparams = compress.quantized_teacher(compress.read(config), plain_spec.teacher, tp)
   leaf = qparams['params']['layers_0']['attn']['q_proj']['kernel'].array
   assert leaf.qvalue.dtype == jnp.int8
   spec = dataclasses.replace(plain_spec, teacher=teacher)
@@ -139,7 +142,7 @@ def test_a_quantized_teacher_teaches_as_its_dequantized_weights():
                new.params, ref.params)
   # W8A8 (act_bits=8): the projections' inputs rounded per token too; a nearby, different KL.
   config.teacher.quant['act_bits'] = 8
-  w8a8, w8a8_params = compress.quantized_teacher(config, plain_spec.teacher, tp)
+  w8a8, w8a8_params = compress.quantized_teacher(compress.read(config), plain_spec.teacher, tp)
   _, m_act = step(dataclasses.replace(plain_spec, teacher=w8a8), w8a8_params)
   kl_act, kl = m_act['terms']['kl'][0], m['terms']['kl'][0]  # (the CE term is the same)
   assert kl_act != kl
@@ -154,7 +157,7 @@ def test_a_quantized_teacher_teaches_as_its_dequantized_weights():
     (lambda c: c.teacher.quant.update(act_bits=8, bits=4), 'needs teacher.quant.bits=8'),
 ])
 def test_teacher_quant_config_errors(edit, message, shakespeare_config):
-  config = shakespeare_config('tiny')
+  config = shakespeare_config('distill:tiny')
   config.teacher.quant.bits = 8
   student = build.build_model(config.student, 61)
   teacher = build.build_model(config.teacher.model, 61)

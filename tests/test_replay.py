@@ -252,7 +252,7 @@ def test_a_resumed_adaptive_run_continues_with_its_buffer(shakespeare_config, tm
   buffer would have to generate instead."""
   import shutil  # pylint: disable=g-import-not-at-top
   from kd.train import run  # pylint: disable=g-import-not-at-top
-  config = shakespeare_config('tiny,dialogue,adaptive,objective=jsd')
+  config = shakespeare_config('distillm:tiny,objective=jsd')
   config.baseline = False
   config.data.sample_eval_batches = 0
   config.train.update(steps=6, eval_every=2, checkpoint_every=2)

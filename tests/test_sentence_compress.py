@@ -1,5 +1,5 @@
-"""Compressed sentence-encoder students (config.peft / config.quant in kd.train.sentence) and the
---task=minilm mode of experiments/compressed.py, each checked against numpy written here."""
+"""Compressed sentence-encoder students (config.peft / config.quant in kd.train.sentence) and
+experiments/compressed_sts.py, each checked against numpy written here."""
 
 import dataclasses
 import functools
@@ -119,8 +119,9 @@ def test_qat_step_is_sgd_with_the_gradient_at_hand_quantized_weights(teacher_dir
   pairs, att = sentence.layer_pairs(config, KEEP, 4)
   spec = build.train_spec(config, student.module, teacher.module, dict(config.losses), 10,
                           pairs=pairs, attention_pairs=att)
-  assert spec.quant is not None and spec.quant.bits == 4 and spec.quant.group_size == 32
-  plain_spec = dataclasses.replace(spec, quant=None)
+  qcfg = spec.student_weights.config  # (a kd.train.student_weights.FakeQuant)
+  assert qcfg.bits == 4 and qcfg.group_size == 32
+  plain_spec = dataclasses.replace(spec, student_weights=step_lib.plain_weights)
   enc = teacher.tokenizer(SENTENCES, padding=True, return_tensors='np')
   mask = enc['attention_mask'].astype(np.int32)
   batch = {'input_ids': enc['input_ids'].astype(np.int32), 'attention_mask': mask,
@@ -154,7 +155,7 @@ def test_qat_step_is_sgd_with_the_gradient_at_hand_quantized_weights(teacher_dir
 def test_qlora_base_is_stored_on_the_int4_grid(teacher_dir):
   config = _config('tiny,lora,qlora', teacher_dir)
   base = models.student_from_teacher(kd.hf.load(teacher_dir), KEEP).params
-  frozen = compress.frozen_base(config, base)
+  frozen = compress.frozen_base(compress.read(config), base)
   assert isinstance(frozen, quant.QuantizedParams)
   assert sorted(frozen.kernels) == TARGETS
   flat = _flat(base)
@@ -213,7 +214,7 @@ def test_targets_that_match_no_encoder_kernel_are_refused(teacher_dir, tmp_path)
 
 @pytest.fixture(scope='module')
 def experiment(teacher_dir, tmp_path_factory, worker_id):
-  """experiments/compressed.py --task=minilm, one seed, on the tiny teacher: (workdir, out).
+  """experiments/compressed_sts.py, one seed, on the tiny teacher: (workdir, out).
 
   Built once per test session: under xdist, every worker shares the first one's result (a file
   lock around the run, the pattern of pytest-xdist's docs).
@@ -231,7 +232,7 @@ def experiment(teacher_dir, tmp_path_factory, worker_id):
 
 
 def _command(root, teacher_dir, *flags):
-  return [sys.executable, 'experiments/compressed.py', '--task=minilm', '--config_arg=tiny',
+  return [sys.executable, 'experiments/compressed_sts.py', '--config_arg=tiny',
           f'--workdir={root / "w"}', f'--override=teacher.path={teacher_dir}',
           '--override=student.layers=(0,3)', f'--override=eval.path={root / "dev.csv"}', *flags]
 
@@ -315,7 +316,7 @@ def test_adapter_and_prefix_runs_train_only_theirs_and_export_base_plus_them(
     result = json.load(f)['student']
   assert result['trainable_params'] == sum(int(np.prod(s)) for s in want.values())
   teacher = kd.hf.load(teacher_dir)
-  start = compress.grow_peft(_config(f'tiny,peft={method}', teacher_dir),
+  start = compress.grow_peft(compress.read(_config(f'tiny,peft={method}', teacher_dir)),
                              models.student_from_teacher(teacher, KEEP).config,
                              models.student_from_teacher(teacher, KEEP).params, 0)[1]
   for k, v in _flat(start).items():

@@ -86,7 +86,7 @@ def test_ensemble_refuses_features_bad_weights_and_vocabularies():
 
 
 def test_job_trains_two_teachers_and_distils_their_mixture(tmp_path, shakespeare_config):
-  config = shakespeare_config('tiny')
+  config = shakespeare_config('distill:tiny')
   config.teacher.count = 2
   config.baseline = False
   results = run.main(config, str(tmp_path / 'w'))
@@ -106,7 +106,7 @@ def test_job_trains_two_teachers_and_distils_their_mixture(tmp_path, shakespeare
 ])
 def test_config_check_refuses_what_a_mixture_cannot_give(edit, message, shakespeare_config):
   from kd.train import config_check  # pylint: disable=g-import-not-at-top
-  config = shakespeare_config('tiny')
+  config = shakespeare_config('distill:tiny')
   config.teacher.count = 2
   config_check.check(config)
   edit(config)
@@ -115,7 +115,7 @@ def test_config_check_refuses_what_a_mixture_cannot_give(edit, message, shakespe
 
 
 def test_born_again_round_is_taught_by_the_previous_student(tmp_path, shakespeare_config):
-  config = shakespeare_config('tiny')
+  config = shakespeare_config('distill:tiny')
   config.born_again = 1
   config.baseline = False
   results = run.main(config, str(tmp_path / 'w'))

@@ -321,17 +321,21 @@ def test_ema_self_distillation_uses_and_updates_the_average():
 
 def test_ema_config_is_checked(shakespeare_config):
   from kd.train import config_check  # pylint: disable=g-import-not-at-top
-  c = shakespeare_config('tiny,ema')
+  c = shakespeare_config('ema:tiny')
   c.self_distill.ema_decay = 1.0
   with pytest.raises(config_check.ConfigError, match=r'ema_decay must be in \[0, 1\)'):
     config_check.check(c)
-  config_check.check(shakespeare_config('tiny,ema,lora'))  # a LoRA student averages adapters
+  c = shakespeare_config('ema:tiny')  # a LoRA student averages adapters (lora.py's settings)
+  c.peft.method = 'lora'
+  c.student_init.source = 'teacher'
+  c.optimizer.weight_decay = 0.0
+  config_check.check(c)
   # The EMA alone as target lets both stay at their init: a label term is required.
-  c = shakespeare_config('tiny,ema')
+  c = shakespeare_config('ema:tiny')
   c.losses = ml_collections.ConfigDict({'jsd': 1.0})
   with pytest.raises(config_check.ConfigError, match='needs a label term'):
     config_check.check(c)
-  c = shakespeare_config('tiny,dialogue,ema,objective=jsd')  # dialogue's pure JSD gets CE back
+  c = shakespeare_config('ema:tiny,dialogue,objective=jsd')  # dialogue's pure JSD gets CE back
   assert dict(c.copy_and_resolve_references().losses) == {'ce': 0.5, 'jsd': 0.5}
   config_check.check(c)
 

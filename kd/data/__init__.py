@@ -1,5 +1,6 @@
 """Data for kd: text corpora, BPE tokenizers and packed LM batches (grain)."""
 
+from kd.data.local import DATA_DIR_ENV
 from kd.data.pipeline import Doc
 from kd.data.pipeline import FEATURES
 from kd.data.pipeline import make_eval_batches
@@ -11,7 +12,6 @@ from kd.data.pipeline import make_packed_eval_batches
 from kd.data.pipeline import split_long
 from kd.data.pipeline import tokenize_documents
 from kd.data.text import CORPORA
-from kd.data.text import DATA_DIR_ENV
 from kd.data.text import load_text_split
 from kd.data.text import split_speeches
 from kd.data.text import split_text

@@ -3,32 +3,24 @@
   sentences = load(['stsb:train'])          # the unique sentences of STS-B train
   sentences = load(['stsb:train', 'tiny_shakespeare:train'])
 
-A source is `name:split`. Local copies are read from `KD_DATA_DIR` (the layout of
-`../shared/data`: `stsbenchmark/sts-<split>.csv`, `tinyshakespeare/input.txt`); without one,
-STS-B comes from TFDS (`glue/stsb`, `tfds.data_source`, a download). Sentences are deduplicated
-across sources in first-seen order, so a run sees the same list every time.
+A source is `name:split`. The files are read from the data folder of kd.data.local
+(`$KD_DATA_DIR`, else `~/.cache/kd/data`, laid out like `../shared/data`:
+`stsbenchmark/sts-<split>.csv`, `tinyshakespeare/input.txt`), where a missing one is downloaded
+first. Sentences are deduplicated across sources in first-seen order, so a run sees the same list
+every time.
 """
 
 from __future__ import annotations
 
 import csv
-import os
 from typing import Callable, Sequence
 
 import numpy as np
 
+from kd.data import local
 from kd.data import text as text_lib
 
-DATA_DIR_ENV = text_lib.DATA_DIR_ENV
 STSB_SPLITS = {'train': 'train', 'dev': 'dev', 'validation': 'dev'}
-
-
-def _local(*parts: str) -> str | None:
-  root = os.environ.get(DATA_DIR_ENV)
-  if not root:
-    return None
-  path = os.path.join(root, *parts)
-  return path if os.path.exists(path) else None
 
 
 def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
@@ -54,26 +46,17 @@ def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
   return s1, s2, np.asarray(scores, np.float64)
 
 
-def stsb_path(split: str) -> str | None:
-  """The local STS-B file of `split` ('train' or 'dev'), or None when KD_DATA_DIR has none."""
+def stsb_path(split: str) -> str:
+  """The STS-B file of `split` ('train' or 'dev') in the data folder, downloaded first when
+  missing (kd.data.local.path; DataError, naming the folder, when that fails)."""
   if split not in STSB_SPLITS:
     raise ValueError(f'unknown STS-B split {split!r}; use one of {sorted(STSB_SPLITS)}.')
-  return _local('stsbenchmark', f'sts-{STSB_SPLITS[split]}.csv')
+  return local.path(f'stsbenchmark/sts-{STSB_SPLITS[split]}.csv')
 
 
 def _stsb(split: str) -> list[str]:
-  path = stsb_path(split)
-  if path is not None:
-    s1, s2, _ = read_sts(path)
-    return s1 + s2
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tfds_split = {'dev': 'validation'}.get(STSB_SPLITS[split], STSB_SPLITS[split])
-  source = tfds.data_source('glue/stsb', split=tfds_split)
-  out = []
-  for i in range(len(source)):
-    ex = source[i]
-    out += [_str(ex['sentence1']), _str(ex['sentence2'])]
-  return out
+  s1, s2, _ = read_sts(stsb_path(split))
+  return s1 + s2
 
 
 def _str(x) -> str:

@@ -1,5 +1,5 @@
 """Records from where a user's data lives: local files, TFDS, Hugging Face `datasets`, and the
-offline corpora under `KD_DATA_DIR`.
+offline corpora of kd.data.local (`$KD_DATA_DIR`, else `~/.cache/kd/data`; fetched when missing).
 
 A source is one string, so that configs and sweeps can name it:
 
@@ -10,10 +10,10 @@ A source is one string, so that configs and sweeps can name it:
                             TensorFlow); records keep their `text` / `messages` / ... fields
   hf:NAME_OR_FILE[:CONFIG]:SPLIT   `datasets.load_dataset(NAME, CONFIG, split=SPLIT)`; a
                             local .jsonl / .json / .parquet / .csv file works offline
-  shakespeare               Tiny Shakespeare ($KD_DATA_DIR/tinyshakespeare/input.txt), one
+  shakespeare               Tiny Shakespeare (tinyshakespeare/input.txt of the data folder), one
                             document
   stsb:train | stsb:dev     the distinct STS Benchmark sentences of a split, one document each
-                            (kd.data.sentences: $KD_DATA_DIR, else TFDS's glue/stsb)
+                            (kd.data.sentences: stsbenchmark/ of the data folder)
   stsb_paraphrase:SPLIT     chat records built from STS-B pairs scored >= 4 (paraphrases): the
                             user asks for a rewording of one sentence, the assistant gives the other
 
@@ -33,24 +33,13 @@ import os
 import re
 from typing import Any
 
+from kd.data import local
 from kd.data import sentences
+from kd.data.local import DataError
 
-DATA_DIR_ENV = 'KD_DATA_DIR'
 _SLICE = re.compile(r'^(?P<spec>.*?)\[(?P<start>-?\d*%?):(?P<stop>-?\d*%?)\]$')
 CHAT_KEYS = ('messages',)
 PAIR_KEYS = ('prompt', 'completion')
-
-
-class DataError(ValueError):
-  """A data source that cannot be read as asked; the message names it and what to do."""
-
-
-def data_dir() -> str:
-  path = os.environ.get(DATA_DIR_ENV, '')
-  if not path:
-    raise DataError(f'this source is a file under ${DATA_DIR_ENV}, which is not set; set it to the '
-                    'folder holding tinyshakespeare/ and stsbenchmark/ (e.g. ../shared/data)')
-  return path
 
 
 def read_text(path: str) -> str:
@@ -83,11 +72,7 @@ def _jsonl(path: str) -> list[dict]:
 
 
 def _stsb_pairs(split: str) -> list[tuple[float, str, str]]:
-  path = sentences.stsb_path(split)
-  if path is None:
-    raise DataError(f'stsb_paraphrase:{split} reads $KD_DATA_DIR/stsbenchmark/, which is not there; '
-                    'set KD_DATA_DIR to the folder holding stsbenchmark/')
-  s1, s2, scores = sentences.read_sts(path)
+  s1, s2, scores = sentences.read_sts(sentences.stsb_path(split))
   return [(float(c), a.strip(), b.strip()) for a, b, c in zip(s1, s2, scores)]
 
 
@@ -141,7 +126,7 @@ def _parts(spec: str, n: int) -> tuple[str, ...]:
 def _unsliced(spec: str) -> tuple[list[dict] | str, str]:
   """(records, or the text of a one-document source; a name for messages)."""
   if spec == 'shakespeare':
-    path = os.path.join(data_dir(), 'tinyshakespeare', 'input.txt')
+    path = local.path('tinyshakespeare/input.txt')
     return read_text(path), path
   if spec.startswith('stsb:'):
     return [{'text': t} for t in sentences.load([spec])], spec

@@ -1,18 +1,12 @@
 """Text corpora as random-access sources of documents (one `str` per record).
 
-Local text (found through `KD_DATA_DIR` or a `data_dir` argument) is turned into
-a TFDS dataset written as ArrayRecord by `TinyShakespeareSpeeches`, a
-`tfds.core.GeneratorBasedBuilder`, and read back with `builder.as_data_source`
-(random access, usable as a grain source). Writing and reading ArrayRecord
-through TFDS needs no TensorFlow; this module never imports it.
-
-Without a local folder the corpus comes from TFDS's own `tiny_shakespeare`
-(`tfds.data_source`), whose records are one string per split; those strings are
-cut into speeches exactly like the local file, so everything downstream is the
-same. Note that *preparing* TFDS's `tiny_shakespeare` runs its builder, which
-uses `tf.io.gfile` and so needs TensorFlow, and on Python >= 3.9 also the
-`importlib_resources` package (tensorflow/datasets#11212); reading an already
-prepared ArrayRecord copy needs neither.
+A corpus file (from a `data_dir` argument, else the data folder of
+`kd.data.local`: `$KD_DATA_DIR`, else `~/.cache/kd/data`, where a missing file
+is downloaded on first use) is turned into a TFDS dataset written as ArrayRecord
+by `TinyShakespeareSpeeches`, a `tfds.core.GeneratorBasedBuilder`, and read back
+with `builder.as_data_source` (random access, usable as a grain source). Writing
+and reading ArrayRecord through TFDS needs no TensorFlow; this module never
+imports it.
 
 Tiny Shakespeare is split like TFDS's `tiny_shakespeare`: the first 90% of the
 characters are train, the next 5% validation, the last 5% test. Each record is
@@ -38,7 +32,8 @@ from typing import Any
 from etils import epath
 import tensorflow_datasets as tfds
 
-DATA_DIR_ENV = "KD_DATA_DIR"
+from kd.data import local
+
 DEFAULT_CACHE_DIR = "~/.cache/kd/tfds"
 SPLITS = ("train", "validation", "test")
 
@@ -102,15 +97,13 @@ class TinyShakespeareSpeeches(
 @dataclasses.dataclass(frozen=True)
 class _Corpus:
   builder_cls: type[tfds.core.GeneratorBasedBuilder]
-  local_file: str  # relative to the data dir
-  tfds_name: str  # what a user with internet gets through TFDS
+  local_file: str  # relative to the data folder; a key of local.FILES
 
 
 CORPORA = {
     "tiny_shakespeare": _Corpus(
         builder_cls=TinyShakespeareSpeeches,
-        local_file=os.path.join("tinyshakespeare", "input.txt"),
-        tfds_name="tiny_shakespeare",
+        local_file="tinyshakespeare/input.txt",
     ),
 }
 
@@ -142,16 +135,23 @@ def _file_digest(path: str) -> str:
 
 
 def build_local(
-    corpus: str, data_dir: str, cache_dir: str | None = None
+    corpus: str, data_dir: str | None = None, cache_dir: str | None = None
 ) -> tfds.core.DatasetBuilder:
-  """Prepares (once) and returns the ArrayRecord builder of a local corpus."""
+  """Prepares (once) and returns the ArrayRecord builder of a local corpus.
+
+  The corpus file is read from `data_dir`, else from the data folder of
+  `kd.data.local` (downloaded there first when missing).
+  """
   spec = _corpus(corpus)
-  path = os.path.join(os.path.expanduser(data_dir), spec.local_file)
+  if data_dir is None:
+    path = local.path(spec.local_file)
+  else:
+    path = os.path.join(os.path.expanduser(data_dir), spec.local_file)
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"{corpus}: no file at {path!r}. Set {DATA_DIR_ENV} (or data_dir=) to"
-        f" the folder holding {spec.local_file!r}, or unset it to load"
-        f" {spec.tfds_name!r} through TFDS."
+        f"{corpus}: no file at {path!r}. Pass data_dir= the folder holding"
+        f" {spec.local_file!r}, or leave it unset to read the data folder"
+        f" (${local.DATA_DIR_ENV}, else {local.DEFAULT_DIR}), fetched on demand."
     )
   cache_dir = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
   builder_dir = os.path.join(cache_dir, f"{corpus}-{_file_digest(path)}")
@@ -188,27 +188,19 @@ def load_text_split(
   Args:
     name: corpus name, a key of `CORPORA`.
     split: 'train', 'validation' or 'test' (TFDS slicing such as
-      'train[:10%]' works for local data).
-    data_dir: folder holding the raw files; defaults to `$KD_DATA_DIR`. When
-      neither is set, the corpus comes from TFDS.
+      'train[:10%]' works too).
+    data_dir: folder holding the raw files; defaults to the data folder of
+      `kd.data.local` (`$KD_DATA_DIR`, else `~/.cache/kd/data`), where a
+      missing file is downloaded first.
     cache_dir: where the local ArrayRecord copy is written; defaults to
       `~/.cache/kd/tfds`.
   """
-  spec = _corpus(name)
+  _corpus(name)
   base_split = split.split("[", 1)[0]
   if base_split not in SPLITS:
     raise ValueError(f"Unknown split {split!r}; valid splits: {SPLITS}.")
-  data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
-  if data_dir:
-    builder = build_local(name, data_dir, cache_dir)
-    return TextSource(builder.as_data_source(split=split))
-  if split != base_split:
-    raise ValueError(
-        f"{split!r}: TFDS's {spec.tfds_name!r} holds one record per split, so"
-        " slicing it is meaningless; use a plain split name."
-    )
-  whole = TextSource(tfds.data_source(spec.tfds_name, split=split))
-  return TextSource(split_speeches("".join(whole)))
+  builder = build_local(name, data_dir or None, cache_dir)
+  return TextSource(builder.as_data_source(split=split))
 
 
 def _corpus(name: str) -> _Corpus:

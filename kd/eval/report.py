@@ -1,6 +1,7 @@
-"""Result tables over seeds: mean ± std cells, writing a table with its plot, and the per-seed
-results behind it (<stem>.runs.json), so a later session can add seeds without rerunning the
-earlier ones (`merge_runs`)."""
+"""Result tables and plots over seeds: mean ± std cells, a table of rows x columns, paired
+differences within a seed, a metric against stored size, writing a table with its plot, and the
+per-seed results behind it (<stem>.runs.json), so a later session can add seeds without rerunning
+the earlier ones (`merge_runs`)."""
 
 import json
 import os
@@ -17,6 +18,73 @@ def mean_std(values, scale: float = 1.0, digits: int = 2) -> str:
   if len(v) == 1:
     return fmt(v[0])
   return f'{fmt(v.mean())} ± {fmt(v.std(ddof=1))}'
+
+
+def table(results: dict, columns, caption: str, labels: dict) -> str:
+  """Markdown: one row per entry of `results` ({row: [result of each seed]}) with a result,
+  labelled by `labels` ({row: label}), then `columns` of (key, title, scale, digits) as mean ±
+  std over the seeds that have the key ('-' where none has); `caption` may use {n} (seeds)."""
+  n = max(len(v) for v in results.values())
+  lines = [caption.format(n=n), '',
+           '| student | ' + ' | '.join(c[1] for c in columns) + ' |',
+           '|---|' + '---:|' * len(columns)]
+  for row, runs in results.items():
+    if not runs:
+      continue
+    values = [[r[k] for r in runs if k in r] for k, _, _, _ in columns]  # seeds that have it
+    cells = [mean_std(v, s, d) if v else '-' for v, (_, _, s, d) in zip(values, columns)]
+    lines.append(f'| {labels[row]} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def paired(runs: dict, key: str, base: str) -> dict:
+  """`runs` with `<key>_vs_<base>` added to each row's result: its `key` minus the same seed's
+  `base` row's. The paired difference drops the seed-to-seed spread that rows share (most of
+  it comes from the seed's teacher)."""
+  out = {}
+  for seed, rows in runs.items():
+    ref = rows.get(base, {}).get(key)
+    out[seed] = {r: dict(v, **{f'{key}_vs_{base}': v[key] - ref})
+                 if ref is not None and isinstance(v, dict) and key in v else v
+                 for r, v in rows.items()}
+  return out
+
+
+def overlapping_labels(points: dict, x_rel: float = 0.02, y_frac: float = 0.04) -> dict:
+  """{(x, y) of a row's point: [that row and the later rows drawn on top of it]}, from {row:
+  (x, y)}: on top means x within x_rel of it (x is drawn on a log scale) and y within y_frac of
+  the plot's y range."""
+  ys = [y for _, y in points.values()]
+  y_tol = y_frac * ((max(ys) - min(ys)) if ys else 0.0)
+  groups = {}
+  for row, (x, y) in points.items():
+    near = next((p for p in groups if abs(x - p[0]) <= x_rel * p[0] and abs(y - p[1]) <= y_tol),
+                None)
+    groups.setdefault(near or (x, y), []).append(row)
+  return groups
+
+
+def size_plot(results: dict, path: str, metric: str, ylabel: str) -> None:
+  """`metric` against stored size ('stored_bytes'), one point per row of `results` ({row:
+  [result of each seed]}, means over seeds); rows whose points fall on one another share one
+  label ('ptq8, qat8')."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  points = {row: (np.mean([r['stored_bytes'] for r in runs]) / 1024,
+                  np.mean([r[metric] for r in runs]))
+            for row, runs in results.items() if runs and 'stored_bytes' in runs[0]}
+  for (x, y), rows in overlapping_labels(points).items():
+    ax.scatter(x, y)
+    ax.annotate(', '.join(rows), (x, y), fontsize=8, xytext=(3, 3), textcoords='offset points')
+  ax.set_xscale('log')
+  ax.set_xlabel('stored student (KB, log scale)')
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def write(out_dir: str, stem: str, text: str, plot: Callable[[str], None] | None = None,

@@ -254,7 +254,8 @@ def write_cache(config, workdir: str, *, k: int, out: str | None = None) -> str:
   os.makedirs(workdir, exist_ok=True)
   add_synthetic(config, data, teacher, workdir)
   steps, out = int(config.train.steps), out or f'{workdir}/teacher_cache'
-  t_module, t_params = compress.quantized_teacher(config, teacher.module, teacher.params)
+  t_module, t_params = compress.quantized_teacher(compress.read(config), teacher.module,
+                                                  teacher.params)
   rows = offline_teacher.cache_rows(
       t_module, t_params, itertools.islice(data.iterator(config.seed), steps),
       k=k, temperature=low, chunk_size=int(config.chunk_size))
@@ -297,9 +298,10 @@ def main(config, workdir: str) -> dict:
              'student_init': {'params': models.count_params(student.params)}}
   trained = {'teacher': teacher, 'student_init': student}
   # An adapter, prefix or prompt student (config.peft) gains its new params here.
+  comp = compress.read(config)
   student = student.replace(**dict(zip(('module', 'params'), build.peft_student(
-      config, student.module, student.params))))
-  t_module, t_params = compress.quantized_teacher(config, teacher.module, teacher.params)
+      comp, student.module, student.params, config.seed))))
+  t_module, t_params = compress.quantized_teacher(comp, teacher.module, teacher.params)
   runs = {'student_kd': dict(config.losses)}
   if config.baseline:
     runs['student_ce'] = {'ce': 1.0}

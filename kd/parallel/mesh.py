@@ -12,7 +12,6 @@ Multi-host: every process builds the same mesh over all devices, feeds its own r
 and restores those global arrays.
 """
 
-import dataclasses
 import functools
 import math
 
@@ -91,6 +90,12 @@ def place(tree, target):
   return treedef.unflatten(out)
 
 
+def _bound_step(spec: step_lib.Spec):
+  """train_step for `spec`, its micro-batches strided (step._split): with the batch axis sharded,
+  every device then holds an equal part of every micro-batch."""
+  return functools.partial(step_lib.train_step, spec=spec, strided_accum=True)
+
+
 class MeshPlan:
   """`jax.jit` with NamedShardings over `mesh`; see the module docstring."""
 
@@ -139,8 +144,7 @@ class MeshPlan:
   def train_step(self, spec: step_lib.Spec, state):
     """fn(state, teacher_params, local batch) -> (state, metrics); `state` fixes the shardings
     (arrays or ShapeDtypeStructs); the state argument is donated."""
-    spec = dataclasses.replace(spec, strided_accum=True)  # see step._split
-    fn = jax.jit(functools.partial(step_lib.train_step, spec=spec),
+    fn = jax.jit(_bound_step(spec),
                  out_shardings=(self.state_shardings(state), self.replicated),
                  donate_argnums=(0,))
     return self._in_mesh(
@@ -150,8 +154,7 @@ class MeshPlan:
     """The train step lowered on shapes (ShapeDtypeStructs are enough: nothing is made), with
     the shardings `train_step` gives its arguments and results; `.compile().memory_analysis()`
     is then what XLA plans per device, before any weights exist."""
-    spec = dataclasses.replace(spec, strided_accum=True)
-    fn = jax.jit(functools.partial(step_lib.train_step, spec=spec),
+    fn = jax.jit(_bound_step(spec),
                  in_shardings=(self.state_shardings(state), self.teacher_shardings(teacher_params),
                                jax.tree.map(lambda _: self.batch_sharding, batch)),
                  out_shardings=(self.state_shardings(state), self.replicated),

@@ -1,12 +1,11 @@
 """`jax.pmap` data parallelism: params replicated on every local device, the batch split.
 
-The step is the unchanged pure `train_step` with `Spec.axis_name = 'batch'`, which sums every
+The step is the unchanged pure `train_step`, bound with `axis_name='batch'`: it then sums every
 loss term's (sum, count), the micro-batch counts and the gradients over the devices before the
-optimizer update: every device applies the same update, that of the whole batch. One host only
-(use the mesh plan across hosts).
+optimizer update, so every device applies the same update, that of the whole batch. One host
+only (use the mesh plan across hosts).
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -85,9 +84,8 @@ class PmapPlan:
   def train_step(self, spec: step_lib.Spec, state=None):
     """fn(state, teacher_params, batch) -> (state, metrics of device 0); `state` is donated."""
     del state  # the replicated layout does not depend on it
-    spec = dataclasses.replace(spec, axis_name=AXIS)
-    fn = jax.pmap(functools.partial(step_lib.train_step, spec=spec), axis_name=AXIS,
-                  devices=self.devices, donate_argnums=(0,))
+    fn = jax.pmap(functools.partial(step_lib.train_step, spec=spec, axis_name=AXIS),
+                  axis_name=AXIS, devices=self.devices, donate_argnums=(0,))
 
     def train(state, teacher_params, batch):
       state, metrics = fn(state, teacher_params, self.shard_batch(batch))

@@ -22,6 +22,7 @@ from kd.train import optim
 from kd.train import schedules
 from kd.train import sections
 from kd.train import step as step_lib
+from kd.train import student_weights
 
 
 def build_model(model_cfg, vocab_size: int):
@@ -31,12 +32,15 @@ def build_model(model_cfg, vocab_size: int):
 
 
 def make_spec(config, student, teacher, terms, total_steps, ema_decay: float = 0.0,
-              online: bool = False, *, pairs=None, attention_pairs=None):
+              online: bool = False, *, pairs=None, attention_pairs=None, compression=None):
   """The step's Spec for modules `student` and `teacher` (None: no teacher) and loss `terms`
   ({name: weight}). Feature losses pair layers by config.features.layer_map unless `pairs`
   ((student, teacher) hidden-state indices) is given; attention losses use `attention_pairs`
   (default: those of `pairs` past the embeddings). Relation losses default to the teacher's
-  head count."""
+  head count. The student's weights join a PEFT student's frozen base and, under QAT, are
+  fake-quantized (kd.train.student_weights), as `compression` (default compress.read(config))
+  says."""
+  comp = compress.read(config) if compression is None else compression
   tx, lr_fn = optim.make(config.optimizer, total_steps)
   kwargs = {n: dict(kw) for n, kw in dict(config.get('loss_kwargs', {}) or {}).items()}
   for n in terms:
@@ -67,14 +71,16 @@ def make_spec(config, student, teacher, terms, total_steps, ema_decay: float = 0
           same_tokenizer=config.get('same_tokenizer', True)),
       accum_steps=int(config.train.get('accum_steps', 1)),
       topk_semantics=(config.get('teacher') or {}).get('topk_semantics', 'rest_bucket'),
-      quant=compress.qat_config(config), ema_decay=ema_decay, online=online)
+      ema_decay=ema_decay, online=online, **student_weights.spec_fields(comp.qat))
 
 
-def train_spec(config, student, teacher, terms, total_steps, **kwargs):
-  """make_spec with the student as config.peft and config.quant train it (LoRA-wrapped,
-  dropout, fake-quantized under QAT)."""
-  return dataclasses.replace(make_spec(config, student, teacher, terms, total_steps, **kwargs),
-                             **compress.students(config, student))
+def train_spec(config, student, teacher, terms, total_steps, compression=None, **kwargs):
+  """make_spec with the student as `compression` (default compress.read(config)) trains it:
+  LoRA-wrapped, with dropout, fake-quantized under QAT."""
+  comp = compress.read(config) if compression is None else compression
+  return dataclasses.replace(
+      make_spec(config, student, teacher, terms, total_steps, compression=comp, **kwargs),
+      **compress.students(comp, student))
 
 
 def model_key(seed: int):
@@ -140,13 +146,14 @@ def restore_student(config, student, run_dir: str):
   return models.stack_layers(params) if scan else models.unstack_layers(params)
 
 
-def peft_student(config, student, init):
-  """(student, starting variables) for config.peft: for 'adapter', 'prefix' and 'prompt' the
-  student's config gains the method's field (= peft.size) and its starting variables (`init`, or
-  the random init a stage would make) gain the new params; other methods pass through."""
-  if compress.peft_method(config) not in peft.adapters.CONFIG_FIELDS:
+def peft_student(comp: compress.Compression, student, init, seed: int):
+  """(student, starting variables) for comp's PEFT method: for 'adapter', 'prefix' and
+  'prompt' the student's config gains the method's field (= comp.peft_size) and its starting
+  variables (`init`, or the random init a stage seeded `seed` would make) gain the new params;
+  other methods pass through."""
+  if comp.peft_method not in peft.adapters.CONFIG_FIELDS:
     return student, init
   if init is None:
-    init = models.init_params(student.config, model_key(config.seed))
-  cfg, variables = compress.grow_peft(config, student.config, init, config.seed)
+    init = models.init_params(student.config, model_key(seed))
+  cfg, variables = compress.grow_peft(comp, student.config, init, seed)
   return models.Decoder(cfg), variables

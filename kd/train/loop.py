@@ -110,9 +110,8 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
         acc, t0, tokens = metrics_lib.Accumulator(), time.perf_counter(), 0
       bar.update(1)
       if eval_every and done % eval_every == 0 and done != total_steps:
-        ev = evaluate(eval_fn, step_lib.eval_params(state),
-                      step_lib.current_teacher(state, teacher_params),
-                      eval_batches)
+        ev = evaluate(eval_fn, step_lib.eval_params(state, spec),
+                      step_lib.current_teacher(state, teacher_params, spec), eval_batches)
         if hasattr(batch_fn, 'observe_validation'):  # adaptive off-policy (kd/train/replay.py)
           ev['sgo_probability'] = batch_fn.observe_validation(ev['ce'])
         writer.write(done, ev, 'eval')
@@ -124,9 +123,8 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
           checkpoint.save_host_state(_host_state_path(workdir, done), batch_fn.state_dict())
         checkpoint.save(mngr, done, plan.unreplicate(state.replace(frozen=None)), data_iter)
     mngr.wait_until_finished()
-    final = evaluate(eval_fn, step_lib.eval_params(state),
-                     step_lib.current_teacher(state, teacher_params),
-                     eval_batches)
+    final = evaluate(eval_fn, step_lib.eval_params(state, spec),
+                     step_lib.current_teacher(state, teacher_params, spec), eval_batches)
     writer.write(total_steps, final, 'eval')
   finally:  # also on errors, so that pending writes end before the interpreter does
     bar.close()

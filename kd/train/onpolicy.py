@@ -21,7 +21,7 @@ import numpy as np
 from kd.data import dialogue
 from kd.data import tokenizer as tok_lib
 from kd.models import sample
-from kd.train import step as step_lib
+from kd.train import student_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,7 @@ class OnPolicy:
       if not self.use_student(step):
         return batch
       t0 = time.perf_counter()
-      variables = step_lib.student_variables(state.params, state.frozen)  # a PEFT base joined
+      variables = student_weights.joined(state.params, state.frozen)  # a PEFT base joined
       out = self.student_batch(module, variables, batch, step, plan)
       stats['generated_tokens'] += int(jax.device_get(out['loss_mask']).sum())
       stats['generation_s'] += time.perf_counter() - t0

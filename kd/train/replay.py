@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from kd.train import onpolicy
-from kd.train import step as step_lib
+from kd.train import student_weights
 
 _CHOICE_TAG, _SAMPLE_TAG = 0x7270, 0x7273  # streams of their own, apart from onpolicy's draws
 _COUNTERS = {'data': 'data_batches', 'generate': 'generated_batches',
@@ -263,7 +263,7 @@ class AdaptiveBatchFn:
       out = self.buffer.sample(b, step)
     else:
       t0 = time.perf_counter()
-      variables = step_lib.student_variables(state.params, state.frozen)  # a PEFT base joined
+      variables = student_weights.joined(state.params, state.frozen)  # a PEFT base joined
       out = self.sampler.student_batch(self.module, variables, batch, step, self.plan)
       host = jax.device_get(out)
       self.buffer.add(host)

@@ -55,11 +55,12 @@ def run_stage(config, data: lm_data.LMData, workdir: str, student, teacher, teac
   It reads the students' data (data.train_split), or with `teacher_data` the teacher's
   (data.teacher_split: a teacher's own training).
   """
-  spec = build.train_spec(config, student, teacher, terms, steps, ema_decay=ema_decay,
+  comp = compress.read(config)
+  spec = build.train_spec(config, student, teacher, terms, steps, comp, ema_decay=ema_decay,
                           online=online)
   plan = parallel.make(config.get('parallel'))
   trainable, base = compress.split_student(  # (a LoRA base: init_student's random init)
-      config, student, init_variables, seed, random_init=lambda: jax.jit(
+      comp, student, init_variables, seed, random_init=lambda: jax.jit(
           models.init_params, static_argnums=0)(student.config, build.model_key(seed)))
   def params():
     out = build.init_student(spec, seed, trainable)
@@ -75,8 +76,8 @@ def run_stage(config, data: lm_data.LMData, workdir: str, student, teacher, teac
   student_params, final = stage.fit(
       config, spec, plan, params, base, teacher_params,
       data.iterator(seed, teacher_cache, train_arrays, student=not teacher_data),
-      data.eval_batches, seed=seed, workdir=workdir, steps=steps, name=name, batch_fn=batch_fn,
-      prepare=prepare)
+      data.eval_batches, compression=comp, seed=seed, workdir=workdir, steps=steps, name=name,
+      batch_fn=batch_fn, prepare=prepare)
   if batch_fn is not None and getattr(batch_fn, 'stats', None):
     st = batch_fn.stats
     final.update(st, generation_tokens_per_s=st['generated_tokens'] / max(st['generation_s'],
@@ -208,7 +209,8 @@ def on_policy_fn(config, student, eos_id: int = data_lib.EOS_ID):
   sample ending at `eos_id` (a chat model's end-of-turn token)."""
   oc = config.get('on_policy') or {}
   adaptive = dict(oc.get('adaptive') or {})
-  student = compress.student_model(config, student)  # as run_stage's step evaluates it
+  # As run_stage's step evaluates it.
+  student = compress.student_model(compress.read(config), student)
   if adaptive.get('enabled', False):
     sampling = {k: oc.get(k, d) for k, d in (('temperature', 1.0), ('top_k', 0), ('top_p', 1.0))}
     return replay.AdaptiveOffPolicy.from_config(
@@ -231,10 +233,11 @@ def main(config, workdir: str) -> dict:
   results = {}
   teacher, teacher_params = train_teachers(config, data, teacher, workdir, results)
   init = build.student_init(config, student, teacher, teacher_params)  # both students start alike
-  student, init = build.peft_student(config, student, init)
+  comp = compress.read(config)
+  student, init = build.peft_student(comp, student, init, config.seed)
   # From here on the teacher may run quantized (config.teacher.quant); the init above used it
   # in float.
-  teacher, teacher_params = compress.quantized_teacher(config, teacher, teacher_params)
+  teacher, teacher_params = compress.quantized_teacher(comp, teacher, teacher_params)
   student_params, results['student_kd'] = run_stage(
       config, data, f'{workdir}/student_kd', student, teacher, teacher_params,
       dict(config.losses), steps=config.train.steps, seed=config.seed, name='student_kd',
@@ -255,7 +258,7 @@ def main(config, workdir: str) -> dict:
     name = 'student_ema_self'
     # A PEFT student's EMA covers its adapters; the teacher runs them on the frozen base.
     trained[name], results[name] = run_stage(
-        config, data, f'{workdir}/{name}', student, compress.student_model(config, student),
+        config, data, f'{workdir}/{name}', student, compress.student_model(comp, student),
         None, dict(config.losses), steps=config.train.steps, seed=config.seed, name=name,
         init_variables=init, ema_decay=decay)
   # Born-again rounds (Furlanello et al. 2018): the last student teaches a fresh copy of itself.

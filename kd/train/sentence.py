@@ -172,12 +172,9 @@ def cache_iterator(config, cache_path: str, fields, seed: int, pad_id: int):
 
 def pair_iterator(config, tokenizer, seed: int):
   """(steps, iterator) over STS-B train's labelled pairs: the no-distillation baseline."""
-  path = sentences_lib.stsb_path('train')
-  if path is None:
-    raise config_check.ConfigError('the labelled-pairs baseline reads STS-B train from '
-                                   'KD_DATA_DIR/stsbenchmark/sts-train.csv; set KD_DATA_DIR')
   if jax.process_count() > 1:
     raise config_check.ConfigError('the labelled-pairs baseline runs in one process')
+  path = sentences_lib.stsb_path('train')  # fetched into the data folder when missing
   s1, s2, scores = sentences_lib.read_sts(path)
   dc, tc = config.data, config.train
   tok = lambda s: tokenizer(s, truncation=True, max_length=dc.max_length)['input_ids']
@@ -195,15 +192,16 @@ def train(config, teacher, student, data, workdir: str, *, pairs, attention_pair
   (kd.train.compress.finish); final['trainable_params'] counts what the optimizer trained.
   """
   steps, data_iter = data
+  comp = compress.read(config)
   spec = build.train_spec(config, student.module, teacher.module, dict(config.losses), steps,
-                          pairs=pairs, attention_pairs=attention_pairs)
+                          comp, pairs=pairs, attention_pairs=attention_pairs)
   plan = parallel.make(config.get('parallel'))
   # Copies (split_student's, frozen_base's): the student shares its kept layers' arrays with the
   # teacher, and the step donates the state's buffers.
-  trainable, base = compress.split_student(config, student.module, student.params, seed)
+  trainable, base = compress.split_student(comp, student.module, student.params, seed)
   params, final = stage.fit(
       config, spec, plan, lambda: {'student': trainable, 'proj': {}}, base, None, data_iter, [],
-      seed=seed, workdir=f'{workdir}/{name}', steps=steps, name=name)
+      compression=comp, seed=seed, workdir=f'{workdir}/{name}', steps=steps, name=name)
   final.update(steps=steps, trainable_params=final.get('trainable_params', final['params']))
   return student.replace(params=params), final
 
@@ -224,11 +222,13 @@ def measure(model, eval_path: str, config) -> dict:
 
 
 def eval_path(config) -> str:
-  path = config.eval.get('path') or sentences_lib.stsb_path('dev')
-  if not path or not os.path.exists(path):
+  path = config.eval.get('path')
+  if not path:
+    return sentences_lib.stsb_path('dev')  # fetched into the data folder when missing
+  if not os.path.exists(path):
     raise config_check.ConfigError(
-        'no STS-B dev file: set KD_DATA_DIR to a folder with stsbenchmark/sts-dev.csv or '
-        'config.eval.path to the file')
+        f'config.eval.path={path!r} does not exist; give an STS-B file, or leave it empty to '
+        'read stsbenchmark/sts-dev.csv of the data folder ($KD_DATA_DIR, else ~/.cache/kd/data)')
   return path
 
 
@@ -241,7 +241,8 @@ def main(config, workdir: str) -> dict:
   student = models.student_from_teacher(teacher, keep)
   config_check.check_peft(config, student)
   config_check.check_quant(config, student)
-  cfg, params = compress.grow_peft(config, student.config, student.params, config.seed)
+  cfg, params = compress.grow_peft(compress.read(config), student.config, student.params,
+                                   config.seed)
   student = student.replace(module=models.Encoder(cfg), params=params)  # (+ adapters / prefix)
   fields = cache_fields(config.losses, pairs, attention_pairs)
   os.makedirs(workdir, exist_ok=True)

@@ -3,7 +3,8 @@ on the plan's devices, a frozen base beside it (PEFT), `loop.fit` (which checkpo
 resumes), then the plain trained student read back (kd.train.compress.finish).
 
   params, final = stage.fit(config, spec, plan, make_params, base, teacher_params, batches,
-                            eval_batches, seed=0, workdir=DIR, steps=100, name='student_kd')
+                            eval_batches, compression=compress.read(config), seed=0,
+                            workdir=DIR, steps=100, name='student_kd')
 """
 
 from __future__ import annotations
@@ -18,20 +19,23 @@ from kd.train import step as step_lib
 
 
 def fit(config, spec: step_lib.Spec, plan, make_params: Callable[[], dict], base,
-        teacher_params, batches, eval_batches, *, seed: int, workdir: str, steps: int,
-        name: str, batch_fn=None, prepare: Callable[[Any], Any] | None = None):
+        teacher_params, batches, eval_batches, *, compression: compress.Compression, seed: int,
+        workdir: str, steps: int, name: str, batch_fn=None,
+        prepare: Callable[[Any], Any] | None = None):
   """Trains `spec`'s student for `steps` steps in `workdir`; returns (its plain variables,
   final metrics with 'wall_s', 'params' and, for a PEFT student, 'trainable_params').
 
   `make_params()` gives the state's params ({'student': trainable, ...}) and runs under the
   plan (placed or sharded as it says); `base` is the frozen part of a PEFT student (None
-  otherwise), kept in state.frozen; `prepare(state)` edits the fresh state (e.g. an EMA copy).
+  otherwise), kept in state.frozen as `compression` stores it (quantized under QLoRA), which
+  also says how the trained student is read back; `prepare(state)` edits the fresh state (e.g.
+  an EMA copy). Of `config` it reads config.train.
   """
   state = plan.init_state(lambda: step_lib.create_state(make_params(), spec.tx, seed))
   if prepare is not None:
     state = prepare(state)
   if base is not None:
-    state = state.replace(frozen=plan.place_state(compress.frozen_base(config, base)))
+    state = state.replace(frozen=plan.place_state(compress.frozen_base(compression, base)))
   tc = config.train
   t0 = time.perf_counter()
   state, final = loop.fit(
@@ -43,7 +47,7 @@ def fit(config, spec: step_lib.Spec, plan, make_params: Callable[[], dict], base
   final['wall_s'] = time.perf_counter() - t0
   # (the state was donated to the step: read the base back from it)
   params, trainable_count = compress.finish(
-      config, plan.unreplicate(state.replace(frozen=None)).params['student'],
+      compression, plan.unreplicate(state.replace(frozen=None)).params['student'],
       None if base is None else plan.unreplicate(state.frozen))
   final['params'] = models.count_params(params)
   if trainable_count is not None:

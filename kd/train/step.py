@@ -1,19 +1,26 @@
 """The pure train and eval steps: functions of pytrees, jitted once by the caller.
 
-`train_step(state, teacher_params, batch, spec)`:
+`train_step(state, teacher_params, batch, spec, *, axis_name=None, strided_accum=False)`:
   - the teacher forward runs inside the same compiled step under `stop_gradient` (skipped when
     the batch carries `teacher_logits`, an offline teacher);
   - every loss term reduces to (sum, count); the objective is sum_i w_i(step) * sum_i / count_i
     with counts over the whole batch, so gradient accumulation gives the same update as one big
     batch (a mean of micro-batch means would not);
   - the RNG is folded by step, never threaded out;
-  - under `jax.pmap` (`Spec.axis_name` set) every count, term and gradient is summed over the
+  - under `jax.pmap` (`axis_name` given) every count, term and gradient is summed over the
     devices before it is used, so the mean is over the global token count (never a mean of
     per-device means) and every device applies the update of the whole batch. Under `jax.jit`
-    on a mesh the batch is one global array and no axis name is needed.
+    on a mesh the batch is one global array and no axis name is needed;
+  - the student's weights come from two functions in the Spec, `student_variables` (its params
+    joined with a PEFT student's frozen base) and `student_weights` (those seen through the
+    QAT grid), made by kd.train.student_weights: the step itself knows no PEFT or quantization.
+
+The parallel plans (kd.parallel) pass `axis_name` (pmap) and `strided_accum` (mesh) when they
+bind the step for compiling.
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import flax
@@ -22,8 +29,6 @@ import jax.numpy as jnp
 import optax
 
 from kd import losses
-from kd import peft
-from kd import quant
 from kd.models import head_fn
 from kd.models.decoder import head_params, project_with
 from kd.models.encoder import pool
@@ -48,36 +53,18 @@ def create_state(params, tx, seed: int, frozen=None, ema=None) -> TrainState:
                     rng=jax.random.key_data(jax.random.key(seed)), frozen=frozen, ema=ema)
 
 
-def current_teacher(state: TrainState, teacher_params):
-  """The teacher's variables: the student's EMA under EMA self-distillation (a PEFT student's:
-  the EMA of its adapters on its frozen base), the co-trained teacher under online
-  distillation, else the `teacher_params` passed in."""
-  if state.ema is not None:
-    return student_variables({'student': state.ema}, state.frozen)
-  return state.params['teacher'] if 'teacher' in state.params else teacher_params
+def own_variables(params, frozen=None):
+  """params['student']: Spec.student_variables of a student with no frozen base."""
+  if frozen is not None:
+    raise ValueError('the state holds a frozen base (a PEFT student) that this Spec does not '
+                     'join: build the Spec with kd.train.build, or set student_variables='
+                     'kd.train.student_weights.joined')
+  return params['student']
 
 
-def student_variables(params, frozen=None):
-  """The student's full variables: params['student'], joined with a PEFT student's frozen
-  base (kd.peft.combine) when there is one; a base stored quantized (kd.quant.QuantizedParams,
-  QLoRA) is dequantized first."""
-  if frozen is None:
-    return params['student']
-  if isinstance(frozen, quant.QuantizedParams):
-    frozen = quant.dequantize(frozen)
-  return peft.combine(params['student'], frozen)
-
-
-def eval_params(state: TrainState):
-  """state.params with the student's full variables, for eval_step."""
-  if state.frozen is None:
-    return state.params
-  return {**state.params, 'student': student_variables(state.params, state.frozen)}
-
-
-def _seen(variables, spec):
-  """The weights the student computes with: fake-quantized under QAT (spec.quant)."""
-  return variables if spec.quant is None else quant.fake_quant(variables, spec.quant)
+def plain_weights(variables):
+  """The variables themselves: Spec.student_weights of a student trained in float."""
+  return variables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,11 +89,12 @@ class Spec:
   accum_steps: int = 1
   vocab: int = 0  # > 0: logit losses use only the first `vocab` rows (padded vocabs)
   topk_semantics: str = 'rest_bucket'  # for a cached top-k teacher, see kd/losses/topk.py
-  axis_name: str | None = None  # the pmap axis to sum counts, terms and gradients over
-  strided_accum: bool = False  # micro-batch i = rows i::accum_steps (set by the mesh plan)
-  # Quantization-aware training: a kd.quant.QuantConfig whose target kernels the student sees
-  # through the RTN grid (straight-through gradients, kd.quant.qat); None = float weights.
-  quant: Any = None
+  # (params, frozen) -> the student's full variables: params['student'] joined with a PEFT
+  # student's frozen base (kd.train.student_weights.joined); the EMA teacher and eval use them.
+  student_variables: Callable = own_variables
+  # The student's full variables -> the weights its forward computes with: under QAT the
+  # target kernels seen through the RTN grid (kd.train.student_weights.FakeQuant).
+  student_weights: Callable = plain_weights
   # > 0: the teacher is an exponential moving average of the student (state.ema, updated as
   # ema <- d * ema + (1 - d) * student after each step); the teacher_params argument is unused.
   ema_decay: float = 0.0
@@ -133,6 +121,22 @@ class Spec:
     if self.chunk_size:  # a decoder-only flag: logits are made per chunk by the loss
       needs['return_hidden_only'] = True
     return needs
+
+
+def current_teacher(state: TrainState, teacher_params, spec: Spec):
+  """The teacher's variables: the student's EMA under EMA self-distillation (a PEFT student's:
+  the EMA of its adapters on its frozen base), the co-trained teacher under online
+  distillation, else the `teacher_params` passed in."""
+  if state.ema is not None:
+    return spec.student_variables({'student': state.ema}, state.frozen)
+  return state.params['teacher'] if 'teacher' in state.params else teacher_params
+
+
+def eval_params(state: TrainState, spec: Spec):
+  """state.params with the student's full variables, for eval_step."""
+  if state.frozen is None:
+    return state.params
+  return {**state.params, 'student': spec.student_variables(state.params, state.frozen)}
 
 
 def forward(model, variables, batch, rngs=None, **needs):
@@ -202,7 +206,7 @@ def _loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, logit_co
   the logit terms go through losses.fused_logit_losses: their sums come gradient-stopped and
   `surrogate` (value 0) carries the gradient of Σ coeff·sum; otherwise surrogate is 0."""
   surrogate = jnp.zeros((), jnp.float32)
-  student = _seen(student_variables(params, frozen), spec)
+  student = spec.student_weights(spec.student_variables(params, frozen))
   s_out = forward(spec.student, student, batch, student_rngs(spec, rng), **spec.needs())
   mask = batch['loss_mask']
   if 'segment_ids' in batch:
@@ -309,7 +313,8 @@ def online_teacher_ce(spec: Spec, teacher_params, live, batch, coeff=None):
   return terms['ce'], zero
 
 
-def _objective(params, teacher_params, t_out, batch, spec, step, counts, frozen=None, rng=None):
+def _objective(params, teacher_params, t_out, batch, spec, step, counts, frozen=None, rng=None,
+               *, axis_name=None):
   if spec.online:  # the live teacher: its CE trains it, its stopped outputs teach the student
     live = forward(spec.teacher, params['teacher'], batch, **spec.needs())
     t_out = jax.lax.stop_gradient(live)
@@ -320,7 +325,7 @@ def _objective(params, teacher_params, t_out, batch, spec, step, counts, frozen=
     # The fused path needs each logit term's weight before the backward pass: w(step) over
     # its global count, which for a logit term is the number of loss-masked tokens.
     if counts is None:
-      tokens = _psum(jnp.sum(batch['loss_mask'].astype(bool), dtype=jnp.float32), spec)
+      tokens = _psum(jnp.sum(batch['loss_mask'].astype(bool), dtype=jnp.float32), axis_name)
     coeffs = {n: spec.weights[n](step) / jnp.maximum(tokens if counts is None else counts[n], 1.0)
               for n in [*spec.logit_terms(), *([ONLINE_TEACHER_CE] if spec.online else [])]}
   student_coeffs = None if coeffs is None else {n: coeffs[n] for n in spec.logit_terms()}
@@ -332,8 +337,8 @@ def _objective(params, teacher_params, t_out, batch, spec, step, counts, frozen=
     surrogate = surrogate + teacher_surrogate
   if counts is None:
     counts = {n: c for n, (_, c) in terms.items()}
-    if spec.axis_name is not None:  # normalise by the global count, not this device's
-      counts = jax.lax.psum(jax.lax.stop_gradient(counts), spec.axis_name)
+    if axis_name is not None:  # normalise by the global count, not this device's
+      counts = jax.lax.psum(jax.lax.stop_gradient(counts), axis_name)
   total = sum(spec.weights[n](step) * s / jnp.maximum(counts[n], 1.0)
               for n, (s, _) in terms.items())
   return total + surrogate, terms
@@ -359,23 +364,25 @@ def _split(batch, n, strided=False):
   return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
 
-def _psum(tree, spec: Spec):
-  return tree if spec.axis_name is None else jax.lax.psum(tree, spec.axis_name)
+def _psum(tree, axis_name=None):
+  return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
 
-def _grads(params, teacher_params, batch, spec: Spec, step, frozen=None, rng=None):
+def _grads(params, teacher_params, batch, spec: Spec, step, frozen=None, rng=None, *,
+           axis_name=None, strided_accum=False):
   """(grads of the objective, per-term (sum, count)) over the batch, micro-batched if asked.
 
-  With `spec.axis_name`, both are summed over the devices of that axis. `frozen` (a PEFT
-  student's base) goes into the forward pass but gets no gradient. `rng`: a stochastic
-  student's key (micro-batch i draws from fold_in(rng, i)).
+  With `axis_name`, both are summed over the devices of that axis; with `strided_accum`,
+  micro-batch i is rows i::accum_steps (see _split). `frozen` (a PEFT student's base) goes into
+  the forward pass but gets no gradient. `rng`: a stochastic student's key (micro-batch i draws
+  from fold_in(rng, i)).
   """
-  grad_fn = jax.grad(_objective, has_aux=True)
+  grad_fn = jax.grad(functools.partial(_objective, axis_name=axis_name), has_aux=True)
   if spec.accum_steps == 1:
     t_out = None if spec.online else teacher_forward(spec, teacher_params, batch)
     return _psum(grad_fn(params, teacher_params, t_out, batch, spec, step, None, frozen, rng),
-                 spec)
-  micro = _split(batch, spec.accum_steps, spec.strided_accum)
+                 axis_name)
+  micro = _split(batch, spec.accum_steps, strided_accum)
   keys = (None if rng is None else
           jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(spec.accum_steps)))
   names = [*spec.terms, *([ONLINE_TEACHER_CE] if spec.online else [])]
@@ -394,7 +401,7 @@ def _grads(params, teacher_params, batch, spec: Spec, step, frozen=None, rng=Non
     return jax.tree.map(jnp.add, acc, {n: c for n, (_, c) in terms.items()}), None
   zero_counts = {n: jnp.zeros((), jnp.float32) for n in names}
   counts, _ = jax.lax.scan(count_body, zero_counts, (micro, keys))
-  counts = _psum(counts, spec)
+  counts = _psum(counts, axis_name)
 
   def grad_body(acc, mb_key):
     mb, key = mb_key
@@ -404,19 +411,25 @@ def _grads(params, teacher_params, batch, spec: Spec, step, frozen=None, rng=Non
   zero_terms = {n: (jnp.zeros((), jnp.float32),) * 2 for n in names}
   zero = (jax.tree.map(jnp.zeros_like, params), zero_terms)
   (grads, terms), _ = jax.lax.scan(grad_body, zero, (micro, keys))
-  return _psum((grads, terms), spec)
+  return _psum((grads, terms), axis_name)
 
 
-def train_step(state: TrainState, teacher_params, batch, spec: Spec):
-  """One optimizer update. Returns (new state, metrics); term metrics are (sum, count) pairs."""
+def train_step(state: TrainState, teacher_params, batch, spec: Spec, *,
+               axis_name: str | None = None, strided_accum: bool = False):
+  """One optimizer update. Returns (new state, metrics); term metrics are (sum, count) pairs.
+
+  `axis_name`: under `jax.pmap`, the axis to sum counts, terms and gradients over (the pmap
+  plan's); `strided_accum`: micro-batch i is rows i::accum_steps (the mesh plan's, see _split).
+  """
   step = state.step
-  teacher_params = current_teacher(state, teacher_params)
+  teacher_params = current_teacher(state, teacher_params, spec)
   rng = None
   if spec.student_rngs:  # a key per step, and per device under pmap (each has its own rows)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
-    if spec.axis_name is not None:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(spec.axis_name))
-  grads, terms = _grads(state.params, teacher_params, batch, spec, step, state.frozen, rng)
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+  grads, terms = _grads(state.params, teacher_params, batch, spec, step, state.frozen, rng,
+                        axis_name=axis_name, strided_accum=strided_accum)
   updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   loss = sum(spec.weights[n](step) * s / jnp.maximum(c, 1.0) for n, (s, c) in terms.items())
@@ -463,8 +476,8 @@ def eval_step(params, teacher_params, batch, spec: Spec, num_bins: int = 15):
     return {**{f'{prefix}/conf_{b:02d}': (conf_sum[b], n[b]) for b in range(num_bins)},
             **{f'{prefix}/hit_{b:02d}': (hit_sum[b], n[b]) for b in range(num_bins)}}
 
-  student_logits = forward(spec.student_eval or spec.student, _seen(params['student'], spec),
-                           batch)['logits']
+  student_logits = forward(spec.student_eval or spec.student,
+                           spec.student_weights(params['student']), batch)['logits']
   out = {'ce': losses.ce_sum(student_logits, batch['labels'], mask=mask)}
   count = jnp.sum(mask_f)
   out['accuracy'] = (jnp.sum((jnp.argmax(student_logits, -1) == batch['labels']) * mask), count)

@@ -1,34 +1,16 @@
-r"""A decoder LM on Tiny Shakespeare: train a teacher, distil a smaller student, compare to no KD.
+r"""What the Tiny Shakespeare experiments share: a decoder teacher trained here, a smaller student.
 
-  python -m kd.main --config=configs/shakespeare_kd.py --workdir=/tmp/kd/shakespeare
-
-Hardware: the default runs on a 2-core CPU in about 10 minutes (teacher, KD student, no-KD
-student). Args (`:arg`, comma separated; kd.config_args):
+Not a config by itself: each file beside it (distill.py, dialogue.py, gkd.py, ...) is one
+experiment, `get_config(arg=None)` over `config(args)` here, and reaches this file with
+`kd.config_args.sibling(__file__, 'base')`. Every experiment takes the args of ARGS besides its
+own (`:arg`, comma separated; kd.config_args):
   tiny   a few steps of tiny models, for tests (seconds)
   long   4x the steps, for a GPU
   objective=NAME   distil with the logit loss NAME (kl, reverse_kl, jsd, tvd, skew_kl,
          skew_reverse_kl): losses = {ce: alpha, NAME: 1 - alpha}, with NAME's kwargs in
-         config.loss_kwargs (e.g. --config.loss_kwargs.jsd.beta=0.1); objective=ce is no KD
-  dialogue   the prompt/response task (kd/data/dialogue.py: answer a speech as the next
-         speaker); losses = {NAME: 1} on the response tokens, the prompt masked
-  onpolicy=L   with dialogue: GKD, each batch's responses are the student's own samples with
-         probability L (config.on_policy; kd/train/onpolicy.py)
-  online also distil from a teacher trained at the same time (config.online)
-  ema    also self-distil a student from its own EMA (decay 0.99, config.self_distill)
-  adaptive   with dialogue: DistiLLM's adaptive off-policy instead (config.on_policy.adaptive)
-  peft=M  like lora, with M = adapter, prefix or prompt (config.peft.size = 8) instead
-  qat=B  quantization-aware KD: the student trains through B-bit (4 or 8) weights, one scale
-         per 32 input rows (config.quant)
-  qlora  with lora: the frozen base is stored as 4-bit RTN weights, groups of 32 (QLoRA-style)
-  lora   a LoRA student: the student starts from the teacher's layers (every other one, cut to
-         the student's widths) and only rank-8 adapters on its attention and MLP projections
-         train (config.peft; kd/peft); the no-KD baseline is LoRA too
-  seqkd  with dialogue: sequence-level KD, the KD student trains on the teacher's own (greedy)
-         responses to the train prompts (config.seqkd; kd/data/seqkd.py); with objective=ce
-         that is Kim & Rush's SeqKD
-E.g. `--config=configs/shakespeare_kd.py:tiny,objective=jsd`.
-Prints a table: teacher perplexity, student perplexity with KD and without, teacher-student
-top-1 agreement on the held-out split. KD: L = a*CE + (1-a)*T^2*KL(p_T || p_S) with a=0.5, T=2.
+         config.loss_kwargs (e.g. --config.loss_kwargs.jsd.beta=0.1); objective=ce is no KD.
+         On the dialogue task (`dialogue`) the loss is {NAME: 1} on the response tokens.
+KD: L = a*CE + (1-a)*T^2*KL(p_T || p_S) with a=0.5, T=2 unless an experiment says otherwise.
 
 Parallelism (`config.parallel`, see kd/parallel/); `data.batch_size` is the global batch:
   mode          'single' (default: jit on one device), 'pmap' (data parallel over this host's
@@ -51,29 +33,14 @@ Two hosts (run on each, with its own process_id):
 import ml_collections
 from ml_collections import config_dict
 
-from kd import config_args
-
-
-ARGS = {'tiny': bool, 'long': bool, 'objective': str, 'dialogue': bool, 'onpolicy': float,
-        'adaptive': bool, 'seqkd': bool, 'lora': bool, 'peft': str, 'qat': int, 'qlora': bool,
-        'ema': bool, 'online': bool}
-# Args that build every other arg into a config (tests/test_configs.py builds each of them).
-EXAMPLES = ('tiny,long', 'tiny,objective=jsd', 'tiny,dialogue,onpolicy=0.5',
-            'tiny,dialogue,adaptive', 'tiny,dialogue,seqkd,objective=ce', 'tiny,lora,qlora',
-            'tiny,peft=adapter', 'tiny,qat=4', 'tiny,ema,online')
-PEFT_METHODS = ('adapter', 'prefix', 'prompt')
+ARGS = {'tiny': bool, 'long': bool, 'objective': str}
 # The kwargs each objective takes (their defaults), so that the command line can set them.
 OBJECTIVE_KWARGS = {'jsd': {'beta': 0.5}, 'skew_kl': {'alpha': 0.1},
                     'skew_reverse_kl': {'alpha': 0.1}}
 
 
-def get_config(arg=None):
-  args = config_args.parse(arg, ARGS, conflicts=[('lora', 'peft')], requires={
-      'onpolicy': 'dialogue', 'adaptive': 'dialogue', 'seqkd': 'dialogue', 'qlora': 'lora'})
-  if args.get('peft', PEFT_METHODS[0]) not in PEFT_METHODS:
-    raise ValueError(f"peft={args['peft']}: use one of {PEFT_METHODS} (or the lora arg)")
-  if args.get('qat', 8) not in (4, 8):
-    raise ValueError(f"qat={args['qat']}: the student trains through 4- or 8-bit weights")
+def config(args: dict) -> ml_collections.ConfigDict:
+  """The default experiment (distill.py) before `finish`: teacher, KD student, no-KD student."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.distributed = False  # jax.distributed.initialize() first (multi-host)
@@ -86,7 +53,7 @@ def get_config(arg=None):
       eval_split='validation', max_eval_batches=0,
       train_split='train',  # what the students train on (e.g. 'train[:30%]', a stream's shard)
       teacher_split='train',  # what the teacher and tokenizer train on ('train[:27%]+train[30%:57%]')
-      task='lm', prompt_len=0, response_len=0,  # task 'dialogue': see the dialogue arg
+      task='lm', prompt_len=0, response_len=0,  # task 'dialogue': see `dialogue` below
       sample_eval_batches=0))  # dialogue: eval batches whose greedy answers the teacher scores
   # GKD: the fraction of KD batches whose responses the student samples (dialogue task only).
   c.on_policy = ml_collections.ConfigDict(dict(fraction=0.0, temperature=1.0, top_k=0,
@@ -152,6 +119,7 @@ def get_config(arg=None):
   # 'adapter', 'prefix' and 'prompt' add bottleneck adapters of width `size` to every block, a
   # learned key/value prefix of `size` positions to every attention layer, or `size` learned
   # input embeddings (kd.peft.adapters); only those train, and they stay in the saved student.
+  # lora.py and adapters.py set it, through `peft()` below.
   c.peft = ml_collections.ConfigDict(dict(
       method='none', target=r'.*_proj', rank=8, alpha=16.0, dropout=0.0, size=8))
   # A quantized student (kd/quant): 'qat' trains through weights fake-quantized to `bits` (4 or
@@ -162,13 +130,10 @@ def get_config(arg=None):
   c.quant = ml_collections.ConfigDict(dict(method='none', bits=8, group_size=0,
                                            target=r'.*_proj', embed_bits=0))
 
-  # alpha * CE + (1 - alpha) * the objective (T^2 * KL by default: 'kl' already carries T^2);
-  # the ema arg puts this back on the dialogue task's pure divergence.
+  # alpha * CE + (1 - alpha) * the objective (T^2 * KL by default: 'kl' already carries T^2).
   c.alpha = 0.5
   objective = args.get('objective', 'kl')
-  with_ce = lambda: ml_collections.ConfigDict({'ce': c.get_ref('alpha'),
-                                               objective: 1.0 - c.get_ref('alpha')})
-  c.losses = with_ce()
+  c.losses = with_ce(c, args)
   c.loss_kwargs = ml_collections.ConfigDict()
   if objective == 'ce':  # no KD: hard labels only (agreement with the teacher is still measured)
     c.losses = ml_collections.ConfigDict({'ce': 1.0})
@@ -185,10 +150,10 @@ def get_config(arg=None):
   # previous round's student into a fresh one of the same architecture (same losses).
   c.born_again = 0
   # Self-distillation from an EMA of the student: > 0 adds a run whose teacher is the student's
-  # own exponential moving average with this decay (updated every step), same losses.
+  # own exponential moving average with this decay (updated every step), same losses (ema.py).
   c.self_distill = ml_collections.ConfigDict(dict(ema_decay=0.0))
   # Online distillation: also a run where a fresh teacher trains (CE) in the same steps as the
-  # student, which distils from the teacher's current predictions (no pre-trained teacher).
+  # student, which distils from the teacher's current predictions (online.py).
   c.online = False
 
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -197,31 +162,36 @@ def get_config(arg=None):
   c.train = ml_collections.ConfigDict(dict(
       steps=800, accum_steps=1, log_every=50, eval_every=200, checkpoint_every=200, keep=2,
       progress=True))
+  return c
 
-  if 'dialogue' in args:
-    c.data.update(task='dialogue', prompt_len=96, response_len=64, batch_size=16,
-                  sample_eval_batches=4)
-    c.losses = ml_collections.ConfigDict({objective: 1.0})
-  if 'seqkd' in args:
-    c.seqkd.enabled = True
-  if 'online' in args:
-    c.online = True
-  if 'ema' in args:
-    c.self_distill.ema_decay = 0.99
-    if 'ce' not in c.losses:  # (dialogue's pure divergence) the EMA needs labels beside it
-      c.losses = with_ce()
-  if 'adaptive' in args:
-    c.on_policy.adaptive.enabled = True
-  if 'onpolicy' in args:
-    c.on_policy.fraction = args['onpolicy']
-  if 'lora' in args or 'peft' in args:
-    c.peft.method = args.get('peft', 'lora')
-    c.student_init.source = 'teacher'
-    c.optimizer.weight_decay = 0.0  # decay would pull the adapters, not the base, to zero
-  if 'qat' in args:
-    c.quant.update(method='qat', bits=args['qat'], group_size=32)
-  if 'qlora' in args:
-    c.quant.update(method='qlora', bits=4, group_size=32)
+
+def with_ce(c, args: dict) -> ml_collections.ConfigDict:
+  """alpha * CE + (1 - alpha) * the objective, the weights following `c.alpha`."""
+  return ml_collections.ConfigDict({'ce': c.get_ref('alpha'),
+                                    args.get('objective', 'kl'): 1.0 - c.get_ref('alpha')})
+
+
+def dialogue(c, args: dict) -> ml_collections.ConfigDict:
+  """The prompt/response task (kd/data/dialogue.py: answer a speech as the next speaker):
+  losses = {objective: 1} on the response tokens, the prompt masked."""
+  c.data.update(task='dialogue', prompt_len=96, response_len=64, batch_size=16,
+                sample_eval_batches=4)
+  c.losses = ml_collections.ConfigDict({args.get('objective', 'kl'): 1.0})
+  return c
+
+
+def peft(c, method: str) -> ml_collections.ConfigDict:
+  """A parameter-efficient student (config.peft): it starts from the teacher's layers (every
+  other one, cut to the student's widths) and only the PEFT parameters train; the no-KD baseline
+  is the same kind of student."""
+  c.peft.method = method
+  c.student_init.source = 'teacher'
+  c.optimizer.weight_decay = 0.0  # decay would pull the adapters, not the base, to zero
+  return c
+
+
+def finish(c, args: dict) -> ml_collections.ConfigDict:
+  """The `tiny` and `long` args, after the experiment's own settings (which they shrink)."""
   if 'tiny' in args:
     c.data.update(vocab_size=300, seq_len=32, batch_size=8, eval_batch_size=8,
                   max_eval_batches=2)
@@ -233,15 +203,9 @@ def get_config(arg=None):
     c.train.update(steps=4, log_every=2, checkpoint_every=2, progress=False)
     if c.quant.group_size:
       c.quant.group_size = 8  # the tiny student's widths are 16 and 32
-    if 'dialogue' in args:
+    if c.data.task == 'dialogue':
       c.data.update(prompt_len=16, response_len=8, sample_eval_batches=1)
   if 'long' in args:
     c.teacher.steps *= 4
     c.train.steps *= 4
   return c
-
-
-def get_hyper(hyper):
-  """3 seeds x 2 temperatures: `python -m kd.sweep configs/shakespeare_kd.py --workdir=DIR`."""
-  return hyper.product([hyper.sweep('config.seed', [0, 1, 2]),
-                        hyper.sweep('config.temperature', [1.0, 2.0])])
