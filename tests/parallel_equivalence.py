@@ -8,6 +8,7 @@ and resumed from its checkpoint.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -79,6 +80,10 @@ class ListIterator:
     pass
 
 
+def _step(spec):
+  return functools.partial(step_lib.train_step, spec=spec)
+
+
 def _path(path):
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
 
@@ -100,7 +105,7 @@ def main():
   def train(plan, key, evaluate=True):
     state = plan.place_state(jax.tree.map(np.copy, state0))  # the step donates it
     tp = plan.place_teacher(teacher_params)
-    fn = plan.train_step(specs[key], state)
+    fn = plan.train_step(_step(specs[key]), state)
     losses, grad_norms = [], []
     for b in batches:
       state, m = fn(state, tp, b)
@@ -108,7 +113,7 @@ def main():
       grad_norms.append(float(m['grad_norm']))
     sums = {}
     if evaluate:
-      sums = jax.device_get(plan.eval_step(specs[key])(state.params, tp, batches[0]))
+      sums = jax.device_get(plan.eval_step(functools.partial(step_lib.eval_step, spec=specs[key]))(state.params, tp, batches[0]))
     return state, tp, (losses, grad_norms), jax.device_get(plan.unreplicate(state).params), sums
 
   # One reference: accumulation and chunking are exact, so every run must match one device
@@ -176,7 +181,7 @@ def scan_run(student, teacher, teacher_params, state0, batches, ref):
   plan = parallel.MeshPlan(parallel.make_mesh(2, 2, 2), ('data', 'fsdp'))
   state = plan.place_state(jax.device_get(state))
   tp = plan.place_teacher(models.stack_layers(teacher_params))
-  fn = plan.train_step(spec, state)
+  fn = plan.train_step(_step(spec), state)
   losses = []
   for b in batches:
     state, m = fn(state, tp, b)
@@ -217,7 +222,7 @@ def splash_runs(student, teacher, teacher_params):
                            LOSSES, 10)
     state = plan.place_state(jax.device_get(
         step_lib.create_state(build.init_student(spec, 0), spec.tx, 0)))
-    tp, fn = plan.place_teacher(teacher_params), plan.train_step(spec, state)
+    tp, fn = plan.place_teacher(teacher_params), plan.train_step(_step(spec), state)
     losses = []
     for b in batches:
       state, m = fn(state, tp, b)
@@ -245,7 +250,7 @@ def lora_runs(student, teacher, teacher_params, batches):
                      ('mesh2x2x2', parallel.MeshPlan(parallel.make_mesh(2, 2, 2)))):
     state = plan.place_state(jax.tree.map(np.copy, state0))
     tp = plan.place_teacher(teacher_params)
-    fn = plan.train_step(spec, state)
+    fn = plan.train_step(_step(spec), state)
     losses = []
     for b in batches:
       state, m = fn(state, tp, b)
@@ -279,7 +284,7 @@ def quantized_teacher_runs(student, teacher, teacher_params, batches):
                        ('mesh2x2x2', parallel.MeshPlan(parallel.make_mesh(2, 2, 2),
                                                        ('data', 'fsdp')))):
       state, tp = plan.place_state(jax.tree.map(np.copy, state0)), plan.place_teacher(qparams)
-      fn = plan.train_step(spec, state)
+      fn = plan.train_step(_step(spec), state)
       losses = []
       for b in batches:
         state, m = fn(state, tp, b)

@@ -403,7 +403,8 @@ def plan(config, teacher_hf: dict, student_hf: dict | None = None) -> dict:
   mesh_plan = parallel.make(config.parallel)
   if not hasattr(mesh_plan, 'lower_train_step'):
     raise config_check.ConfigError("plan() sizes a mesh run: set config.parallel.mode='mesh'")
-  compiled = mesh_plan.lower_train_step(spec, state, teacher_params, batch).compile()
+  compiled = mesh_plan.lower_train_step(
+      functools.partial(step_lib.train_step, spec=spec), state, teacher_params, batch).compile()
   mem = compiled.memory_analysis()
   gb = lambda name: round(getattr(mem, name, 0) / 2**30, 3)
   biggest = lambda tree, sh: {jax.tree_util.keystr(path): str(s.spec) for (path, x), s in zip(

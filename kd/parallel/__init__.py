@@ -2,7 +2,8 @@
 
   plan = parallel.make(config.parallel)     # mode 'single' | 'pmap' | 'mesh'
   state = plan.init_state(lambda: step.create_state(params_fn(), tx, seed))
-  train = plan.train_step(spec, state)      # fn(state, teacher_params, batch)
+  train = plan.train_step(functools.partial(step.train_step, spec=spec), state)
+  # train(state, teacher_params, batch) -> (state, metrics), compiled for the plan's devices
 See `plan.py` for the interface, `pmap.py` and `mesh.py` for the two parallel wrappers,
 `rules.py` for how arrays are sharded and `distributed.py` for multi-host start-up.
 """

@@ -25,7 +25,6 @@ from jax.sharding import PartitionSpec as P
 
 from kd.models import sample
 from kd.parallel import rules
-from kd.train import step as step_lib
 
 AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')  # the batch dimension is split over both
@@ -90,10 +89,10 @@ def place(tree, target):
   return treedef.unflatten(out)
 
 
-def _bound_step(spec: step_lib.Spec):
-  """train_step for `spec`, its micro-batches strided (step._split): with the batch axis sharded,
+def _strided(step):
+  """`step` with its micro-batches strided (kd.train.step._split): with the batch axis sharded,
   every device then holds an equal part of every micro-batch."""
-  return functools.partial(step_lib.train_step, spec=spec, strided_accum=True)
+  return functools.partial(step, strided_accum=True)
 
 
 class MeshPlan:
@@ -141,20 +140,20 @@ class MeshPlan:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
         self.batch_sharding, x, x.shape), batch)
 
-  def train_step(self, spec: step_lib.Spec, state):
+  def train_step(self, step, state):
     """fn(state, teacher_params, local batch) -> (state, metrics); `state` fixes the shardings
     (arrays or ShapeDtypeStructs); the state argument is donated."""
-    fn = jax.jit(_bound_step(spec),
+    fn = jax.jit(_strided(step),
                  out_shardings=(self.state_shardings(state), self.replicated),
                  donate_argnums=(0,))
     return self._in_mesh(
         lambda state, teacher_params, batch: fn(state, teacher_params, self.shard_batch(batch)))
 
-  def lower_train_step(self, spec: step_lib.Spec, state, teacher_params, batch):
+  def lower_train_step(self, step, state, teacher_params, batch):
     """The train step lowered on shapes (ShapeDtypeStructs are enough: nothing is made), with
     the shardings `train_step` gives its arguments and results; `.compile().memory_analysis()`
     is then what XLA plans per device, before any weights exist."""
-    fn = jax.jit(_bound_step(spec),
+    fn = jax.jit(_strided(step),
                  in_shardings=(self.state_shardings(state), self.teacher_shardings(teacher_params),
                                jax.tree.map(lambda _: self.batch_sharding, batch)),
                  out_shardings=(self.state_shardings(state), self.replicated),
@@ -170,10 +169,10 @@ class MeshPlan:
         return fn(*args)
     return call
 
-  def eval_step(self, spec: step_lib.Spec):
+  def eval_step(self, evaluate):
     """fn(params, teacher_params, batch) -> {name: (sum, count)}; `batch` is the same on every
     process."""
-    fn = jax.jit(functools.partial(step_lib.eval_step, spec=spec), out_shardings=self.replicated)
+    fn = jax.jit(evaluate, out_shardings=self.replicated)
     return self._in_mesh(lambda params, teacher_params, batch: fn(
         params, teacher_params, self.shard_global_batch(batch)))
 

@@ -6,21 +6,23 @@ Every plan has the same small interface, so the loop never asks which one it hol
   place_state(state)         an existing state (e.g. from the host) placed on the devices
   place_teacher(params)      the teacher's params placed (None stays None)
   unreplicate(tree)          one logical copy, what checkpoints hold (identity but for pmap)
-  train_step(spec, state)    fn(state, teacher_params, this process's batch) -> (state, metrics)
-  eval_step(spec)            fn(params, teacher_params, eval batch) -> {name: (sum, count)}
+  train_step(step, state)    fn(state, teacher_params, this process's batch) -> (state, metrics),
+                             `step` compiled for the devices (see below)
+  eval_step(evaluate)        fn(params, teacher_params, eval batch) -> {name: (sum, count)}
   generate(model, ids, ...)  kd.models.sample.generate with the placed params, the prompt rows
                              split like a train batch; returns this process's rows
-The step they wrap is always `kd.train.step.train_step`; only the wrapper differs.
+A plan receives the pure function it compiles: `step(state, teacher_params, batch, *,
+axis_name=None, strided_accum=False)` (kd.train.step.train_step with its Spec bound), to which it
+passes the arguments only it knows (pmap: the axis to sum over; mesh: strided micro-batches), and
+`evaluate(params, teacher_params, batch)`. Nothing here imports the training code.
 """
 
-import functools
 
 import jax
 
 from kd.models import sample
 from kd.parallel import mesh as mesh_lib
 from kd.parallel import pmap as pmap_lib
-from kd.train import step as step_lib
 
 
 class SinglePlan:
@@ -41,12 +43,12 @@ class SinglePlan:
   def unreplicate(self, tree):
     return tree
 
-  def train_step(self, spec: step_lib.Spec, state=None):
+  def train_step(self, step, state=None):
     del state
-    return jax.jit(functools.partial(step_lib.train_step, spec=spec), donate_argnums=(0,))
+    return jax.jit(step, donate_argnums=(0,))
 
-  def eval_step(self, spec: step_lib.Spec):
-    return jax.jit(functools.partial(step_lib.eval_step, spec=spec))
+  def eval_step(self, evaluate):
+    return jax.jit(evaluate)
 
   def generate(self, model, prompt_ids, prompt_mask=None, **kw):
     return sample.generate(model, prompt_ids, prompt_mask, **kw)

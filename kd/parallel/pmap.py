@@ -1,6 +1,6 @@
 """`jax.pmap` data parallelism: params replicated on every local device, the batch split.
 
-The step is the unchanged pure `train_step`, bound with `axis_name='batch'`: it then sums every
+The step is the unchanged pure train step, given `axis_name='batch'`: it then sums every
 loss term's (sum, count), the micro-batch counts and the gradients over the devices before the
 optimizer update, so every device applies the same update, that of the whole batch. One host
 only (use the mesh plan across hosts).
@@ -16,7 +16,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kd.models import sample
-from kd.train import step as step_lib
 
 AXIS = 'batch'
 
@@ -53,8 +52,8 @@ def _pmapped_generate(module, devices: tuple, static: tuple):
                   in_axes=(0, 0, 0, 0, None, None, None, None))
 
 
-def _eval_sums(params, teacher_params, batch, spec):
-  return jax.lax.psum(step_lib.eval_step(params, teacher_params, batch, spec), AXIS)
+def _eval_sums(params, teacher_params, batch, evaluate):
+  return jax.lax.psum(evaluate(params, teacher_params, batch), AXIS)
 
 
 class PmapPlan:
@@ -81,10 +80,10 @@ class PmapPlan:
   def shard_batch(self, batch):
     return shard_batch(batch, len(self.devices))
 
-  def train_step(self, spec: step_lib.Spec, state=None):
+  def train_step(self, step, state=None):
     """fn(state, teacher_params, batch) -> (state, metrics of device 0); `state` is donated."""
     del state  # the replicated layout does not depend on it
-    fn = jax.pmap(functools.partial(step_lib.train_step, spec=spec, axis_name=AXIS),
+    fn = jax.pmap(functools.partial(step, axis_name=AXIS),
                   axis_name=AXIS, devices=self.devices, donate_argnums=(0,))
 
     def train(state, teacher_params, batch):
@@ -92,8 +91,9 @@ class PmapPlan:
       return state, unreplicate(metrics)
     return train
 
-  def eval_step(self, spec: step_lib.Spec):
-    fn = jax.pmap(functools.partial(_eval_sums, spec=spec), axis_name=AXIS, devices=self.devices)
+  def eval_step(self, evaluate):
+    fn = jax.pmap(functools.partial(_eval_sums, evaluate=evaluate), axis_name=AXIS,
+                  devices=self.devices)
     return lambda params, teacher_params, batch: unreplicate(
         fn(params, teacher_params, self.shard_batch(batch)))
 

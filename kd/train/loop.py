@@ -1,5 +1,6 @@
 """The host loop: feed batches, dispatch steps, log, evaluate, checkpoint, resume."""
 
+import functools
 import math
 import time
 
@@ -75,8 +76,8 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
   if start and hasattr(batch_fn, 'load_state_dict'):  # e.g. an adaptive off-policy buffer
     batch_fn.load_state_dict(checkpoint.load_host_state(_host_state_path(workdir, start)))
   writer = metrics_lib.Writer(workdir, enabled=jax.process_index() == 0)
-  train_fn = plan.train_step(spec, state)
-  eval_fn = plan.eval_step(spec)
+  train_fn = plan.train_step(functools.partial(step_lib.train_step, spec=spec), state)
+  eval_fn = plan.eval_step(functools.partial(step_lib.eval_step, spec=spec))
 
   acc, pending, t0, tokens = metrics_lib.Accumulator(), None, time.perf_counter(), 0
   bar = tqdm.tqdm(total=total_steps, initial=start, desc=name, disable=not progress,
