@@ -58,3 +58,16 @@ def pytest_configure(config):
   # projection: thousands of identical warnings per LoRA test.
   config.addinivalue_line('filterwarnings',
                           "ignore:'VariableState' was removed:DeprecationWarning")
+
+
+# The files that take longest, longest first. `make test` runs `--dist loadfile`: a file's tests
+# share one worker, so its module fixtures (a trained teacher, a whole experiment) are built once,
+# and starting the long files first keeps both workers busy until the end.
+LONGEST_FIRST = ('test_parallel', 'test_sentence_compress', 'test_cli', 'test_llm_job',
+                 'test_objectives', 'test_sentence_job', 'test_onpolicy', 'test_replay',
+                 'test_continual', 'test_hf_gguf', 'test_quant_train', 'test_peft_train')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: file order kept
