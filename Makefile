@@ -28,4 +28,4 @@ demo-lm: data
 	$(PY) -m kd.main --config=configs/shakespeare/distill.py --workdir=/tmp/kd/shakespeare
 
 test: data
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=30 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30 tests
