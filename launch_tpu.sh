@@ -9,10 +9,12 @@
 # (HEAD plus uncommitted edits to tracked files, as a `git archive` tarball), installs kd and
 # jax[tpu] in a venv on every worker, then starts the run detached, one log per worker in
 # ~/kd_logs/. The workdir is --bucket/<name> unless the kd.main args carry --workdir=gs://...
-# --dry-run prints every command, `+ `-prefixed and shell-quoted, and runs none.
+# --dry-run prints every command, `+ `-prefixed and shell-quoted, and runs none. A run that
+# checkpointed on SIGTERM (exit code 75) starts again on its own; after a spot VM is reclaimed,
+# the same launch_tpu.sh command re-creates it and the run resumes from the workdir.
 set -euo pipefail
 
-usage() { echo "Usage: launch_tpu.sh FLAGS [--] [kd.main args]"; sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { echo "Usage: launch_tpu.sh FLAGS [--] [kd.main args]"; sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "launch_tpu.sh: $*" >&2; echo "Try --help." >&2; exit 2; }
 
 name='' zone='' accelerator='' version='' project='' bucket='' queued='' spot='' dry=''
@@ -98,7 +100,9 @@ run "${tpu[@]}" ssh "$name" --worker=all "${where[@]}" --command="$install"
 # 4. Start detached on every worker; each writes its own log.
 quoted=$(printf ' %q' "${main_args[@]}")
 log="~/kd_logs/$name-\$(hostname).log"
-start="cd ~/kd && setsid nohup ~/kd_venv/bin/python -m kd.main$quoted > $log 2>&1 < /dev/null &"
+# Exit code 75: kd checkpointed on SIGTERM (e.g. a maintenance event); start it again to resume.
+job="until ~/kd_venv/bin/python -m kd.main$quoted; do [ \$? -eq 75 ] || break; done"
+start="cd ~/kd && setsid nohup bash -c $(printf %q "$job") >> $log 2>&1 < /dev/null &"
 run "${tpu[@]}" ssh "$name" --worker=all "${where[@]}" --command="$start"
 
 [[ -z $dry ]] || exit 0

@@ -119,7 +119,8 @@ def get_config(arg=None):
       name='adamw', lr=3e-4, warmup_steps=60, schedule='cosine', weight_decay=0.01,
       grad_clip_norm=1.0))
   c.train = ml_collections.ConfigDict(dict(
-      epochs=4, steps=0, log_every=25, checkpoint_every=200, keep=2, progress=True))
+      epochs=4, steps=0, log_every=25, checkpoint_every=200, keep=2, progress=True,
+      skip_nonfinite=0))  # updates with a NaN/Inf gradient skipped before the run stops
   c.eval = ml_collections.ConfigDict(dict(
       path='', batch_size=64, speed_runs=3, speed_sentences=1024, memory_seq_len=48))
   c.export = True

@@ -19,7 +19,8 @@ Each point runs `python -m kd.main --config=FILE[:arg] --workdir=ROOT/<name> --c
 where <name> is built from the values that vary (e.g. `seed_0-temperature_1.0`); `--override`
 values are added to every point. Every key is checked against the built config before anything
 runs. `--launch=local` runs the points one after another, carries on past failures, then writes
-the summary; `--launch=tpu` starts each point on its own TPU VM via launch_tpu.sh (VM name
+the summary; a point that exits with kd's preemption code (75: it checkpointed on SIGTERM) runs
+again and resumes, up to `--retries` times, unless the sweep itself was told to stop; `--launch=tpu` starts each point on its own TPU VM via launch_tpu.sh (VM name
 `<--name>-<i>`, ROOT must be gs://). `--summary` alone only collects each point's results.json
 into ROOT/summary.md: one row per point and result row (teacher, student_kd, ...).
 """
@@ -32,10 +33,12 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import types
 
+PREEMPTED = 75  # kd.main's exit code after a checkpoint on SIGTERM (kd.train.preemption)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -206,6 +209,8 @@ def main(argv=None) -> int:
   p.add_argument('--grid', action='append', default=[], metavar='K=V1,V2',
                  help="sweep K over these values instead of the config's sweep (repeatable: "
                       'the product)')
+  p.add_argument('--retries', type=int, default=3,
+                 help='reruns of a point that exits preempted (code 75), local runs')
   p.add_argument('--summary', action='store_true', help='only collect results into summary.md')
   a = p.parse_args(argv)
 
@@ -236,12 +241,26 @@ def main(argv=None) -> int:
     print('\n'.join(shlex.join(c) for c in cmds))
     return 0
 
-  failed = []
-  for i, ((name, _), cmd) in enumerate(zip(runs, cmds)):
-    print(f'[{i + 1}/{len(cmds)}] {name}: {shlex.join(cmd)}', flush=True)
-    if subprocess.run(cmd).returncode != 0:
-      failed.append(name)
-      print(f'[{i + 1}/{len(cmds)}] {name} FAILED', flush=True)
+  failed, stop = [], []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+  try:
+    for i, ((name, _), cmd) in enumerate(zip(runs, cmds)):
+      print(f'[{i + 1}/{len(cmds)}] {name}: {shlex.join(cmd)}', flush=True)
+      rc = subprocess.run(cmd).returncode
+      for _ in range(a.retries if a.launch == 'local' else 0):
+        if rc != PREEMPTED or stop:
+          break
+        print(f'[{i + 1}/{len(cmds)}] {name} was preempted; resuming it', flush=True)
+        rc = subprocess.run(cmd).returncode
+      if stop:  # the sweep itself is being preempted: its points resume when it is run again
+        print(f'[{i + 1}/{len(cmds)}] {name}: stopped by SIGTERM; run the sweep again to resume',
+              file=sys.stderr)
+        return PREEMPTED
+      if rc != 0:
+        failed.append(name)
+        print(f'[{i + 1}/{len(cmds)}] {name} FAILED', flush=True)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
   if a.launch == 'local':
     write_summary(a.workdir, pts)
   if failed:

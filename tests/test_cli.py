@@ -1,4 +1,5 @@
-"""The CLI end to end on the tiny config, and SIGKILL-then-resume determinism."""
+"""The CLI end to end on the tiny config; SIGKILL- and SIGTERM-then-resume determinism; one run
+per workdir."""
 
 import json
 import os
@@ -66,8 +67,35 @@ def test_cli_end_to_end_then_killed_run_resumes_bitwise(tmp_path):
   proc.wait()
   assert not (killed / 'student_kd' / 'checkpoints' / str(STEPS)).exists(), 'killed too late'
   _run(killed)
+  _assert_same_params(straight, killed)
+
+  # SIGTERM (a preemption notice) while the student trains, after a random step: the run
+  # finishes the step in flight, saves it (checkpoints are otherwise every 4 steps) and exits
+  # with code 75; the same command then ends bitwise where the uninterrupted run did.
+  termed = tmp_path / 'termed'
+  sparse = ('--config.train.checkpoint_every=4', '--config.train.log_every=1')
+  proc = subprocess.Popen(_cmd(termed, *sparse), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  log, rows = termed / 'student_kd' / 'metrics.jsonl', random.Random(os.getpid()).randint(1, 3)
+  deadline = time.time() + 300
+  while proc.poll() is None and time.time() < deadline and not (
+      log.exists() and len(log.read_text().splitlines()) >= rows):
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 75, err[-3000:]
+  assert 'preempted: the checkpoint of step' in err
+  last = {stage: max(int(p.name) for p in (termed / stage / 'checkpoints').iterdir()
+                     if p.name.isdigit())
+          for stage in ('student_kd', 'student_ce') if (termed / stage / 'checkpoints').exists()}
+  assert any(s < STEPS for s in last.values()), last  # a stage stopped midway
+  _run(termed, *sparse)
+  _assert_same_params(straight, termed)
+
+
+def _assert_same_params(a_dir, b_dir):
   for stage in ('student_kd', 'student_ce', 'teacher'):
-    a, b = _final_params(straight, stage), _final_params(killed, stage)
+    a, b = _final_params(a_dir, stage), _final_params(b_dir, stage)
     leaves_a, leaves_b = [np.asarray(x) for x in _leaves(a)], [np.asarray(x) for x in _leaves(b)]
     assert len(leaves_a) == len(leaves_b) > 0
     for x, y in zip(leaves_a, leaves_b):
@@ -127,6 +155,27 @@ def test_a_diverging_run_stops_naming_the_step_and_term(tmp_path):
   config.teacher.optimizer.update(lr=1e12, grad_clip_norm=0.0, name='sgd')
   with pytest.raises(loop.NonFiniteError, match=r"step \d+: (loss term 'ce'|the gradient norm = nan \(terms: ce=)"):
     run.main(config, str(tmp_path / 'w'))
+
+
+def test_skip_nonfinite_skips_that_many_updates_unapplied_then_stops(tmp_path, caplog):
+  """A teacher at lr 1e12 turns NaN at some step and stays so: with train.skip_nonfinite=2 the
+  two updates after it are skipped (each logged), and the run stops at the third."""
+  import re  # pylint: disable=g-import-not-at-top
+  from kd.train import loop  # pylint: disable=g-import-not-at-top
+  from kd.train import run  # pylint: disable=g-import-not-at-top
+  stops = []
+  for skip in (0, 2):
+    config = _tiny_config()
+    config.teacher.optimizer.update(lr=1e12, grad_clip_norm=0.0, name='sgd')
+    config.teacher.steps = 8
+    config.train.skip_nonfinite = skip
+    caplog.clear()
+    with pytest.raises(loop.NonFiniteError) as err:
+      run.main(config, str(tmp_path / f'skip{skip}'))
+    stops.append(int(re.match(r'step (\d+)', str(err.value)).group(1)))
+    skipped = [r for r in caplog.records if 'the update was not applied' in r.getMessage()]
+    assert len(skipped) == skip
+  assert stops[1] == stops[0] + 2, stops
 
 
 def _tiny_config():

@@ -438,3 +438,18 @@ def test_eval_batches_cover_every_token_once(sources, tok, val_docs):
   n_labels = sum(float(b["loss_mask"].sum()) for b in batches)
   assert n_labels == sum(len(d) - 1 for d in val_docs)
   assert not batches[-1]["segment_ids"][-1].any()  # padded with empty rows
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", r"\(0 characters\) leaves the train, validation, test split"),
+    (b"one short line\n", "leaves the test split"),
+    (b"Romeo:\nhello\n\n" * 50 + b"\xff\xfe bad\n", r"is not UTF-8: byte 0xff at offset 700"),
+])
+def test_a_bad_text_file_is_named_before_anything_is_built(tmp_path, content, message):
+  (tmp_path / "tinyshakespeare").mkdir()
+  (tmp_path / "tinyshakespeare" / "input.txt").write_bytes(content)
+  with pytest.raises(local.DataError, match=message) as err:
+    data.load_text_split("tiny_shakespeare", "train", data_dir=str(tmp_path),
+                         cache_dir=str(tmp_path / "cache"))
+  assert str(tmp_path / "tinyshakespeare" / "input.txt") in str(err.value)
+  assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.array_record*"))

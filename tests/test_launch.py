@@ -64,7 +64,10 @@ def test_dry_run_prints_every_step_and_creates_nothing(tmp_path):
   assert 'python3 -m venv' in install_cmd and "pip install -q -e . 'jax[tpu]'" in install_cmd
   start_cmd = next(a for a in start if a.startswith('--command='))[len('--command='):]
   assert 'setsid nohup' in start_cmd and '$(hostname).log' in start_cmd
-  remote = shlex.split(start_cmd.split('-m kd.main', 1)[1].split('>', 1)[0])
+  words = shlex.split(start_cmd)  # what the worker's shell reads: ... bash -c JOB >> log
+  job = words[words.index('-c') + 1]
+  assert job.startswith('until ') and job.endswith('do [ $? -eq 75 ] || break; done')  # resumes
+  remote = shlex.split(job.split('-m kd.main', 1)[1].split(';', 1)[0])
   assert remote == [*MAIN, '--workdir=gs://bkt/kd/kd-test', '--config.distributed=True']
 
 
@@ -246,3 +249,29 @@ def test_real_local_sweep_of_two_points(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   text = (tmp_path / 'runs' / 'summary.md').read_text()
   assert '| 0 | student_kd |' in text and '| 1 | student_kd |' in text
+
+
+def test_local_sweep_resumes_a_preempted_point(tmp_path, monkeypatch):
+  """A point that exits with kd's preemption code runs again (the same command resumes it);
+  one that keeps being preempted gives up after --retries."""
+  from kd.train import preemption  # pylint: disable=g-import-not-at-top
+  assert sweep.PREEMPTED == preemption.EXIT_CODE
+  cfg = _distill_copy(tmp_path, "\n\ndef sweep():\n  yield {'seed': 0}\n  yield {'seed': 1}\n",
+                      keep_sweep=False)
+  calls = []
+
+  def fake_run(cmd, **kwargs):
+    calls.append(cmd)
+    workdir = pathlib.Path(next(a for a in cmd if a.startswith('--workdir='))[10:])
+    # seed 0 is preempted twice, then finishes; seed 1 is preempted every time.
+    if '--config.seed=1' in cmd or sum('--config.seed=0' in c for c in calls) < 3:
+      return subprocess.CompletedProcess(cmd, sweep.PREEMPTED)
+    _fake_results(workdir, 3.0)
+    return subprocess.CompletedProcess(cmd, 0)
+
+  monkeypatch.setattr(sweep.subprocess, 'run', fake_run)
+  rc = sweep.main([str(cfg), f'--workdir={tmp_path}/runs', '--retries=2'])
+  seeds = ['--config.seed=0' in c for c in calls]
+  assert seeds == [True, True, True, False, False, False]  # seed 1: 1 + 2 retries, then failed
+  assert rc == 1
+  assert 'No results.json yet for: seed_1.' in (tmp_path / 'runs' / 'summary.md').read_text()

@@ -159,9 +159,12 @@ def config(args: dict) -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adamw', lr=3e-3, warmup_steps=50, schedule='cosine', weight_decay=0.05,
       grad_clip_norm=1.0))
+  # skip_nonfinite: updates whose loss or gradient is NaN/Inf skipped (counted, logged) before
+  # the run stops (0: stop at the first); keep >= 2 checkpoints, so one remains if the newest
+  # is damaged.
   c.train = ml_collections.ConfigDict(dict(
       steps=800, accum_steps=1, log_every=50, eval_every=200, checkpoint_every=200, keep=2,
-      progress=True))
+      progress=True, skip_nonfinite=0))
   return c
 
 

@@ -161,3 +161,16 @@ def fetch(to: str, files: dict[str, Remote] | None = None,
     _write(dest, data)
     status[dest] = 'downloaded'
   return status
+
+
+def read_text(path: str) -> str:
+  """The file as UTF-8 text; a clear error naming the file and the offset of a bad byte."""
+  if not os.path.isfile(path):
+    raise DataError(f'no file {path}; check the data source path')
+  with open(path, 'rb') as f:
+    raw = f.read()
+  try:
+    return raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise DataError(f'{path} is not UTF-8: byte {raw[e.start]:#04x} at offset {e.start} '
+                    f'({e.reason}); convert the file (e.g. iconv -t UTF-8)') from None

@@ -42,22 +42,9 @@ CHAT_KEYS = ('messages',)
 PAIR_KEYS = ('prompt', 'completion')
 
 
-def read_text(path: str) -> str:
-  """The file as UTF-8 text; a clear error naming the file and the offset of a bad byte."""
-  if not os.path.isfile(path):
-    raise DataError(f'no file {path}; check the data source path')
-  with open(path, 'rb') as f:
-    raw = f.read()
-  try:
-    return raw.decode('utf-8')
-  except UnicodeDecodeError as e:
-    raise DataError(f'{path} is not UTF-8: byte {raw[e.start]:#04x} at offset {e.start} '
-                    f'({e.reason}); convert the file (e.g. iconv -t UTF-8)') from None
-
-
 def _jsonl(path: str) -> list[dict]:
   records = []
-  for n, line in enumerate(read_text(path).splitlines(), 1):
+  for n, line in enumerate(local.read_text(path).splitlines(), 1):
     if not line.strip():
       continue
     try:
@@ -127,7 +114,7 @@ def _unsliced(spec: str) -> tuple[list[dict] | str, str]:
   """(records, or the text of a one-document source; a name for messages)."""
   if spec == 'shakespeare':
     path = local.path('tinyshakespeare/input.txt')
-    return read_text(path), path
+    return local.read_text(path), path
   if spec.startswith('stsb:'):
     return [{'text': t} for t in sentences.load([spec])], spec
   if spec.startswith('stsb_paraphrase:'):
@@ -137,7 +124,7 @@ def _unsliced(spec: str) -> tuple[list[dict] | str, str]:
   if spec.startswith('hf:'):
     return _hf(spec), spec
   if spec.endswith('.txt'):
-    return read_text(spec), spec
+    return local.read_text(spec), spec
   if spec.endswith('.jsonl'):
     return _jsonl(spec), spec
   raise DataError(f'data source {spec!r} is unknown: give a .txt or .jsonl path, tfds:NAME:SPLIT, '

@@ -83,7 +83,7 @@ class TinyShakespeareSpeeches(
     )
 
   def _split_generators(self, dl_manager):
-    text = (dl_manager.manual_dir / "input.txt").read_text(encoding="utf-8")
+    text = local.read_text(str(dl_manager.manual_dir / "input.txt"))
     return {
         name: self._generate_examples(part)
         for name, part in split_text(text).items()
@@ -162,6 +162,13 @@ def build_local(
   builder = make()
   if builder.is_prepared():
     return builder
+  text = local.read_text(path)  # a clear error for bytes that are not UTF-8
+  empty = [name for name, part in split_text(text).items() if not split_speeches(part)]
+  if empty:
+    raise local.DataError(
+        f"{path} ({len(text)} characters) leaves the {', '.join(empty)} split(s) without text"
+        " (train, validation and test are its first 90%, next 5% and last 5%): give a longer"
+        " file")
   try:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(

@@ -109,7 +109,7 @@ def base() -> ml_collections.ConfigDict:
       grad_clip_norm=1.0))
   c.train = ml_collections.ConfigDict(dict(
       steps=40, accum_steps=1, log_every=5, eval_every=0, checkpoint_every=20, keep=2,
-      progress=True))
+      progress=True, skip_nonfinite=0))  # NaN/Inf updates skipped before the run stops
 
   return c
 

@@ -41,7 +41,8 @@ def make_spec(config, student, teacher, terms, total_steps, ema_decay: float = 0
   fake-quantized (kd.train.student_weights), as `compression` (default compress.read(config))
   says."""
   comp = compress.read(config) if compression is None else compression
-  tx, lr_fn = optim.make(config.optimizer, total_steps)
+  tx, lr_fn = optim.make(config.optimizer, total_steps,
+                         (config.get('train') or {}).get('skip_nonfinite', 0))
   kwargs = {n: dict(kw) for n, kw in dict(config.get('loss_kwargs', {}) or {}).items()}
   for n in terms:
     if teacher is not None and losses.get(n).kind == 'relation':

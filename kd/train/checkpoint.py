@@ -13,8 +13,10 @@ the `state` it restores into. The data iterator's position is one file per proce
 import dataclasses
 import os
 
+from absl import logging
 import grain
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -35,16 +37,53 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iter=None) -> None:
   mngr.save(step, args=ocp.args.Composite(**items))
 
 
+class Mismatch(ValueError):
+  """A checkpoint this run's settings cannot resume from (not a damaged one)."""
+
+
+class Unreadable(RuntimeError):
+  """Checkpoints exist, and none of them can be read."""
+
+
 def restore_latest(mngr: ocp.CheckpointManager, state, data_iter=None):
-  """Restores the newest checkpoint into the structure of `state` (and `data_iter` in place).
+  """Restores the newest intact checkpoint into the structure of `state` (and `data_iter` in
+  place).
 
   Returns the restored state, or `state` unchanged when the directory holds no checkpoint. A
   dataclass state (TrainState) restores field by field, so a checkpoint written before a field
   was added (e.g. `ema`) still restores when this run leaves that field None.
+
+  A checkpoint that cannot be read (a truncated or missing file, half-written metadata) is
+  skipped with a warning naming its step, and the one before it is tried. Once one restores, the
+  damaged newer ones are moved, unchanged, to `<directory>.damaged/`, so that their steps can be
+  written again. When none can be read nothing is moved, and `Unreadable` names the directory.
   """
-  step = mngr.latest_step()
-  if step is None:
-    return state
+  mngr.reload()
+  steps = sorted(mngr.all_steps(), reverse=True)
+  failed = []
+  for step in steps:
+    try:
+      restored = _restore(mngr, step, state, data_iter)
+    except Mismatch:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('the checkpoint of step %d in %s cannot be read (%s: %s); trying the one '
+                      'before it', step, mngr.directory, type(e).__name__, str(e)[:300])
+      failed.append((step, f'{type(e).__name__}: {str(e)[:300]}'))
+      continue
+    if failed:
+      _set_aside(mngr, [s for s, _ in failed])
+    return restored
+  if failed:
+    reasons = '; '.join(f'step {s}: {r}' for s, r in failed)
+    raise Unreadable(
+        f'no checkpoint in {mngr.directory} can be read ({reasons}). Nothing was changed there. '
+        'Restore the files, move the directory away to start over, or resume with the settings '
+        'that wrote them.')
+  return state
+
+
+def _restore(mngr, step: int, state, data_iter):
   target = state
   _check_layer_layout(mngr.item_metadata(step)['state'], state, step, mngr.directory)
   if dataclasses.is_dataclass(state):
@@ -52,7 +91,7 @@ def restore_latest(mngr: ocp.CheckpointManager, state, data_iter=None):
     fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
     missing = sorted(k for k, v in fields.items() if k not in saved and v is not None)
     if missing:
-      raise ValueError(
+      raise Mismatch(
           f'the checkpoint at step {step} in {mngr.directory} has no {missing}, which this run '
           'trains (a run that changed its method midway?). Resume with the settings it was '
           'started with, or start in a fresh --workdir.')
@@ -63,6 +102,28 @@ def restore_latest(mngr: ocp.CheckpointManager, state, data_iter=None):
     items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
   restored = mngr.restore(step, args=ocp.args.Composite(**items))['state']
   return dataclasses.replace(state, **restored) if target is not state else restored
+
+
+def _set_aside(mngr, steps) -> None:
+  """Moves the directories of `steps` to <directory>.damaged/<step>[-n] (process 0 only)."""
+  if jax.process_index() == 0:
+    directory = os.fspath(mngr.directory)
+    aside = f'{directory}.damaged'
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      dest, n = os.path.join(aside, str(step)), 0
+      while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(aside, f'{step}-{n}')
+      os.replace(os.path.join(directory, str(step)), dest)
+      logging.warning('moved the unreadable checkpoint of step %d to %s', step, dest)
+  multihost_sync('kd_set_aside_damaged')
+  mngr.reload()
+
+
+def multihost_sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def _layer_layout(tree) -> set:
@@ -78,7 +139,7 @@ def _check_layer_layout(saved, state, step: int, directory) -> None:
   (DecoderConfig.scan_layers changed between the run that wrote it and this one)."""
   have, want = _layer_layout(saved), _layer_layout(state)
   if have and want and have != want:
-    raise ValueError(
+    raise Mismatch(
         f'the checkpoint at step {step} in {directory} holds its layers {" and ".join(have)}, '
         f'but this run\'s model holds them {" and ".join(want)}: scan_layers differs from the run '
         'that wrote it. Resume with the scan_layers it was started with, or start in a fresh '

@@ -3,6 +3,7 @@ every error says what to do. (Each section is read into what its subsystem takes
 kd.train.sections.)"""
 
 import dataclasses
+import math
 
 import jax
 
@@ -29,6 +30,10 @@ def check_losses(config, example: str = "{'ce': 0.5, 'kl': 0.5}") -> set:
     except ValueError as e:
       raise ConfigError(f'config.losses: {e}') from None
     schedules.make(weight, f'losses.{name}')
+    low, high = schedules.bounds(weight)
+    if not (math.isfinite(low) and math.isfinite(high) and low >= 0):
+      raise ConfigError(f'config.losses.{name}={weight!r}: a loss weight must stay finite and '
+                        '>= 0 (0 turns the term off)')
   for name in dict(config.get('loss_kwargs', {}) or {}):
     if name not in terms:
       raise ConfigError(f"config.loss_kwargs names '{name}', which is not in config.losses "
@@ -36,11 +41,62 @@ def check_losses(config, example: str = "{'ce': 0.5, 'kl': 0.5}") -> set:
   return kinds
 
 
+# dotted key -> (the test, its words): checked wherever the config has the key.
+_POSITIVE, _NONNEGATIVE = (lambda v: v > 0, '> 0'), (lambda v: v >= 0, '>= 0')
+_ONE, _TWO = (lambda v: v >= 1, '>= 1'), (lambda v: v >= 2, '>= 2')
+NUMBERS = {
+    'optimizer.lr': _POSITIVE, 'teacher.optimizer.lr': _POSITIVE,
+    'optimizer.warmup_steps': _NONNEGATIVE, 'optimizer.weight_decay': _NONNEGATIVE,
+    'optimizer.grad_clip_norm': _NONNEGATIVE,  # 0 = off
+    'train.steps': _ONE, 'train.epochs': _NONNEGATIVE, 'teacher.steps': _NONNEGATIVE,
+    'train.accum_steps': _ONE, 'train.log_every': _ONE,
+    'train.eval_every': _NONNEGATIVE, 'train.checkpoint_every': _NONNEGATIVE,  # 0 = at the end
+    'train.keep': _TWO,  # an older checkpoint remains when the newest is damaged
+    'train.skip_nonfinite': _NONNEGATIVE,
+    'data.batch_size': _ONE, 'data.eval_batch_size': _ONE, 'data.seq_len': _ONE,
+    'data.vocab_size': _ONE,
+}
+# The Shakespeare job's model widths and depths (the llm job's student sizes, 0 = the teacher's,
+# sit beside a `source` key and are checked by that job).
+MODEL_SIZES = ('hidden_size', 'num_layers', 'num_heads', 'num_kv_heads', 'intermediate_size')
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split('.'):
+    if not hasattr(node, 'get') or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def check_numbers(config) -> None:
+  """Every count, size and rate the config holds is a finite number in its range."""
+  rules = dict(NUMBERS)
+  if 'source' not in (config.get('student') or {}):
+    rules.update({f'{m}.{k}': _ONE for m in ('student', 'teacher.model') for k in MODEL_SIZES})
+  epochs = _get(config, 'train.epochs')
+  if epochs is not None:  # the sentence job: steps 0 = as many as `epochs` take
+    rules['train.steps'] = _NONNEGATIVE
+  for key, (ok, words) in rules.items():
+    value = _get(config, key)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f'config.{key}={value!r}: expected a number {words}')
+    if not (math.isfinite(value) and ok(value)):
+      raise ConfigError(f'config.{key}={value!r}: must be a finite number {words}')
+  if epochs is not None and not (config.train.steps or epochs):
+    raise ConfigError('config.train.steps and config.train.epochs are both 0: set one of them')
+
+
 def check(config) -> None:
-  """Checks that need no model: loss names, weights, temperature, batch split."""
+  """Checks that need no model: numbers in range, loss names and weights, temperature, batch
+  split."""
+  check_numbers(config)
   kinds = check_losses(config)
   low, _ = schedules.bounds(config.temperature)
-  if low <= 0:
+  if not low > 0:  # (also NaN)
     raise ConfigError(f'config.temperature must stay > 0, got {config.temperature!r}')
   check_parallel(config)
   if int(config.get('chunk_size', 0)) < 0:

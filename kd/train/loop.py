@@ -4,6 +4,7 @@ import functools
 import math
 import time
 
+from absl import logging
 import jax
 import numpy as np
 import tqdm
@@ -11,6 +12,7 @@ import tqdm
 from kd import parallel
 from kd.train import checkpoint
 from kd.train import metrics as metrics_lib
+from kd.train import preemption
 from kd.train import step as step_lib
 
 
@@ -18,16 +20,23 @@ class NonFiniteError(FloatingPointError):
   """A loss term or the gradient became NaN/Inf."""
 
 
-def check_finite(step: int, m: dict) -> None:
+def nonfinite(m: dict) -> list[str]:
+  """What in a step's metrics is NaN/Inf, in words (empty: all finite)."""
   means = {k: v[0] / max(v[1], 1.0) for k, v in m['terms'].items()}
   bad = [f"loss term '{k}' = {v}" for k, v in means.items() if not math.isfinite(v)]
   if not math.isfinite(m['grad_norm']):
     bad.append(f"the gradient norm = {m['grad_norm']} (terms: "
                + ', '.join(f'{k}={v:.4g}' for k, v in means.items()) + ')')
+  return bad
+
+
+def check_finite(step: int, m: dict) -> None:
+  bad = nonfinite(m)
   if bad:
     raise NonFiniteError(
         f'step {step}: {"; ".join(bad)}. Stopped; the last good checkpoint is kept. Lower '
-        'optimizer.lr, set optimizer.grad_clip_norm, or check the inputs of that term.')
+        'optimizer.lr, set optimizer.grad_clip_norm, check the inputs of that term, or let '
+        'train.skip_nonfinite updates be skipped.')
 
 
 def _host_state_path(workdir: str, step: int) -> str:
@@ -49,7 +58,8 @@ def evaluate(eval_fn, params, teacher_params, batches) -> dict:
 
 def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, workdir: str,
         total_steps: int, log_every: int = 50, eval_every: int = 0, checkpoint_every: int = 0,
-        keep: int = 2, progress: bool = True, name: str = 'train', plan=None, batch_fn=None):
+        keep: int = 2, progress: bool = True, name: str = 'train', plan=None, batch_fn=None,
+        skip_nonfinite: int = 0):
   """Trains until `total_steps`, resuming from `workdir` if it holds a checkpoint.
 
   Returns (final state, final eval metrics). `data_iter` is a grain iterator whose position is
@@ -62,6 +72,11 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
   (kd.train.replay's adaptive off-policy), every periodic eval's held-out CE is passed to it; if
   it has `state_dict()` / `load_state_dict()` (its replay buffer and schedule), that state is
   saved with every checkpoint (<workdir>/batch_fn/<step>.npz) and restored with it.
+  With `skip_nonfinite` > 0 (and the optimizer made with it, kd.train.optim), a step whose loss
+  or gradient is NaN/Inf leaves the state as it was, with a warning; the run stops at the
+  (skip_nonfinite + 1)-th. The count is logged as `skipped_nonfinite`.
+  After a preemption notice (kd.train.preemption) it checkpoints the step just done and raises
+  `preemption.Preempted`.
   """
   plan = plan or parallel.SinglePlan()
   mngr = checkpoint.manager(f'{workdir}/checkpoints', max_to_keep=keep)
@@ -83,8 +98,17 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
   bar = tqdm.tqdm(total=total_steps, initial=start, desc=name, disable=not progress,
                   dynamic_ncols=True)
 
+  skipped = 0
+
   def pull(step, m):  # host side of step `step`: runs after step+1 was dispatched
+    nonlocal skipped
     m = jax.device_get(m)
+    if skipped < skip_nonfinite and nonfinite(m):
+      skipped += 1
+      logging.warning('%s step %d: %s; the update was not applied (%d of %d allowed, '
+                      'train.skip_nonfinite)', name, step, '; '.join(nonfinite(m)), skipped,
+                      skip_nonfinite)
+      return
     check_finite(step, m)
     acc.add(m)
 
@@ -106,8 +130,10 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
         row = acc.result()
         dt = time.perf_counter() - t0
         row['tokens_per_s'] = tokens / max(dt, 1e-9)
+        if skip_nonfinite:
+          row['skipped_nonfinite'] = skipped
         writer.write(done, row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{row.get('loss', math.nan):.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         acc, t0, tokens = metrics_lib.Accumulator(), time.perf_counter(), 0
       bar.update(1)
       if eval_every and done % eval_every == 0 and done != total_steps:
@@ -116,13 +142,17 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
         if hasattr(batch_fn, 'observe_validation'):  # adaptive off-policy (kd/train/replay.py)
           ev['sgo_probability'] = batch_fn.observe_validation(ev['ce'])
         writer.write(done, ev, 'eval')
-      if (checkpoint_every and done % checkpoint_every == 0) or done == total_steps:
+      preempted = done < total_steps and preemption.reached(done)
+      if (checkpoint_every and done % checkpoint_every == 0) or done == total_steps or preempted:
         if pending is not None:  # never save a state whose metrics were not checked
           pull(*pending)
           pending = None
         if hasattr(batch_fn, 'state_dict'):  # first, so every saved step has its file
           checkpoint.save_host_state(_host_state_path(workdir, done), batch_fn.state_dict())
         checkpoint.save(mngr, done, plan.unreplicate(state.replace(frozen=None)), data_iter)
+      if preempted:
+        mngr.wait_until_finished()
+        raise preemption.Preempted(done, mngr.directory)
     mngr.wait_until_finished()
     final = evaluate(eval_fn, step_lib.eval_params(state, spec),
                      step_lib.current_teacher(state, teacher_params, spec), eval_batches)

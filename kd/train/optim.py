@@ -32,8 +32,9 @@ def learning_rate(opt_cfg, total_steps: int) -> schedules.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay[kind]], [warmup])
 
 
-def make(opt_cfg, total_steps: int):
-  """Returns (optax transformation, learning-rate schedule)."""
+def make(opt_cfg, total_steps: int, skip_nonfinite: int = 0):
+  """Returns (optax transformation, learning-rate schedule). `skip_nonfinite` > 0: an update
+  whose gradient holds NaN/Inf is not applied (optax.apply_if_finite), up to that many in a row."""
   name = opt_cfg.get('name', 'adamw')
   if name not in OPTIMIZERS:
     raise ValueError(f'optimizer.name {name!r} unknown; valid: {sorted(OPTIMIZERS)}')
@@ -47,4 +48,7 @@ def make(opt_cfg, total_steps: int):
   if opt_cfg.get('grad_clip_norm'):
     chain.append(optax.clip_by_global_norm(float(opt_cfg['grad_clip_norm'])))
   chain.append(OPTIMIZERS[name](lr_fn, opt_cfg))
-  return optax.chain(*chain), lr_fn
+  tx = optax.chain(*chain)
+  if skip_nonfinite:
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=int(skip_nonfinite))
+  return tx, lr_fn

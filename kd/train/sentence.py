@@ -65,6 +65,7 @@ def teacher_path(name: str) -> str:
 
 def check(config) -> None:
   """Config errors before anything loads, compiles or writes."""
+  config_check.check_numbers(config)
   terms = dict(config.losses)
   kinds = config_check.check_losses(config, example="{'embedding_mse': 1.0}")
   for name in terms:

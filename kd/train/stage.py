@@ -43,7 +43,7 @@ def fit(config, spec: step_lib.Spec, plan, make_params: Callable[[], dict], base
       batches, eval_batches, workdir=workdir, total_steps=steps, log_every=tc.log_every,
       eval_every=tc.get('eval_every', 0), checkpoint_every=tc.checkpoint_every,
       keep=tc.get('keep', 2), progress=tc.get('progress', True), name=name, plan=plan,
-      batch_fn=batch_fn)
+      batch_fn=batch_fn, skip_nonfinite=tc.get('skip_nonfinite', 0))
   final['wall_s'] = time.perf_counter() - t0
   # (the state was donated to the step: read the base back from it)
   params, trainable_count = compress.finish(
