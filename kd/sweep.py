@@ -20,8 +20,9 @@ where <name> is built from the values that vary (e.g. `seed_0-temperature_1.0`);
 values are added to every point. Every key is checked against the built config before anything
 runs. `--launch=local` runs the points one after another, carries on past failures, then writes
 the summary; a point that exits with kd's preemption code (75: it checkpointed on SIGTERM) runs
-again and resumes, up to `--retries` times, unless the sweep itself was told to stop; `--launch=tpu` starts each point on its own TPU VM via launch_tpu.sh (VM name
-`<--name>-<i>`, ROOT must be gs://). `--summary` alone only collects each point's results.json
+again and resumes, up to `--retries` times, unless the sweep itself was told to stop.
+`--launch=tpu` starts each point on its own TPU VM via launch_tpu.sh (VM name `<--name>-<i>`,
+ROOT must be gs://). `--summary` alone only collects each point's results.json
 into ROOT/summary.md: one row per point and result row (teacher, student_kd, ...).
 """
 

@@ -1,5 +1,6 @@
 import os
 import pathlib
+import tempfile
 
 import pytest
 
@@ -8,8 +9,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 os.environ.setdefault('KD_DATA_DIR', str(ROOT.parent / 'shared' / 'data'))
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
-# kd.main in a test's subprocess compiles afresh (no ~/.cache/kd/jax) unless the test says so.
-os.environ.setdefault('KD_COMPILATION_CACHE', '')
+# kd.main in a test's subprocess keeps its compiled programs in a cache of this test session
+# (never ~/.cache/kd/jax), shared by the xdist workers: the many tiny runs of one config compile
+# once. A test that studies the cache sets its own.
+os.environ.setdefault('KD_COMPILATION_CACHE', os.path.join(
+    tempfile.gettempdir(), f"kd-test-jax-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
 # Tiny models: compiling dominates, and XLA:CPU's cheap LLVM settings compile about twice as
 # fast (a quarter off tests/test_train_step.py and test_peft.py); the arithmetic is the same.
 os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0 '

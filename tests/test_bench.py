@@ -76,12 +76,12 @@ def _bench_step(*flags):
   return [json.loads(l) for l in run.stdout.splitlines() if l.startswith('{')]
 
 
-@pytest.mark.parametrize('teacher', [(), ('--teacher_bits=4', '--teacher_group=32'),
-                                     ('--scan_layers', '--teacher_bits=4', '--teacher_group=32')])
+@pytest.mark.parametrize('teacher', [
+    (), ('--scan_layers', '--teacher_bits=4', '--teacher_group=32')])
 def test_bench_step_compile_only_gives_the_memory_of_the_step_it_would_run(teacher):
   """--compile_only makes no parameters (abstract shapes) yet compiles the very step a run
-  times: XLA's memory analysis is the same, with a bf16 teacher or an int4 one, with the
-  layers unrolled or scanned."""
+  times: XLA's memory analysis is the same, with a bf16 teacher and unrolled layers, and with an
+  int4 teacher and scanned layers."""
   (ran,) = _bench_step('--shape=cpu-tiny', '--steps=1', '--chunk_size=16', *teacher)
   (fused,) = _bench_step('--shape=cpu-tiny', '--compile_only', '--chunk_size=16', *teacher)
   assert fused['compile_only'] and 'loss' not in fused

@@ -15,6 +15,7 @@ from kd.train import config_check
 from kd.train import sentence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = 'configs/shakespeare/distill.py:tiny'
 CONFIGS = sorted(p for p in (ROOT / 'configs').rglob('*.py') if p.name != 'base.py')
 CHECKS = {'lm': config_check.check, 'llm': llm.check, 'sentence_embedding': sentence.check}
 # Values a command line can give each type of field (ml_collections keeps a field's type).
@@ -86,7 +87,7 @@ def test_every_out_of_range_number_is_a_config_error():
     ('--config.optimizer.lr=-1', 'optimizer.lr'), ('--config.train.steps=0', 'train.steps'),
     ('--config.losses.kl=nan', 'losses.kl'), ('--config.data.batch_size=0', 'data.batch_size')])
 def test_kd_main_stops_before_writing_anything(tmp_path, override, key):
-  out = subprocess.run([sys.executable, '-m', 'kd.main', '--config=configs/shakespeare/distill.py:tiny',
+  out = subprocess.run([sys.executable, '-m', 'kd.main', f'--config={TINY}',
                         f'--workdir={tmp_path / "w"}', override], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode != 0 and f'config.{key}=' in out.stderr, out.stderr[-2000:]
@@ -95,10 +96,11 @@ def test_kd_main_stops_before_writing_anything(tmp_path, override, key):
 
 @pytest.mark.parametrize('override,message', [
     ('--config.losses.bogus=1.0', "config.losses has no key 'bogus'; its keys: ce, kl."),
-    ('--config.optimizer.lrr=1', "config.optimizer has no key 'lrr'; its keys: grad_clip_norm, lr,"),
+    ('--config.optimizer.lrr=1',
+     "config.optimizer has no key 'lrr'; its keys: grad_clip_norm, lr,"),
 ])
 def test_an_override_of_a_missing_key_names_it_and_the_keys_there(tmp_path, override, message):
-  out = subprocess.run([sys.executable, '-m', 'kd.main', '--config=configs/shakespeare/distill.py:tiny',
+  out = subprocess.run([sys.executable, '-m', 'kd.main', f'--config={TINY}',
                         f'--workdir={tmp_path / "w"}', override], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]

@@ -177,7 +177,7 @@ def test_width_pruned_cut_has_the_asked_widths_and_its_own_precision(tmp_path, t
     ({'student.source': 'nope'}, "use one of \\('cut', 'path', 'fresh'\\)"),
     ({'student.layers': (0, 9)}, 'config.student'),
     ({'student.num_heads': 3, 'student.num_kv_heads': 2}, 'config.student'),
-    ({'train.steps': 0}, 'train.steps must be >= 1'),
+    ({'train.steps': 0}, r'train.steps=0: must be a finite number >= 1'),
     ({'teacher.model.hidden_size': 8}, 'change what the checkpoint computes'),
     ({'data.train': 'missing.txt'}, 'no file missing.txt'),
     ({'teacher.cache': '/some/cache', 'data.task': 'dialogue', 'data.prompt_len': 48,

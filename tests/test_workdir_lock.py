@@ -14,6 +14,7 @@ import pytest
 from kd.train import workdir_lock
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = 'configs/shakespeare/distill.py:tiny'
 
 
 def test_a_live_holder_refuses_a_second_run_and_a_released_lock_is_free(tmp_path, caplog):
@@ -49,7 +50,7 @@ def test_the_lock_of_a_dead_run_is_taken_over_with_a_warning(tmp_path, caplog):
 
 def test_kd_main_refuses_a_held_workdir_before_writing_anything(tmp_path):
   lock = workdir_lock.acquire(str(tmp_path))
-  out = subprocess.run([sys.executable, '-m', 'kd.main', '--config=configs/shakespeare/distill.py:tiny',
+  out = subprocess.run([sys.executable, '-m', 'kd.main', f'--config={TINY}',
                         f'--workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode != 0
