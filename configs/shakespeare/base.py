@@ -143,6 +143,7 @@ def config(args: dict) -> ml_collections.ConfigDict:
   c.chunk_size = 0  # > 0: logit losses per sequence chunk, no [B, T, V] logits held
   c.fused_chunks = True  # chunked: gradient made in the forward pass, nothing recomputed
   c.closed_form = config_dict.placeholder(bool)  # fused: None = closed-form gradients where known
+  c.logit_kernel = 'xla'  # 'pallas': CE and KL fused with both heads, no logits array
   c.same_tokenizer = True  # the student shares the teacher's tokenizer (padded rows are sliced)
   c.features = ml_collections.ConfigDict(dict(layer_map='uniform', pairs=()))
   c.baseline = True  # also train the student on hard labels only, for the same steps

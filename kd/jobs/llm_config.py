@@ -94,6 +94,7 @@ def base() -> ml_collections.ConfigDict:
   c.chunk_size = 0  # > 0: logits per chunk of this many positions, no [B, T, V] array
   c.fused_chunks = True
   c.closed_form = config_dict.placeholder(bool)  # None: closed-form chunk gradients where known
+  c.logit_kernel = 'xla'  # 'pallas': CE and KL fused with both heads, no logits array
   c.same_tokenizer = True  # the student shares the teacher's tokenizer (padded rows are sliced)
   # Hidden-state and attention losses pair layers by `layer_map`: 'kept' pairs each layer of a
   # cut with the teacher layer it was cut from; 'uniform', 'last' or 'explicit' (`pairs`).

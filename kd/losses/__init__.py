@@ -27,6 +27,7 @@ from kd.losses.features import (FEATURE_LOSSES, feature_loss_sum, hidden_cosine,
                                 hidden_cosine_sum, hidden_mse, hidden_mse_sum, init_projection,
                                 layer_map, project)
 from kd.losses.chunked import chunked_logit_losses, fused_logit_losses
+from kd.losses.fused_head import fused_head_kd, fused_head_losses
 from kd.losses.closed_form import CLOSED_FORM, closed_form_applies
 from kd.losses.logits import (DIVERGENCES, ce, ce_sum, jsd, jsd_per_token,
                               jsd_sum, kl, kl_from_log_probs, kl_per_token, kl_sum, masked_sum,

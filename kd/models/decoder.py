@@ -33,6 +33,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kd.models import cache as kv_cache
 from kd.models import splash
@@ -293,6 +294,25 @@ def project_with(model: Decoder) -> Callable[[Any, jax.Array], jax.Array]:
   """(head_params(model, params), h [..., D]) -> logits [..., V]."""
   # By name, not Decoder.project: a wrapped model (e.g. kd.peft's LoRA) wraps its own `project`.
   return lambda head, hidden_BxTxD: model.apply(head, hidden_BxTxD, method='project')
+
+
+def head_matrix(model: Decoder, params) -> jax.Array:
+  """The LM head as one [D, V] matrix (the embedding's transpose when tied), in the compute
+  dtype, for kernels that read the head's weights themselves (kd.losses.fused_head)."""
+  c = model.config
+  if c.logit_softcap:
+    raise ValueError(f'logit_softcap={c.logit_softcap}: a head matrix leaves out the softcap; '
+                     "use config.logit_kernel='xla' for this model.")
+  p = params['params']
+  try:
+    w = p['embed']['embedding'].T if c.tie_embeddings else p['lm_head']['kernel']
+  except KeyError as e:
+    raise ValueError(f'no plain head weight {e} in the params (a quantized or wrapped head?); '
+                     "use config.logit_kernel='xla' for this model.") from None
+  if not isinstance(w, (jax.Array, np.ndarray)):
+    raise ValueError(f'the head weight is a {type(w).__name__}, not an array (a quantized '
+                     "teacher?); use config.logit_kernel='xla' for this model.")
+  return w.astype(c.dtype)
 
 
 def head_fn(model: Decoder, params) -> Callable[[jax.Array], jax.Array]:

@@ -67,6 +67,7 @@ def make_spec(config, student, teacher, terms, total_steps, ema_decay: float = 0
       chunk_size=int(config.get('chunk_size', 0)),
       fused_chunks=bool(config.get('fused_chunks', True)),
       closed_form=config.get('closed_form', None),
+      logit_kernel=config.get('logit_kernel', 'xla'),
       vocab=0 if teacher is None else sections.vocab_slice(
           student.config.vocab_size, teacher.config.vocab_size,
           same_tokenizer=config.get('same_tokenizer', True)),

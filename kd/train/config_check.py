@@ -112,6 +112,7 @@ def check(config) -> None:
                         '(where it applies) or False.')
   check_on_policy(config)
   check_ensemble(config)
+  check_logit_kernel(config)
   decay = float((config.get('self_distill') or {}).get('ema_decay', 0.0))
   if not 0.0 <= decay < 1.0:
     raise ConfigError(f'config.self_distill.ema_decay must be in [0, 1) (0 = off), got {decay}')
@@ -137,6 +138,36 @@ def check(config) -> None:
   if not isinstance(rounds, int) or rounds < 0:
     raise ConfigError(f'config.born_again must be an int >= 0 (extra self-distillation rounds), '
                       f'got {rounds!r}')
+
+
+LOGIT_KERNELS = ('xla', 'pallas')
+
+
+def check_logit_kernel(config) -> None:
+  """config.logit_kernel='pallas' (kd.losses.fused_head) computes 'ce' and 'kl' from the final
+  hidden states and the plain heads of one student and one teacher."""
+  kernel = config.get('logit_kernel', 'xla')
+  if kernel not in LOGIT_KERNELS:
+    raise ConfigError(f'config.logit_kernel={kernel!r}: use one of {LOGIT_KERNELS}')
+  if kernel == 'xla':
+    return
+  logit = sorted(n for n in config.losses if losses.get(n).kind in ('logits', 'ce'))
+  kwargs = {n: dict(kw) for n, kw in dict(config.get('loss_kwargs', {}) or {}).items()
+            if n in logit and dict(kw)}
+  peft = (config.get('peft') or {}).get('method', 'none')
+  problems = [p for p, bad in (
+      (f"logit losses among ('ce', 'kl') only, not {logit}", not set(logit) <= {'ce', 'kl'}),
+      (f'no loss_kwargs for them, not {kwargs}', kwargs),
+      ("teacher.cache='' (a cache holds logits, not the teacher's head)",
+       config.teacher.get('cache', '')),
+      ('teacher.count=1', int(config.teacher.get('count', 1)) != 1),
+      ('teacher.quant.bits=0 (the kernel reads a plain head)',
+       int((config.teacher.get('quant') or {}).get('bits', 0) or 0)),
+      ('online=False', config.get('online', False)),
+      (f"peft.method='none', not {peft!r}", peft != 'none')) if bad]
+  if problems:
+    raise ConfigError("config.logit_kernel='pallas' needs " + '; '.join(problems) +
+                      "; or set logit_kernel='xla'")
 
 
 def check_ensemble(config) -> None:

@@ -30,7 +30,7 @@ import optax
 
 from kd import losses
 from kd.models import head_fn
-from kd.models.decoder import head_params, project_with
+from kd.models.decoder import head_matrix, head_params, project_with
 from kd.models.encoder import pool
 
 
@@ -86,6 +86,9 @@ class Spec:
   # Fused: the logits' gradient in closed form (losses.closed_form_applies: every built-in term),
   # None where the terms allow it.
   closed_form: bool | None = None
+  # 'pallas': the 'ce' and 'kl' terms through kd.losses.fused_head, a kernel that reads the
+  # final hidden states and both heads' weights and never holds a logits array; 'xla': logits.
+  logit_kernel: str = 'xla'
   accum_steps: int = 1
   vocab: int = 0  # > 0: logit losses use only the first `vocab` rows (padded vocabs)
   topk_semantics: str = 'rest_bucket'  # for a cached top-k teacher, see kd/losses/topk.py
@@ -118,7 +121,8 @@ class Spec:
     kinds = self.kinds()
     needs = dict(output_hidden_states='hidden' in kinds, output_attentions='attention' in kinds,
                  output_qkv='relation' in kinds)
-    if self.chunk_size:  # a decoder-only flag: logits are made per chunk by the loss
+    if self.chunk_size or self.logit_kernel == 'pallas':  # a decoder-only flag: the loss
+      # makes the logits (per chunk, or per tile in the kernel)
       needs['return_hidden_only'] = True
     return needs
 
@@ -222,7 +226,11 @@ def _loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, logit_co
   # With padded vocabularies every logit loss sees the shared rows only (labels never fall in
   # the padding, so CE is unchanged but for the padded rows' mass).
   cut = (lambda x: x[..., :spec.vocab]) if spec.vocab else (lambda x: x)
-  if logit_terms and spec.chunk_size:
+  if logit_terms and spec.logit_kernel == 'pallas':
+    terms, surrogate = _kernel_terms(logit_terms, logit_coeffs, student, teacher_params, s_out,
+                                     t_out, batch, spec, temperature)
+    out.update(terms)
+  elif logit_terms and spec.chunk_size:
     # The teacher per chunk: its hidden states through its head, a cache's top-k rows as they
     # are (config_check allows only 'kl' with a cache), or the batch's full teacher logits.
     teacher_in, teacher_project, divergences = None, None, None
@@ -286,6 +294,24 @@ def _loss_terms(params, teacher_params, t_out, batch, spec: Spec, step, logit_co
   return out, surrogate
 
 
+def _kernel_terms(logit_terms, logit_coeffs, student, teacher_params, s_out, t_out, batch,
+                  spec: Spec, temperature):
+  """(terms, surrogate) of the 'ce' and 'kl' terms through kd.losses.fused_head (config_check
+  allows no other terms, no kwargs, and a teacher with its head). With `logit_coeffs` the sums
+  come gradient-stopped and the surrogate carries their gradient (fused_head_kd); without, the
+  sums are differentiable and the surrogate is 0."""
+  if t_out is None or 'hidden' not in t_out:
+    raise ValueError("logit_kernel='pallas' reads the teacher's final hidden states and head; "
+                     "this teacher gives logits only (a cache or a mixture): use 'xla'.")
+  args = (s_out['hidden'], head_matrix(spec.student, student), t_out['hidden'],
+          head_matrix(spec.teacher, teacher_params), batch['labels'], batch['loss_mask'] > 0)
+  kw = dict(temperature=temperature, vocab=spec.vocab or None)
+  if logit_coeffs is not None:
+    return losses.fused_head_kd(*args, coeffs={n: logit_coeffs[n] for n in logit_terms}, **kw)
+  return (losses.fused_head_losses(*args, terms=tuple(logit_terms), **kw),
+          jnp.zeros((), jnp.float32))
+
+
 ONLINE_TEACHER_CE = 'online_teacher_ce'
 
 
@@ -320,7 +346,7 @@ def _objective(params, teacher_params, t_out, batch, spec, step, counts, frozen=
     t_out = jax.lax.stop_gradient(live)
     teacher_params = jax.lax.stop_gradient(params['teacher'])  # its head, in chunked losses
   coeffs = None
-  fused = spec.chunk_size and spec.fused_chunks
+  fused = (spec.chunk_size and spec.fused_chunks) or spec.logit_kernel == 'pallas'
   if fused and (spec.logit_terms() or spec.online):
     # The fused path needs each logit term's weight before the backward pass: w(step) over
     # its global count, which for a logit term is the number of loss-masked tokens.
