@@ -16,6 +16,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from kd import xla_flags
 from kd.train import compile_cache
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -73,12 +74,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  xla_flags.apply()  # before a backend starts
   compile_cache.enable_flag(_CACHE)  # before anything compiles
   import jax  # pylint: disable=g-import-not-at-top
   from kd import parallel  # pylint: disable=g-import-not-at-top
   parallel.initialize(_CONFIG.value)  # before anything touches a device
   logging.info('devices: %s', jax.devices())
   from kd.train import JOBS  # pylint: disable=g-import-not-at-top
+  from kd.train import checkpoint  # pylint: disable=g-import-not-at-top
   from kd.train import preemption  # pylint: disable=g-import-not-at-top
   from kd.train import workdir_lock  # pylint: disable=g-import-not-at-top
   job = _CONFIG.value.get('job', 'lm')
@@ -96,6 +99,8 @@ def main(argv):
   except preemption.Preempted as e:
     logging.warning('%s', e)
     sys.exit(preemption.EXIT_CODE)
+  except checkpoint.NoSpace as e:  # the message says it all: no traceback
+    sys.exit(f'kd.main: {e}')
   finally:
     workdir_lock.release(lock)
 

@@ -116,3 +116,109 @@ def test_an_empty_directory_restores_nothing(tmp_path):
   state = _state(0)
   assert checkpoint.restore_latest(mngr, state) is state
   mngr.close()
+
+
+# ------------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 1 MiB tmpfs (needs the right to mount, as root in CI); yields (dir, grow()) where grow()
+  makes it 64 MiB, as an operator freeing space would."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  mount = tmp_path / 'disk'
+  mount.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mount)],
+                    capture_output=True).returncode:
+    pytest.skip('cannot mount a tmpfs here (not root)')
+  grow = lambda: subprocess.run(['mount', '-o', 'remount,size=64m', str(mount)], check=True)
+  try:
+    yield mount, grow
+  finally:
+    subprocess.run(['umount', '-l', str(mount)], check=False)
+
+
+def _big_state(step):
+  """4 MiB of float32 noise (incompressible: zstd would shrink a constant array to bytes)."""
+  noise = np.random.default_rng(step).normal(size=(1024, 1024)).astype(np.float32)
+  return {'w': jnp.asarray(noise), 'step': jnp.int32(step)}
+
+
+def test_a_full_disk_stops_the_save_naming_the_directory_and_the_bytes_then_resumes(small_disk):
+  disk, grow = small_disk
+  directory = disk / 'checkpoints'
+  mngr = checkpoint.manager(str(directory))
+  checkpoint.save(mngr, 1, _state(1))
+  checkpoint.wait(mngr)
+  before = _digest(directory / '1')
+  with pytest.raises(checkpoint.NoSpace) as e:
+    checkpoint.save(mngr, 2, _big_state(2))
+    checkpoint.wait(mngr)
+  message = str(e.value)
+  assert str(directory) in message and 'checkpoint step 2' in message
+  assert 'needs about 4.00 MiB' in message and 'MiB are free' in message
+  assert 'resumes from step 1' in message
+  mngr.close()
+  assert _digest(directory / '1') == before  # the step before is untouched and restores
+  mngr = checkpoint.manager(str(directory))
+  assert int(checkpoint.restore_latest(mngr, _state(0))['step']) == 1
+  grow()  # space again: the same step is written, and it is the newest
+  checkpoint.save(mngr, 2, _big_state(2))
+  checkpoint.wait(mngr)
+  restored = checkpoint.restore_latest(mngr, _big_state(0))
+  mngr.close()
+  assert int(restored['step']) == 2
+  np.testing.assert_array_equal(restored['w'], _big_state(2)['w'])
+
+
+@pytest.mark.parametrize('error', [
+    OSError(28, 'No space left on device'),
+    ValueError('RESOURCE_EXHAUSTED: Error writing "w/0": Failed to write 2713986 bytes to file '
+               "4: No space left on device [os_error_code='28']"),  # tensorstore's, as measured
+])
+def test_a_full_disk_in_the_background_write_is_a_no_space_error(tmp_path, monkeypatch, error):
+  """The same error when the write that fails is the asynchronous one (a patched writer)."""
+  mngr = checkpoint.manager(str(tmp_path / 'checkpoints'))
+
+  def fail():
+    raise RuntimeError('the write thread failed') from error
+  checkpoint.save(mngr, 7, _state(7))
+  monkeypatch.setattr(mngr, 'wait_until_finished', fail)
+  with pytest.raises(checkpoint.NoSpace, match=r'checkpoint step 7: it needs about 0\.00 MiB'):
+    checkpoint.wait(mngr)
+  monkeypatch.undo()
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+def test_other_write_errors_pass_through_unchanged(tmp_path, monkeypatch):
+  mngr = checkpoint.manager(str(tmp_path / 'checkpoints'))
+  monkeypatch.setattr(mngr, 'wait_until_finished', lambda: (_ for _ in ()).throw(
+      PermissionError(13, 'Permission denied')))
+  with pytest.raises(PermissionError):
+    checkpoint.wait(mngr)
+  monkeypatch.undo()
+  mngr.close()
+
+
+def test_kd_main_on_a_full_disk_stops_with_one_clear_error_and_resumes_once_there_is_room(
+    small_disk):
+  """The probe of a workdir on a 1.2 MB disk: one line naming the directory, no traceback from
+  orbax's threads, the checkpoints before intact; with room again the same command finishes."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  disk, grow = small_disk
+  subprocess.run(['mount', '-o', 'remount,size=1200k', str(disk)], check=True)
+  root = pathlib.Path(__file__).resolve().parents[1]
+  cmd = [sys.executable, '-m', 'kd.main', '--config=configs/shakespeare/distill.py:tiny',
+         f'--workdir={disk / "w"}', '--config.train.steps=4', '--config.train.checkpoint_every=2']
+  proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('kd.main: no space left on the disk of ' + str(disk / 'w')), last
+  assert 'MiB are free' in last and 'rerun the same command' in last
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  grow()
+  proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (disk / 'w' / 'results.json').exists()

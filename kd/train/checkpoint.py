@@ -10,8 +10,11 @@ the `state` it restores into. The data iterator's position is one file per proce
 (`data/process_<i>-of-<n>.json`), since every process reads its own documents.
 """
 
+import contextlib
 import dataclasses
+import errno
 import os
+import shutil
 
 from absl import logging
 import grain
@@ -30,11 +33,80 @@ def manager(directory: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
                      'data': grain.checkpoint.CheckpointHandler()})
 
 
+class NoSpace(RuntimeError):
+  """A checkpoint could not be written for want of disk space; the earlier ones are intact."""
+
+
+# The save in flight per manager, (step, bytes), for the error of a write that fails later.
+_IN_FLIGHT: dict[int, tuple[int, int]] = {}
+
+
+def _no_space(e: BaseException) -> bool:
+  """Whether an error, or one it was raised from, is a full disk or quota (tensorstore reports
+  it as a ValueError that quotes the OS error)."""
+  seen, stack = set(), [e]
+  while stack:
+    x = stack.pop()
+    if x is None or id(x) in seen:
+      continue
+    seen.add(id(x))
+    if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if any(m in str(x) for m in ('No space left on device', 'Disk quota exceeded')):
+      return True
+    stack += [x.__cause__, x.__context__, *getattr(x, 'exceptions', ())]
+  return False
+
+
+@contextlib.contextmanager
+def _space_checked(mngr: ocp.CheckpointManager):
+  """Turns a full disk under `mngr`'s writes into NoSpace: the directory, the bytes the step
+  needs, the bytes free, and the step a rerun resumes from."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    if not _no_space(e):
+      raise
+    directory = str(mngr.directory)
+    step, need = _IN_FLIGHT.pop(id(mngr), (None, 0))
+    try:
+      free = f'{shutil.disk_usage(directory).free / 2**20:.2f} MiB are free'
+    except OSError:
+      free = 'the free space is unknown'
+    kept = [s for s in mngr.all_steps() if s != step]
+    raise NoSpace(f'no space left on the disk of {directory} to write checkpoint step {step}: '
+                  f'it needs about {need / 2**20:.2f} MiB and {free}. The checkpoints before '
+                  f'it are intact; free some space and rerun the same command, which resumes '
+                  f'from step {max(kept) if kept else 0}.') from None
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter=None) -> None:
+  """Starts writing `state` (and the data position) as `step`; `wait` for it to end.
+
+  The write before it is waited for first (orbax would), so that its error is its own. A disk
+  without room for the state's bytes raises NoSpace before anything is written; one that fills
+  up during the write raises it here or from `wait`."""
+  wait(mngr)
   items = {'state': ocp.args.StandardSave(state)}
   if data_iter is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iter)
-  mngr.save(step, args=ocp.args.Composite(**items))
+  need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, 'dtype'))
+  _IN_FLIGHT[id(mngr)] = (step, need)
+  with _space_checked(mngr):
+    try:
+      free = shutil.disk_usage(str(mngr.directory)).free
+    except OSError:
+      free = need
+    if free < need:
+      raise OSError(errno.ENOSPC, f'{free} bytes free, {need} needed')
+    mngr.save(step, args=ocp.args.Composite(**items))
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the writes in flight; a full disk raises NoSpace."""
+  with _space_checked(mngr):
+    mngr.wait_until_finished()
+  _IN_FLIGHT.pop(id(mngr), None)
 
 
 class Mismatch(ValueError):

@@ -151,9 +151,9 @@ def fit(spec: step_lib.Spec, state, teacher_params, data_iter, eval_batches, *, 
           checkpoint.save_host_state(_host_state_path(workdir, done), batch_fn.state_dict())
         checkpoint.save(mngr, done, plan.unreplicate(state.replace(frozen=None)), data_iter)
       if preempted:
-        mngr.wait_until_finished()
+        checkpoint.wait(mngr)
         raise preemption.Preempted(done, mngr.directory)
-    mngr.wait_until_finished()
+    checkpoint.wait(mngr)
     final = evaluate(eval_fn, step_lib.eval_params(state, spec),
                      step_lib.current_teacher(state, teacher_params, spec), eval_batches)
     writer.write(total_steps, final, 'eval')
