@@ -97,6 +97,9 @@ _TBITS = flags.DEFINE_integer('teacher_bits', 0, 'Run the teacher quantized (con
 _TGROUP = flags.DEFINE_integer('teacher_group', 0, 'Its input rows per scale (0 = per channel).')
 _TACT = flags.DEFINE_integer('teacher_act_bits', 0, 'With --teacher_bits=8: 8 quantizes the '
                              'projections\' inputs per token too (int8 x int8 matmuls, W8A8).')
+_KERNEL = flags.DEFINE_enum(
+    'logit_kernel', 'xla', ['xla', 'pallas'],
+    "config.logit_kernel: 'pallas' = CE and KL through kd.losses.fused_head (no logits array).")
 _CLOSED = flags.DEFINE_enum(
     'closed_form', 'auto', ['auto', 'true', 'false'],
     "Fused chunks: the logits' gradient in closed form (auto: where the terms allow, as here).")
@@ -194,7 +197,7 @@ def build(chunk_size: int, fused: bool):
                                                 scan_layers=_SCAN.value))
   c = ml_collections.ConfigDict(dict(
       losses={'ce': 0.5, 'kl': 0.5}, loss_kwargs={}, temperature=2.0, chunk_size=chunk_size,
-      fused_chunks=fused, closed_form={'auto': None, 'true': True, 'false': False}[_CLOSED.value],
+      fused_chunks=fused, logit_kernel=_KERNEL.value, closed_form={'auto': None, 'true': True, 'false': False}[_CLOSED.value],
       features={'layer_map': 'uniform', 'pairs': ()},
       optimizer={'name': 'adamw', 'lr': 1e-4, 'warmup_steps': 0, 'schedule': 'constant',
                  'mu_dtype': _MU.value},
@@ -271,6 +274,7 @@ def bench(chunk_size: int, fused: bool) -> dict:
   gb = lambda name: round(getattr(mem, name, 0) / 2**30, 4)
   settings = dict(peer='kd-jax', shape=_SHAPE.value, chunk_size=chunk_size,
                   fused_chunks=bool(chunk_size and fused), closed_form=_CLOSED.value,
+                  logit_kernel=_KERNEL.value,
                   remat=_REMAT.value,
                   remat_policy=_POLICY.value, scan_layers=_SCAN.value,
                   attention_impl=_ATTN.value,

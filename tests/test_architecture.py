@@ -20,7 +20,7 @@ BELOW = {
 }
 BELOW['train'] = set(BELOW) | set().union(*BELOW.values())
 BELOW['jobs'] = BELOW['train'] | {'train', 'config_args'}
-ENTRY = {'main', 'sweep', 'seeds', 'cache_teacher', 'config_args', '__init__'}
+ENTRY = {'main', 'sweep', 'seeds', 'cache_teacher', 'config_args', 'xla_flags', '__init__'}
 
 
 def _package(path: pathlib.Path) -> str:
