@@ -1,6 +1,6 @@
-"""Every count, size, rate and loss weight of every config, set out of range, stops the job's
-own check with a ConfigError (before anything is compiled or written); a probe through kd.main
-leaves no workdir behind."""
+"""Every count, size, rate and loss weight of every config, set out of range, and every key that
+picks a name, given an empty or unknown one, stops the job's own check with a ConfigError (before
+anything is compiled or written); a probe through kd.main leaves no workdir behind."""
 
 import math
 import pathlib
@@ -83,9 +83,37 @@ def test_every_out_of_range_number_is_a_config_error():
   print(f'{tried} mutations over {len(CONFIGS)} configs, each a ConfigError')
 
 
+def test_every_name_key_given_an_empty_or_unknown_name_and_every_number_a_word_is_refused():
+  """Keys that pick from a fixed set (optimizer, schedule, PEFT and quantization method, dtype,
+  layer map, ...) and numbers given as words: each a ConfigError naming the key."""
+  names = config_check._names()  # pylint: disable=protected-access
+  tried, escaped = 0, []
+  for path, base in _configs():
+    check = CHECKS[base.get('job', 'lm')]
+    keys = [(k, bad) for k in names if isinstance(config_check._get(base, k), str)  # pylint: disable=protected-access
+            for bad in ('', 'bogus', 'Adamw')]
+    keys += [(k, 'ten') for k in config_check.NUMBERS
+             if config_check._get(base, k) is not None]  # pylint: disable=protected-access
+    for key, bad in keys:
+      config = base.copy_and_resolve_references()
+      _set(config, key, bad)
+      tried += 1
+      try:
+        check(config)
+        escaped.append(f'{path}: {key}={bad!r} passed')
+      except config_check.ConfigError as e:
+        assert f'config.{key}=' in str(e), (path, key, str(e))
+      except Exception as e:  # pylint: disable=broad-except
+        escaped.append(f'{path}: {key}={bad!r} -> {type(e).__name__}: {e}')
+  assert not escaped, '\n'.join(escaped)
+  assert tried >= 600, tried
+  print(f'{tried} name and type mutations over {len(CONFIGS)} configs, each a ConfigError')
+
+
 @pytest.mark.parametrize('override,key', [
     ('--config.optimizer.lr=-1', 'optimizer.lr'), ('--config.train.steps=0', 'train.steps'),
-    ('--config.losses.kl=nan', 'losses.kl'), ('--config.data.batch_size=0', 'data.batch_size')])
+    ('--config.losses.kl=nan', 'losses.kl'), ('--config.data.batch_size=0', 'data.batch_size'),
+    ('--config.optimizer.name=adamw2', 'optimizer.name')])
 def test_kd_main_stops_before_writing_anything(tmp_path, override, key):
   out = subprocess.run([sys.executable, '-m', 'kd.main', f'--config={TINY}',
                         f'--workdir={tmp_path / "w"}', override], cwd=ROOT, capture_output=True,

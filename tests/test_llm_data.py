@@ -70,12 +70,21 @@ def test_stsb_sources_are_the_real_sentences_and_paraphrase_pairs():
     (b'good text\n\xff\xfe more', r'not UTF-8: byte 0xff at offset 10'),
     (b'', 'holds no text'),
     (b'   \n\n', 'holds no text'),
+    (b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR', r'not UTF-8: byte 0x89 at offset 0'),  # binary
 ])
-def test_bad_text_files_name_the_file(tmp_path, content, message):
-  path = _write(tmp_path / 'bad.txt', content, 'wb')
+@pytest.mark.parametrize('suffix', ['.txt', '.jsonl'])
+def test_bad_text_files_name_the_file(tmp_path, content, message, suffix):
+  path = _write(tmp_path / f'bad{suffix}', content, 'wb')
   with pytest.raises(sources.DataError, match=message) as e:
     sources.read(path)
-  assert 'bad.txt' in str(e.value)
+  assert f'bad{suffix}' in str(e.value)
+
+
+def test_one_huge_line_is_one_document(tmp_path):
+  text = 'to be or not ' * 400_000  # 5.2 MB, no newline
+  assert sources.read(_write(tmp_path / 'huge.txt', text)) == [{'text': text}]
+  assert sources.read(_write(tmp_path / 'huge.jsonl', json.dumps({'text': text}))) == [
+      {'text': text}]
 
 
 def test_bad_jsonl_names_the_line(tmp_path):
@@ -145,8 +154,11 @@ def test_prompt_completion_records_are_one_user_and_one_assistant_turn(tok):
     ({'messages': [{'role': 'user', 'content': 3}, {'role': 'assistant', 'content': 'a'}]},
      'no text "content"'),
     ({'messages': []}, 'non-empty list'),
+    ({'body': 'x'}, r"fields \['body'\] are neither text"),  # a record of no kind
+    ({'text': 5}, '"text" is a int, not a string'),
+    ({'text': None}, '"text" is a NoneType, not a string'),
 ])
-def test_bad_chat_records_are_refused(tok, record, message):
+def test_bad_records_are_refused_naming_the_record(tok, record, message):
   with pytest.raises(sources.DataError, match=message) as e:
     chat.encode(tok, [{'text': 'fine'}, record], vocab_size=49152, where='my.jsonl')
   assert 'my.jsonl, record 1' in str(e.value)

@@ -107,7 +107,7 @@ def encode(tokenizer, records: Sequence[dict], *, vocab_size: int, where: str = 
   `text_prefix`: a token put before every text document (the document separator a model was
   pretrained with, e.g. '<|endoftext|>', so that its first word is predicted as in training);
   '' puts nothing beyond what the tokenizer adds itself (e.g. Llama's BOS)."""
-  kinds = [sources.kind(r) for r in records]
+  kinds = [sources.kind(r, f'{where}, record {n}') for n, r in enumerate(records)]
   texts = [r['text'] for r, k in zip(records, kinds) if k == 'text']
   text_ids = iter(tokenizer(texts, add_special_tokens=True)['input_ids'] if texts else [])
   head = prefix_ids(tokenizer, text_prefix)

@@ -167,11 +167,14 @@ def read(spec: str) -> list[dict]:
   return records
 
 
-def kind(record: dict[str, Any]) -> str:
-  """'chat' for a record with `messages` or `prompt`/`completion`, 'text' for one with `text`."""
+def kind(record: dict[str, Any], where: str = 'a record') -> str:
+  """'chat' for a record with `messages` or `prompt`/`completion`, 'text' for one with a
+  string `text`; `where` names the record in the error."""
   if 'messages' in record or all(k in record for k in PAIR_KEYS):
     return 'chat'
   if 'text' in record:
+    if not isinstance(record['text'], str):
+      raise DataError(f'{where}: "text" is a {type(record["text"]).__name__}, not a string')
     return 'text'
-  raise DataError(f'a record with fields {sorted(record)} is neither text ("text") nor chat '
+  raise DataError(f'{where}: fields {sorted(record)} are neither text ("text") nor chat '
                   '("messages", or "prompt" and "completion")')

@@ -27,6 +27,7 @@ def _last(s, t, include_embeddings):
 
 
 _LAYER_MAPS = {'uniform': _uniform, 'last': _last, 'explicit': None}
+LAYER_MAPS = tuple(_LAYER_MAPS)
 
 
 def layer_map(kind, num_student_layers, num_teacher_layers, pairs=None, *,

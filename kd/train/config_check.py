@@ -70,8 +70,44 @@ def _get(config, dotted: str):
   return node
 
 
+def _names() -> dict:
+  """Dotted key -> the names it may hold, for every key that picks from a fixed set (paths,
+  splits and data names are read, and refused by name, where the job opens them)."""
+  from kd.models import decoder_config  # pylint: disable=g-import-not-at-top
+  from kd.peft import lora  # pylint: disable=g-import-not-at-top
+  from kd.train import JOBS  # pylint: disable=g-import-not-at-top
+  from kd.train import optim  # pylint: disable=g-import-not-at-top
+  from kd.train import replay  # pylint: disable=g-import-not-at-top
+  dtypes = tuple(decoder_config.DTYPES)
+  names = {
+      'job': tuple(JOBS), 'logit_kernel': LOGIT_KERNELS,
+      # 'kept' (the llm and sentence jobs): each layer of a cut with the one it came from
+      'features.layer_map': (*losses.features.LAYER_MAPS, 'kept'),
+      'peft.method': lora.METHODS_BY_NAME, 'quant.method': sections.QUANT_METHODS,
+      'student_init.source': ('random', 'teacher', 'run'),
+      'teacher.topk_semantics': losses.TOPK_SEMANTICS,
+      'on_policy.adaptive.replay_schedule': tuple(replay.REPLAY_SCHEDULES),
+  }
+  for prefix in ('', 'teacher.'):
+    names[f'{prefix}optimizer.name'] = tuple(optim.OPTIMIZERS)
+    names[f'{prefix}optimizer.schedule'] = optim.SCHEDULES
+  for model in ('student', 'student.model', 'teacher.model'):
+    names.update({f'{model}.{k}': dtypes for k in ('dtype', 'param_dtype')})
+  return names
+
+
+def check_names(config) -> None:
+  """Every key that picks from a fixed set holds one of its names."""
+  for key, valid in _names().items():
+    value = _get(config, key)
+    if value is not None and value not in valid:
+      raise ConfigError(f'config.{key}={value!r}: use one of {tuple(valid)}')
+
+
 def check_numbers(config) -> None:
-  """Every count, size and rate the config holds is a finite number in its range."""
+  """Every count, size and rate the config holds is a finite number in its range; every key
+  that picks from a fixed set holds one of its names (check_names)."""
+  check_names(config)
   rules = dict(NUMBERS)
   if 'source' not in (config.get('student') or {}):
     rules.update({f'{m}.{k}': _ONE for m in ('student', 'teacher.model') for k in MODEL_SIZES})

@@ -16,6 +16,9 @@ OPTIMIZERS = {
 }
 
 
+SCHEDULES = ('cosine', 'linear', 'constant')  # optimizer.schedule: the decay after warmup
+
+
 def learning_rate(opt_cfg, total_steps: int) -> schedules.Schedule:
   """Linear warmup then cosine / linear decay / constant, as `opt_cfg.schedule` says."""
   lr = float(opt_cfg['lr'])
