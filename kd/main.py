@@ -30,7 +30,12 @@ class _QuietLibraries(std_logging.Filter):
   """Keeps the libraries' INFO chatter (orbax logs every save) out of the console."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+    if '/orbax/' not in record.pathname:
+      return True
+    # A background write that failed is raised again by the wait that follows, where
+    # kd.train.checkpoint makes a full disk one line: orbax's own traceback of it is noise.
+    return (record.levelno >= std_logging.WARNING
+            and 'raised an exception' not in record.getMessage())
 
 
 def _unknown_override(argv) -> str | None:

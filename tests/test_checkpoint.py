@@ -123,12 +123,12 @@ def test_an_empty_directory_restores_nothing(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-  """A 1 MiB tmpfs (needs the right to mount, as root in CI); yields (dir, grow()) where grow()
+  """A 2 MiB tmpfs (needs the right to mount, as root in CI); yields (dir, grow()) where grow()
   makes it 64 MiB, as an operator freeing space would."""
   import subprocess  # pylint: disable=g-import-not-at-top
   mount = tmp_path / 'disk'
   mount.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mount)],
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(mount)],
                     capture_output=True).returncode:
     pytest.skip('cannot mount a tmpfs here (not root)')
   grow = lambda: subprocess.run(['mount', '-o', 'remount,size=64m', str(mount)], check=True)

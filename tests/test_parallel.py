@@ -31,7 +31,10 @@ FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 
 
 def _env(**extra):
-  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_COMPILE, **extra)
+  # KD_XLA_DEFAULTS=0: YNNPACK's dots (kd.xla_flags) split their work by the process's thread
+  # pool, so one process of 8 devices and two of 4 round alike only with XLA's own dots.
+  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_COMPILE, KD_XLA_DEFAULTS='0',
+              **extra)
 
 
 def _tiny_config():

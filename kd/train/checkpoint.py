@@ -37,6 +37,7 @@ class NoSpace(RuntimeError):
   """A checkpoint could not be written for want of disk space; the earlier ones are intact."""
 
 
+_MARGIN = 1 << 20  # bytes free beyond the state's (and a tenth of it) before a save starts
 # The save in flight per manager, (step, bytes), for the error of a write that fails later.
 _IN_FLIGHT: dict[int, tuple[int, int]] = {}
 
@@ -97,7 +98,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iter=None) -> None:
       free = shutil.disk_usage(str(mngr.directory)).free
     except OSError:
       free = need
-    if free < need:
+    if free < need + _MARGIN + need // 10:  # metadata and temporary files come on top
       raise OSError(errno.ENOSPC, f'{free} bytes free, {need} needed')
     mngr.save(step, args=ocp.args.Composite(**items))
 
