@@ -89,6 +89,8 @@ def main(argv):
   from kd.train import checkpoint  # pylint: disable=g-import-not-at-top
   from kd.train import preemption  # pylint: disable=g-import-not-at-top
   from kd.train import workdir_lock  # pylint: disable=g-import-not-at-top
+  from kd.data.local import DataError  # pylint: disable=g-import-not-at-top
+  from kd.train.sections import ConfigError  # pylint: disable=g-import-not-at-top
   job = _CONFIG.value.get('job', 'lm')
   if job not in JOBS:
     raise app.UsageError(f'config.job={job!r} is unknown; use one of {sorted(JOBS)}.')
@@ -98,13 +100,16 @@ def main(argv):
       lock = workdir_lock.acquire(_WORKDIR.value)
     except workdir_lock.Held as e:
       raise app.UsageError(str(e)) from None
+    except OSError as e:
+      sys.exit(f'kd.main: --workdir={_WORKDIR.value} cannot be made ({e.strerror}); give a '
+               'folder this user can write in')
   preemption.install()
   try:
     importlib.import_module(JOBS[job]).main(_CONFIG.value, _WORKDIR.value)
   except preemption.Preempted as e:
     logging.warning('%s', e)
     sys.exit(preemption.EXIT_CODE)
-  except checkpoint.NoSpace as e:  # the message says it all: no traceback
+  except (checkpoint.NoSpace, ConfigError, DataError) as e:  # the message says it all
     sys.exit(f'kd.main: {e}')
   finally:
     workdir_lock.release(lock)

@@ -110,7 +110,72 @@ def test_every_name_key_given_an_empty_or_unknown_name_and_every_number_a_word_i
   print(f'{tried} name and type mutations over {len(CONFIGS)} configs, each a ConfigError')
 
 
+# The free-form strings. Read where the job opens them (data sources, checkpoints):
+OPENED_BY_THE_JOB = ('data.train', 'data.eval', 'data.prompts', 'data.synthetic.prompts',
+                     'teacher.path', 'student.path')
+# Read only with another key (student_init.source; parallel.mode='mesh', where '' = a
+# replicated teacher), or any text:
+NOT_READ_ALONE = ('student_init.layers', 'student_init.path', 'parallel.teacher_fsdp',
+                  'data.text_prefix')
+# The rest, checked by check_strings, and which of BAD_STRINGS each may hold: '' is a default; a
+# folder is made; a regex is matched against the model's paths later (check_models).
+_REGEX = {'bogus', 'x[:200%]', '/etc/hostname/x'}
+ACCEPTED = {'data.train_split': {''}, 'data.teacher_split': {''}, 'data.eval_split': set(),
+            'data.name': set(), 'teacher.cache': {''}, 'eval.path': {''},
+            'parallel.coordinator_address': {''},
+            'teacher.workdir': {'', 'bogus', 'x[:200%]'}, 'teacher.cache_dir': {'', 'bogus',
+                                                                                'x[:200%]'},
+            'peft.target': _REGEX, 'quant.target': _REGEX, 'teacher.quant.target': _REGEX}
+BAD_STRINGS = ('', 'bogus', 'x[:200%]', '/etc/hostname/x')  # the last: a folder under a file
+
+
+def _string_keys(node, prefix=''):
+  for k, v in node.items():
+    if hasattr(v, 'items'):
+      yield from _string_keys(v, f'{prefix}{k}.')
+    elif isinstance(v, str):
+      yield f'{prefix}{k}'
+
+
+def test_every_free_form_string_is_refused_by_name_or_accepted_as_listed():
+  names = config_check._names()  # pylint: disable=protected-access
+  tried, escaped = 0, []
+  for path, base in _configs():
+    check = CHECKS[base.get('job', 'lm')]
+    for key in _string_keys(base):
+      if key in names or key in OPENED_BY_THE_JOB or key in NOT_READ_ALONE:
+        continue
+      assert key in ACCEPTED, f'{path}: config.{key} is a string no list above places'
+      for bad in BAD_STRINGS:
+        config = base.copy_and_resolve_references()
+        _set(config, key, bad)
+        tried += 1
+        try:
+          check(config)
+          if bad not in ACCEPTED[key]:
+            escaped.append(f'{path}: {key}={bad!r} passed')
+        except config_check.ConfigError as e:
+          if bad in ACCEPTED[key]:
+            escaped.append(f'{path}: {key}={bad!r} refused: {e}')
+          assert f'config.{key}=' in str(e), (path, key, str(e))
+  assert not escaped, '\n'.join(escaped)
+  assert tried >= 300, tried
+  print(f'{tried} free-form string mutations over {len(CONFIGS)} configs')
+
+
+@pytest.mark.parametrize('bad', BAD_STRINGS)
+def test_data_sources_and_checkpoints_the_job_opens_refuse_bad_strings_by_name(bad):
+  from kd.data import sources  # pylint: disable=g-import-not-at-top
+  with pytest.raises(sources.DataError):
+    sources.read(bad)
+  for key in ('teacher.path', 'student.path'):
+    with pytest.raises(config_check.ConfigError, match=f'config.{key}='):
+      llm._located(key, bad)  # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize('override,key', [
+    ('--config.data.eval_split=', 'data.eval_split'),
+    ('--config.teacher.workdir=/etc/hostname/x', 'teacher.workdir'),
     ('--config.optimizer.lr=-1', 'optimizer.lr'), ('--config.train.steps=0', 'train.steps'),
     ('--config.losses.kl=nan', 'losses.kl'), ('--config.data.batch_size=0', 'data.batch_size'),
     ('--config.optimizer.name=adamw2', 'optimizer.name')])
@@ -119,7 +184,15 @@ def test_kd_main_stops_before_writing_anything(tmp_path, override, key):
                         f'--workdir={tmp_path / "w"}', override], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode != 0 and f'config.{key}=' in out.stderr, out.stderr[-2000:]
-  assert not (tmp_path / 'w').exists()
+  assert 'Traceback' not in out.stderr and not (tmp_path / 'w').exists()
+
+
+def test_a_regex_matching_no_module_stops_kd_main_before_writing(tmp_path):
+  out = subprocess.run([sys.executable, '-m', 'kd.main', '--config=configs/shakespeare/lora.py:tiny',
+                        f'--workdir={tmp_path / "w"}', '--config.peft.target=bogus'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and "config.peft.target='bogus' matches no" in out.stderr
+  assert 'Traceback' not in out.stderr and not (tmp_path / 'w').exists()
 
 
 @pytest.mark.parametrize('override,message', [

@@ -33,6 +33,8 @@ from typing import Callable, Sequence
 import grain
 import numpy as np
 
+from kd.data import single_writer
+
 META = 'meta.json'
 FEATURE_DTYPE = np.float16
 
@@ -72,7 +74,7 @@ def write(path: str, ids: Sequence[Sequence[int]], teacher_fn: Callable, *, fiel
     raise ValueError('every sentence needs at least one token; drop empty sentences first.')
   offsets = np.concatenate([[0], np.cumsum(lengths)])
   att_sizes = None
-  tmp = path.rstrip('/') + '.tmp'
+  tmp = f"{path.rstrip('/')}.tmp{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   out = {}
@@ -125,15 +127,24 @@ def get_or_write(path: str, ids, make_teacher_fn: Callable, *, fields, key: dict
   A cache written for another key (another teacher, data or tokenizer setting) is rewritten,
   never reused: the key is compared as JSON. One that lacks some `fields` is rewritten with the
   fields it had plus those, so runs with different losses can share a cache.
-  `make_teacher_fn(fields)` returns the `teacher_fn` of `write` for those fields.
+  `make_teacher_fn(fields)` returns the `teacher_fn` of `write` for those fields. One process
+  writes (kd.data.single_writer): runs sharing the cache wait for it instead of writing too.
   """
-  meta = read_meta(path)
   key = json.loads(json.dumps(key))
-  if meta is None or meta['key'] != key:
-    write(path, ids, make_teacher_fn(fields), fields=fields, key=key, **kw)
-  elif set(fields) - set(meta['fields']):
-    union = list(meta['fields']) + [f for f in fields if f not in meta['fields']]
+
+  def to_write() -> list:  # the fields a cache must be written with, [] when it serves
+    meta = read_meta(path)
+    if meta is None or meta['key'] != key:
+      return list(fields)
+    if set(fields) - set(meta['fields']):
+      return list(meta['fields']) + [f for f in fields if f not in meta['fields']]
+    return []
+
+  def write_it():
+    union = to_write()
     write(path, ids, make_teacher_fn(union), fields=union, key=key, **kw)
+
+  single_writer.once(path, lambda: not to_write(), write_it)
   return path
 
 

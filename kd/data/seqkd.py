@@ -3,7 +3,8 @@
 `teacher_responses` runs the teacher's sampler over every prompt of a dialogue dataset and keeps
 what it wrote (up to each <eos>) as the new responses; `get_or_write` stores them once as
 ArrayRecord records (kd.data.teacher_cache.write_records: atomic, meta.json beside) under a name
-keyed by everything that decides them, so later runs and seeds reuse the same synthetic set.
+keyed by everything that decides them, so later runs and seeds reuse the same synthetic set. One
+process writes it (kd.data.single_writer); runs that want the same set meanwhile wait and read.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 import numpy as np
 
 from kd.data import dialogue
+from kd.data import single_writer
 from kd.data import teacher_cache
 from kd.data import tokenizer as tok_lib
 from kd.models import sample
@@ -56,12 +58,19 @@ def get_or_write(path_root: str, model, arrays: dict[str, np.ndarray], *, key: d
   settings = json.dumps({**key, **generate_kw}, sort_keys=True)
   digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
   path = os.path.join(path_root, f'seqkd-{digest}')
-  if not os.path.exists(path):
+
+  def rows():
     generated = teacher_responses(model, arrays, **generate_kw)
-    rows = ({k: generated[k][i] for k in dialogue.FIELDS} for i in range(len(arrays['prompt_ids'])))
-    try:
-      teacher_cache.write_records(rows, path, {'settings': json.loads(settings)})
-    except FileExistsError:  # another run wrote the same set meanwhile: read theirs
-      pass
+    return [{k: generated[k][i] for k in dialogue.FIELDS}
+            for i in range(len(arrays['prompt_ids']))]
+
+  def write():
+    teacher_cache.write_records(made(), path, {'settings': json.loads(settings)})
+
+  made = rows
+  if jax.process_count() > 1 and not os.path.exists(path):
+    sampled = rows()  # the sampler may span hosts: every process samples, process 0 writes
+    made = lambda: sampled
+  single_writer.once(path, lambda: os.path.exists(path), write)
   records = teacher_cache.read_records(path)
   return {k: np.stack([np.asarray(r[k]) for r in records]) for k in dialogue.FIELDS}, path

@@ -203,11 +203,25 @@ def load_text_split(
       `~/.cache/kd/tfds`.
   """
   _corpus(name)
-  base_split = split.split("[", 1)[0]
-  if base_split not in SPLITS:
-    raise ValueError(f"Unknown split {split!r}; valid splits: {SPLITS}.")
+  check_split(split)
   builder = build_local(name, data_dir or None, cache_dir)
   return TextSource(builder.as_data_source(split=split))
+
+
+def check_split(split: str) -> None:
+  """Refuses, reading nothing, a split that load_text_split cannot read: SPLITS, sliced and
+  joined as TFDS writes them ('train[:90%]', 'train[:10%]+validation')."""
+  for part in split.split("+"):
+    base = part.strip().split("[", 1)[0]
+    if base not in SPLITS:
+      raise ValueError(f"unknown split {base!r}; use {', '.join(SPLITS)}, sliced as "
+                       "'train[:90%]' or joined as 'train[:10%]+validation'")
+  try:
+    tfds.core.ReadInstruction.from_spec(split)
+  except (ValueError, AssertionError) as e:
+    reason = str(e).strip().splitlines()[-1]
+    raise ValueError(f"not a split TFDS can read ({reason}); write slices as 'train[:90%]' or "
+                     "'train[100:200]'") from None
 
 
 def _corpus(name: str) -> _Corpus:

@@ -24,6 +24,9 @@ HUB_FILES = ['*.json', '*.safetensors', '*.jinja', 'tokenizer*', '*.model']
 
 
 def locate(name: str) -> str:
+  if not name:
+    raise FileNotFoundError('no checkpoint named: give an HF checkpoint directory, a .gguf file, '
+                            'an installed package or a Hub id')
   if os.path.isdir(name) or (os.path.isfile(name) and name.endswith('.gguf')):
     return name
   if _HUB_ID.fullmatch(name) and not os.path.exists(name):

@@ -57,9 +57,10 @@ from kd.train import compress
 from kd.train import config_check
 from kd.train import offline_teacher
 from kd.train import run
+from kd.train import sections
 from kd.train import step as step_lib
 
-SOURCES = ('cut', 'path', 'fresh')
+SOURCES = sections.STUDENT_SOURCES
 # DecoderConfig fields a config may set on a loaded model: how it runs, not what it computes.
 RUNTIME = ('scan_layers', 'remat', 'remat_policy', 'attention_impl', 'dtype', 'param_dtype')
 WIDTHS = ('intermediate_size', 'num_heads', 'num_kv_heads')
@@ -125,10 +126,18 @@ def with_runtime(model: models.Model, settings) -> models.Model:
   return model.replace(module=models.Decoder(config), params=params)
 
 
+def _located(key: str, name: str) -> str:
+  """kd.hf.locate's folder or file for config.<key>, or a ConfigError naming the key."""
+  try:
+    return locate.locate(name)
+  except FileNotFoundError as e:
+    raise config_check.ConfigError(f'config.{key}={name!r}: {e}') from None
+
+
 def load_teacher(config) -> models.Model:
   """The teacher as its checkpoint holds it (config.teacher.model not applied yet: a cut is
   made from these weights, not from a lower-precision copy)."""
-  path = locate.locate(config.teacher.path)
+  path = _located('teacher.path', config.teacher.path)
   teacher = hf.load(path)
   if not isinstance(teacher.config, models.DecoderConfig):
     raise config_check.ConfigError(f'config.teacher.path={path} holds a '
@@ -147,7 +156,7 @@ def build_student(config, teacher: models.Model, data) -> models.Model:
   sc = config.student
   flat = with_runtime(teacher, {'scan_layers': False})
   if sc.source == 'path':
-    student = hf.load(locate.locate(sc.path))
+    student = hf.load(_located('student.path', sc.path))
     if student.tokenizer is None:
       raise config_check.ConfigError(f'config.student.path={sc.path} has no tokenizer, so it '
                                      "cannot be checked against the teacher's")

@@ -4,6 +4,8 @@ kd.train.sections.)"""
 
 import dataclasses
 import math
+import os
+import re
 
 import jax
 
@@ -87,6 +89,9 @@ def _names() -> dict:
       'student_init.source': ('random', 'teacher', 'run'),
       'teacher.topk_semantics': losses.TOPK_SEMANTICS,
       'on_policy.adaptive.replay_schedule': tuple(replay.REPLAY_SCHEDULES),
+      'features.attention_layers': ('last', 'all'),
+      'data.task': ('lm', 'dialogue'), 'parallel.mode': tuple(parallel.MODES),
+      'student.source': sections.STUDENT_SOURCES,
   }
   for prefix in ('', 'teacher.'):
     names[f'{prefix}optimizer.name'] = tuple(optim.OPTIMIZERS)
@@ -104,10 +109,68 @@ def check_names(config) -> None:
       raise ConfigError(f'config.{key}={value!r}: use one of {tuple(valid)}')
 
 
+# Keys that hold a regex over module paths, and folders a run may create.
+TARGETS = ('peft.target', 'quant.target', 'teacher.quant.target')
+FOLDERS = ('teacher.workdir', 'teacher.cache_dir')
+
+
+def check_strings(config) -> None:
+  """The free-form strings that can be read without loading anything: corpus name and TFDS
+  splits, regexes, folders to create, a teacher cache to read, the coordinator's address.
+  (Data sources, checkpoints and hub ids are refused by name where the job opens them.)"""
+  from kd.data import text  # pylint: disable=g-import-not-at-top
+  name = _get(config, 'data.name')
+  if name is not None and name not in text.CORPORA:
+    raise ConfigError(f'config.data.name={name!r}: use one of {tuple(text.CORPORA)}')
+  for key in ('train_split', 'teacher_split', 'eval_split'):
+    split = _get(config, f'data.{key}')
+    if split is None or (split == '' and key != 'eval_split'):  # '' = 'train'
+      continue
+    try:
+      text.check_split(split)
+    except ValueError as e:
+      raise ConfigError(f'config.data.{key}={split!r}: {e}') from None
+  for key in TARGETS:
+    target = _get(config, key)
+    if target is None:
+      continue
+    try:
+      re.compile(target)
+    except (re.error, TypeError) as e:
+      raise ConfigError(f'config.{key}={target!r} is not a regex ({e})') from None
+    if not target:
+      raise ConfigError(f"config.{key}='' matches nothing; give a regex over module paths, "
+                        "e.g. '.*_proj'")
+  for key in FOLDERS:
+    folder = _get(config, key)
+    if folder and '://' not in folder:
+      _check_creatable(key, folder)
+  cache = _get(config, 'teacher.cache')
+  if cache and '://' not in cache and not os.path.isfile(os.path.join(cache, 'meta.json')):
+    raise ConfigError(f'config.teacher.cache={cache!r} holds no teacher cache (no meta.json); '
+                      'write one with `python -m kd.cache_teacher --config=... --workdir=...`')
+  address = _get(config, 'parallel.coordinator_address')
+  if address and not re.fullmatch(r'[^\s:]+:\d{1,5}', address):
+    raise ConfigError(f'config.parallel.coordinator_address={address!r}: give host:port, e.g. '
+                      "'10.0.0.2:1234' (or '' to let JAX find the coordinator)")
+
+
+def _check_creatable(key: str, folder: str) -> None:
+  """`folder` exists as a writable folder, or its nearest existing parent is one."""
+  path = os.path.abspath(folder)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+    raise ConfigError(f'config.{key}={folder!r}: {path} is not a folder this user can write in; '
+                      'give another path')
+
+
 def check_numbers(config) -> None:
   """Every count, size and rate the config holds is a finite number in its range; every key
-  that picks from a fixed set holds one of its names (check_names)."""
+  that picks from a fixed set holds one of its names (check_names), and the free-form strings
+  that can be checked without loading anything are sound (check_strings)."""
   check_names(config)
+  check_strings(config)
   rules = dict(NUMBERS)
   if 'source' not in (config.get('student') or {}):
     rules.update({f'{m}.{k}': _ONE for m in ('student', 'teacher.model') for k in MODEL_SIZES})

@@ -223,6 +223,11 @@ def on_policy_fn(config, student, eos_id: int = data_lib.EOS_ID):
 def main(config, workdir: str) -> dict:
   """Runs every stage the config asks for and writes `results.json` and `results.md`."""
   config_check.check(config)
+  # The model checks (layer maps, PEFT and quantization targets, ...) before anything is
+  # written, at the configured vocabulary; again below at the tokenizer's.
+  vocab = int(config.data.vocab_size)
+  config_check.check_models(config, build.build_model(config.student, vocab),
+                            build.build_model(config.teacher.model, vocab))
   os.makedirs(workdir, exist_ok=True)
   share_teacher(config, workdir)  # before Data, which loads <workdir>/tokenizer.json if present
   data = lm_data.LMData(config, workdir)

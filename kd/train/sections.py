@@ -22,6 +22,8 @@ def student_init_layers(config, num_teacher_layers: int) -> list:
 
 
 QUANT_METHODS = ('none', 'qat', 'qlora')
+# Where the llm job's student comes from: a cut of the teacher, a checkpoint, or random weights.
+STUDENT_SOURCES = ('cut', 'path', 'fresh')
 
 
 def quant_config(config):

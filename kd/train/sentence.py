@@ -84,6 +84,8 @@ def check(config) -> None:
   if config.data.batch_size < 2 and 'embedding_similarity' in terms:
     raise config_check.ConfigError('embedding_similarity compares the sentences of a batch; '
                                    'use data.batch_size >= 2')
+  if config.eval.get('path'):
+    eval_path(config)  # (an empty path reads the data folder's STS-B dev file)
   config_check.check_parallel(config)
   config_check.check_encoder_peft(config)  # (the rest of config.peft / quant: check_peft, ...)
   sections.quant_config(config)
