@@ -1,6 +1,6 @@
 """Parallel plans: the sharding rules, the config checks, pmap and mesh against one device (8
-simulated CPU devices, in a subprocess), and a real 2-process run over loopback, killed and
-resumed, against a one-process run of the same global batches."""
+simulated CPU devices, in a subprocess), and a real 2-process run over loopback, killed,
+preempted and resumed, against a one-process run of the same global batches."""
 
 import importlib.util
 import json
@@ -214,7 +214,7 @@ def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
 
 # --- two processes over loopback ----------------------------------------------------------------
 
-STEPS, KILL_AT = 6, 2
+STEPS, KILL_AT, TERM_AFTER = 9, 2, 3
 # FSDP over the two processes: each holds and writes half of every param and moment.
 OVERRIDES = {'train.steps': STEPS, 'teacher.steps': 3, 'train.checkpoint_every': 1,
              'train.keep': 3, 'baseline': False, 'parallel.mode': 'mesh', 'parallel.data': 1,
@@ -252,8 +252,24 @@ def _params(workdir, stage):
   return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))['params']
 
 
-def test_two_processes_kill_resume_and_match_one_process(tmp_path):
+def _signal_after(procs, marker, signum, *, to=None):
+  """Sends `signum` to `to` (default: every one of `procs`) once `marker` exists."""
+  deadline = time.time() + TIMEOUT_S
+  while not marker.exists() and all(p.poll() is None for p in procs):
+    assert time.time() < deadline, 'no checkpoint in time'
+    time.sleep(0.01)
+  for p in to or procs:
+    p.send_signal(signum)
+  for p in procs:
+    p.wait(timeout=TIMEOUT_S)
+
+
+def test_two_processes_killed_then_preempted_resume_and_match_one_process(tmp_path):
+  """SIGKILL of both processes at a checkpoint; the resumed run then gets SIGTERM on process 1
+  alone, and both processes agree (JAX's preemption sync) on one step to save and exit 75; the
+  third launch ends bitwise where one process does."""
   multi, single = tmp_path / 'two_hosts', tmp_path / 'one_host'
+  ckpts = multi / 'student_kd' / 'checkpoints'
   procs = []
   try:
     with open(tmp_path / 'reference.log', 'ab') as log:  # the reference runs meanwhile
@@ -264,19 +280,21 @@ def test_two_processes_kill_resume_and_match_one_process(tmp_path):
 
     killed = _launch(multi, tmp_path)
     procs += killed
-    marker = multi / 'student_kd' / 'checkpoints' / str(KILL_AT)
-    deadline = time.time() + TIMEOUT_S
-    while not marker.exists() and all(p.poll() is None for p in killed):
-      assert time.time() < deadline, 'no checkpoint in time'
-      time.sleep(0.01)
-    for p in killed:
-      p.send_signal(signal.SIGKILL)
-    for p in killed:
-      p.wait()
-    assert marker.exists(), (tmp_path / 'process0.log').read_text()[-3000:]
-    assert not (multi / 'student_kd' / 'checkpoints' / str(STEPS)).exists(), 'killed too late'
-    data_files = sorted(p.name for p in (marker / 'data').iterdir() if p.suffix == '.json')
+    _signal_after(killed, ckpts / str(KILL_AT), signal.SIGKILL)
+    assert (ckpts / str(KILL_AT)).exists(), (tmp_path / 'process0.log').read_text()[-3000:]
+    assert not (ckpts / str(STEPS)).exists(), 'killed too late'
+    data_files = sorted(p.name for p in (ckpts / str(KILL_AT) / 'data').iterdir()
+                        if p.suffix == '.json')
     assert data_files == ['process_0-of-2.json', 'process_1-of-2.json']
+
+    termed = _launch(multi, tmp_path)
+    procs += termed
+    _signal_after(termed, ckpts / str(TERM_AFTER), signal.SIGTERM, to=termed[1:])
+    for i, p in enumerate(termed):
+      assert p.returncode == 75, (tmp_path / f'process{i}.log').read_text()[-3000:]
+    assert 'preempted: the checkpoint of step' in (tmp_path / 'process0.log').read_text()
+    saved = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert TERM_AFTER <= saved < STEPS, saved
 
     resumed = _launch(multi, tmp_path)
     procs += resumed
