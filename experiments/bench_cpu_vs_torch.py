@@ -36,12 +36,14 @@ STUDENT_LAYERS = tuple(range(14)) + tuple(range(24, 30))
 TEMPERATURE, ALPHA, LR = 2.0, 0.5, 1e-4
 
 # name -> (framework, settings). kd settings: chunk_size (0 = full logits), xla_flags (added to
-# XLA_FLAGS for that process), env (more environment), dtype (compute), remat. kd's processes
+# XLA_FLAGS for that process), env (more environment), dtype (compute), remat, attention_impl
+# (None: kd's CPU default, 'matmul'; 'xla': jax.nn.dot_product_attention's). kd's processes
 # add kd.xla_flags' defaults, as kd.main does: kd_full_xla_defaults turns them off (XLA's own).
 # mode 'teacher': the teacher forward alone.
 VARIANTS = {
     'kd_full': ('kd', {'chunk_size': 0}),
     'kd_chunk256': ('kd', {'chunk_size': 256}),
+    'kd_full_xla_attention': ('kd', {'chunk_size': 0, 'attention_impl': 'xla'}),
     'kd_full_xla_defaults': ('kd', {'chunk_size': 0, 'env': {'KD_XLA_DEFAULTS': '0'}}),
     'torch_eager': ('torch', {}),
     'torch_compile': ('torch', {'compile': True}),
@@ -107,7 +109,8 @@ def kd_worker(settings: dict, ids: np.ndarray):
   n_teacher, keep = layers()
   xla_flags.apply()  # kd.main's defaults, before the first computation
   teacher = gguf.load(gguf_path(), tokenizer=False)
-  config_overrides = {k: settings[k] for k in ('dtype', 'remat') if k in settings}
+  config_overrides = {k: settings[k] for k in ('dtype', 'remat', 'attention_impl')
+                      if k in settings}
   if n_teacher < teacher.config.num_layers:
     teacher = models.student_from_teacher(teacher, list(range(n_teacher)))
   if config_overrides:

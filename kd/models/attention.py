@@ -69,10 +69,12 @@ def explicit_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: flo
 
 
 def attention_impl(c: DecoderConfig, dtype, mask, causal: bool, length: int = 0) -> str | None:
-  """config.attention_impl, or when None the kernel to ask for: 'cudnn' where it applies.
+  """config.attention_impl, or when None the kernel to ask for: 'cudnn' where it applies on a
+  GPU, and on the CPU 'matmul' (kd.models.matmul_attention).
 
   jax.nn.dot_product_attention's own default is the XLA path (2.7x slower for a whole KD step
-  at 1b-160m-32k on an H100, experiments/bench_vs_peer.py), so kd asks for cuDNN itself.
+  at 1b-160m-32k on an H100, experiments/bench_vs_peer.py), so kd asks for cuDNN itself. On the
+  CPU that path takes about twice as long, forward and backward, as 'matmul' (docs/speed.md).
   Prefix tuning always gets 'xla'.
   """
   if c.prefix_len:  # the prefix needs an explicit mask; kd sends those to XLA
@@ -87,6 +89,8 @@ def attention_impl(c: DecoderConfig, dtype, mask, causal: bool, length: int = 0)
   if (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
       and mask is None and causal and c.head_dim <= 128 and c.head_dim % 8 == 0):
     return 'cudnn'
+  if jax.default_backend() == 'cpu':
+    return 'matmul'
   return 'xla'
 
 

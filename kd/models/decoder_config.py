@@ -28,7 +28,7 @@ REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ATTENTION_IMPLS = (None, 'xla', 'cudnn', 'splash')
+ATTENTION_IMPLS = (None, 'xla', 'cudnn', 'splash', 'matmul')
 POSITIONS = ('rope', 'learned')
 LAYER_TYPES = ('full_attention', 'sliding_attention')
 # rope_scaling['rope_type'] -> the keys it needs (transformers' names).
@@ -63,7 +63,8 @@ class DecoderConfig:
   remat_policy: str = 'nothing'
   # jax.nn.dot_product_attention's implementation: 'xla', 'cudnn' (the fused flash kernel on
   # NVIDIA GPUs; fails at compile time where cuDNN cannot run it), or None: cuDNN where it is
-  # known to apply (GPU, bf16/fp16, causal without a padding or segment mask), else XLA.
+  # known to apply (GPU, bf16/fp16, causal without a padding or segment mask), 'matmul' on the
+  # CPU (kd.models.matmul_attention: batched matmuls per KV head, closed-form backward), else XLA.
   # 'splash': the TPU's Pallas flash kernel (kd.models.splash) for causal attention at lengths
   # that are multiples of 128 (a padding mask or packed segment_ids become its segment ids), XLA
   # for the rest (prompt/prefix tuning, a KV cache, output_attentions); asked for by name only.

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from kd.models import cache as kv_cache
+from kd.models import matmul_attention
 from kd.models import splash
 from kd.models.attention import (attention_impl, explicit_attention, sliding_window_mask,
                                  with_prefix_keys)
@@ -136,6 +137,9 @@ class Attention(nn.Module):
         if impl == 'splash':
           return splash.attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, scale, window,
                                   segments)
+        if impl == 'matmul':
+          return matmul_attention.attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, mask,
+                                            scale, causal, window)
         return jax.nn.dot_product_attention(  # jax's (left, right) window: i - j <= window - 1
             q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, mask=mask, scale=scale, is_causal=causal,
             local_window_size=None if window is None else (window - 1, 0), implementation=impl)
