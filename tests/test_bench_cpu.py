@@ -4,6 +4,7 @@ in turns, on the real SmolLM2 teacher (cut short here); both frameworks compute 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ def test_kd_and_torch_take_the_same_steps_and_the_table_divides_their_times(tmp_
   proc = subprocess.run(
       [sys.executable, 'experiments/bench_cpu_vs_torch.py', '--teacher_layers=3', '--batch=2',
        '--seq_len=24', '--rounds=2', '--warmup=1',
-       '--variants=kd_full,torch_eager,kd_teacher_fwd,torch_teacher_fwd', f'--out={out}'],
+       '--variants=kd_full,torch_eager', f'--out={out}'],
       cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = {r['variant']: r for r in map(json.loads, out.read_text().splitlines())}
@@ -31,8 +32,6 @@ def test_kd_and_torch_take_the_same_steps_and_the_table_divides_their_times(tmp_
   for key in ('first_loss', 'last_loss'):
     assert abs(kd[key] - pt[key]) < 1e-4 * abs(pt[key]), (key, kd[key], pt[key])
   assert kd['last_loss'] < kd['first_loss']
-  assert rows['kd_teacher_fwd']['first_loss'] == pytest.approx(
-      rows['torch_teacher_fwd']['first_loss'], rel=1e-4)
   table = proc.stdout[proc.stdout.index('| variant |'):]
   ratio = kd['median_s'] / pt['median_s']
   assert f'| kd_full | {kd["median_s"]:.2f} | {ratio:.2f}× |' in table
@@ -43,3 +42,14 @@ def test_an_unknown_variant_is_refused_before_anything_loads(tmp_path):
   proc = subprocess.run([sys.executable, 'experiments/bench_cpu_vs_torch.py', '--variants=kd_x'],
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and "unknown variants ['kd_x']" in proc.stderr
+
+
+def test_attention_bench_checks_both_paths_agree_and_divides_their_times():
+  proc = subprocess.run(
+      [sys.executable, 'experiments/bench_attention_cpu.py', '--batch=1', '--seq_len=32',
+       '--heads=4', '--kv_heads=2', '--head_dim=8', '--segments=2', '--iters=2'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = dict(re.findall(r'^\| (kd matmul|jax xla) \| ([\d.]+) \|', proc.stdout, re.M))
+  assert set(rows) == {'kd matmul', 'jax xla'}, proc.stdout
+  assert '| jax xla | ' in proc.stdout and '| 1.00× |' in proc.stdout
