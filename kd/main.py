@@ -7,6 +7,7 @@ or SIGINT it checkpoints the step in flight and exits with code 75 (kd.train.pre
 the same command again to resume.
 """
 
+import errno
 import importlib
 import logging as std_logging
 import sys
@@ -111,6 +112,11 @@ def main(argv):
     sys.exit(preemption.EXIT_CODE)
   except (checkpoint.NoSpace, ConfigError, DataError) as e:  # the message says it all
     sys.exit(f'kd.main: {e}')
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    sys.exit(f'kd.main: no space left on the disk of {e.filename or _WORKDIR.value} ({e}); what '
+             'was written before is intact: free some space and rerun the same command')
   finally:
     workdir_lock.release(lock)
 

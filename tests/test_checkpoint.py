@@ -222,3 +222,24 @@ def test_kd_main_on_a_full_disk_stops_with_one_clear_error_and_resumes_once_ther
   proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (disk / 'w' / 'results.json').exists()
+
+
+def test_a_full_disk_leaves_the_results_written_before_intact(small_disk):
+  """results.json and results.md go through a temporary file and a rename: a write that finds
+  the disk full raises ENOSPC and leaves the earlier files byte for byte, and no temporary."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from kd.eval import report  # pylint: disable=g-import-not-at-top
+  disk, _ = small_disk
+  report.write_results(str(disk), {'student': {'ce': 1.0}}, '| student | 1.0 |')
+  before = {n: (disk / n).read_bytes() for n in ('results.json', 'results.md')}
+  with pytest.raises(OSError) as full, open(disk / 'filler', 'wb') as f:
+    while True:  # the disk fills, as another job's files would
+      f.write(np.random.default_rng(0).bytes(1 << 16))
+      f.flush()
+  assert full.value.errno == errno.ENOSPC
+  with pytest.raises(OSError) as e:
+    report.write_results(str(disk), {'student': {'ce': 2.0, 'notes': 'x' * 100_000}}, '| s |')
+  assert e.value.errno == errno.ENOSPC
+  assert {n: (disk / n).read_bytes() for n in before} == before
+  assert sorted(os.listdir(disk)) == ['filler', 'results.json', 'results.md']

@@ -16,6 +16,7 @@ import pytest
 import safetensors.numpy
 
 from kd.jobs import llm
+from kd.train import config_check
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 transformers = pytest.importorskip('transformers')
@@ -272,7 +273,8 @@ def test_topk_teacher_cache_holds_the_teachers_top_k_and_trains_both_students(
     with pytest.raises(ValueError, match=message):
       llm.main(_config(**settings, **{'teacher.cache': path, **overrides}), str(tmp_path / 'x'))
     assert not (tmp_path / 'x').exists()
-  with pytest.raises(FileNotFoundError, match='no teacher cache at /some/cache'):
+  with pytest.raises(config_check.ConfigError,
+                     match="config.teacher.cache='/some/cache' holds no teacher cache"):
     llm.main(_config(**settings, **{'teacher.cache': '/some/cache'}), str(tmp_path / 'x'))
 
 

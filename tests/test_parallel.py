@@ -106,7 +106,7 @@ def test_data_parallel_size_follows_the_mode():
 
 
 @pytest.mark.parametrize('edit, message', [
-    (lambda c: c.parallel.update(mode='dp'), "config.parallel.mode='dp' is unknown"),
+    (lambda c: c.parallel.update(mode='dp'), "config.parallel.mode='dp': use one of"),
     (lambda c: c.parallel.update(mode='mesh', data=2), 'uses 2 devices but there are 1'),
     (lambda c: c.update({'data': {'batch_size': 6}, 'train': {'accum_steps': 4}}),
      r"not divisible by devices \(1, data parallel in parallel.mode='single'\)"),

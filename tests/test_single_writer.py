@@ -43,9 +43,9 @@ _HOLD = textwrap.dedent('''
 ''')
 
 
-def _python(code, *args):
+def _python(code, *args, stderr=subprocess.PIPE):
   return subprocess.Popen([sys.executable, '-c', code, *args], cwd=ROOT, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=stderr,
                           env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
 
 
@@ -70,15 +70,20 @@ def test_a_writer_waits_for_the_holder_and_goes_on_when_it_is_killed(tmp_path):
   path, log = str(tmp_path / 'cache'), str(tmp_path / 'calls')
   holder = _python(_HOLD, path)
   assert holder.stdout.readline().strip() == 'held'
-  run = _python(_RUN, path, log)
-  time.sleep(8)  # time enough to import jax and reach the lock
+  err_file = tmp_path / 'run.err'
+  with open(err_file, 'w') as err:
+    run = _python(_RUN, path, log, stderr=err)
+  deadline = time.time() + 120
+  while 'waiting for' not in err_file.read_text():  # it says what it waits for
+    assert run.poll() is None and time.time() < deadline, err_file.read_text()[-3000:]
+    time.sleep(0.05)
+  time.sleep(0.5)
   assert run.poll() is None and not os.path.exists(log), 'the run did not wait for the lock'
   holder.send_signal(signal.SIGKILL)
   holder.wait()
-  out, err = run.communicate(timeout=120)
-  assert run.returncode == 0, err[-3000:]
+  out, _ = run.communicate(timeout=120)
+  assert run.returncode == 0, err_file.read_text()[-3000:]
   assert 'EMB' in out and len(open(log).read().split()) == 3
-  assert 'waiting for' in err  # it said what it waited for
 
 
 def test_once_skips_a_done_cache_and_leaves_a_stale_lock_file_harmless(tmp_path):

@@ -132,11 +132,23 @@ def write_results(workdir: str, results: dict, table: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(stamp(results), f, indent=1)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(table + '\n')
+  write_atomic(os.path.join(workdir, 'results.json'), json.dumps(stamp(results), indent=1))
+  write_atomic(os.path.join(workdir, 'results.md'), table + '\n')
   print(table)
+
+
+def write_atomic(path: str, text: str) -> None:
+  """`text` to `path` through a temporary file beside it and a rename: a reader, a kill or a
+  full disk never leaves `path` half written (a failed write removes the temporary file)."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  try:
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def stamp(results: dict) -> dict:
@@ -149,9 +161,7 @@ def save_runs(path: str, runs: dict) -> None:
   """Writes `runs` ({seed: {row: result}}) to `path` atomically; seeds with results but no
   COMMIT yet (made by this process) get HEAD, the commit this process started from."""
   data = {str(s): {COMMIT: HEAD, **r} if r and COMMIT not in r else r for s, r in runs.items()}
-  with open(path + '.tmp', 'w') as f:
-    json.dump(data, f, indent=1, sort_keys=True)
-  os.replace(path + '.tmp', path)
+  write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def load_runs(path: str) -> dict:

@@ -68,6 +68,10 @@ WIDTHS = ('intermediate_size', 'num_heads', 'num_kv_heads')
 
 def check(config) -> None:
   """Config errors before anything loads, compiles or writes."""
+  if config.teacher.cache and config.data.task != 'lm':  # (before the cache's own checks)
+    raise config_check.ConfigError(
+        "config.teacher.cache holds the teacher's top-k over packed text rows; the dialogue task "
+        'samples answers the cache cannot know (GKD, SeqKD): leave teacher.cache empty')
   config_check.check(config)
   sc = config.student
   if sc.source not in SOURCES:
@@ -85,10 +89,6 @@ def check(config) -> None:
       raise config_check.ConfigError(f'config.student.{key} must be >= 0 (0 = the teacher\'s)')
   if int(config.train.steps) < 1:
     raise config_check.ConfigError(f'config.train.steps must be >= 1, got {config.train.steps}')
-  if config.teacher.cache and config.data.task != 'lm':
-    raise config_check.ConfigError(
-        "config.teacher.cache holds the teacher's top-k over packed text rows; the dialogue task "
-        'samples answers the cache cannot know (GKD, SeqKD): leave teacher.cache empty')
   for key in ('seq_len', 'batch_size', 'eval_batch_size'):
     if int(config.data[key]) < 1:
       raise config_check.ConfigError(f'config.data.{key} must be >= 1, got {config.data[key]}')
