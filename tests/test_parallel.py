@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import random
 import signal
 import subprocess
 import sys
@@ -214,7 +215,7 @@ def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
 
 # --- two processes over loopback ----------------------------------------------------------------
 
-STEPS, KILL_AT, TERM_AFTER = 9, 2, 3
+STEPS, KILL_AT = 9, 2
 # FSDP over the two processes: each holds and writes half of every param and moment.
 OVERRIDES = {'train.steps': STEPS, 'teacher.steps': 3, 'train.checkpoint_every': 1,
              'train.keep': 3, 'baseline': False, 'parallel.mode': 'mesh', 'parallel.data': 1,
@@ -289,12 +290,13 @@ def test_two_processes_killed_then_preempted_resume_and_match_one_process(tmp_pa
 
     termed = _launch(multi, tmp_path)
     procs += termed
-    _signal_after(termed, ckpts / str(TERM_AFTER), signal.SIGTERM, to=termed[1:])
+    term_after = random.Random(os.getpid()).randint(KILL_AT + 1, STEPS - 4)  # a random step
+    _signal_after(termed, ckpts / str(term_after), signal.SIGTERM, to=termed[1:])
     for i, p in enumerate(termed):
       assert p.returncode == 75, (tmp_path / f'process{i}.log').read_text()[-3000:]
     assert 'preempted: the checkpoint of step' in (tmp_path / 'process0.log').read_text()
     saved = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
-    assert TERM_AFTER <= saved < STEPS, saved
+    assert term_after <= saved < STEPS, saved
 
     resumed = _launch(multi, tmp_path)
     procs += resumed
