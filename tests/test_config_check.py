@@ -62,22 +62,36 @@ def _set(config, key, value):
     node[leaf] = value
 
 
+def _mutated(check, base, key, bad):
+  """`check` run on a copy of `base` with config.<key> = bad: None when it passes, else what
+  it raised (a ConfigError, or any other exception: an escape)."""
+  config = base.copy_and_resolve_references()
+  _set(config, key, bad)
+  try:
+    check(config)
+  except Exception as e:  # pylint: disable=broad-except
+    return e
+  return None
+
+
+def _escape(path, key, bad, error) -> str:
+  if error is None:
+    return f'{path}: {key}={bad!r} passed'
+  return f'{path}: {key}={bad!r} -> {type(error).__name__}: {error}'
+
+
 def test_every_out_of_range_number_is_a_config_error():
   tried, escaped = 0, []
   for path, base in _configs():
     check = CHECKS[base.get('job', 'lm')]
     check(base)  # the config itself passes
     for key, bad in _mutations(base):
-      config = base.copy_and_resolve_references()
-      _set(config, key, bad)
       tried += 1
-      try:
-        check(config)
-        escaped.append(f'{path}: {key}={bad!r} passed')
-      except config_check.ConfigError as e:
+      e = _mutated(check, base, key, bad)
+      if isinstance(e, config_check.ConfigError):
         assert key.split('.')[-1] in str(e), (path, key, str(e))
-      except Exception as e:  # pylint: disable=broad-except
-        escaped.append(f'{path}: {key}={bad!r} -> {type(e).__name__}: {e}')
+      else:
+        escaped.append(_escape(path, key, bad, e))
   assert not escaped, '\n'.join(escaped)
   assert tried >= 400, tried  # measured: see the count printed with -s
   print(f'{tried} mutations over {len(CONFIGS)} configs, each a ConfigError')
@@ -95,16 +109,12 @@ def test_every_name_key_given_an_empty_or_unknown_name_and_every_number_a_word_i
     keys += [(k, 'ten') for k in config_check.NUMBERS
              if config_check._get(base, k) is not None]  # pylint: disable=protected-access
     for key, bad in keys:
-      config = base.copy_and_resolve_references()
-      _set(config, key, bad)
       tried += 1
-      try:
-        check(config)
-        escaped.append(f'{path}: {key}={bad!r} passed')
-      except config_check.ConfigError as e:
+      e = _mutated(check, base, key, bad)
+      if isinstance(e, config_check.ConfigError):
         assert f'config.{key}=' in str(e), (path, key, str(e))
-      except Exception as e:  # pylint: disable=broad-except
-        escaped.append(f'{path}: {key}={bad!r} -> {type(e).__name__}: {e}')
+      else:
+        escaped.append(_escape(path, key, bad, e))
   assert not escaped, '\n'.join(escaped)
   assert tried >= 600, tried
   print(f'{tried} name and type mutations over {len(CONFIGS)} configs, each a ConfigError')
@@ -147,17 +157,14 @@ def test_every_free_form_string_is_refused_by_name_or_accepted_as_listed():
         continue
       assert key in ACCEPTED, f'{path}: config.{key} is a string no list above places'
       for bad in BAD_STRINGS:
-        config = base.copy_and_resolve_references()
-        _set(config, key, bad)
         tried += 1
-        try:
-          check(config)
-          if bad not in ACCEPTED[key]:
-            escaped.append(f'{path}: {key}={bad!r} passed')
-        except config_check.ConfigError as e:
+        e = _mutated(check, base, key, bad)
+        if isinstance(e, config_check.ConfigError):
           if bad in ACCEPTED[key]:
             escaped.append(f'{path}: {key}={bad!r} refused: {e}')
           assert f'config.{key}=' in str(e), (path, key, str(e))
+        elif e is not None or bad not in ACCEPTED[key]:
+          escaped.append(_escape(path, key, bad, e))
   assert not escaped, '\n'.join(escaped)
   assert tried >= 300, tried
   print(f'{tried} free-form string mutations over {len(CONFIGS)} configs')
