@@ -13,11 +13,14 @@ or under torch.compile.
 
 Each variant lives in its own process, pinned to the same cores (--cpus). The processes are
 started one at a time (load, compile, --warmup steps), then timed one step each in turn, round
-after round, so drift in the machine's load falls on every variant alike. Each step's loss is
+after round, so drift in the machine's load falls on every variant alike; the order rotates by
+one each round, so no variant always runs right after the same other one. Each step's loss is
 kept: the table's last columns give the loss before the first update and after the last one,
 which must agree across variants (the same data, weights and optimizer). Rows
 `*_teacher_fwd` time the teacher's forward alone. Prints a markdown table (median s/step,
-ratio to torch eager, peak RSS) and, with --out, one JSON line per variant.
+ratio to torch eager, the CPU seconds the step's process used (user + system; on 2 cores a step
+that keeps both busy uses twice its wall time), peak RSS) and, with --out, one JSON line per
+variant.
 """
 
 import json
@@ -207,11 +210,13 @@ def worker(name: str):
   for line in sys.stdin:
     if line.strip() != 'step':
       break
-    start = time.perf_counter()
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     loss = run()
     seconds = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({'s': seconds, 'loss': loss, 'peak_rss': rss}), file=out, flush=True)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({'s': seconds, 'loss': loss, 'peak_rss': after.ru_maxrss * 1024,
+                      'user_s': after.ru_utime - before.ru_utime,
+                      'sys_s': after.ru_stime - before.ru_stime}), file=out, flush=True)
 
 
 # --------------------------------------------------------------------------- the coordinator
@@ -275,7 +280,9 @@ def coordinate():
             f'warm-up losses {[round(s["loss"], 6) for s in p.steps]}', flush=True)
       procs.append(p)
     for r in range(_ROUNDS.value):
-      for p in procs:
+      # Each variant goes first in turn: the step right after another variant's (its freed
+      # memory, the caches it left) falls on every variant alike.
+      for p in procs[r % len(procs):] + procs[:r % len(procs)]:
         p.step()
       print(f'round {r + 1}: ' + ', '.join(f'{p.name} {p.steps[-1]["s"]:.2f} s' for p in procs),
             flush=True)
@@ -284,9 +291,11 @@ def coordinate():
       p.close()
   rows = []
   for p in procs:
-    timed = [s['s'] for s in p.steps[_WARMUP.value:]]
+    timed = p.steps[_WARMUP.value:]
+    median = lambda key: statistics.median(s[key] for s in timed)
     rows.append(dict(variant=p.name, description=p.ready['description'],
-                     median_s=statistics.median(timed), min_s=min(timed),
+                     median_s=median('s'), min_s=min(s['s'] for s in timed),
+                     median_user_s=median('user_s'), median_sys_s=median('sys_s'),
                      peak_rss_gb=p.steps[-1]['peak_rss'] / 2**30,
                      first_loss=p.steps[0]['loss'], last_loss=p.steps[-1]['loss'],
                      updates=len(p.steps) - 1, build_s=p.ready['build_s']))
@@ -296,14 +305,14 @@ def coordinate():
 def table(rows) -> str:
   base = {r['variant']: r['median_s'] for r in rows}
   ref = {'step': base.get(BASELINE), 'teacher': base.get('torch_teacher_fwd')}
-  lines = ['| variant | s/step (median) | vs torch eager | peak RSS | loss at step 0 | '
-           'loss after the last update |', '|---|---:|---:|---:|---:|---:|']
+  lines = ['| variant | s/step (median) | vs torch eager | CPU s/step (user + sys) | peak RSS | '
+           'loss at step 0 | loss after the last update |', '|---|---:|---:|---:|---:|---:|---:|']
   for r in rows:
     mode = VARIANTS[r['variant']][1].get('mode', 'step')
     den = ref[mode]
     ratio = f'{r["median_s"] / den:.2f}×' if den else '-'
     lines.append(f'| {r["variant"]} | {r["median_s"]:.2f} | {ratio} | '
-                 f'{r["peak_rss_gb"]:.1f} GB | {r["first_loss"]:.6f} | '
+                 f'{r["median_user_s"]:.1f} + {r["median_sys_s"]:.1f} | {r["peak_rss_gb"]:.1f} GB | {r["first_loss"]:.6f} | '
                  f'{r["last_loss"]:.6f} ({r["updates"]}) |')
   return '\n'.join(lines)
 
