@@ -206,8 +206,10 @@ def test_offline_teacher_cache_end_to_end(tmp_path):
   rows = [json.loads(l) for l in (tmp_path / 'w' / 'student_kd' / 'metrics.jsonl').read_text().splitlines()]
   assert np.isfinite(rows[0]['terms/kl']) and np.isfinite(results['student_kd']['perplexity'])
 
-  # The student's logits in chunks read the same cache: the same run to float tolerance.
+  # The student's logits in chunks read the same cache: the same run to float tolerance (with
+  # the same teacher, shared rather than trained again).
   config.chunk_size = 8
+  config.teacher.workdir = str(tmp_path / 'w' / 'teacher')
   run.main(config, str(tmp_path / 'chunked'))
   chunked = [json.loads(l) for l in (tmp_path / 'chunked' / 'student_kd' / 'metrics.jsonl')
              .read_text().splitlines()]
