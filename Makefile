@@ -27,7 +27,5 @@ demo-encoder: data
 demo-lm: data
 	$(PY) -m kd.main --config=configs/shakespeare/distill.py --workdir=/tmp/kd/shakespeare
 
-# Three workers on two cores: a worker that waits (on a subprocess it started, on a file, on its
-# Python imports) leaves a core to the third; with two, the cores stood idle 14% of the time.
 test: data
-	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=30 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30 tests

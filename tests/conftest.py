@@ -67,7 +67,7 @@ def pytest_configure(config):
 # The files that take longest, longest first. `make test` runs `--dist loadfile
 # --no-loadscope-reorder`: a file's tests share one worker, so its module fixtures (a trained
 # teacher, a whole experiment) are built once, the files go out in this order (not by test
-# count), and starting the long ones first keeps every worker busy until the end.
+# count), and starting the long ones first keeps both workers busy until the end.
 LONGEST_FIRST = ('test_parallel', 'test_sentence_compress', 'test_cli', 'test_llm_job',
                  'test_objectives', 'test_sentence_job', 'test_onpolicy', 'test_replay',
                  'test_continual', 'test_hf_gguf', 'test_quant_train', 'test_peft_train')
