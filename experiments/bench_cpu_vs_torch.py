@@ -312,7 +312,8 @@ def table(rows) -> str:
     den = ref[mode]
     ratio = f'{r["median_s"] / den:.2f}×' if den else '-'
     lines.append(f'| {r["variant"]} | {r["median_s"]:.2f} | {ratio} | '
-                 f'{r["median_user_s"]:.1f} + {r["median_sys_s"]:.1f} | {r["peak_rss_gb"]:.1f} GB | {r["first_loss"]:.6f} | '
+                 f'{r["median_user_s"]:.1f} + {r["median_sys_s"]:.1f} | '
+                 f'{r["peak_rss_gb"]:.1f} GB | {r["first_loss"]:.6f} | '
                  f'{r["last_loss"]:.6f} ({r["updates"]}) |')
   return '\n'.join(lines)
 
