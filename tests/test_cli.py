@@ -24,11 +24,25 @@ def _cmd(workdir, *overrides):
           '--config.train.checkpoint_every=1', '--config.train.keep=3', *overrides]
 
 
-def _run(workdir, *overrides):
+def _run(workdir, *overrides, env=None):
   out = subprocess.run(_cmd(workdir, *overrides), cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   return out
+
+
+def _cache_entries(cache):
+  return {p.name for p in cache.iterdir() if p.name.endswith('-cache')}
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """One uninterrupted run of the tiny config, compiled into a cache of its own: (workdir,
+  stdout, cache env, the cache entries it wrote)."""
+  root = tmp_path_factory.mktemp('straight')
+  env = dict(os.environ, KD_COMPILATION_CACHE=str(root / 'jax_cache'))
+  out = _run(root / 'w', env=env)
+  return root / 'w', out.stdout, env, _cache_entries(root / 'jax_cache')
 
 
 def _final_params(workdir, stage='student_kd'):
@@ -38,9 +52,8 @@ def _final_params(workdir, stage='student_kd'):
   return ocp.StandardCheckpointer().restore(path.resolve())['params']
 
 
-def test_cli_end_to_end_then_killed_run_resumes_bitwise(tmp_path):
-  straight = tmp_path / 'straight'
-  out = _run(straight)
+def test_cli_end_to_end_then_killed_run_resumes_bitwise(tmp_path, straight):
+  straight, stdout, env, _ = straight
   results = json.loads((straight / 'results.json').read_text())
   assert set(results) == {'teacher', 'student_kd', 'student_ce'}
   head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True,
@@ -49,16 +62,18 @@ def test_cli_end_to_end_then_killed_run_resumes_bitwise(tmp_path):
     assert np.isfinite(r['perplexity']) and r['perplexity'] > 1.0
     assert r['_commit'].split('-')[0] == head  # the code each row trained with ('-dirty': edits)
   assert 0.0 <= results['student_kd']['agreement'] <= 1.0
-  assert '| student_kd |' in out.stdout
+  assert '| student_kd |' in stdout
   rows = [json.loads(l) for l in (straight / 'student_kd' / 'metrics.jsonl').read_text().splitlines()]
   assert {'loss', 'terms/ce', 'terms/kl', 'grad_norm', 'lr', 'tokens_per_s'} <= set(rows[0])
   assert list((straight / 'student_kd' / 'tb').iterdir()), 'TensorBoard events missing'
 
-  # Kill the student's run with SIGKILL right after a random checkpoint, then resume.
+  # Kill the student's run with SIGKILL right after a random checkpoint, then resume. The
+  # interrupted runs share the straight run's teacher (config.teacher.workdir).
+  shared = f'--config.teacher.workdir={straight / "teacher"}'
   killed = tmp_path / 'killed'
   kill_at = random.Random(os.getpid()).randint(2, STEPS - 2)
-  proc = subprocess.Popen(_cmd(killed), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(_cmd(killed, shared), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, env=env)
   marker = killed / 'student_kd' / 'checkpoints' / str(kill_at)
   deadline = time.time() + 300
   while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -66,16 +81,16 @@ def test_cli_end_to_end_then_killed_run_resumes_bitwise(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (killed / 'student_kd' / 'checkpoints' / str(STEPS)).exists(), 'killed too late'
-  _run(killed)
+  _run(killed, shared, env=env)
   _assert_same_params(straight, killed)
 
   # SIGTERM (a preemption notice) while the student trains, after a random step: the run
   # finishes the step in flight, saves it (checkpoints are otherwise every 4 steps) and exits
   # with code 75; the same command then ends bitwise where the uninterrupted run did.
   termed = tmp_path / 'termed'
-  sparse = ('--config.train.checkpoint_every=4', '--config.train.log_every=1')
+  sparse = ('--config.train.checkpoint_every=4', '--config.train.log_every=1', shared)
   proc = subprocess.Popen(_cmd(termed, *sparse), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True, env=env)
   log, rows = termed / 'student_kd' / 'metrics.jsonl', random.Random(os.getpid()).randint(1, 3)
   deadline = time.time() + 300
   while proc.poll() is None and time.time() < deadline and not (
@@ -89,12 +104,12 @@ def test_cli_end_to_end_then_killed_run_resumes_bitwise(tmp_path):
                      if p.name.isdigit())
           for stage in ('student_kd', 'student_ce') if (termed / stage / 'checkpoints').exists()}
   assert any(s < STEPS for s in last.values()), last  # a stage stopped midway
-  _run(termed, *sparse)
+  _run(termed, *sparse, env=env)
   _assert_same_params(straight, termed)
 
 
 def _assert_same_params(a_dir, b_dir):
-  for stage in ('student_kd', 'student_ce', 'teacher'):
+  for stage in ('student_kd', 'student_ce'):
     a, b = _final_params(a_dir, stage), _final_params(b_dir, stage)
     leaves_a, leaves_b = [np.asarray(x) for x in _leaves(a)], [np.asarray(x) for x in _leaves(b)]
     assert len(leaves_a) == len(leaves_b) > 0
@@ -107,22 +122,16 @@ def _leaves(tree):
   return jax.tree.leaves(tree)
 
 
-def test_a_second_run_loads_every_program_from_the_compilation_cache(tmp_path):
+def test_a_second_run_loads_every_program_from_the_compilation_cache(tmp_path, straight):
   """kd.main keeps its compiled programs in the persistent cache: the same config run again in
   a fresh workdir adds no entry (every program is loaded) and ends with the same results."""
-  cache = tmp_path / 'jax_cache'
-  env = dict(os.environ, KD_COMPILATION_CACHE=str(cache))  # conftest turns it off elsewhere
-  entries = lambda: {p.name for p in cache.iterdir() if p.name.endswith('-cache')}
-  results = []
-  for name in ('first', 'second'):
-    out = subprocess.run(_cmd(tmp_path / name), cwd=ROOT, capture_output=True, text=True,
-                         timeout=600, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results.append(json.loads((tmp_path / name / 'results.json').read_text()))
-    if name == 'first':
-      written = entries()
+  first, _, env, written = straight
+  cache = pathlib.Path(env['KD_COMPILATION_CACHE'])
   assert len(written) > 20  # the teacher's, both students' and the evaluations' programs
-  assert entries() == written
+  before = _cache_entries(cache)
+  _run(tmp_path / 'second', env=env)
+  assert _cache_entries(cache) == before
+  results = [json.loads((d / 'results.json').read_text()) for d in (first, tmp_path / 'second')]
   for stage in ('teacher', 'student_kd', 'student_ce'):
     assert results[1][stage]['perplexity'] == results[0][stage]['perplexity']
 
