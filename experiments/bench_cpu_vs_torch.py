@@ -216,7 +216,8 @@ def worker(name: str):
     after = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({'s': seconds, 'loss': loss, 'peak_rss': after.ru_maxrss * 1024,
                       'user_s': after.ru_utime - before.ru_utime,
-                      'sys_s': after.ru_stime - before.ru_stime}), file=out, flush=True)
+                      'sys_s': after.ru_stime - before.ru_stime,
+                      'minflt': after.ru_minflt - before.ru_minflt}), file=out, flush=True)
 
 
 # --------------------------------------------------------------------------- the coordinator
@@ -296,6 +297,7 @@ def coordinate():
     rows.append(dict(variant=p.name, description=p.ready['description'],
                      median_s=median('s'), min_s=min(s['s'] for s in timed),
                      median_user_s=median('user_s'), median_sys_s=median('sys_s'),
+                     median_page_faults=median('minflt'),
                      peak_rss_gb=p.steps[-1]['peak_rss'] / 2**30,
                      first_loss=p.steps[0]['loss'], last_loss=p.steps[-1]['loss'],
                      updates=len(p.steps) - 1, build_s=p.ready['build_s']))
