@@ -26,9 +26,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900  # (a loaded 2-core machine runs these several times slower)
 
 
-# Every subprocess compiles with the same cheap LLVM settings (half the compile time on CPU);
-# the scripts add their device count, kd.main gets one device per process.
-FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+# Every subprocess compiles with conftest's cheap settings (FAST_COMPILE); the scripts add
+# their device count, kd.main gets one device per process.
+FAST_COMPILE = ('--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true '
+                '--xla_cpu_use_fusion_emitters=false')
 
 
 def _env(**extra):
