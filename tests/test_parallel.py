@@ -216,9 +216,10 @@ def test_pmap_and_mesh_match_one_device_and_the_mesh_shards(tmp_path):
 
 # --- two processes over loopback ----------------------------------------------------------------
 
-# The SIGTERM goes in after one of the steps KILL_AT + 1..KILL_AT + 3, and the two processes
-# agree on the step to stop at a few steps later (on a fast machine 4 or more): the steps after
-# it leave room for that, so the run stops midway rather than at its end.
+# The SIGTERM goes in once the checkpoint of one of the steps KILL_AT + 1..KILL_AT + 3 is on
+# disk, when the run may be several steps further on (5 on a fast machine; the two processes then
+# agree on a step within about 60 ms): the steps after it leave room, so the run stops midway
+# rather than at its end.
 STEPS, KILL_AT = 20, 2
 # FSDP over the two processes: each holds and writes half of every param and moment.
 OVERRIDES = {'train.steps': STEPS, 'teacher.steps': 3, 'train.checkpoint_every': 1,
