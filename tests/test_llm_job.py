@@ -15,6 +15,7 @@ import portpicker
 import pytest
 import safetensors.numpy
 
+from conftest import FAST_COMPILE
 from kd.jobs import llm
 from kd.train import config_check
 
@@ -283,7 +284,7 @@ def test_pmap_mesh_and_two_processes_match_one_device(tmp_path, teacher):
   split FSDP over a mesh, and on two processes over loopback (the FSDP-2 mesh across hosts,
   each reading its own rows): the KD student's losses at every step, the held-out scores and
   the exported weights are the one-device run's."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu')  # with conftest's XLA_FLAGS (cheap compiles)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_COMPILE)
   script = [sys.executable, 'tests/llm_parallel.py', teacher[0], str(tmp_path)]
   port = str(portpicker.pick_unused_port())
   procs = [subprocess.Popen(script + extra, cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -19,6 +19,7 @@ import portpicker
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import FAST_COMPILE
 from kd import parallel
 from kd.train import config_check
 
@@ -26,10 +27,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900  # (a loaded 2-core machine runs these several times slower)
 
 
-# Every subprocess compiles with conftest's cheap settings (FAST_COMPILE); the scripts add
-# their device count, kd.main gets one device per process.
-FAST_COMPILE = ('--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true '
-                '--xla_cpu_use_fusion_emitters=false')
+# Every subprocess compiles with conftest's cheap settings (FAST_COMPILE, not a user's
+# XLA_FLAGS); the scripts add their device count, kd.main gets one device per process.
 
 
 def _env(**extra):
