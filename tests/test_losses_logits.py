@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import kd.losses as L
+from kd.losses import chunked
 from kd.losses import closed_form
 from kd.losses import logits as LG
 
@@ -340,7 +341,8 @@ def _chunked_terms(terms, hs, params, ht, teacher_w, labels, mask, temperature, 
 
 @pytest.mark.parametrize('chunk_size,with_grads', [(4, True), (13, False), (32, False)])
 def test_chunked_equals_plain(chunk_size, with_grads):
-  # T = 13: chunk 4 gives three full chunks and a padded one, 13 one exact chunk, 32 one padded.
+  # T = 13: chunk 4 gives three full chunks and a padded one, 13 one exact chunk, 32 one chunk
+  # of 13 (to_chunks).
   params, teacher_w, hs, ht, labels, mask = _chunk_setup()
   args = (ht, teacher_w, labels, mask, 2.0)
   # Distinct weights per term, so a wrong gradient in one term shows in the combined gradient.
@@ -364,6 +366,23 @@ def test_chunked_equals_plain(chunk_size, with_grads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   if with_grads:
     assert len(jax.tree.leaves(grads_chunk)) == 3  # hidden, w, b
+
+
+@pytest.mark.parametrize('t,chunk_size,n,c', [(13, 4, 4, 4), (13, 6, 3, 5), (13, 13, 1, 13),
+                                               (13, 32, 1, 13), (256, 1024, 1, 256),
+                                               (256, 200, 2, 128), (1, 1, 1, 1)])
+def test_chunks_are_equal_and_never_longer_than_needed(t, chunk_size, n, c):
+  # ceil(T / chunk_size) chunks of ceil(T / n) positions: padding under n, none past T.
+  x = jnp.arange(2 * t * 3, dtype=jnp.float32).reshape(2, t, 3)
+  chunks = chunked.to_chunks(x, chunk_size)
+  assert chunks.shape == (n, 2, c, 3)
+  flat = np.moveaxis(np.asarray(chunks), 0, 1).reshape(2, n * c, 3)
+  np.testing.assert_array_equal(flat[:, :t], x)
+  np.testing.assert_array_equal(flat[:, t:], 0)
+  edge = np.moveaxis(np.asarray(chunked.to_chunks(x, chunk_size, mode='edge')), 0, 1)
+  np.testing.assert_array_equal(edge.reshape(2, n * c, 3)[:, t:],
+                                np.broadcast_to(x[:, -1:], (2, n * c - t, 3)))
+  np.testing.assert_array_equal(chunked.from_chunks(chunks, t), x)
 
 
 KL_CE = {'kl': {'temperature': 3.0}, 'ce': {'label_smoothing': 0.1}}

@@ -54,12 +54,15 @@ def _chunk_inputs(terms, student_hidden_BxTxD, teacher_hidden_BxTxE, labels, mas
 
 
 def to_chunks(x_BxTx, chunk_size: int, mode='constant'):
-  """[B, T, ...] -> [n, B, C, ...] with n = ceil(T / C); the last chunk is padded (`mode` as in
-  jnp.pad: zeros, or 'edge' to repeat the last token)."""
+  """[B, T, ...] -> [n, B, C, ...]: n = ceil(T / chunk_size) chunks of C = ceil(T / n) <=
+  chunk_size positions, so the padding is under n positions (a chunk_size past T would
+  otherwise compute logits for positions that do not exist); the last chunk is padded (`mode`
+  as in jnp.pad: zeros, or 'edge' to repeat the last token)."""
   b, t = x_BxTx.shape[:2]
   n = math.ceil(t / chunk_size)
-  x = jnp.pad(x_BxTx, [(0, 0), (0, n * chunk_size - t)] + [(0, 0)] * (x_BxTx.ndim - 2), mode=mode)
-  return jnp.moveaxis(x.reshape((b, n, chunk_size) + x.shape[2:]), 1, 0)
+  c = math.ceil(t / n)
+  x = jnp.pad(x_BxTx, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x_BxTx.ndim - 2), mode=mode)
+  return jnp.moveaxis(x.reshape((b, n, c) + x.shape[2:]), 1, 0)
 
 
 def from_chunks(x_nxBxCx, length: int):
@@ -87,7 +90,7 @@ def chunked_logit_losses(terms, student_hidden_BxTxD, student_project, teacher_h
   """Logit losses from hidden states without ever holding [B, T, V] logits.
 
   `terms` maps a loss name (a key of DIVERGENCES, or 'ce' which uses `labels`) to its kwargs
-  (a term may carry its own 'temperature'). The sequence is scanned in chunks of `chunk_size`;
+  (a term may carry its own 'temperature'). The sequence is scanned in chunks of at most `chunk_size` (to_chunks);
   each chunk projects both models and evaluates every term under `jax.checkpoint`, so the
   backward pass recomputes [B, C, V] logits per chunk instead of storing them. Teacher logits
   are gradient-stopped. Returns {name: (sum, count)}, equal to projecting fully then `<name>_sum`.
