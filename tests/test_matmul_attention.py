@@ -1,7 +1,7 @@
 """kd.models.matmul_attention (the CPU's default attention): values against numpy, gradients
 against autodiff of the written-out softmax (kd.models.attention.explicit_attention), with GQA,
-causality, packed-segment and padding masks, sliding windows, T != S and bf16; and a decoder on
-it against the same decoder on XLA's attention."""
+causality, packed-segment and padding masks, sliding windows, T != S, query blocks and bf16;
+and a decoder on it against the same decoder on XLA's attention."""
 
 import dataclasses
 
@@ -49,8 +49,9 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize('num_blocks', [None, 3])  # None: one block at these lengths
 @pytest.mark.parametrize('name', sorted(CASES))
-def test_values_and_gradients_against_numpy_and_autodiff(name):
+def test_values_and_gradients_against_numpy_and_autodiff(name, num_blocks):
   b, t, s, n, kv, h, causal, window, make_mask = CASES[name]
   q, k, v, d_out = _inputs(b, t, s, n, kv, h)
   scale = h ** -0.5
@@ -65,19 +66,43 @@ def test_values_and_gradients_against_numpy_and_autodiff(name):
     allowed &= np.asarray(mask)
   assert allowed.any(-1).all()  # (no case leaves a row empty)
 
-  got = matmul_attention.attention(q, k, v, mask, scale, causal, window)
+  got = matmul_attention.attention(q, k, v, mask, scale, causal, window, num_blocks)
   np.testing.assert_allclose(got, _numpy_attention(q, k, v, allowed, scale), rtol=1e-5,
                              atol=1e-5)
 
   def loss(fn):
     return lambda q, k, v: jnp.sum(fn(q, k, v) * d_out)
   ours = jax.grad(loss(lambda q, k, v: matmul_attention.attention(
-      q, k, v, mask, scale, causal, window)), argnums=(0, 1, 2))(q, k, v)
+      q, k, v, mask, scale, causal, window, num_blocks)), argnums=(0, 1, 2))(q, k, v)
   explicit_mask = jnp.asarray(allowed[:, :1]) if causal or window or mask is not None else None
   ref = jax.grad(loss(lambda q, k, v: attention_lib.explicit_attention(
       q, k, v, explicit_mask, scale, causal=False)[0]), argnums=(0, 1, 2))(q, k, v)
   for a, r, what in zip(ours, ref, 'qkv'):
     np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5, err_msg=f'd{what}')
+
+
+def test_query_blocks_reach_only_the_keys_they_may_see():
+  blocks = matmul_attention.query_blocks
+  # Causal at 256 positions: 4 blocks of 64, each up to its own last position.
+  assert blocks(256, 256, True, None) == [(0, 64, 0, 64), (64, 128, 0, 128),
+                                          (128, 192, 0, 192), (192, 256, 0, 256)]
+  assert blocks(100, 100, True, None) == [(0, 100, 0, 100)]  # under 2 * MIN_BLOCK: one block
+  assert blocks(256, 256, False, None) == [(0, 256, 0, 256)]  # not causal: every key
+  # Ragged blocks and a window of 5: keys from the block's first query's reach.
+  assert blocks(16, 16, True, 5, 3) == [(0, 5, 0, 5), (5, 10, 1, 10), (10, 16, 6, 16)]
+  assert blocks(16, 4, True, 2, 2) == [(0, 8, 0, 4), (8, 16, 0, 4)]  # none in reach: all keys
+  assert blocks(1, 9, False, None, 4) == [(0, 1, 0, 9)]  # never more blocks than queries
+
+
+def test_blocks_at_a_real_length_match_one_block():
+  # 4 blocks of 64 (the default at 256 positions) against one block over every key.
+  q, k, v, d_out = _inputs(1, 256, 256, 4, 2, 16, seed=3)
+  f = lambda nb: lambda q, k, v: jnp.sum(
+      matmul_attention.attention(q, k, v, None, 0.25, True, None, nb) * d_out)
+  (a, ga), (b, gb) = (jax.value_and_grad(f(nb), argnums=(0, 1, 2))(q, k, v) for nb in (None, 1))
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  for x, y in zip(ga, gb):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_inputs_stay_close_to_float32_and_keep_their_dtype():
