@@ -89,10 +89,10 @@ def chunked_logit_losses(terms, student_hidden_BxTxD, student_project, teacher_h
                          chunk_size=128, divergences=None):
   """Logit losses from hidden states without ever holding [B, T, V] logits.
 
-  `terms` maps a loss name (a key of DIVERGENCES, or 'ce' which uses `labels`) to its kwargs
-  (a term may carry its own 'temperature'). The sequence is scanned in chunks of at most `chunk_size` (to_chunks);
-  each chunk projects both models and evaluates every term under `jax.checkpoint`, so the
-  backward pass recomputes [B, C, V] logits per chunk instead of storing them. Teacher logits
+  `terms` maps a loss name (a key of DIVERGENCES, or 'ce' which uses `labels`) to its kwargs (a term
+  may carry its own 'temperature'). The sequence is scanned in chunks of at most `chunk_size`
+  (to_chunks); each chunk projects both models and evaluates every term under `jax.checkpoint`, so
+  the backward pass recomputes [B, C, V] logits per chunk instead of storing them. Teacher logits
   are gradient-stopped. Returns {name: (sum, count)}, equal to projecting fully then `<name>_sum`.
   `fused_logit_losses` does the same work without the recomputation, when the loss weights are
   known before the backward pass (they are in kd.train.step).
