@@ -106,7 +106,7 @@ def _forward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, scale, causal, window, num_b
                        (3, 2)) * recip_BxKxRx1
     outs.append(_unstack(out_BxKxRxH, l))
     saved.append((q_BxKxRxH, out_BxKxRxH, exp_BxKxRxS, recip_BxKxRx1))
-  out = jnp.concatenate(outs, 1) if len(outs) > 1 else outs[0]
+  out = jnp.concatenate(outs, 1)
   return out.astype(q_BxTxNxH.dtype), (k_BxKxSxH, v_BxKxSxH, saved)
 
 
@@ -129,7 +129,7 @@ def _fwd(q, k, v, mask, scale, causal, window, num_blocks):
 
 def _bwd(scale, causal, window, num_blocks, res, d_out_BxTxNxH):
   k_BxKxSxH, v_BxKxSxH, saved = res
-  b, t, n, h = d_out_BxTxNxH.shape
+  b, t, _, h = d_out_BxTxNxH.shape
   kv, s = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
   dq, dk_BxKxSxH, dv_BxKxSxH = [], jnp.zeros((b, kv, s, h), _F32), jnp.zeros((b, kv, s, h), _F32)
   blocks = query_blocks(t, s, causal, window, num_blocks)
@@ -145,7 +145,7 @@ def _bwd(scale, causal, window, num_blocks, res, d_out_BxTxNxH):
                   ).astype(q_BxKxRxH.dtype)
     dq.append(_unstack(_dot(ds_BxKxRxS, k_BxKxSxH[keys], (3, 2)), z - a))
     dk_BxKxSxH = dk_BxKxSxH.at[keys].add(_dot(ds_BxKxRxS, q_BxKxRxH, (2, 2)))
-  dq = jnp.concatenate(dq, 1) if len(dq) > 1 else dq[0]
+  dq = jnp.concatenate(dq, 1)
   return (dq.astype(q_BxKxRxH.dtype), dk_BxKxSxH.transpose(0, 2, 1, 3).astype(k_BxKxSxH.dtype),
           dv_BxKxSxH.transpose(0, 2, 1, 3).astype(v_BxKxSxH.dtype), None)
 
